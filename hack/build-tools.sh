@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Build the Kubernetes tool chain from the Go module proxy (no GitHub, no registry):
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, etcd, kwok,
+# kwokctl and helm. Results are cached outside the clone, keyed by version, so a second
+# run is a no-op. Prints the cold build time.
+set -euo pipefail
+
+K8S_VERSION="${K8S_VERSION:-v1.34.4}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
+KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
+HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+
+CACHE="${TPI_CACHE:-$HOME/.cache/tpi}"
+BIN="$CACHE/k8s-$K8S_VERSION/bin"
+BUILD="$CACHE/build"
+export GOPATH="${GOPATH:-$HOME/go}" GOFLAGS="-mod=mod" CGO_ENABLED=0 GOTOOLCHAIN=auto
+mkdir -p "$BIN" "$BUILD"
+
+start=$(date +%s)
+built=()
+
+have() { [[ -x "$BIN/$1" && -f "$BIN/.$1.$2" ]]; }
+mark() { touch "$BIN/.$1.$2"; built+=("$1"); }
+
+k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
+staging=(api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider
+  cluster-bootstrap code-generator component-base component-helpers controller-manager
+  cri-api cri-client csi-translation-lib dynamic-resource-allocation endpointslice
+  externaljwt kms kube-aggregator kube-controller-manager kube-proxy kube-scheduler
+  kubectl kubelet metrics mount-utils pod-security-admission sample-apiserver
+  sample-cli-plugin sample-controller)
+
+build_kubernetes() {
+  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl) todo=()
+  for c in "${cmds[@]}"; do have "$c" "$K8S_VERSION" || todo+=("$c"); done
+  [[ ${#todo[@]} -eq 0 ]] && return
+  local dir="$BUILD/k8s-$K8S_VERSION" staging_version="v0.${K8S_VERSION#v1.}"
+  mkdir -p "$dir" && cd "$dir"
+  if [[ ! -f go.mod ]]; then
+    go mod init tpi.dev/k8s-build >/dev/null 2>&1
+    for m in "${staging[@]}"; do
+      # Only staging modules that exist at this release are replaced.
+      if go list -m "k8s.io/$m@$staging_version" >/dev/null 2>&1; then
+        go mod edit -replace "k8s.io/$m=k8s.io/$m@$staging_version"
+      fi
+    done
+    go get "k8s.io/kubernetes@$K8S_VERSION"
+  fi
+  local ld="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$k8s_minor -X $p.gitTreeState=clean"
+  done
+  for c in "${todo[@]}"; do
+    echo ">> building $c $K8S_VERSION"
+    go build -trimpath -ldflags "$ld" -o "$BIN/$c" "k8s.io/kubernetes/cmd/$c"
+    mark "$c" "$K8S_VERSION"
+  done
+}
+
+build_etcd() {
+  have etcd "$ETCD_VERSION" && return
+  local dir="$BUILD/etcd-$ETCD_VERSION"
+  mkdir -p "$dir" && cd "$dir"
+  [[ -f go.mod ]] || { go mod init tpi.dev/etcd-build >/dev/null 2>&1; go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"; }
+  echo ">> building etcd $ETCD_VERSION"
+  go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
+  mark etcd "$ETCD_VERSION"
+}
+
+build_kwok() {
+  for c in kwok kwokctl; do
+    have "$c" "$KWOK_VERSION" && continue
+    echo ">> building $c $KWOK_VERSION"
+    GOBIN="$BIN" go install -trimpath -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" \
+      "sigs.k8s.io/kwok/cmd/$c@$KWOK_VERSION"
+    mark "$c" "$KWOK_VERSION"
+  done
+}
+
+build_helm() {
+  have helm "$HELM_VERSION" && return
+  echo ">> building helm $HELM_VERSION"
+  local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  ld+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$k8s_minor"
+  ld+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$k8s_minor"
+  GOBIN="$BIN" go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  mark helm "$HELM_VERSION"
+}
+
+build_helm
+build_kwok
+build_etcd
+build_kubernetes
+
+if [[ ${#built[@]} -eq 0 ]]; then
+  echo "tools up to date in $BIN"
+else
+  echo "built ${built[*]} in $(( $(date +%s) - start ))s (cold build) into $BIN"
+fi

@@ -1,0 +1,1 @@
+"""TPI operator: reconciles TPInferenceCluster objects into StatefulSets of rank pods."""
