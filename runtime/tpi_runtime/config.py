@@ -1,0 +1,127 @@
+"""Llama-family model configuration read from a Hugging Face `config.json`.
+
+Pure Python on purpose (no torch import): the operator reuses `valid_tp_sizes` to validate a
+cluster's tensor-parallel size before it schedules any pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    torch_dtype: str = "float32"
+    architecture: str = "LlamaForCausalLM"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        # Bias terms, sliding windows etc. would silently change the maths: refuse them up front.
+        if d.get("attention_bias") or d.get("mlp_bias"):
+            raise ValueError("attention_bias/mlp_bias checkpoints are not supported")
+        heads = int(d["num_attention_heads"])
+        hidden = int(d["hidden_size"])
+        eos = d.get("eos_token_id")
+        eos_ids: tuple[int, ...] = () if eos is None else (tuple(int(e) for e in eos) if isinstance(eos, list)
+                                                             else (int(eos),))
+        cfg = cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_scaling=d.get("rope_scaling"),
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            eos_token_ids=eos_ids,
+            bos_token_id=d.get("bos_token_id"),
+            torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+            architecture=arch,
+            raw=dict(d),
+        )
+        if cfg.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"unsupported rope_scaling type {cfg.rope_type!r}; supported: "
+                             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        if heads % cfg.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={heads} is not a multiple of "
+                             f"num_key_value_heads={cfg.num_key_value_heads}")
+        return cfg
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike[str]) -> ModelConfig:
+        path = os.path.join(model_dir, "config.json")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json in model directory") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+def _tp_problems(cfg: ModelConfig, tp: int) -> list[str]:
+    """Why `tp` cannot shard this model (empty list: it can)."""
+    problems = []
+    if tp < 1:
+        return ["tp must be >= 1"]
+    if cfg.num_attention_heads % tp:
+        problems.append(f"num_attention_heads={cfg.num_attention_heads} is not divisible by {tp}")
+    kv = cfg.num_key_value_heads
+    # vLLM rule: shard KV heads when there are enough, otherwise replicate them evenly.
+    if tp <= kv and kv % tp:
+        problems.append(f"num_key_value_heads={kv} is not divisible by {tp}")
+    if tp > kv and tp % kv:
+        problems.append(f"tp={tp} > num_key_value_heads={kv} requires tp % {kv} == 0 (KV head replication)")
+    if cfg.intermediate_size % tp:
+        problems.append(f"intermediate_size={cfg.intermediate_size} is not divisible by {tp}")
+    return problems
+
+
+def valid_tp_sizes(config: ModelConfig | dict[str, Any]) -> list[int]:
+    """Every tensor-parallel size this model can be split into (vocab size needs no divisibility:
+    the vocab-parallel embedding / LM head pad the last shard)."""
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+    return [tp for tp in range(1, cfg.num_attention_heads + 1) if not _tp_problems(cfg, tp)]
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """Raise ValueError naming the problem and the valid sizes when `tp` cannot shard the model."""
+    problems = _tp_problems(cfg, tp)
+    if problems:
+        raise ValueError(f"tensor-parallel size {tp} is invalid for this model ({'; '.join(problems)}); "
+                         f"valid sizes: {valid_tp_sizes(cfg)}")
