@@ -54,6 +54,11 @@ class ModelConfig:
         eos = d.get("eos_token_id")
         eos_ids: tuple[int, ...] = () if eos is None else (tuple(int(e) for e in eos) if isinstance(eos, list)
                                                              else (int(eos),))
+        # transformers >= 5 writes `rope_parameters` (theta + scaling in one dict); older versions
+        # write `rope_theta` and `rope_scaling`. Accept both.
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
         cfg = cls(
             vocab_size=int(d["vocab_size"]),
             hidden_size=hidden,
@@ -63,8 +68,8 @@ class ModelConfig:
             num_key_value_heads=int(d.get("num_key_value_heads") or heads),
             head_dim=int(d.get("head_dim") or hidden // heads),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            rope_scaling=d.get("rope_scaling"),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             eos_token_ids=eos_ids,

@@ -1,0 +1,149 @@
+"""Process group setup and failure-aware collectives.
+
+Every collective the runtime issues goes through `Dist`, which
+- names the collective, so a failure says which one broke ("collective all_reduce/o_proj failed"),
+- turns a backend error (peer died: gloo "Connection closed by peer"; timeout) into a logged
+  message and `os._exit(EXIT_COLLECTIVE_FAILED)`: a rank whose group is broken must die so the
+  pod restarts, not sit in a half-dead state,
+- arms a watchdog thread that kills the process if one collective runs past the timeout, as a
+  backstop for backends whose own timeout does not fire (a hung NCCL kernel).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("tpi_runtime.dist")
+
+EXIT_COLLECTIVE_FAILED = 3
+# Extra slack before the watchdog fires, so the backend's own timeout normally reports first.
+WATCHDOG_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        """torchrun / operator environment; a bare single process defaults to a group of one."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        return cls(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                   master_port=int(os.environ.get("MASTER_PORT", "29500")))
+
+
+def _die(msg: str) -> None:
+    log.critical(msg)
+    # Also straight to stderr: logging may be unconfigured or buffered in a dying process.
+    print(f"tpi_runtime: {msg}", file=sys.stderr, flush=True)
+    os._exit(EXIT_COLLECTIVE_FAILED)
+
+
+class Dist:
+    """Collectives for one tensor-parallel group (a no-op shell when world_size == 1)."""
+
+    def __init__(self, env: DistEnv, backend: str = "auto", timeout_s: float = 120.0,
+                 device: torch.device | None = None) -> None:
+        self.rank = env.rank
+        self.world_size = env.world_size
+        self.timeout_s = float(timeout_s)
+        self.device = device or torch.device("cpu")
+        if backend == "auto":
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if backend not in ("nccl", "gloo"):
+            raise ValueError(f"unknown backend {backend!r} (auto, nccl, gloo)")
+        self.backend = backend
+        self._op: str | None = None
+        self._op_started = 0.0
+        self._lock = threading.Lock()
+        self.collectives = 0
+        if self.world_size == 1:
+            return
+        log.info("rank %d/%d joining process group at %s:%d (backend=%s, timeout=%.0fs)", env.rank,
+                 env.world_size, env.master_addr, env.master_port, backend, self.timeout_s)
+        t0 = time.monotonic()
+        try:
+            dist.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                    rank=env.rank, world_size=env.world_size,
+                                    timeout=timedelta(seconds=self.timeout_s),
+                                    device_id=self.device if backend == "nccl" else None)
+        except Exception as e:  # rendezvous timeout or refused connection
+            _die(f"collective init_process_group failed after {time.monotonic() - t0:.1f}s: {e}")
+        log.info("process group formed in %.2fs", time.monotonic() - t0)
+        threading.Thread(target=self._watchdog, name="tpi-collective-watchdog", daemon=True).start()
+
+    # --- watchdog ---------------------------------------------------------------------------
+    def _watchdog(self) -> None:
+        limit = self.timeout_s + WATCHDOG_GRACE_S
+        while True:
+            time.sleep(min(1.0, limit / 4))
+            with self._lock:
+                op, started = self._op, self._op_started
+            if op is not None and time.monotonic() - started > limit:
+                _die(f"collective {op} failed: no progress for {time.monotonic() - started:.1f}s "
+                     f"(timeout {self.timeout_s:.0f}s); a peer rank is dead or hung")
+
+    def _run(self, name: str, fn, *a, **kw):  # type: ignore[no-untyped-def]
+        with self._lock:
+            self._op, self._op_started = name, time.monotonic()
+        try:
+            out = fn(*a, **kw)
+        except Exception as e:  # DistBackendError / RuntimeError from gloo or NCCL
+            _die(f"collective {name} failed: {type(e).__name__}: {e}")
+        finally:
+            with self._lock:
+                self._op = None
+        self.collectives += 1
+        return out
+
+    # --- collectives ------------------------------------------------------------------------
+    def all_reduce(self, t: torch.Tensor, name: str = "all_reduce", op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+                   ) -> torch.Tensor:
+        if self.world_size > 1:
+            self._run(f"all_reduce/{name}", dist.all_reduce, t, op=op)
+        return t
+
+    def all_gather(self, t: torch.Tensor, name: str = "all_gather") -> torch.Tensor:
+        """Concatenate each rank's `t` along the last dimension (rank order)."""
+        if self.world_size == 1:
+            return t
+        t = t.contiguous()
+        if self.backend == "nccl":
+            out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=t.device)
+            self._run(f"all_gather/{name}", dist.all_gather_into_tensor, out, t)
+            parts = list(out.unbind(0))
+        else:  # gloo has no all_gather_into_tensor
+            parts = [torch.empty_like(t) for _ in range(self.world_size)]
+            self._run(f"all_gather/{name}", dist.all_gather, parts, t)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0, name: str = "broadcast") -> torch.Tensor:
+        if self.world_size > 1:
+            self._run(f"broadcast/{name}", dist.broadcast, t, src=src)
+        return t
+
+    def barrier(self, name: str = "barrier") -> None:
+        if self.world_size > 1:
+            # An all_reduce rather than dist.barrier(): NCCL barrier needs a device guess.
+            self.all_reduce(torch.zeros(1, device=self.device), name=name)
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,218 @@
+"""Shard-on-load from Hugging Face safetensors checkpoints.
+
+Each rank reads only the slices it owns (`safe_open(...).get_slice(name)[a:b]`), never the whole
+tensor, and copies them straight into its preallocated local parameters. Before touching any
+data, every file header is validated against the file size and the expected tensor names and
+shapes, so a broken checkpoint fails with a `CheckpointError` naming the file and the tensor
+instead of a segfault or a shape error deep inside the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .tp import ParamPlan, TensorSlice, shard_plan
+
+log = logging.getLogger("tpi_runtime.loader")
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
+# Harmless extras some exporters write; the model recomputes / shares them.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# Drop a file's mmap after this many bytes so touched pages do not pile up in this rank's RSS.
+_REOPEN_BYTES = 128 << 20
+_MAX_HEADER = 100 << 20
+
+
+class CheckpointError(Exception):
+    """The checkpoint is missing, incomplete or does not match config.json."""
+
+
+@dataclass
+class LoadReport:
+    files: list[str] = field(default_factory=list)
+    tensors_read: int = 0
+    bytes_read: int = 0  # bytes of checkpoint data this rank actually sliced out
+    bytes_total: int = 0  # bytes of all tensors in the checkpoint
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Header:
+    path: str
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype, shape)
+
+
+def read_header(path: str) -> _Header:
+    """Parse and validate one safetensors header (no tensor data is read)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{path}: corrupt safetensors header: file is only {size} bytes")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupt safetensors header: header length {n} "
+                                      f"does not fit in a {size}-byte file")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
+    data_len = size - 8 - n
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name}: {e}") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype} "
+                                  f"(supported: {', '.join(_DTYPES)})")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if b - a != numel * _DTYPES[dtype]:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} offsets [{a}, {b}) "
+                                  f"do not match shape {list(shape)} {dtype}")
+        if b > data_len:
+            raise CheckpointError(f"{path}: file is truncated: tensor {name} needs data bytes up to {b} "
+                                  f"but the file holds only {data_len}")
+        tensors[name] = (dtype, shape)
+    return _Header(path, tensors)
+
+
+def checkpoint_files(model_dir: str) -> dict[str, str]:
+    """tensor name -> file path, from the index or from the single file's header."""
+    index = os.path.join(model_dir, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: invalid index file: {e}") from None
+        return {name: os.path.join(model_dir, fn) for name, fn in weight_map.items()}
+    single = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.exists(single):
+        return dict.fromkeys(read_header(single).tensors, single)
+    pickles = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(model_dir) else []
+    hint = f" (found {pickles[0]}: pickle checkpoints are refused, convert to safetensors)" if pickles else ""
+    raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def _validate(cfg: ModelConfig, plan: list[ParamPlan], where: dict[str, str]) -> dict[str, _Header]:
+    headers: dict[str, _Header] = {}
+    for path in sorted(set(where.values())):
+        if not os.path.exists(path):
+            names = sorted(n for n, p in where.items() if p == path)
+            raise CheckpointError(f"{path}: checkpoint file is missing (it should hold tensor "
+                                  f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''})")
+        headers[path] = read_header(path)
+    expected = {s.name: s for pp in plan for s in pp.slices}
+    for name, s in expected.items():
+        path = where.get(name)
+        if path is None:
+            src = os.path.join(os.path.dirname(next(iter(headers), "")) or ".", INDEX_FILE) \
+                if len(headers) > 1 else next(iter(headers), "?")
+            raise CheckpointError(f"{src}: missing tensor {name} (expected shape {list(s.shape)})")
+        if name not in headers[path].tensors:
+            raise CheckpointError(f"{path}: missing tensor {name} (the index says it is in this file)")
+        shape = headers[path].tensors[name][1]
+        if shape != s.shape:
+            raise CheckpointError(f"{path}: shape mismatch for tensor {name}: checkpoint has {list(shape)}, "
+                                  f"config.json implies {list(s.shape)}")
+    for path, h in headers.items():
+        for name in h.tensors:
+            if name in expected or name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # some exporters store the tied head anyway
+            raise CheckpointError(f"{path}: unexpected tensor {name} (not part of a "
+                                  f"{cfg.architecture} with this config.json)")
+    return headers
+
+
+def _read_slice(f, s: TensorSlice) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    sl = f.get_slice(s.name)
+    if s.dim is None:
+        return sl[:]
+    if s.dim == 0:
+        return sl[s.start: s.stop]
+    return sl[:, s.start: s.stop]
+
+
+@torch.inference_mode()
+def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank: int, tp: int) -> LoadReport:
+    """Fill `model`'s local parameters with this rank's slices; returns byte accounting."""
+    t0 = time.monotonic()
+    plan = shard_plan(cfg, rank, tp)
+    where = checkpoint_files(model_dir)
+    headers = _validate(cfg, plan, where)
+    params = dict(model.named_parameters())
+    report = LoadReport(files=sorted(headers))
+    report.bytes_total = sum(_DTYPES[dt] * _numel(shape) for h in headers.values() for dt, shape in h.tensors.values())
+
+    # (file -> [(slice, destination param, first row)]) so each file is opened once.
+    work: dict[str, list[tuple[TensorSlice, torch.Tensor, int]]] = defaultdict(list)
+    for pp in plan:
+        dest = params[pp.param]
+        row = 0
+        for s in pp.slices:
+            work[where[s.name]].append((s, dest, row))
+            row += s.local_shape[0]
+        if row < dest.shape[0]:
+            dest[row:].zero_()  # vocab padding rows produce logit 0 and are sliced away
+    for i, path in enumerate(sorted(work), 1):
+        tf = time.monotonic()
+        nbytes_file = 0
+        items = work[path]
+        j = 0
+        while j < len(items):
+            opened_bytes = 0
+            try:
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    while j < len(items) and opened_bytes < _REOPEN_BYTES:
+                        s, dest, row = items[j]
+                        t = _read_slice(f, s)
+                        n = t.numel() * t.element_size()
+                        rows = t.shape[0]
+                        dest[row: row + rows].copy_(t.view(dest[row: row + rows].shape))
+                        opened_bytes += n
+                        report.bytes_read += n
+                        report.tensors_read += 1
+                        j += 1
+            except CheckpointError:
+                raise
+            except Exception as e:  # safetensors errors on data we could not pre-validate
+                name = items[j][0].name if j < len(items) else "?"
+                raise CheckpointError(f"{path}: failed reading tensor {name}: {e}") from e
+            nbytes_file += opened_bytes
+        log.info("rank %d: loaded %d/%d %s: %d slices, %.1f MiB in %.2fs", rank, i, len(work),
+                 os.path.basename(path), len(items), nbytes_file / 2**20, time.monotonic() - tf)
+    report.seconds = time.monotonic() - t0
+    log.info("rank %d/%d: weights loaded: read %.1f of %.1f MiB in %.2fs", rank, tp, report.bytes_read / 2**20,
+             report.bytes_total / 2**20, report.seconds)
+    return report
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,229 @@
+"""Llama-family decoder with tensor-parallel layers and a slot-based KV cache.
+
+The forward pass works on a flat, packed batch: N tokens from B sequences (prefills of any length
+and single-token decodes mixed), each token carrying its position and its sequence's cache slot.
+Linear layers see one [N, hidden] matrix; only attention looks at sequence boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .dist import Dist
+from .tp import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, local_heads
+
+
+@dataclass
+class BatchMeta:
+    """Where each token of a packed batch goes.
+
+    seq_slots[i], seq_starts[i], seq_lens[i]: sequence i owns tokens [start, start+len) of the
+    batch and cache slot `slot`; its last token is at position ctx_lens[i] - 1.
+    """
+
+    positions: torch.Tensor  # [N] long
+    token_slots: torch.Tensor  # [N] long
+    seq_slots: list[int]
+    seq_starts: list[int]
+    seq_lens: list[int]
+    ctx_lens: list[int]
+    last_token_idx: torch.Tensor  # [B] long: which tokens produce logits
+    decode_only: bool
+    # Decode fast path only: [B] slots and [B, 1, 1, max_ctx] attention mask (None when B == 1).
+    slots_t: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, seqs: list[tuple[int, int, int]], device: torch.device) -> BatchMeta:
+        """seqs: (slot, first position, number of new tokens) per sequence, in batch order."""
+        positions, token_slots, starts, lens, ctx = [], [], [], [], []
+        n = 0
+        for slot, pos0, k in seqs:
+            positions.extend(range(pos0, pos0 + k))
+            token_slots.extend([slot] * k)
+            starts.append(n)
+            lens.append(k)
+            ctx.append(pos0 + k)
+            n += k
+        decode_only = all(k == 1 for k in lens)
+        meta = cls(
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
+            seq_slots=[s for s, _, _ in seqs], seq_starts=starts, seq_lens=lens, ctx_lens=ctx,
+            last_token_idx=torch.tensor([s + k - 1 for s, k in zip(starts, lens, strict=True)], dtype=torch.long,
+                                        device=device),
+            decode_only=decode_only,
+        )
+        if decode_only and len(seqs) > 1:
+            meta.slots_t = torch.tensor(meta.seq_slots, dtype=torch.long, device=device)
+            ctx_t = torch.tensor(ctx, dtype=torch.long, device=device)
+            meta.decode_mask = (torch.arange(max(ctx), device=device)[None, :] < ctx_t[:, None])[:, None, None, :]
+        return meta
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies, matching transformers' rope_type default / linear / llama3."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling or {}
+    if cfg.rope_type == "linear":
+        inv = inv / float(rs["factor"])
+    elif cfg.rope_type == "llama3":
+        factor = float(rs["factor"])
+        low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old_ctx = float(rs["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like transformers, then scale in the model dtype.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.hq, self.hkv, _ = local_heads(cfg, dist.rank, dist.world_size)
+        self.d = cfg.head_dim
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, dtype=dtype, device=device)
+        self.o_proj = RowParallelLinear(self.hq * self.d, cfg.hidden_size, dist, f"o_proj.{layer}", dtype=dtype,
+                                        device=device)
+        self.k_cache: torch.Tensor | None = None  # [slots, hkv, max_len, d]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q = q.view(n, self.hq, self.d)
+        k = k.view(n, self.hkv, self.d)
+        v = v.view(n, self.hkv, self.d)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kc, vc = self.k_cache, self.v_cache
+        assert kc is not None and vc is not None, "KV cache not allocated (Transformer.setup_cache)"
+        kc[meta.token_slots, :, meta.positions] = k
+        vc[meta.token_slots, :, meta.positions] = v
+        gqa = self.hq != self.hkv
+        if meta.decode_only and meta.slots_t is not None:
+            # Batched decode: one query per sequence against its slot's cache, padded to max ctx.
+            L = max(meta.ctx_lens)
+            keys, vals = kc[meta.slots_t, :, :L], vc[meta.slots_t, :, :L]
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=meta.decode_mask,
+                                               enable_gqa=gqa)
+            o = o.reshape(n, self.hq * self.d)
+        else:
+            outs = []
+            for slot, s, t, ctx in zip(meta.seq_slots, meta.seq_starts, meta.seq_lens, meta.ctx_lens, strict=True):
+                qi = q[s: s + t].transpose(0, 1).unsqueeze(0)  # [1, hq, t, d]
+                keys, vals = kc[slot, :, :ctx].unsqueeze(0), vc[slot, :, :ctx].unsqueeze(0)  # views
+                if t == 1:
+                    oi = F.scaled_dot_product_attention(qi, keys, vals, enable_gqa=gqa)
+                elif t == ctx:
+                    oi = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=gqa)
+                else:  # prefill continuing a cached prefix: query i sees keys up to its position
+                    pos = meta.positions[s: s + t]
+                    mask = torch.arange(ctx, device=x.device)[None, :] <= pos[:, None]
+                    oi = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
+                outs.append(oi[0].transpose(0, 1).reshape(t, self.hq * self.d))
+            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.il = cfg.intermediate_size // dist.world_size
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * self.il, dtype=dtype, device=device)
+        self.down = RowParallelLinear(self.il, cfg.hidden_size, dist, f"down_proj.{layer}", dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.il, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.attn = Attention(cfg, dist, layer, **kw)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, dist, layer, **kw)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, meta)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dist: Dist, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dist = dist
+        self.dtype = dtype
+        self.device = device
+        self.embed = VocabParallelEmbedding(cfg, dist, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Block(cfg, dist, i, dtype=dtype, device=device)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.lm_head = ParallelLMHead(cfg, dist, dtype=dtype, device=device,
+                                      tied=self.embed if cfg.tie_word_embeddings else None)
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+        self.num_slots = 0
+        self.max_len = 0
+
+    def setup_cache(self, num_slots: int, max_len: int) -> int:
+        """Preallocate the KV cache and RoPE tables; returns the cache size in bytes."""
+        self.num_slots, self.max_len = num_slots, max_len
+        nbytes = 0
+        for blk in self.layers:
+            a = blk.attn
+            shape = (num_slots, a.hkv, max_len, a.d)
+            a.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            a.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            nbytes += 2 * a.k_cache.numel() * a.k_cache.element_size()
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(self.cfg))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(self.dtype).to(self.device)
+        self.sin = emb.sin().to(self.dtype).to(self.device)
+        return nbytes
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        """input_ids: [N] packed tokens. Returns float32 logits [B, vocab] for each sequence's last token."""
+        assert self.cos is not None and self.sin is not None, "call setup_cache first"
+        cos = self.cos[meta.positions].unsqueeze(1)  # [N, 1, d], broadcast over heads
+        sin = self.sin[meta.positions].unsqueeze(1)
+        x = self.embed(input_ids)
+        for blk in self.layers:
+            x = blk(x, cos, sin, meta)
+        x = self.norm(x[meta.last_token_idx])
+        return self.lm_head(x).float()

@@ -1,0 +1,179 @@
+"""Tensor-parallel layers and the per-rank sharding plan (Megatron / vLLM layout).
+
+- Column-parallel (q/k/v, gate/up): each rank owns a block of output rows; no communication.
+- Row-parallel (o_proj, down_proj): each rank owns a block of input columns; exactly one
+  all-reduce sums the partial outputs.
+- Vocab-parallel embedding: each rank owns ceil(V / tp) rows (the last shard zero-padded); tokens
+  outside the shard are masked to zero and one all-reduce assembles the embeddings.
+- Vocab-parallel LM head: the same row shards; one all-gather assembles the logits, and the
+  padding columns are dropped.
+- KV heads: sharded when tp <= num_kv_heads, otherwise replicated like vLLM: rank r holds KV head
+  r * num_kv_heads // tp (requires tp % num_kv_heads == 0, checked by config.check_tp).
+
+`shard_plan` tells the loader which slice of which checkpoint tensor fills which local parameter,
+so every rank reads only its own slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .dist import Dist
+
+
+def _empty_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    # Uninitialised: the loader overwrites every element, so random init would be wasted time.
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x @ W_local^T, W_local = rows of W (possibly several tensors fused along rows)."""
+
+    def __init__(self, in_features: int, out_local: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = _empty_param(out_local, in_features, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_ranks x_local @ W_local^T: one all-reduce per call."""
+
+    def __init__(self, in_local: int, out_features: int, dist: Dist, name: str, *, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.weight = _empty_param(out_features, in_local, dtype=dtype, device=device)
+        self.dist = dist
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dist.all_reduce(F.linear(x, self.weight), name=self.name)
+
+
+def vocab_shard(vocab_size: int, rank: int, tp: int) -> tuple[int, int, int]:
+    """(start, stop, padded_rows) of this rank's vocab shard; stop - start may be < padded_rows."""
+    per = -(-vocab_size // tp)
+    start = min(rank * per, vocab_size)
+    return start, min(start + per, vocab_size), per
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, dist: Dist, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.start, self.stop, rows = vocab_shard(cfg.vocab_size, dist.rank, dist.world_size)
+        self.weight = _empty_param(rows, cfg.hidden_size, dtype=dtype, device=device)
+        self.dist = dist
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.dist.world_size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.stop)
+        local = (ids - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.dist.all_reduce(out, name="embed_tokens")
+
+
+class ParallelLMHead(nn.Module):
+    """Logits for the full vocabulary on every rank (all-gather of the vocab shards)."""
+
+    def __init__(self, cfg: ModelConfig, dist: Dist, *, dtype: torch.dtype, device: torch.device,
+                 tied: VocabParallelEmbedding | None = None) -> None:
+        super().__init__()
+        self.vocab_size = cfg.vocab_size
+        self.dist = dist
+        if tied is not None:
+            self.weight = tied.weight  # same shard layout as the embedding, so sharing is exact
+        else:
+            _, _, rows = vocab_shard(cfg.vocab_size, dist.rank, dist.world_size)
+            self.weight = _empty_param(rows, cfg.hidden_size, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight)
+        if self.dist.world_size > 1:
+            logits = self.dist.all_gather(logits, name="lm_head")
+        return logits[..., : self.vocab_size]
+
+
+# --- sharding plan ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Rows/columns [start, stop) of checkpoint tensor `name` along `dim` (None: whole tensor)."""
+
+    name: str
+    shape: tuple[int, ...]  # the full shape expected in the checkpoint
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        if self.dim is None:
+            return self.shape
+        s = list(self.shape)
+        s[self.dim] = self.stop - self.start
+        return tuple(s)
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """A local parameter filled by concatenating `slices` along dim 0 (then zero padding rows)."""
+
+    param: str
+    slices: tuple[TensorSlice, ...]
+
+
+def local_heads(cfg: ModelConfig, rank: int, tp: int) -> tuple[int, int, int]:
+    """(num local q heads, num local kv heads, first kv head index) for this rank."""
+    hq = cfg.num_attention_heads // tp
+    kv = cfg.num_key_value_heads
+    if tp <= kv:
+        hkv = kv // tp
+        return hq, hkv, rank * hkv
+    return hq, 1, rank * kv // tp  # replicated KV head (vLLM)
+
+
+def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> list[ParamPlan]:
+    H, D, I, V = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    hq, hkv, kv0 = local_heads(cfg, rank, tp)
+    il = I // tp
+    q_rows = cfg.num_attention_heads * D
+    kv_rows = cfg.num_key_value_heads * D
+    v0, v1, _ = vocab_shard(V, rank, tp)
+
+    def rows(name: str, shape: tuple[int, ...], a: int, b: int) -> TensorSlice:
+        return TensorSlice(name, shape, 0, a, b)
+
+    def cols(name: str, shape: tuple[int, ...], a: int, b: int) -> TensorSlice:
+        return TensorSlice(name, shape, 1, a, b)
+
+    plan = [ParamPlan("embed.weight", (rows("model.embed_tokens.weight", (V, H), v0, v1),))]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q0 = rank * hq * D
+        plan += [
+            ParamPlan(f"layers.{i}.attn.qkv.weight", (
+                rows(p + "self_attn.q_proj.weight", (q_rows, H), q0, q0 + hq * D),
+                rows(p + "self_attn.k_proj.weight", (kv_rows, H), kv0 * D, (kv0 + hkv) * D),
+                rows(p + "self_attn.v_proj.weight", (kv_rows, H), kv0 * D, (kv0 + hkv) * D))),
+            ParamPlan(f"layers.{i}.attn.o_proj.weight",
+                      (cols(p + "self_attn.o_proj.weight", (H, q_rows), q0, q0 + hq * D),)),
+            ParamPlan(f"layers.{i}.mlp.gate_up.weight", (
+                rows(p + "mlp.gate_proj.weight", (I, H), rank * il, (rank + 1) * il),
+                rows(p + "mlp.up_proj.weight", (I, H), rank * il, (rank + 1) * il))),
+            ParamPlan(f"layers.{i}.mlp.down.weight",
+                      (cols(p + "mlp.down_proj.weight", (H, I), rank * il, (rank + 1) * il),)),
+            ParamPlan(f"layers.{i}.input_norm.weight", (TensorSlice(p + "input_layernorm.weight", (H,)),)),
+            ParamPlan(f"layers.{i}.post_attn_norm.weight",
+                      (TensorSlice(p + "post_attention_layernorm.weight", (H,)),)),
+        ]
+    plan.append(ParamPlan("norm.weight", (TensorSlice("model.norm.weight", (H,)),)))
+    if not cfg.tie_word_embeddings:
+        plan.append(ParamPlan("lm_head.weight", (rows("lm_head.weight", (V, H), v0, v1),)))
+    return plan
