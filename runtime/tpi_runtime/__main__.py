@@ -24,18 +24,38 @@ def _env(flag: str, default: Any, conv: Callable[[str], Any] = str) -> Any:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=_env("model", None), required=_env("model", None) is None,
-                   help="directory with config.json, *.safetensors and optionally tokenizer.json")
-    p.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: the checkpoint's dtype on GPU, float32 on CPU")
+    p.add_argument(
+        "--model",
+        default=_env("model", None),
+        required=_env("model", None) is None,
+        help="directory with config.json, *.safetensors and optionally tokenizer.json",
+    )
+    p.add_argument(
+        "--dtype",
+        default=_env("dtype", "auto"),
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the checkpoint's dtype on GPU, float32 on CPU",
+    )
     p.add_argument("--max-batch-size", type=int, default=_env("max_batch_size", 8, int))
-    p.add_argument("--effective-batch-size", type=int, default=_env("effective_batch_size", None, int),
-                   help="sequences per step to start with (<= max-batch-size; halves on OOM)")
-    p.add_argument("--max-model-len", type=int, default=_env("max_model_len", None, int),
-                   help="prompt + generated tokens per sequence (default: min(model max, 4096))")
+    p.add_argument(
+        "--effective-batch-size",
+        type=int,
+        default=_env("effective_batch_size", None, int),
+        help="sequences per step to start with (<= max-batch-size; halves on OOM)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=_env("max_model_len", None, int),
+        help="prompt + generated tokens per sequence (default: min(model max, 4096))",
+    )
     p.add_argument("--backend", default=_env("backend", "auto"), choices=["auto", "nccl", "gloo"])
-    p.add_argument("--dist-timeout-seconds", type=float, default=_env("dist_timeout_seconds", 120.0, float),
-                   help="a collective (or the rendezvous) slower than this fails and the rank exits 3")
+    p.add_argument(
+        "--dist-timeout-seconds",
+        type=float,
+        default=_env("dist_timeout_seconds", 120.0, float),
+        help="a collective (or the rendezvous) slower than this fails and the rank exits 3",
+    )
     p.add_argument("--served-model-name", default=_env("served_model_name", None))
     p.add_argument("--device", default=_env("device", "auto"), choices=["auto", "cpu", "cuda"])
     p.add_argument("--log-level", default=_env("log_level", "INFO"))
@@ -74,8 +94,13 @@ def _generate(args: argparse.Namespace) -> int:
         if engine.tokenizer is None:
             raise SystemExit(f"--prompt needs {args.model}/tokenizer.json; use --prompt-ids instead")
         ids = engine.tokenizer.encode(args.prompt).ids
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     req = engine.submit(ids, params)
     stop = threading.Event()
     out: list[int] = []
@@ -104,8 +129,9 @@ def _generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=args.log_level.upper(),
-                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"
+    )
     if args.effective_batch_size is not None and args.effective_batch_size > args.max_batch_size:
         print("error: --effective-batch-size must be <= --max-batch-size", file=sys.stderr)
         return EXIT_BAD_CONFIG

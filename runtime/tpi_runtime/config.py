@@ -45,15 +45,18 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         # Bias terms, sliding windows etc. would silently change the maths: refuse them up front.
         if d.get("attention_bias") or d.get("mlp_bias"):
             raise ValueError("attention_bias/mlp_bias checkpoints are not supported")
         heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
         eos = d.get("eos_token_id")
-        eos_ids: tuple[int, ...] = () if eos is None else (tuple(int(e) for e in eos) if isinstance(eos, list)
-                                                             else (int(eos),))
+        eos_ids: tuple[int, ...] = (
+            () if eos is None else (tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),))
+        )
         # transformers >= 5 writes `rope_parameters` (theta + scaling in one dict); older versions
         # write `rope_theta` and `rope_scaling`. Accept both.
         rope = d.get("rope_parameters") or {}
@@ -79,11 +82,15 @@ class ModelConfig:
             raw=dict(d),
         )
         if cfg.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"unsupported rope_scaling type {cfg.rope_type!r}; supported: "
-                             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+            raise ValueError(
+                f"unsupported rope_scaling type {cfg.rope_type!r}; supported: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
         if heads % cfg.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={heads} is not a multiple of "
-                             f"num_key_value_heads={cfg.num_key_value_heads}")
+            raise ValueError(
+                f"num_attention_heads={heads} is not a multiple of "
+                f"num_key_value_heads={cfg.num_key_value_heads}"
+            )
         return cfg
 
     @classmethod
@@ -128,5 +135,7 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
     """Raise ValueError naming the problem and the valid sizes when `tp` cannot shard the model."""
     problems = _tp_problems(cfg, tp)
     if problems:
-        raise ValueError(f"tensor-parallel size {tp} is invalid for this model ({'; '.join(problems)}); "
-                         f"valid sizes: {valid_tp_sizes(cfg)}")
+        raise ValueError(
+            f"tensor-parallel size {tp} is invalid for this model ({'; '.join(problems)}); "
+            f"valid sizes: {valid_tp_sizes(cfg)}"
+        )

@@ -44,9 +44,13 @@ class DistEnv:
         rank = int(os.environ.get("RANK", "0"))
         if not 0 <= rank < world:
             raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
-        return cls(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                   master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                   master_port=int(os.environ.get("MASTER_PORT", "29500")))
+        return cls(
+            rank=rank,
+            world_size=world,
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(os.environ.get("MASTER_PORT", "29500")),
+        )
 
 
 def _die(msg: str) -> None:
@@ -59,8 +63,13 @@ def _die(msg: str) -> None:
 class Dist:
     """Collectives for one tensor-parallel group (a no-op shell when world_size == 1)."""
 
-    def __init__(self, env: DistEnv, backend: str = "auto", timeout_s: float = 120.0,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        env: DistEnv,
+        backend: str = "auto",
+        timeout_s: float = 120.0,
+        device: torch.device | None = None,
+    ) -> None:
         self.rank = env.rank
         self.world_size = env.world_size
         self.timeout_s = float(timeout_s)
@@ -76,14 +85,25 @@ class Dist:
         self.collectives = 0
         if self.world_size == 1:
             return
-        log.info("rank %d/%d joining process group at %s:%d (backend=%s, timeout=%.0fs)", env.rank,
-                 env.world_size, env.master_addr, env.master_port, backend, self.timeout_s)
+        log.info(
+            "rank %d/%d joining process group at %s:%d (backend=%s, timeout=%.0fs)",
+            env.rank,
+            env.world_size,
+            env.master_addr,
+            env.master_port,
+            backend,
+            self.timeout_s,
+        )
         t0 = time.monotonic()
         try:
-            dist.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                    rank=env.rank, world_size=env.world_size,
-                                    timeout=timedelta(seconds=self.timeout_s),
-                                    device_id=self.device if backend == "nccl" else None)
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=timedelta(seconds=self.timeout_s),
+                device_id=self.device if backend == "nccl" else None,
+            )
         except Exception as e:  # rendezvous timeout or refused connection
             _die(f"collective init_process_group failed after {time.monotonic() - t0:.1f}s: {e}")
         log.info("process group formed in %.2fs", time.monotonic() - t0)
@@ -97,8 +117,10 @@ class Dist:
             with self._lock:
                 op, started = self._op, self._op_started
             if op is not None and time.monotonic() - started > limit:
-                _die(f"collective {op} failed: no progress for {time.monotonic() - started:.1f}s "
-                     f"(timeout {self.timeout_s:.0f}s); a peer rank is dead or hung")
+                _die(
+                    f"collective {op} failed: no progress for {time.monotonic() - started:.1f}s "
+                    f"(timeout {self.timeout_s:.0f}s); a peer rank is dead or hung"
+                )
 
     def _run(self, name: str, fn, *a, **kw):  # type: ignore[no-untyped-def]
         with self._lock:
@@ -114,8 +136,9 @@ class Dist:
         return out
 
     # --- collectives ------------------------------------------------------------------------
-    def all_reduce(self, t: torch.Tensor, name: str = "all_reduce", op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
-                   ) -> torch.Tensor:
+    def all_reduce(
+        self, t: torch.Tensor, name: str = "all_reduce", op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+    ) -> torch.Tensor:
         if self.world_size > 1:
             self._run(f"all_reduce/{name}", dist.all_reduce, t, op=op)
         return t

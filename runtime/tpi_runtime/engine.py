@@ -85,8 +85,14 @@ class Request:
     The token that triggered a stop (eos or a stop_token_id) is not yielded.
     """
 
-    def __init__(self, req_id: str, prompt_ids: list[int], params: SamplingParams,
-                 stop_ids: frozenset[int] = frozenset(), wake: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        req_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stop_ids: frozenset[int] = frozenset(),
+        wake: Callable[[], None] | None = None,
+    ) -> None:
         self.id = req_id
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -104,8 +110,9 @@ class Request:
         self._tokens = list(prompt_ids)  # prompt + generated so far
         self._num_cached = 0  # tokens whose K/V are in the cache slot
         self._slot: int | None = None
-        self._generator = torch.Generator().manual_seed(params.seed if params.seed is not None
-                                                        else secrets.randbits(63))
+        self._generator = torch.Generator().manual_seed(
+            params.seed if params.seed is not None else secrets.randbits(63)
+        )
 
     def __iter__(self) -> Iterator[int]:
         while True:
@@ -156,15 +163,26 @@ class FakeOOM:
     def __call__(self, batch_size: int, num_tokens: int) -> None:
         if batch_size > self.max_batch:
             raise torch.cuda.OutOfMemoryError(
-                f"FAKE GPU OOM ({FAKE_OOM_ENV}={self.max_batch}): step with {batch_size} sequences")
+                f"FAKE GPU OOM ({FAKE_OOM_ENV}={self.max_batch}): step with {batch_size} sequences"
+            )
 
 
 class Engine:
-    def __init__(self, model_dir: str, *, dtype: str = "auto", max_batch_size: int = 8,
-                 effective_batch_size: int | None = None, max_model_len: int | None = None,
-                 backend: str = "auto", dist_timeout_s: float = 120.0, served_model_name: str | None = None,
-                 device: str = "auto", idle_interval_s: float = 0.5,
-                 fault_injector: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str = "auto",
+        max_batch_size: int = 8,
+        effective_batch_size: int | None = None,
+        max_model_len: int | None = None,
+        backend: str = "auto",
+        dist_timeout_s: float = 120.0,
+        served_model_name: str | None = None,
+        device: str = "auto",
+        idle_interval_s: float = 0.5,
+        fault_injector: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.is_ready = False
         env = DistEnv.from_environ()
         self.rank, self.world_size = env.rank, env.world_size
@@ -178,8 +196,10 @@ class Engine:
             raise ValueError("effective_batch_size must be >= 1")
         self.max_model_len = max_model_len or min(cfg.max_position_embeddings, 4096)
         if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={cfg.max_position_embeddings}")
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
         self.model_name = served_model_name or os.path.basename(os.path.normpath(model_dir))
         self.idle_interval_s = idle_interval_s
         if fault_injector is None and os.environ.get(FAKE_OOM_ENV):
@@ -195,7 +215,9 @@ class Engine:
         elif "LOCAL_WORLD_SIZE" in os.environ:  # ranks sharing one machine share its cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
         if dtype == "auto":
-            dtype = cfg.torch_dtype if self.device.type == "cuda" and cfg.torch_dtype in _DTYPES else "float32"
+            dtype = (
+                cfg.torch_dtype if self.device.type == "cuda" and cfg.torch_dtype in _DTYPES else "float32"
+            )
         if dtype not in _DTYPES:
             raise ValueError(f"unsupported dtype {dtype!r} ({', '.join(_DTYPES)})")
         self.dtype = _DTYPES[dtype]
@@ -205,8 +227,13 @@ class Engine:
         self.model = Transformer(cfg, self.dist, dtype=self.dtype, device=self.device)
         self.load_report: LoadReport = load_weights(self.model, model_dir, cfg, self.rank, self.world_size)
         cache_bytes = self.model.setup_cache(max_batch_size, self.max_model_len)
-        log.info("rank %d: KV cache %d slots x %d tokens = %.1f MiB", self.rank, max_batch_size,
-                 self.max_model_len, cache_bytes / 2**20)
+        log.info(
+            "rank %d: KV cache %d slots x %d tokens = %.1f MiB",
+            self.rank,
+            max_batch_size,
+            self.max_model_len,
+            cache_bytes / 2**20,
+        )
 
         self.tokenizer = None
         tok_path = os.path.join(model_dir, "tokenizer.json")
@@ -237,16 +264,31 @@ class Engine:
 
         self.dist.barrier("ready")  # every rank has its weights: the group can serve
         self.is_ready = True
-        log.info("rank %d/%d ready: model %s, %s, device %s, max_batch_size %d, max_model_len %d", self.rank,
-                 self.world_size, self.model_name, dtype, self.device, max_batch_size, self.max_model_len)
+        log.info(
+            "rank %d/%d ready: model %s, %s, device %s, max_batch_size %d, max_model_len %d",
+            self.rank,
+            self.world_size,
+            self.model_name,
+            dtype,
+            self.device,
+            max_batch_size,
+            self.max_model_len,
+        )
 
     @classmethod
     def from_args(cls, args: Any) -> Engine:
         """Build from the `serve` / `generate` argparse namespace (see __main__)."""
-        return cls(args.model, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                   effective_batch_size=args.effective_batch_size, max_model_len=args.max_model_len,
-                   backend=args.backend, dist_timeout_s=args.dist_timeout_seconds,
-                   served_model_name=args.served_model_name, device=getattr(args, "device", "auto"))
+        return cls(
+            args.model,
+            dtype=args.dtype,
+            max_batch_size=args.max_batch_size,
+            effective_batch_size=args.effective_batch_size,
+            max_model_len=args.max_model_len,
+            backend=args.backend,
+            dist_timeout_s=args.dist_timeout_seconds,
+            served_model_name=args.served_model_name,
+            device=getattr(args, "device", "auto"),
+        )
 
     # --- public API -------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -261,12 +303,19 @@ class Engine:
         if params.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"max_model_len {self.max_model_len}")
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
-        req = Request(f"req-{next(self._ids)}", prompt_ids, params,
-                      frozenset(params.stop_token_ids) | frozenset(self.eos_token_ids), self._wake)
+        req = Request(
+            f"req-{next(self._ids)}",
+            prompt_ids,
+            params,
+            frozenset(params.stop_token_ids) | frozenset(self.eos_token_ids),
+            self._wake,
+        )
         with self._cv:
             if self._stopped:
                 raise RuntimeError("engine is stopped")
@@ -276,10 +325,16 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._cv:
-            return EngineStats(step=self._step, queue_depth=len(self._waiting), running=len(self._running),
-                               effective_batch_size=self.effective_batch_size, max_batch_size=self.max_batch_size,
-                               oom_count=self._oom_count, last_error=self._last_error,
-                               tokens_generated=self._tokens_generated)
+            return EngineStats(
+                step=self._step,
+                queue_depth=len(self._waiting),
+                running=len(self._running),
+                effective_batch_size=self.effective_batch_size,
+                max_batch_size=self.max_batch_size,
+                oom_count=self._oom_count,
+                last_error=self._last_error,
+                tokens_generated=self._tokens_generated,
+            )
 
     def run_forever(self, stop: threading.Event) -> None:
         """Rank 0: schedule until `stop`, then tell the followers to exit. Others: follow."""
@@ -324,8 +379,11 @@ class Engine:
     def _send_header(self, kind: int, n_tokens: int = 0, n_seqs: int = 0) -> None:
         if self.world_size == 1:
             return
-        h = torch.tensor([kind, n_tokens, n_seqs, self._step, self.effective_batch_size, self._oom_count, 0, 0],
-                         dtype=torch.long, device=self.comm_device)
+        h = torch.tensor(
+            [kind, n_tokens, n_seqs, self._step, self.effective_batch_size, self._oom_count, 0, 0],
+            dtype=torch.long,
+            device=self.comm_device,
+        )
         self.dist.broadcast(h, name="step_header")
 
     def _schedule(self) -> list[Request]:
@@ -365,10 +423,12 @@ class Engine:
     def _work_step(self, batch: list[Request]) -> None:
         t0 = time.monotonic()
         seqs = [(r._slot, r._num_cached, len(r._tokens) - r._num_cached) for r in batch]
-        ids = [t for r in batch for t in r._tokens[r._num_cached:]]
+        ids = [t for r in batch for t in r._tokens[r._num_cached :]]
         self._send_header(STEP_WORK, len(ids), len(seqs))
         if self.world_size > 1:
-            payload = torch.tensor(ids + [x for s in seqs for x in s], dtype=torch.long, device=self.comm_device)
+            payload = torch.tensor(
+                ids + [x for s in seqs for x in s], dtype=torch.long, device=self.comm_device
+            )
             self.dist.broadcast(payload, name="step_payload")
         logits = self._execute(ids, seqs)  # type: ignore[arg-type]
         if logits is None:
@@ -396,8 +456,13 @@ class Engine:
                     self._release(r)
                     r._finish("length")
         if self.on_step is not None:
-            info = StepInfo(step=self._step, batch_size=len(batch), num_prefill_tokens=n_prefill,
-                            num_decode_tokens=len(ids) - n_prefill, duration_s=now - t0)
+            info = StepInfo(
+                step=self._step,
+                batch_size=len(batch),
+                num_prefill_tokens=n_prefill,
+                num_decode_tokens=len(ids) - n_prefill,
+                duration_s=now - t0,
+            )
             try:
                 self.on_step(info)
             except Exception:
@@ -416,8 +481,10 @@ class Engine:
                 r._finish(None, RequestError(self._last_error))
             else:
                 self.effective_batch_size = max(1, min(old, len(batch)) // 2)
-                self._last_error = f"out of memory at batch {len(batch)}; effective batch size {old} -> " \
-                                   f"{self.effective_batch_size}"
+                self._last_error = (
+                    f"out of memory at batch {len(batch)}; effective batch size {old} -> "
+                    f"{self.effective_batch_size}"
+                )
             # Every request of the failed step is kept (requeued by the next _schedule): the
             # preflight failed before any K/V was written, so nothing needs recomputing.
         log.warning("%s (oom_count=%d)", self._last_error, self._oom_count)
@@ -426,7 +493,9 @@ class Engine:
     def _follow(self, stop: threading.Event) -> None:
         while not stop.is_set():
             h = torch.empty(_HEADER, dtype=torch.long, device=self.comm_device)
-            kind, n_tokens, n_seqs, step, eff, ooms, _, _ = self.dist.broadcast(h, name="step_header").tolist()
+            kind, n_tokens, n_seqs, step, eff, ooms, _, _ = self.dist.broadcast(
+                h, name="step_header"
+            ).tolist()
             with self._cv:  # mirror rank 0's counters for this rank's heartbeat / metrics
                 self._step, self.effective_batch_size, self._oom_count = step + 1, eff, ooms
             if kind == STEP_SHUTDOWN:
@@ -437,7 +506,7 @@ class Engine:
             payload = torch.empty(n_tokens + 3 * n_seqs, dtype=torch.long, device=self.comm_device)
             vals = self.dist.broadcast(payload, name="step_payload").tolist()
             ids, flat = vals[:n_tokens], vals[n_tokens:]
-            self._execute(ids, [tuple(flat[i: i + 3]) for i in range(0, len(flat), 3)])  # type: ignore[misc]
+            self._execute(ids, [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)])  # type: ignore[misc]
 
     # --- every rank -----------------------------------------------------------------------------
     def _execute(self, ids: list[int], seqs: list[tuple[int, int, int]]) -> torch.Tensor | None:
@@ -467,8 +536,11 @@ class Engine:
         if self.device.type != "cuda":
             return
         cfg, tp = self.config, self.world_size
-        per_token = 4 * cfg.hidden_size + 3 * cfg.num_attention_heads * cfg.head_dim // tp \
+        per_token = (
+            4 * cfg.hidden_size
+            + 3 * cfg.num_attention_heads * cfg.head_dim // tp
             + 3 * cfg.intermediate_size // tp
+        )
         attn = cfg.num_attention_heads // tp * n_tokens * min(n_tokens, self.max_model_len)  # prefill scores
         logits = 3 * n_seqs * cfg.vocab_size
         nbytes = (n_tokens * per_token + attn + logits) * 4

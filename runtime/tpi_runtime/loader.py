@@ -64,8 +64,10 @@ def read_header(path: str) -> _Header:
                 raise CheckpointError(f"{path}: corrupt safetensors header: file is only {size} bytes")
             (n,) = struct.unpack("<Q", raw_len)
             if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: corrupt safetensors header: header length {n} "
-                                      f"does not fit in a {size}-byte file")
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header: header length {n} "
+                    f"does not fit in a {size}-byte file"
+                )
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file is missing") from None
@@ -81,19 +83,26 @@ def read_header(path: str) -> _Header:
         try:
             dtype, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name}: {e}") from None
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header entry for tensor {name}: {e}"
+            ) from None
         if dtype not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype} "
-                                  f"(supported: {', '.join(_DTYPES)})")
+            raise CheckpointError(
+                f"{path}: tensor {name} has unsupported dtype {dtype} (supported: {', '.join(_DTYPES)})"
+            )
         numel = 1
         for s in shape:
             numel *= s
         if b - a != numel * _DTYPES[dtype]:
-            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} offsets [{a}, {b}) "
-                                  f"do not match shape {list(shape)} {dtype}")
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: tensor {name} offsets [{a}, {b}) "
+                f"do not match shape {list(shape)} {dtype}"
+            )
         if b > data_len:
-            raise CheckpointError(f"{path}: file is truncated: tensor {name} needs data bytes up to {b} "
-                                  f"but the file holds only {data_len}")
+            raise CheckpointError(
+                f"{path}: file is truncated: tensor {name} needs data bytes up to {b} "
+                f"but the file holds only {data_len}"
+            )
         tensors[name] = (dtype, shape)
     return _Header(path, tensors)
 
@@ -111,7 +120,11 @@ def checkpoint_files(model_dir: str) -> dict[str, str]:
     single = os.path.join(model_dir, SINGLE_FILE)
     if os.path.exists(single):
         return dict.fromkeys(read_header(single).tensors, single)
-    pickles = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(model_dir) else []
+    pickles = (
+        [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))]
+        if os.path.isdir(model_dir)
+        else []
+    )
     hint = f" (found {pickles[0]}: pickle checkpoints are refused, convert to safetensors)" if pickles else ""
     raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
@@ -121,30 +134,38 @@ def _validate(cfg: ModelConfig, plan: list[ParamPlan], where: dict[str, str]) ->
     for path in sorted(set(where.values())):
         if not os.path.exists(path):
             names = sorted(n for n, p in where.items() if p == path)
-            raise CheckpointError(f"{path}: checkpoint file is missing (it should hold tensor "
-                                  f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''})")
+            raise CheckpointError(
+                f"{path}: checkpoint file is missing (it should hold tensor "
+                f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''})"
+            )
         headers[path] = read_header(path)
     expected = {s.name: s for pp in plan for s in pp.slices}
     for name, s in expected.items():
         path = where.get(name)
         if path is None:
-            src = os.path.join(os.path.dirname(next(iter(headers), "")) or ".", INDEX_FILE) \
-                if len(headers) > 1 else next(iter(headers), "?")
+            src = (
+                os.path.join(os.path.dirname(next(iter(headers), "")) or ".", INDEX_FILE)
+                if len(headers) > 1
+                else next(iter(headers), "?")
+            )
             raise CheckpointError(f"{src}: missing tensor {name} (expected shape {list(s.shape)})")
         if name not in headers[path].tensors:
             raise CheckpointError(f"{path}: missing tensor {name} (the index says it is in this file)")
         shape = headers[path].tensors[name][1]
         if shape != s.shape:
-            raise CheckpointError(f"{path}: shape mismatch for tensor {name}: checkpoint has {list(shape)}, "
-                                  f"config.json implies {list(s.shape)}")
+            raise CheckpointError(
+                f"{path}: shape mismatch for tensor {name}: checkpoint has {list(shape)}, "
+                f"config.json implies {list(s.shape)}"
+            )
     for path, h in headers.items():
         for name in h.tensors:
             if name in expected or name.endswith(_IGNORED_SUFFIXES):
                 continue
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # some exporters store the tied head anyway
-            raise CheckpointError(f"{path}: unexpected tensor {name} (not part of a "
-                                  f"{cfg.architecture} with this config.json)")
+            raise CheckpointError(
+                f"{path}: unexpected tensor {name} (not part of a {cfg.architecture} with this config.json)"
+            )
     return headers
 
 
@@ -153,8 +174,8 @@ def _read_slice(f, s: TensorSlice) -> torch.Tensor:  # type: ignore[no-untyped-d
     if s.dim is None:
         return sl[:]
     if s.dim == 0:
-        return sl[s.start: s.stop]
-    return sl[:, s.start: s.stop]
+        return sl[s.start : s.stop]
+    return sl[:, s.start : s.stop]
 
 
 @torch.inference_mode()
@@ -166,7 +187,9 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
     headers = _validate(cfg, plan, where)
     params = dict(model.named_parameters())
     report = LoadReport(files=sorted(headers))
-    report.bytes_total = sum(_DTYPES[dt] * _numel(shape) for h in headers.values() for dt, shape in h.tensors.values())
+    report.bytes_total = sum(
+        _DTYPES[dt] * _numel(shape) for h in headers.values() for dt, shape in h.tensors.values()
+    )
 
     # (file -> [(slice, destination param, first row)]) so each file is opened once.
     work: dict[str, list[tuple[TensorSlice, torch.Tensor, int]]] = defaultdict(list)
@@ -192,7 +215,7 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
                         t = _read_slice(f, s)
                         n = t.numel() * t.element_size()
                         rows = t.shape[0]
-                        dest[row: row + rows].copy_(t.view(dest[row: row + rows].shape))
+                        dest[row : row + rows].copy_(t.view(dest[row : row + rows].shape))
                         opened_bytes += n
                         report.bytes_read += n
                         report.tensors_read += 1
@@ -203,11 +226,25 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
                 name = items[j][0].name if j < len(items) else "?"
                 raise CheckpointError(f"{path}: failed reading tensor {name}: {e}") from e
             nbytes_file += opened_bytes
-        log.info("rank %d: loaded %d/%d %s: %d slices, %.1f MiB in %.2fs", rank, i, len(work),
-                 os.path.basename(path), len(items), nbytes_file / 2**20, time.monotonic() - tf)
+        log.info(
+            "rank %d: loaded %d/%d %s: %d slices, %.1f MiB in %.2fs",
+            rank,
+            i,
+            len(work),
+            os.path.basename(path),
+            len(items),
+            nbytes_file / 2**20,
+            time.monotonic() - tf,
+        )
     report.seconds = time.monotonic() - t0
-    log.info("rank %d/%d: weights loaded: read %.1f of %.1f MiB in %.2fs", rank, tp, report.bytes_read / 2**20,
-             report.bytes_total / 2**20, report.seconds)
+    log.info(
+        "rank %d/%d: weights loaded: read %.1f of %.1f MiB in %.2fs",
+        rank,
+        tp,
+        report.bytes_read / 2**20,
+        report.bytes_total / 2**20,
+        report.seconds,
+    )
     return report
 
 

@@ -55,15 +55,21 @@ class BatchMeta:
         meta = cls(
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
-            seq_slots=[s for s, _, _ in seqs], seq_starts=starts, seq_lens=lens, ctx_lens=ctx,
-            last_token_idx=torch.tensor([s + k - 1 for s, k in zip(starts, lens, strict=True)], dtype=torch.long,
-                                        device=device),
+            seq_slots=[s for s, _, _ in seqs],
+            seq_starts=starts,
+            seq_lens=lens,
+            ctx_lens=ctx,
+            last_token_idx=torch.tensor(
+                [s + k - 1 for s, k in zip(starts, lens, strict=True)], dtype=torch.long, device=device
+            ),
             decode_only=decode_only,
         )
         if decode_only and len(seqs) > 1:
             meta.slots_t = torch.tensor(meta.seq_slots, dtype=torch.long, device=device)
             ctx_t = torch.tensor(ctx, dtype=torch.long, device=device)
-            meta.decode_mask = (torch.arange(max(ctx), device=device)[None, :] < ctx_t[:, None])[:, None, None, :]
+            meta.decode_mask = (torch.arange(max(ctx), device=device)[None, :] < ctx_t[:, None])[
+                :, None, None, :
+            ]
         return meta
 
 
@@ -108,13 +114,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.hq, self.hkv, _ = local_heads(cfg, dist.rank, dist.world_size)
         self.d = cfg.head_dim
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, dtype=dtype, device=device)
-        self.o_proj = RowParallelLinear(self.hq * self.d, cfg.hidden_size, dist, f"o_proj.{layer}", dtype=dtype,
-                                        device=device)
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, dtype=dtype, device=device
+        )
+        self.o_proj = RowParallelLinear(
+            self.hq * self.d, cfg.hidden_size, dist, f"o_proj.{layer}", dtype=dtype, device=device
+        )
         self.k_cache: torch.Tensor | None = None  # [slots, hkv, max_len, d]
         self.v_cache: torch.Tensor | None = None
 
@@ -135,20 +146,23 @@ class Attention(nn.Module):
             # Batched decode: one query per sequence against its slot's cache, padded to max ctx.
             L = max(meta.ctx_lens)
             keys, vals = kc[meta.slots_t, :, :L], vc[meta.slots_t, :, :L]
-            o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=meta.decode_mask,
-                                               enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                q.unsqueeze(2), keys, vals, attn_mask=meta.decode_mask, enable_gqa=gqa
+            )
             o = o.reshape(n, self.hq * self.d)
         else:
             outs = []
-            for slot, s, t, ctx in zip(meta.seq_slots, meta.seq_starts, meta.seq_lens, meta.ctx_lens, strict=True):
-                qi = q[s: s + t].transpose(0, 1).unsqueeze(0)  # [1, hq, t, d]
+            for slot, s, t, ctx in zip(
+                meta.seq_slots, meta.seq_starts, meta.seq_lens, meta.ctx_lens, strict=True
+            ):
+                qi = q[s : s + t].transpose(0, 1).unsqueeze(0)  # [1, hq, t, d]
                 keys, vals = kc[slot, :, :ctx].unsqueeze(0), vc[slot, :, :ctx].unsqueeze(0)  # views
                 if t == 1:
                     oi = F.scaled_dot_product_attention(qi, keys, vals, enable_gqa=gqa)
                 elif t == ctx:
                     oi = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=gqa)
                 else:  # prefill continuing a cached prefix: query i sees keys up to its position
-                    pos = meta.positions[s: s + t]
+                    pos = meta.positions[s : s + t]
                     mask = torch.arange(ctx, device=x.device)[None, :] <= pos[:, None]
                     oi = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
                 outs.append(oi[0].transpose(0, 1).reshape(t, self.hq * self.d))
@@ -157,11 +171,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.il = cfg.intermediate_size // dist.world_size
         self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * self.il, dtype=dtype, device=device)
-        self.down = RowParallelLinear(self.il, cfg.hidden_size, dist, f"down_proj.{layer}", dtype=dtype, device=device)
+        self.down = RowParallelLinear(
+            self.il, cfg.hidden_size, dist, f"down_proj.{layer}", dtype=dtype, device=device
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.il, dim=-1)
@@ -169,7 +187,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
@@ -190,11 +210,13 @@ class Transformer(nn.Module):
         self.dtype = dtype
         self.device = device
         self.embed = VocabParallelEmbedding(cfg, dist, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(Block(cfg, dist, i, dtype=dtype, device=device)
-                                    for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, dist, i, dtype=dtype, device=device) for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
-        self.lm_head = ParallelLMHead(cfg, dist, dtype=dtype, device=device,
-                                      tied=self.embed if cfg.tie_word_embeddings else None)
+        self.lm_head = ParallelLMHead(
+            cfg, dist, dtype=dtype, device=device, tied=self.embed if cfg.tie_word_embeddings else None
+        )
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         self.num_slots = 0

@@ -10,8 +10,9 @@ def greedy(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist()
 
 
-def sample_one(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-               generator: torch.Generator | None) -> int:
+def sample_one(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+) -> int:
     """One token from a [V] float32 logits row. temperature 0 means greedy."""
     if temperature <= 0.0:
         return int(logits.argmax())
@@ -30,8 +31,9 @@ def sample_one(logits: torch.Tensor, temperature: float, top_p: float, top_k: in
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample(logits: torch.Tensor, params: list[tuple[float, float, int]],
-           generators: list[torch.Generator | None]) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: list[tuple[float, float, int]], generators: list[torch.Generator | None]
+) -> list[int]:
     """logits [B, V]; params[i] = (temperature, top_p, top_k) for row i."""
     if all(t <= 0.0 for t, _, _ in params):
         return greedy(logits)

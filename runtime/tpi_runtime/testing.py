@@ -13,11 +13,14 @@ import os
 from typing import Any
 
 # Real words first so demo output reads like (random) text; filler tokens pad the vocabulary.
-_WORDS = ("the a an and or but of to in on at for with from by is are was were be been it he she they we "
-          "you i this that these those there here what which who when where why how cat dog bird fish tree "
-          "house car road city sun moon star sky sea river hill rain snow wind fire stone light dark red "
-          "blue green white black big small old new good bad fast slow hot cold happy sad runs walks sees "
-          "eats sleeps sings reads writes makes takes gives finds tells asks works plays").split()
+_WORDS_TEXT = (
+    "the a an and or but of to in on at for with from by is are was were be been it he she they we "
+    "you i this that these those there here what which who when where why how cat dog bird fish tree "
+    "house car road city sun moon star sky sea river hill rain snow wind fire stone light dark red "
+    "blue green white black big small old new good bad fast slow hot cold happy sad runs walks sees "
+    "eats sleeps sings reads writes makes takes gives finds tells asks works plays"
+)
+_WORDS = _WORDS_TEXT.split()
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
 TINY_CONFIG: dict[str, Any] = {
@@ -54,9 +57,15 @@ def write_tokenizer(model_dir: str, vocab_size: int) -> None:
     tok.save(os.path.join(model_dir, "tokenizer.json"))
 
 
-def make_tiny_checkpoint(model_dir: str | os.PathLike[str], *, seed: int = 0, dtype: str = "float32",
-                         max_shard_size: str | int = "100KB", tokenizer: bool = True,
-                         **config_overrides: Any) -> str:
+def make_tiny_checkpoint(
+    model_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str | int = "100KB",
+    tokenizer: bool = True,
+    **config_overrides: Any,
+) -> str:
     """Build a random `LlamaForCausalLM` from TINY_CONFIG + overrides and save it as safetensors."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

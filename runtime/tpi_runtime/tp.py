@@ -45,8 +45,16 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = sum_ranks x_local @ W_local^T: one all-reduce per call."""
 
-    def __init__(self, in_local: int, out_features: int, dist: Dist, name: str, *, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        in_local: int,
+        out_features: int,
+        dist: Dist,
+        name: str,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.weight = _empty_param(out_features, in_local, dtype=dtype, device=device)
         self.dist = dist
@@ -82,8 +90,15 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """Logits for the full vocabulary on every rank (all-gather of the vocab shards)."""
 
-    def __init__(self, cfg: ModelConfig, dist: Dist, *, dtype: torch.dtype, device: torch.device,
-                 tied: VocabParallelEmbedding | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dist: Dist,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        tied: VocabParallelEmbedding | None = None,
+    ) -> None:
         super().__init__()
         self.vocab_size = cfg.vocab_size
         self.dist = dist
@@ -101,6 +116,7 @@ class ParallelLMHead(nn.Module):
 
 
 # --- sharding plan ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TensorSlice:
@@ -140,9 +156,9 @@ def local_heads(cfg: ModelConfig, rank: int, tp: int) -> tuple[int, int, int]:
 
 
 def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> list[ParamPlan]:
-    H, D, I, V = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    H, D, inter, V = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
     hq, hkv, kv0 = local_heads(cfg, rank, tp)
-    il = I // tp
+    il = inter // tp
     q_rows = cfg.num_attention_heads * D
     kv_rows = cfg.num_key_value_heads * D
     v0, v1, _ = vocab_shard(V, rank, tp)
@@ -158,20 +174,34 @@ def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> list[ParamPlan]:
         p = f"model.layers.{i}."
         q0 = rank * hq * D
         plan += [
-            ParamPlan(f"layers.{i}.attn.qkv.weight", (
-                rows(p + "self_attn.q_proj.weight", (q_rows, H), q0, q0 + hq * D),
-                rows(p + "self_attn.k_proj.weight", (kv_rows, H), kv0 * D, (kv0 + hkv) * D),
-                rows(p + "self_attn.v_proj.weight", (kv_rows, H), kv0 * D, (kv0 + hkv) * D))),
-            ParamPlan(f"layers.{i}.attn.o_proj.weight",
-                      (cols(p + "self_attn.o_proj.weight", (H, q_rows), q0, q0 + hq * D),)),
-            ParamPlan(f"layers.{i}.mlp.gate_up.weight", (
-                rows(p + "mlp.gate_proj.weight", (I, H), rank * il, (rank + 1) * il),
-                rows(p + "mlp.up_proj.weight", (I, H), rank * il, (rank + 1) * il))),
-            ParamPlan(f"layers.{i}.mlp.down.weight",
-                      (cols(p + "mlp.down_proj.weight", (H, I), rank * il, (rank + 1) * il),)),
+            ParamPlan(
+                f"layers.{i}.attn.qkv.weight",
+                (
+                    rows(p + "self_attn.q_proj.weight", (q_rows, H), q0, q0 + hq * D),
+                    rows(p + "self_attn.k_proj.weight", (kv_rows, H), kv0 * D, (kv0 + hkv) * D),
+                    rows(p + "self_attn.v_proj.weight", (kv_rows, H), kv0 * D, (kv0 + hkv) * D),
+                ),
+            ),
+            ParamPlan(
+                f"layers.{i}.attn.o_proj.weight",
+                (cols(p + "self_attn.o_proj.weight", (H, q_rows), q0, q0 + hq * D),),
+            ),
+            ParamPlan(
+                f"layers.{i}.mlp.gate_up.weight",
+                (
+                    rows(p + "mlp.gate_proj.weight", (inter, H), rank * il, (rank + 1) * il),
+                    rows(p + "mlp.up_proj.weight", (inter, H), rank * il, (rank + 1) * il),
+                ),
+            ),
+            ParamPlan(
+                f"layers.{i}.mlp.down.weight",
+                (cols(p + "mlp.down_proj.weight", (H, inter), rank * il, (rank + 1) * il),),
+            ),
             ParamPlan(f"layers.{i}.input_norm.weight", (TensorSlice(p + "input_layernorm.weight", (H,)),)),
-            ParamPlan(f"layers.{i}.post_attn_norm.weight",
-                      (TensorSlice(p + "post_attention_layernorm.weight", (H,)),)),
+            ParamPlan(
+                f"layers.{i}.post_attn_norm.weight",
+                (TensorSlice(p + "post_attention_layernorm.weight", (H,)),),
+            ),
         ]
     plan.append(ParamPlan("norm.weight", (TensorSlice("model.norm.weight", (H,)),)))
     if not cfg.tie_word_embeddings:
