@@ -1,0 +1,486 @@
+"""The Helm chart, rendered and linted by a real helm binary (no mocks).
+
+helm comes from ${TPI_HELM:-~/.cache/tpi/k8s-v1.34.4/bin/helm}; the tests fail, never skip, when it
+is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import CHART, REPO, run_helm
+
+RELEASE, NS = "tpi", "tpi-system"
+FULLNAME = "tpi-tpi-operator"
+ALL_VERBS = ["create", "get", "list", "watch", "patch", "update", "delete"]
+
+# What the operator needs in every namespace it reconciles: (apiGroup, resource) -> verbs.
+NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
+    ("tpi.dev", "tpinferenceclusters"): {"get", "list", "watch", "patch", "update"},
+    ("tpi.dev", "tpinferenceclusters/status"): {"get", "patch", "update"},
+    ("tpi.dev", "tpinferenceclusters/scale"): {"get", "patch", "update"},
+    ("apps", "statefulsets"): set(ALL_VERBS),
+    ("", "services"): set(ALL_VERBS),
+    ("", "configmaps"): set(ALL_VERBS),
+    ("", "serviceaccounts"): set(ALL_VERBS),
+    ("coordination.k8s.io", "leases"): set(ALL_VERBS),
+    ("rbac.authorization.k8s.io", "roles"): set(ALL_VERBS),
+    ("rbac.authorization.k8s.io", "rolebindings"): set(ALL_VERBS),
+    ("", "pods"): {"get", "list", "watch", "delete"},
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+}
+NAMESPACED_PEERING = {("zalando.org", "kopfpeerings"): {"get", "list", "watch", "patch"}}
+CLUSTER_SCOPED_RULES = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+    ("", "namespaces"): {"list", "watch"},
+}
+CLUSTER_PEERING = {("zalando.org", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}}
+# What the operator grants the rank pods in their per-cluster Role (Leases only): RBAC's
+# escalation check requires the operator to hold these itself.
+RUNTIME_LEASE_VERBS = {"get", "list", "watch", "create", "update", "patch"}
+
+
+def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """Flatten a Role's rules to (group, resource) -> verbs, asserting there are no wildcards."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}, f"unexpected rule fields {rule}"
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], f"wildcard in {field} of {role['metadata']['name']}: {rule}"
+            assert all("*" not in v for v in rule[field]), f"wildcard in {rule}"
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                key = (group, resource)
+                assert key not in out, f"{key} granted twice in {role['metadata']['name']}"
+                out[key] = set(rule["verbs"])
+    return out
+
+
+def operator_container(docs) -> dict[str, Any]:
+    dep = docs.one("Deployment", FULLNAME)
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+# --- lint -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        [],
+        ["watchNamespaces={team-a,team-b}", "serviceMonitor.enabled=true", "runtimeMonitor.enabled=true"],
+        [
+            "peering.enabled=false",
+            "dashboards.enabled=false",
+            "serviceAccount.create=false",
+            "serviceAccount.name=existing",
+        ],
+        ["replicaCount=2", "peering.name=tpi", "peering.create=true"],
+    ],
+    ids=["defaults", "namespaced-monitors", "standalone", "replicated"],
+)
+def test_helm_lint_strict(helm: Path, sets: list[str]) -> None:
+    args = ["lint", "--strict", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    proc = run_helm(helm, *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+def test_chart_metadata() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2"
+    assert chart["name"] == "tpi-operator"
+    assert chart["kubeVersion"] == ">=1.28.0-0"
+
+
+def test_default_render_objects(render) -> None:
+    docs = render()
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+    assert kinds == sorted(
+        [
+            ("ServiceAccount", FULLNAME),
+            ("ConfigMap", f"{FULLNAME}-dashboard"),
+            ("ClusterRole", FULLNAME),
+            ("ClusterRoleBinding", FULLNAME),
+            ("Service", f"{FULLNAME}-metrics"),
+            ("Deployment", FULLNAME),
+        ]
+    )
+    for d in docs:
+        if d["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert d["metadata"]["namespace"] == NS, d["metadata"]
+
+
+# --- Deployment -------------------------------------------------------------------------------
+
+
+def test_deployment_defaults(render) -> None:
+    docs = render()
+    dep = docs.one("Deployment", FULLNAME)
+    assert dep["spec"]["replicas"] == 1
+    pod = dep["spec"]["template"]["spec"]
+    c = operator_container(docs)
+    assert c["image"] == "tpi/operator:dev"
+    assert c["imagePullPolicy"] == "IfNotPresent"
+    assert pod["serviceAccountName"] == docs.one("ServiceAccount")["metadata"]["name"]
+    # The selector matches the pod template.
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+
+
+def test_deployment_is_restricted_pss(render) -> None:
+    """The pod passes the Pod Security Standard `restricted` profile (and then some)."""
+    docs = render()
+    pod = docs.one("Deployment", FULLNAME)["spec"]["template"]["spec"]
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(host), host
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == 10001
+    assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for v in volumes.values():
+        assert set(v) - {"name"} <= {"emptyDir", "configMap", "secret", "projected", "downwardAPI"}, v
+    containers = pod["containers"] + pod.get("initContainers", [])
+    for c in containers:
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True
+        assert sc.get("runAsUser", psc["runAsUser"]) == 10001
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc.get("privileged", False) is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert not sc["capabilities"].get("add")
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert sc["readOnlyRootFilesystem"] is True
+        assert not any("hostPort" in p for p in c.get("ports", []))
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]], "/tmp must be a writable emptyDir"
+
+
+def test_liveness_probe_and_metrics_port(render) -> None:
+    docs = render()
+    c = operator_container(docs)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["metrics"] == 9090
+    assert ports["liveness"] == 8080
+    assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"]
+    assert "--metrics-port=9090" in c["args"]
+    probe = c["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    assert probe["port"] in ("liveness", 8080)
+    svc = docs.one("Service", f"{FULLNAME}-metrics")
+    (sport,) = svc["spec"]["ports"]
+    assert (sport["name"], sport["port"], sport["targetPort"]) == ("metrics", 9090, "metrics")
+    dep = docs.one("Deployment", FULLNAME)
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_image_values(render) -> None:
+    c = operator_container(
+        render("image.repository=reg.local/tpi/op", "image.tag=1.2.3", "image.pullPolicy=Always")
+    )
+    assert c["image"] == "reg.local/tpi/op:1.2.3"
+    assert c["imagePullPolicy"] == "Always"
+
+
+# --- watched namespaces and RBAC ---------------------------------------------------------------
+
+
+def test_cluster_wide_by_default(render) -> None:
+    docs = render()
+    args = operator_container(docs)["args"]
+    assert "--all-namespaces" in args
+    assert not [a for a in args if a.startswith("--namespace")]
+    assert not docs.kinds("Role") and not docs.kinds("RoleBinding")
+    role = docs.one("ClusterRole", FULLNAME)
+    assert rules_of(role) == {**NAMESPACED_RULES, **CLUSTER_SCOPED_RULES, **CLUSTER_PEERING}
+    binding = docs.one("ClusterRoleBinding", FULLNAME)
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": FULLNAME,
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NS}]
+
+
+def test_watch_namespaces_gives_roles_per_namespace(render) -> None:
+    docs = render("watchNamespaces={team-a,team-b}")
+    args = operator_container(docs)["args"]
+    assert "--all-namespaces" not in args
+    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
+
+    roles = docs.kinds("Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert rules_of(role) == {**NAMESPACED_RULES, **NAMESPACED_PEERING}
+    bindings = docs.kinds("RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for b in bindings:
+        role = next(r for r in roles if r["metadata"]["namespace"] == b["metadata"]["namespace"])
+        assert b["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        }
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NS}]
+
+    # Only what kopf reads cluster-wide stays cluster-scoped.
+    (cluster_role,) = docs.kinds("ClusterRole")
+    assert rules_of(cluster_role) == CLUSTER_SCOPED_RULES
+    (crb,) = docs.kinds("ClusterRoleBinding")
+    assert crb["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    assert crb["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NS}]
+
+
+def test_standalone_without_peering(render) -> None:
+    for sets in ((), ("watchNamespaces={team-a}",)):
+        docs = render("peering.enabled=false", *sets)
+        assert "--standalone" in operator_container(docs)["args"]
+        for role in docs.kinds("ClusterRole") + docs.kinds("Role"):
+            assert not [k for k in rules_of(role) if k[0] == "zalando.org"], role["metadata"]["name"]
+
+
+def test_peering_name_and_objects(render) -> None:
+    docs = render("replicaCount=3", "peering.name=tpi-peers", "peering.create=true")
+    assert docs.one("Deployment", FULLNAME)["spec"]["replicas"] == 3
+    args = operator_container(docs)["args"]
+    assert "--peering=tpi-peers" in args and "--standalone" not in args
+    assert docs.one("ClusterKopfPeering", "tpi-peers")["apiVersion"] == "zalando.org/v1"
+
+    docs = render("peering.name=tpi-peers", "peering.create=true", "watchNamespaces={team-a,team-b}")
+    peerings = docs.kinds("KopfPeering")
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+    assert not docs.kinds("ClusterKopfPeering")
+
+
+def test_operator_can_grant_the_runtime_lease_role(render) -> None:
+    """RBAC escalation check: the operator must hold every verb it grants the rank pods."""
+    for sets in ((), ("watchNamespaces={team-a}",)):
+        docs = render(*sets)
+        granted = set()
+        for role in docs.kinds("ClusterRole") + docs.kinds("Role"):
+            granted |= rules_of(role).get(("coordination.k8s.io", "leases"), set())
+        assert granted >= RUNTIME_LEASE_VERBS
+
+
+def test_no_rbac_when_disabled(render) -> None:
+    docs = render("rbac.create=false")
+    assert not [d for d in docs if d["apiVersion"].startswith("rbac.authorization.k8s.io")]
+
+
+def test_existing_service_account(render) -> None:
+    docs = render("serviceAccount.create=false", "serviceAccount.name=ops")
+    assert not docs.kinds("ServiceAccount")
+    assert docs.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+    assert docs.one("ClusterRoleBinding")["subjects"][0]["name"] == "ops"
+
+
+# --- monitoring --------------------------------------------------------------------------------
+
+
+def test_service_monitor_toggle(render) -> None:
+    assert not render().kinds("ServiceMonitor")
+    docs = render("serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom")
+    sm = docs.one("ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    svc = docs.one("Service", f"{FULLNAME}-metrics")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NS]}
+    (ep,) = sm["spec"]["endpoints"]
+    assert ep["port"] == "metrics" == svc["spec"]["ports"][0]["name"]
+    assert ep["path"] == "/metrics"
+
+
+def test_runtime_pod_monitor(render) -> None:
+    assert not render().kinds("PodMonitor")
+    pm = render("runtimeMonitor.enabled=true").one("PodMonitor")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "tpi-runtime"}
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert (ep["port"], ep["path"]) == ("http", "/metrics")
+    pm = render("runtimeMonitor.enabled=true", "watchNamespaces={team-a,team-b}").one("PodMonitor")
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+# --- dashboard ---------------------------------------------------------------------------------
+
+
+def dashboard_from(docs) -> dict[str, Any]:
+    cm = docs.one("ConfigMap", f"{FULLNAME}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    return json.loads(cm["data"]["tpi.json"])
+
+
+def exprs(panel: dict[str, Any]) -> list[str]:
+    return [t["expr"] for t in panel.get("targets", [])]
+
+
+def test_dashboard_configmap(render) -> None:
+    docs = render()
+    dash = dashboard_from(docs)
+    assert dash == json.loads((CHART / "dashboards" / "tpi.json").read_text())
+    assert not render("dashboards.enabled=false").kinds("ConfigMap")
+    cm = render("dashboards.namespace=monitoring").one("ConfigMap")
+    assert cm["metadata"]["namespace"] == "monitoring"
+
+
+def test_dashboard_panels(render) -> None:
+    dash = dashboard_from(render())
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+    def panels_with(pattern: str) -> list[dict[str, Any]]:
+        return [p for p in panels if any(re.search(pattern, e) for e in exprs(p))]
+
+    latency = panels_with(
+        r"histogram_quantile\(0\.\d+, sum by \(le[^)]*\) \(rate\(tpi_request_latency_seconds_bucket"
+    )
+    tokens = panels_with(r"rate\(tpi_generated_tokens_total")
+    memory = panels_with(r"tpi_gpu_memory_used_bytes")
+    util = panels_with(r"tpi_gpu_utilization_ratio")
+    restarts = panels_with(r"kube_pod_container_status_restarts_total")
+    actions = panels_with(r"tpi_operator_actions_total")
+    for name, found in [
+        ("latency", latency),
+        ("tokens/s", tokens),
+        ("GPU memory", memory),
+        ("GPU utilisation", util),
+        ("restarts", restarts),
+        ("operator actions", actions),
+    ]:
+        assert found, f"no {name} panel"
+
+    # Aggregated and per-rank / per-GPU views of each.
+    for name, found in [
+        ("latency", latency),
+        ("tokens/s", tokens),
+        ("GPU memory", memory),
+        ("GPU utilisation", util),
+        ("restarts", restarts),
+    ]:
+        assert [p for p in found if not any("$rank" in e for e in exprs(p))], f"no aggregated {name} panel"
+        assert [p for p in found if any("$rank" in e for e in exprs(p))], f"no per-rank {name} panel"
+    for found in (memory, util):
+        assert [p for p in found if any("$gpu" in e for e in exprs(p))], "no per-GPU panel"
+    assert {p["fieldConfig"]["defaults"]["unit"] for p in latency} == {"s"}
+    assert {p["fieldConfig"]["defaults"]["unit"] for p in memory} == {"bytes"}
+
+
+def test_dashboard_template_variables(render) -> None:
+    dash = dashboard_from(render())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert {"datasource", "namespace", "rank", "gpu"} <= set(variables)
+    assert variables["datasource"]["type"] == "datasource"
+    assert re.fullmatch(r"label_values\(tpi_\w+\{[^}]*\}, rank\)", variables["rank"]["query"]["query"])
+    assert re.fullmatch(r"label_values\(tpi_gpu_\w+\{[^}]*\}, gpu\)", variables["gpu"]["query"]["query"])
+    for name in ("rank", "gpu"):
+        assert variables[name]["multi"] and variables[name]["includeAll"]
+    # Every query targets the dashboard's data source variable.
+    for p in dash["panels"]:
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}", p["title"]
+
+
+def dashboard_metrics() -> set[str]:
+    text = (CHART / "dashboards" / "tpi.json").read_text()
+    return set(re.findall(r"\b(?:tpi|kube)_[a-z0-9_]+", text))
+
+
+def documented_metrics() -> set[str]:
+    readme = (CHART / "README.md").read_text()
+    return set(re.findall(r"^\| `((?:tpi|kube)_[a-z0-9_]+)` \|", readme, flags=re.M))
+
+
+def test_dashboard_metrics_are_documented() -> None:
+    """The chart README's metrics table is the one list of names the dashboard may use."""
+    used = {m.removesuffix("_bucket") for m in dashboard_metrics()}
+    assert used <= documented_metrics(), f"undocumented metrics: {sorted(used - documented_metrics())}"
+
+
+def test_dashboard_runtime_metrics_exist_in_runtime() -> None:
+    """The runtime exports every runtime metric the dashboard queries (prometheus_client adds
+    `_total` to counters and `_bucket` to histograms)."""
+    source = "\n".join(p.read_text() for p in (REPO / "runtime" / "tpi_runtime").rglob("*.py"))
+    declared = set(re.findall(r"""["'](tpi_[a-z0-9_]+)["']""", source))
+    runtime_used = {
+        m for m in dashboard_metrics() if m.startswith("tpi_") and not m.startswith("tpi_operator_")
+    }
+    missing = {
+        m for m in runtime_used if not {m, m.removesuffix("_total"), m.removesuffix("_bucket")} & declared
+    }
+    assert not missing, f"dashboard queries metrics the runtime does not declare: {sorted(missing)}"
+
+
+# --- values.schema.json -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["replicaCount=-1"], r"replicaCount.*minimum"),
+        (["replicas=2"], r"additional propert.*'replicas'"),
+        (["image.pullPolicy=Sometimes"], r"pullPolicy"),
+        (["watchNamespaces={Team_A}"], r"watchNamespaces/0"),
+        (["serviceMonitor.enabeld=true"], r"enabeld"),
+    ],
+    ids=["negative-replicas", "unknown-top-level-key", "bad-pull-policy", "bad-namespace", "typo-nested"],
+)
+def test_schema_rejects_bad_values(helm: Path, sets: list[str], message: str) -> None:
+    args = ["template", RELEASE, str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    proc = run_helm(helm, *args)
+    assert proc.returncode != 0, f"helm accepted {sets}"
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr
+
+
+def test_several_replicas_need_named_peering(helm: Path) -> None:
+    for sets in (["replicaCount=2"], ["replicaCount=2", "peering.enabled=false", "peering.name=x"]):
+        args = ["template", RELEASE, str(CHART)]
+        for s in sets:
+            args += ["--set", s]
+        proc = run_helm(helm, *args)
+        assert proc.returncode != 0
+        assert "replicaCount > 1 needs kopf peering" in proc.stderr, proc.stderr
+
+
+def test_schema_is_strict_at_top_level() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values) == set(schema["properties"]), "values.yaml and the schema list different keys"
+
+
+def test_notes_explain_first_steps() -> None:
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    for needle in ("apply -f", "get tpic", "/v1/completions"):
+        assert needle in notes
+
+
+# --- CRDs ---------------------------------------------------------------------------------------
+
+
+def test_chart_crds_are_copies_of_the_top_level_crds() -> None:
+    top = {p.name: p.read_bytes() for p in sorted((REPO / "crds").glob("*.yaml"))}
+    chart = {p.name: p.read_bytes() for p in sorted((CHART / "crds").glob("*.yaml"))}
+    assert top, "crds/ at the repository root has no CRDs (they are generated from the operator's models)"
+    assert chart.keys() == top.keys(), f"chart crds/ {sorted(chart)} != top-level crds/ {sorted(top)}"
+    for name, data in top.items():
+        assert chart[name] == data, f"charts/tpi-operator/crds/{name} differs from crds/{name}"
+    names = {yaml.safe_load(d)["metadata"]["name"] for d in top.values()}
+    assert "tpinferenceclusters.tpi.dev" in names
