@@ -517,7 +517,7 @@ class Handler(BaseHTTPRequestHandler):
             if engine is None or not st.ready:
                 raise ApiError(
                     HTTPStatus.SERVICE_UNAVAILABLE,
-                    "the model is not ready yet",
+                    "the server is shutting down" if st.stopping else "the model is not ready yet",
                     type_="service_unavailable",
                     code="not_ready",
                 )
@@ -554,13 +554,28 @@ class Handler(BaseHTTPRequestHandler):
             return engine.submit(creq.prompt_ids, params)
         except ValueError as e:  # the engine's own validation (e.g. a token id outside the vocabulary)
             raise _bad(str(e), "prompt") from None
-        except RequestError as e:
+        except (RequestError, RuntimeError) as e:  # RuntimeError: the engine has stopped
             raise ApiError(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 f"the engine rejected the request: {e}",
                 type_="service_unavailable",
                 code="engine_unavailable",
             ) from None
+
+    def _generation_error(self, e: Exception) -> ApiError:
+        if self.state.stopping:  # the engine ended in-flight requests because the rank is stopping
+            return ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"generation interrupted: {e}",
+                type_="service_unavailable",
+                code="shutting_down",
+            )
+        return ApiError(
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            f"generation failed: {e}",
+            type_="internal_error",
+            code="generation_failed",
+        )
 
     def _usage(self, creq: CompletionRequest, n_gen: int) -> dict[str, int]:
         return {
@@ -577,12 +592,7 @@ class Handler(BaseHTTPRequestHandler):
             for delta, _tok in gen.tokens(poll_disconnect=True):
                 text.append(delta)
         except RequestError as e:
-            err = ApiError(
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                f"generation failed: {e}",
-                type_="internal_error",
-                code="generation_failed",
-            )
+            err = self._generation_error(e)
             gen.record(err.status)
             raise err from None
         text.append(gen.asm.finish() if not gen.asm.stopped else "")
@@ -624,15 +634,9 @@ class Handler(BaseHTTPRequestHandler):
                 for delta, tok in gen.tokens(poll_disconnect=False):
                     self._sse(chunk(delta, [tok], None))
             except RequestError as e:
-                gen.record(HTTPStatus.INTERNAL_SERVER_ERROR)
-                self._sse(
-                    ApiError(
-                        HTTPStatus.INTERNAL_SERVER_ERROR,
-                        f"generation failed: {e}",
-                        type_="internal_error",
-                        code="generation_failed",
-                    ).body()
-                )
+                err = self._generation_error(e)
+                gen.record(err.status)
+                self._sse(err.body())
                 self._sse_raw(b"data: [DONE]\n\n")
                 self._end_chunks()
                 return
@@ -748,11 +752,31 @@ def _engine_annotations(engine: Engine) -> dict[str, str]:
     }
 
 
+def _drain_then_stop(state: ServerState, stop: threading.Event, drain_s: float) -> None:
+    """After SIGTERM: let rank 0 finish in-flight requests (new ones get 503), then stop the loop.
+
+    Followers wait longer than rank 0's drain, so they normally leave on rank 0's shutdown step
+    instead of abandoning a group that is still running collectives.
+    """
+    deadline = time.monotonic() + (drain_s if state.rank == 0 else drain_s + 5.0)
+    while time.monotonic() < deadline and not stop.is_set():
+        engine = state.engine
+        if state.rank == 0 and engine is not None:
+            s = engine.stats()
+            if s.running == 0 and s.queue_depth == 0:
+                break
+        elif engine is None:
+            break  # still loading: nothing to drain
+        time.sleep(0.05)
+    stop.set()
+
+
 def serve_main(args: Any) -> int:
     """``python -m tpi_runtime serve``: HTTP + heartbeat threads, engine main loop in this thread.
 
-    Returns 0 after a graceful stop (SIGTERM/SIGINT). If the engine fails to start or its main
-    loop raises (a collective failed or timed out), the process exits non-zero at once.
+    Returns 0 after a graceful stop (SIGTERM/SIGINT: drain for up to $TPI_DRAIN_SECONDS, default
+    10). Errors building the engine propagate (``__main__`` maps config errors to exit 2). If the
+    main loop raises, the process exits 1 at once (collective failures already exit 3 in ``dist``).
     """
     from tpi_runtime.engine import Engine
     from tpi_runtime.heartbeat import heartbeat_from_env
@@ -763,20 +787,23 @@ def serve_main(args: Any) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
     rank = int(os.environ.get("RANK", "0"))
+    drain_s = float(os.environ.get("TPI_DRAIN_SECONDS", "") or 10.0)
     model_name = getattr(args, "served_model_name", None) or os.path.basename(os.path.normpath(args.model))
     stop = threading.Event()
     main_thread = threading.current_thread()
-    state = ServerState(rank, model_name, metrics=None)  # type: ignore[arg-type]
+    state = ServerState(rank, model_name, metrics=RuntimeMetrics(rank))
     state.metrics = RuntimeMetrics(rank, engine_fn=lambda: state.engine)
     state.alive_fn = main_thread.is_alive
 
     def on_signal(signum: int, _frame: Any) -> None:
-        if stop.is_set():  # second signal: the main loop is not stopping, do not wait for it
+        if state.stopping:  # second signal: do not wait for the drain
             log.warning("signal %d again; exiting now", signum)
             os._exit(128 + signum)
-        log.info("signal %d: stopping gracefully", signum)
+        log.info("signal %d: draining for up to %.0fs, then stopping", signum, drain_s)
         state.stopping = True
-        stop.set()
+        threading.Thread(
+            target=_drain_then_stop, args=(state, stop, drain_s), name="drain", daemon=True
+        ).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -784,27 +811,33 @@ def serve_main(args: Any) -> int:
     # Probes answer while weights load: /healthz 200, /readyz 503.
     httpd = start_http_server(state, getattr(args, "host", "0.0.0.0"), int(getattr(args, "port", 8000)))
     heartbeat = None
-    code = 0
     try:
         engine = Engine.from_args(args)
-        if getattr(args, "served_model_name", None) is None and getattr(engine, "model_name", None):
-            state.model_name = engine.model_name
-        if getattr(engine, "on_step", None) is None:
-            engine.on_step = state.metrics.on_step
-        state.engine = engine
-        try:
-            heartbeat = heartbeat_from_env(
-                progress=lambda: int(engine.stats().step), annotations_fn=lambda: _engine_annotations(engine)
-            )
-            if heartbeat is not None:
-                heartbeat.start()
-        except Exception as e:  # a broken kubeconfig must not take the rank down
-            log.warning("Lease heartbeat disabled: %s: %s", type(e).__name__, e)
-        log.info("rank %d ready; entering main loop", rank)
+    except BaseException:
+        httpd.shutdown()
+        httpd.server_close()
+        raise
+    if getattr(args, "served_model_name", None) is None and getattr(engine, "model_name", None):
+        state.model_name = engine.model_name
+    if getattr(engine, "on_step", None) is None:
+        engine.on_step = state.metrics.on_step
+    state.engine = engine
+    try:
+        heartbeat = heartbeat_from_env(
+            progress=lambda: int(engine.stats().step), annotations_fn=lambda: _engine_annotations(engine)
+        )
+        if heartbeat is not None:
+            heartbeat.start()
+    except Exception as e:  # a broken kubeconfig must not take the rank down
+        log.warning("Lease heartbeat disabled: %s: %s", type(e).__name__, e)
+
+    code = 0
+    log.info("rank %d ready; entering main loop", rank)
+    try:
         engine.run_forever(stop)
         log.info("main loop stopped")
     except BaseException:
-        log.exception("rank %d: engine failed", rank)
+        log.exception("rank %d: main loop failed", rank)
         code = 1
     finally:
         state.stopping = True
