@@ -34,7 +34,10 @@ SHORT_NAMES = ["tpic"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
 # Kubernetes resource.Quantity, as accepted by kubebuilder-generated CRDs.
-QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 
@@ -95,7 +98,8 @@ class ModelSource(_Model):
             "x-kubernetes-validations": [
                 _cel(
                     "[has(self.pvc), has(self.hostPath), has(self.image)].filter(x, x).size() == 1",
-                    "exactly one of model.source.pvc, model.source.hostPath or model.source.image must be set",
+                    "exactly one of model.source.pvc, model.source.hostPath or model.source.image"
+                    " must be set",
                 ),
                 _cel(
                     "self == oldSelf",
@@ -289,11 +293,17 @@ class GroupStatus(_Model):
     """Bookkeeping of one group; everything recovery needs survives an operator restart here."""
 
     group: int
-    incarnation: int = Field(0, description="Bumped on every recreate; pods of older incarnations are deleted.")
+    incarnation: int = Field(
+        0, description="Bumped on every recreate; pods of older incarnations are deleted."
+    )
     ready: bool = False
     restart_times: list[Timestamp] = Field(default_factory=list, description="Recreates within the window.")
     failing_since: Timestamp | None = Field(None, description="First failure not yet recovered from.")
     template_hash: str | None = None
+    pod_uids: list[str] = Field(
+        default_factory=list, description="UIDs of the formed group's ranks; a replaced pod breaks the group."
+    )
+    failure_reason: str | None = None
 
 
 class HistoryEntry(_Model):
@@ -338,6 +348,19 @@ class TPInferenceClusterStatus(_Model):
 
 class TPInferenceCluster(_Model):
     """A set of tensor-parallel inference groups serving one model."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "self.metadata.name.size() <= 40"
+                    " && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+                    "metadata.name must be a DNS-1035 label of at most 40 characters "
+                    "(it prefixes Service, StatefulSet and pod names)",
+                )
+            ]
+        }
+    )
 
     api_version: str = API_VERSION
     kind: str = KIND

@@ -1,0 +1,183 @@
+"""Observations: the few facts recovery needs, parsed (purely) from raw Kubernetes objects.
+
+Recovery and status never look at raw objects; tests build these dataclasses directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tpi_operator.api.v1alpha1 import TPInferenceClusterStatus
+from tpi_operator.core import render as r
+
+
+# ------------------------------------------------------------------------------------- time
+def parse_time(value: str | dt.datetime | None) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    text = value.strip().replace("Z", "+00:00")
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def format_time(value: dt.datetime, micro: bool = False) -> str:
+    value = value.astimezone(dt.UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
+
+
+def _int(value: Any, default: int | None = None) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+# ------------------------------------------------------------------------------------- types
+@dataclass(frozen=True)
+class PodObs:
+    """One rank pod."""
+
+    name: str
+    group: int
+    rank: int
+    uid: str = ""
+    incarnation: int = 0
+    template_hash: str | None = None
+    phase: str = "Pending"
+    ready: bool = False
+    deleting: bool = False
+    node: str | None = None
+    restarts: int = 0
+    termination_reason: str | None = None  # current or last container termination
+    exit_code: int | None = None
+    waiting_reason: str | None = None
+    unschedulable_since: dt.datetime | None = None
+    unschedulable_message: str | None = None
+    started_at: dt.datetime | None = None
+    batch: int | None = None
+
+    @property
+    def oom(self) -> bool:
+        return self.termination_reason == "OOMKilled"
+
+    @property
+    def crashed(self) -> bool:
+        return (
+            self.restarts > 0
+            or self.phase == "Failed"
+            or self.waiting_reason == "CrashLoopBackOff"
+            or (self.exit_code is not None and self.exit_code != 0)
+        )
+
+
+@dataclass(frozen=True)
+class LeaseObs:
+    name: str
+    renew_time: dt.datetime | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StsObs:
+    group: int
+    replicas: int
+    template_hash: str | None = None
+    incarnation: int = 0
+    object_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything ``recovery.plan`` and ``status.compute`` read, at one instant."""
+
+    now: dt.datetime
+    generation: int
+    desired_tp: int
+    valid_sizes: list[int]
+    status: TPInferenceClusterStatus
+    pods: list[PodObs] = field(default_factory=list)
+    leases: Mapping[str, LeaseObs] = field(default_factory=dict)
+    statefulsets: Mapping[int, StsObs] = field(default_factory=dict)
+    restarted_at: str | None = None
+    free_rank_slots: int | None = None  # None: capacity unknown
+    #: Template hash a group would get at (tp, batch); closes over spec and identity.
+    hash_for: Callable[[int, int], str] = lambda tp, batch: f"{tp}-{batch}"
+
+
+# ----------------------------------------------------------------------------------- parsers
+def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
+    """A rank pod from its raw object; None for pods that are not rank pods."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    group = _int(labels.get(r.L_GROUP))
+    rank = _int(labels.get(r.POD_INDEX_LABEL))
+    if rank is None:  # older clusters: the ordinal is the name's suffix
+        rank = _int(str(meta.get("name", "")).rsplit("-", 1)[-1])
+    if group is None or rank is None:
+        return None
+    status = pod.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    ready = (conditions.get("Ready") or {}).get("status") == "True"
+    sched = conditions.get("PodScheduled") or {}
+    unsched_since = unsched_msg = None
+    if sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
+        unsched_since = parse_time(sched.get("lastTransitionTime"))
+        unsched_msg = sched.get("message")
+    cstatuses = status.get("containerStatuses") or []
+    cs = next((c for c in cstatuses if c.get("name") == "runtime"), cstatuses[0] if cstatuses else {})
+    state = cs.get("state") or {}
+    last = (cs.get("lastState") or {}).get("terminated") or {}
+    term = state.get("terminated") or {}
+    started = parse_time((state.get("running") or {}).get("startedAt")) or parse_time(status.get("startTime"))
+    annotations = meta.get("annotations") or {}
+    return PodObs(
+        name=meta.get("name", ""),
+        group=group,
+        rank=rank,
+        uid=meta.get("uid", ""),
+        incarnation=_int(labels.get(r.L_INCARNATION), 0) or 0,
+        template_hash=labels.get(r.L_TEMPLATE_HASH),
+        phase=status.get("phase") or "Pending",
+        ready=ready,
+        deleting=bool(meta.get("deletionTimestamp")),
+        node=(pod.get("spec") or {}).get("nodeName"),
+        restarts=_int(cs.get("restartCount"), 0) or 0,
+        termination_reason=term.get("reason") or last.get("reason"),
+        exit_code=_int(term.get("exitCode")) if term else _int(last.get("exitCode")),
+        waiting_reason=(state.get("waiting") or {}).get("reason"),
+        unschedulable_since=unsched_since,
+        unschedulable_message=unsched_msg,
+        started_at=started,
+        batch=_int(annotations.get(r.A_EFFECTIVE_BATCH)),
+    )
+
+
+def lease_obs(lease: Mapping[str, Any]) -> LeaseObs:
+    meta = lease.get("metadata") or {}
+    spec = lease.get("spec") or {}
+    return LeaseObs(
+        name=meta.get("name", ""),
+        renew_time=parse_time(spec.get("renewTime")),
+        annotations=dict(meta.get("annotations") or {}),
+    )
+
+
+def sts_obs(sts: Mapping[str, Any]) -> StsObs | None:
+    meta = sts.get("metadata") or {}
+    group = _int((meta.get("labels") or {}).get(r.L_GROUP))
+    if group is None:
+        return None
+    annotations = meta.get("annotations") or {}
+    return StsObs(
+        group=group,
+        replicas=_int((sts.get("spec") or {}).get("replicas"), 0) or 0,
+        template_hash=annotations.get(r.L_TEMPLATE_HASH),
+        incarnation=_int(annotations.get(r.L_INCARNATION), 0) or 0,
+        object_hash=annotations.get(r.A_OBJECT_HASH),
+    )

@@ -1,0 +1,109 @@
+"""The functional core's entry point: (spec, identity, observation) -> a Decision for the shell.
+
+The shell (``handlers.py``) only reads state into an ``Observation``, calls ``decide`` and carries
+the decision out: apply objects, delete pods/objects, write status, emit events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec, TPInferenceClusterStatus
+from tpi_operator.core import recovery, render, status
+from tpi_operator.core.observe import Observation
+
+
+@dataclass
+class Decision:
+    actions: list[recovery.Action]
+    status: TPInferenceClusterStatus
+    recovered: list[status.Recovered]
+    apply: list[dict[str, Any]] = field(default_factory=list)  # server-side apply, in order
+    delete_pods: list[str] = field(default_factory=list)
+    delete_statefulsets: list[str] = field(default_factory=list)
+    delete_leases: list[str] = field(default_factory=list)
+    wake_after: float = 30.0
+
+
+def settings_for(spec: TPInferenceClusterSpec, st: TPInferenceClusterStatus, group: int, restarted_at: str | None):
+    gs = recovery.group_status(st, group)
+    return render.GroupSettings(
+        group=group,
+        tp=st.current_tensor_parallel_size or 1,
+        batch=st.effective_max_batch_size or spec.runtime.max_batch_size,
+        incarnation=gs.incarnation,
+        restarted_at=restarted_at,
+    )
+
+
+def hash_function(spec: TPInferenceClusterSpec, ident: render.Identity, restarted_at: str | None):
+    def hash_for(tp: int, batch: int) -> str:
+        gs = render.GroupSettings(group=0, tp=tp, batch=batch, restarted_at=restarted_at)
+        return render.template_hash(spec, ident, gs)
+
+    return hash_for
+
+
+def decide(
+    spec: TPInferenceClusterSpec,
+    ident: render.Identity,
+    obs: Observation,
+    *,
+    idle_seconds: float = 30.0,
+    busy_seconds: float = 2.0,
+) -> Decision:
+    """Plan, move the bookkeeping forward, and list what the shell must do."""
+    actions = recovery.plan(spec, obs)
+    st = recovery.transition(spec, obs, actions)
+    new_status, recovered = status.compute(spec, ident, obs, st, actions)
+    decision = Decision(actions=actions, status=new_status, recovered=recovered)
+    if new_status.phase == "Failed":
+        decision.wake_after = idle_seconds * 4  # nothing to do; pods kept for debugging
+        return decision
+
+    decision.apply.extend(render.shared_objects(spec, ident))
+    touched = {
+        a.group: a for a in actions if isinstance(a, recovery.RecreateGroup | recovery.RollGroup)
+    }
+    want = obs.hash_for(st.current_tensor_parallel_size or 1, st.effective_max_batch_size or 1)
+    for g in range(spec.replicas):
+        gs = settings_for(spec, st, g, obs.restarted_at)
+        sts_obs = obs.statefulsets.get(g)
+        # Untouched groups whose template is out of date keep their StatefulSet until rolled.
+        if g not in touched and (sts_obs is None or sts_obs.template_hash != want):
+            continue
+        desired = render.statefulset(spec, ident, gs)
+        if sts_obs is None or sts_obs.object_hash != desired["metadata"]["annotations"][render.A_OBJECT_HASH]:
+            decision.apply.append(desired)
+        live_hash = desired["spec"]["template"]["metadata"]["labels"][render.L_TEMPLATE_HASH]
+        for p in obs.pods:
+            if p.group != g or p.deleting:
+                continue
+            if p.incarnation < gs.incarnation or p.template_hash != live_hash:
+                decision.delete_pods.append(p.name)
+    # Leases for every rank of every group at its (possibly not yet rolled) size.
+    wanted_leases = set()
+    for g in range(spec.replicas):
+        sts_obs = obs.statefulsets.get(g)
+        size = st.current_tensor_parallel_size or 1
+        if g not in touched and sts_obs is not None:
+            size = max(size, sts_obs.replicas)
+        for rank in range(size):
+            lease = render.lease(spec, ident, g, rank)
+            name = lease["metadata"]["name"]
+            wanted_leases.add(name)
+            have = obs.leases.get(name)
+            if have is None or have.annotations.get(render.A_OBJECT_HASH) != _hash(lease):
+                decision.apply.append(lease)
+    decision.delete_leases = sorted(set(obs.leases) - wanted_leases)
+    decision.delete_statefulsets = [
+        render.sts_name(ident.name, a.group) for a in actions if isinstance(a, recovery.RemoveGroup)
+    ]
+    busy = new_status.phase != "Running" or decision.delete_pods or len(decision.apply) > 5
+    decision.wake_after = recovery.next_wake(actions, obs.now, busy_seconds if busy else idle_seconds)
+    return decision
+
+
+def _hash(obj: dict[str, Any]) -> str:
+    return obj["metadata"]["annotations"][render.A_OBJECT_HASH]

@@ -1,0 +1,420 @@
+"""Rendering: (spec, identity, group settings) -> the Kubernetes objects of a TPInferenceCluster.
+
+Pure functions returning plain dicts ready for server-side apply.  Every object carries an owner
+reference to the cluster (deleting the cluster garbage-collects everything) and a
+``tpi.dev/object-hash`` annotation so the shell can skip applying unchanged objects.
+
+Layout, for a cluster ``c`` in namespace ``ns``:
+
+* ``StatefulSet c-g<group>``: one per TP group, ``replicas`` = TP size, ordinal = rank,
+  ``podManagementPolicy: Parallel`` (ranks start together) and ``updateStrategy: OnDelete``: the
+  operator alone decides when pods are replaced, because a group only works when *all* its
+  ranks are replaced together;
+* ``Service c-ranks`` (headless, ``publishNotReadyAddresses``): stable DNS per rank, so rank 0 is
+  ``MASTER_ADDR`` before anything is Ready;
+* ``Service c`` (the endpoint): rank-0 pods only; their readiness (``/readyz``) means the group
+  is formed, so only ready groups receive traffic;
+* ``Lease <pod>`` per rank, ``ServiceAccount``/``Role``/``RoleBinding c-runtime`` for heartbeats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tpi_operator.api.v1alpha1 import API_VERSION, KIND, TPInferenceClusterSpec
+
+MASTER_PORT = 29500
+MODEL_MOUNT = "/models"
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+RUNTIME_UID = 1000
+HEARTBEAT_INTERVAL_SECONDS = 2
+
+L_CLUSTER = "tpi.dev/cluster"
+L_GROUP = "tpi.dev/group"
+L_RANK = "tpi.dev/rank"
+L_INCARNATION = "tpi.dev/incarnation"
+L_TEMPLATE_HASH = "tpi.dev/template-hash"
+A_OBJECT_HASH = "tpi.dev/object-hash"
+A_RESTARTED_AT = "tpi.dev/restartedAt"
+A_EFFECTIVE_BATCH = "tpi.dev/effective-batch-size"
+A_WORLD_SIZE = "tpi.dev/world-size"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The owning TPInferenceCluster."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """What varies per group and over time (decided by recovery, stored in status)."""
+
+    group: int
+    tp: int
+    batch: int
+    incarnation: int = 0
+    restarted_at: str | None = None
+
+
+# ------------------------------------------------------------------------------------ names
+def sts_name(name: str, group: int) -> str:
+    return f"{name}-g{group}"
+
+
+def pod_name(name: str, group: int, rank: int) -> str:
+    return f"{sts_name(name, group)}-{rank}"
+
+
+def headless_name(name: str) -> str:
+    return f"{name}-ranks"
+
+
+def runtime_sa_name(name: str) -> str:
+    return f"{name}-runtime"
+
+
+def endpoint(spec: TPInferenceClusterSpec, ident: Identity) -> str:
+    return f"http://{ident.name}.{ident.namespace}.svc.cluster.local:{spec.runtime.port}"
+
+
+def rank0_selector(name: str) -> str:
+    """Label selector of the rank-0 pods (one per group), for the scale subresource."""
+    return f"{L_CLUSTER}={name},{POD_INDEX_LABEL}=0"
+
+
+# ---------------------------------------------------------------------------------- helpers
+def content_hash(obj: Any, length: int = 10) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
+        :length
+    ]
+
+
+def cluster_labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "tpi-runtime",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/part-of": "tpi",
+        "app.kubernetes.io/managed-by": "tpi-operator",
+        L_CLUSTER: name,
+    }
+
+
+def owner_reference(ident: Identity) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": ident.name,
+        "uid": ident.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(ident: Identity, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": ident.namespace,
+        "labels": {**cluster_labels(ident.name), **(labels or {})},
+        "ownerReferences": [owner_reference(ident)],
+    }
+
+
+def _stamp(obj: dict[str, Any]) -> dict[str, Any]:
+    """Add the object-hash annotation (hash of everything else)."""
+    obj["metadata"].setdefault("annotations", {})[A_OBJECT_HASH] = content_hash(obj)
+    return obj
+
+
+def model_dir(spec: TPInferenceClusterSpec) -> str:
+    source = spec.model.source
+    if source.pvc:
+        sub = source.pvc.path.strip("/")
+        return f"{MODEL_MOUNT}/{sub}" if sub else MODEL_MOUNT
+    if source.host_path:
+        return MODEL_MOUNT
+    assert source.image is not None
+    return f"{MODEL_MOUNT}{source.image.path}" if source.image.reference else source.image.path
+
+
+def _model_volume(spec: TPInferenceClusterSpec) -> dict[str, Any] | None:
+    source = spec.model.source
+    if source.pvc:
+        return {
+            "name": "model",
+            "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True},
+        }
+    if source.host_path:
+        return {"name": "model", "hostPath": {"path": source.host_path.path, "type": "Directory"}}
+    if source.image and source.image.reference:
+        return {
+            "name": "model",
+            "image": {"reference": source.image.reference, "pullPolicy": spec.image_pull_policy},
+        }
+    return None  # weights baked into the runtime image
+
+
+# ------------------------------------------------------------------------------ pod template
+def runtime_args(spec: TPInferenceClusterSpec, batch: int) -> list[str]:
+    rt = spec.runtime
+    args = [
+        "--model", model_dir(spec),
+        "--host", "0.0.0.0",
+        "--port", str(rt.port),
+        "--dtype", rt.dtype,
+        "--max-batch-size", str(rt.max_batch_size),
+        "--effective-batch-size", str(batch),
+        "--backend", spec.backend,
+        # A collective stuck longer than the heartbeat timeout is a hang: die rather than wait.
+        "--dist-timeout-seconds", str(max(spec.failure_policy.heartbeat_timeout_seconds * 2, 60)),
+    ]  # fmt: skip
+    if rt.max_model_len:
+        args += ["--max-model-len", str(rt.max_model_len)]
+    if spec.model.served_model_name:
+        args += ["--served-model-name", spec.model.served_model_name]
+    return args + list(rt.extra_args)
+
+
+def runtime_env(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> list[dict[str, Any]]:
+    """The rank environment of docs/contracts.md."""
+    master = (
+        f"{pod_name(ident.name, gs.group, 0)}.{headless_name(ident.name)}.{ident.namespace}.svc.cluster.local"
+    )
+
+    def field(path: str) -> dict[str, Any]:
+        return {"valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+    return [
+        {"name": "POD_NAME", **field("metadata.name")},
+        {"name": "POD_NAMESPACE", **field("metadata.namespace")},
+        {"name": "RANK", **field(f"metadata.labels['{POD_INDEX_LABEL}']")},
+        {"name": "WORLD_SIZE", "value": str(gs.tp)},
+        {"name": "MASTER_ADDR", "value": master},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "LOCAL_RANK", "value": "0"},
+        {"name": "TPI_LEASE_NAME", "value": "$(POD_NAME)"},
+        {"name": "TPI_HEARTBEAT_INTERVAL_SECONDS", "value": str(HEARTBEAT_INTERVAL_SECONDS)},
+        {"name": "TPI_EFFECTIVE_BATCH_SIZE", "value": str(gs.batch)},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+
+
+def _resources(spec: TPInferenceClusterSpec) -> dict[str, Any]:
+    amounts: dict[str, Any] = {}
+    if spec.resources.cpu:
+        amounts["cpu"] = spec.resources.cpu
+    if spec.resources.memory:
+        amounts["memory"] = spec.resources.memory
+    if spec.resources.gpus:
+        amounts["nvidia.com/gpu"] = str(spec.resources.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def pod_template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> dict[str, Any]:
+    """The pod template of a group, labelled with its template hash and incarnation."""
+    port = spec.runtime.port
+    http_probe = {"httpGet": {"path": "/healthz", "port": "http"}}
+    mounts = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    # NCCL and gloo exchange tensors through /dev/shm; the container default of 64Mi is too small.
+    volumes: list[dict[str, Any]] = [
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if (volume := _model_volume(spec)) is not None:
+        volumes.append(volume)
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    container = {
+        "name": "runtime",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["python", "-m", "tpi_runtime", "serve"],
+        "args": runtime_args(spec, gs.batch),
+        "env": runtime_env(spec, ident, gs),
+        "ports": [
+            {"name": "http", "containerPort": port, "protocol": "TCP"},
+            {"name": "dist", "containerPort": MASTER_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(spec),
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {**http_probe, "periodSeconds": 10, "failureThreshold": 6, "timeoutSeconds": 5},
+        # Loading big checkpoints takes minutes: liveness only starts once /healthz answered.
+        "startupProbe": {**http_probe, "periodSeconds": 5, "failureThreshold": 180},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": mounts,
+    }
+    sched = spec.scheduling
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": runtime_sa_name(ident.name),
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if sched.node_selector:
+        pod_spec["nodeSelector"] = dict(sched.node_selector)
+    if sched.tolerations:
+        pod_spec["tolerations"] = [t.wire() for t in sched.tolerations]
+    if sched.affinity:
+        pod_spec["affinity"] = sched.affinity
+    if sched.priority_class_name:
+        pod_spec["priorityClassName"] = sched.priority_class_name
+    annotations = {A_EFFECTIVE_BATCH: str(gs.batch), A_WORLD_SIZE: str(gs.tp)}
+    if gs.restarted_at:
+        annotations[A_RESTARTED_AT] = gs.restarted_at
+    template = {
+        "metadata": {
+            "labels": {**cluster_labels(ident.name), L_GROUP: str(gs.group)},
+            "annotations": annotations,
+        },
+        "spec": pod_spec,
+    }
+    # The hash covers everything that needs new pods (spec, TP size, batch, restartedAt) but not
+    # the incarnation: a recreate is not a rollout.
+    thash = content_hash(template)
+    template["metadata"]["labels"][L_TEMPLATE_HASH] = thash
+    template["metadata"]["labels"][L_INCARNATION] = str(gs.incarnation)
+    return template
+
+
+def template_hash(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> str:
+    return pod_template(spec, ident, gs)["metadata"]["labels"][L_TEMPLATE_HASH]
+
+
+# ---------------------------------------------------------------------------------- objects
+def statefulset(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> dict[str, Any]:
+    template = pod_template(spec, ident, gs)
+    labels = template["metadata"]["labels"]
+    return _stamp(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {
+                **_meta(ident, sts_name(ident.name, gs.group), {L_GROUP: str(gs.group)}),
+                "annotations": {
+                    L_TEMPLATE_HASH: labels[L_TEMPLATE_HASH],
+                    L_INCARNATION: labels[L_INCARNATION],
+                },
+            },
+            "spec": {
+                "serviceName": headless_name(ident.name),
+                "replicas": gs.tp,
+                "podManagementPolicy": "Parallel",
+                "updateStrategy": {"type": "OnDelete"},
+                "selector": {"matchLabels": {L_CLUSTER: ident.name, L_GROUP: str(gs.group)}},
+                "template": template,
+            },
+        }
+    )
+
+
+def headless_service(spec: TPInferenceClusterSpec, ident: Identity) -> dict[str, Any]:
+    return _stamp(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(ident, headless_name(ident.name)),
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": {L_CLUSTER: ident.name},
+                "ports": [
+                    {"name": "dist", "port": MASTER_PORT, "targetPort": "dist", "protocol": "TCP"},
+                    {"name": "http", "port": spec.runtime.port, "targetPort": "http", "protocol": "TCP"},
+                ],
+            },
+        }
+    )
+
+
+def client_service(spec: TPInferenceClusterSpec, ident: Identity) -> dict[str, Any]:
+    return _stamp(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(ident, ident.name),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": {L_CLUSTER: ident.name, POD_INDEX_LABEL: "0"},
+                "ports": [
+                    {"name": "http", "port": spec.runtime.port, "targetPort": "http", "protocol": "TCP"}
+                ],
+            },
+        }
+    )
+
+
+def lease(spec: TPInferenceClusterSpec, ident: Identity, group: int, rank: int) -> dict[str, Any]:
+    """A rank's heartbeat Lease. Only the fields the operator owns: the runtime renews renewTime."""
+    name = pod_name(ident.name, group, rank)
+    return _stamp(
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                **_meta(ident, name, {L_GROUP: str(group), L_RANK: str(rank)}),
+                "annotations": {L_RANK: str(rank)},
+            },
+            "spec": {
+                "holderIdentity": name,
+                "leaseDurationSeconds": spec.failure_policy.heartbeat_timeout_seconds,
+            },
+        }
+    )
+
+
+def rbac(ident: Identity) -> list[dict[str, Any]]:
+    """ServiceAccount, Role (Leases only, this namespace) and RoleBinding for the runtime."""
+    name = runtime_sa_name(ident.name)
+    return [
+        _stamp({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(ident, name)}),
+        _stamp(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": _meta(ident, name),
+                "rules": [
+                    {
+                        "apiGroups": ["coordination.k8s.io"],
+                        "resources": ["leases"],
+                        "verbs": ["get", "update", "patch", "create"],
+                    }
+                ],
+            }
+        ),
+        _stamp(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": _meta(ident, name),
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ident.namespace}],
+            }
+        ),
+    ]
+
+
+def shared_objects(spec: TPInferenceClusterSpec, ident: Identity) -> list[dict[str, Any]]:
+    """Objects that do not depend on groups."""
+    return [*rbac(ident), headless_service(spec, ident), client_service(spec, ident)]

@@ -1,0 +1,202 @@
+"""Status: (spec, observation, post-action bookkeeping, actions) -> the status to write.  Pure.
+
+Phase, in priority order: Failed (gave up) > Recovering (a group is being recreated) > Degraded
+(running below the desired TP size, or blocked) > Running (every group Ready) > Loading (every
+rank pod runs, weights loading / group forming) > Pending.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from tpi_operator.api.v1alpha1 import (
+    Condition,
+    RankStatus,
+    TPInferenceClusterSpec,
+    TPInferenceClusterStatus,
+)
+from tpi_operator.core import render as r
+from tpi_operator.core.observe import Observation, format_time, parse_time
+from tpi_operator.core.recovery import (
+    Action,
+    Blocked,
+    MarkFailed,
+    RollGroup,
+    current_pods,
+    group_ready,
+)
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """A group Ready again after a failure: feeds the failure-to-Ready histogram."""
+
+    group: int
+    reason: str
+    seconds: float
+
+
+def set_condition(
+    conditions: list[Condition],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    now: dt.datetime,
+) -> list[Condition]:
+    """Upsert a condition; lastTransitionTime only moves when the status flips."""
+    value = "True" if status else "False"
+    old = next((c for c in conditions if c.type == type_), None)
+    when = old.last_transition_time if old is not None and old.status == value else format_time(now)
+    new = Condition(
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message[:32000],
+        observed_generation=generation,
+        last_transition_time=when,
+    )
+    return [c for c in conditions if c.type != type_] + [new]
+
+
+def compute(
+    spec: TPInferenceClusterSpec,
+    ident: r.Identity,
+    obs: Observation,
+    st: TPInferenceClusterStatus,
+    actions: list[Action],
+) -> tuple[TPInferenceClusterStatus, list[Recovered]]:
+    """Fill the observed parts of ``st`` (the result of ``recovery.transition``)."""
+    st = st.model_copy(deep=True)
+    now = obs.now
+    recovered: list[Recovered] = []
+    rolled = {a.group for a in actions if isinstance(a, RollGroup)}
+    ranks: list[RankStatus] = []
+    ready_groups = 0
+    total = ready_ranks = 0
+    all_running = True
+    for gs in st.groups:
+        sts = obs.statefulsets.get(gs.group)
+        size = sts.replicas if sts is not None and gs.group not in rolled else st.current_tensor_parallel_size
+        size = size or 0
+        total += size
+        pods = current_pods(obs, gs.group, gs.incarnation)
+        for p in pods:
+            lease = obs.leases.get(p.name)
+            ranks.append(
+                RankStatus(
+                    group=p.group,
+                    rank=p.rank,
+                    pod=p.name,
+                    node=p.node,
+                    phase=p.phase,
+                    ready=p.ready,
+                    restarts=p.restarts,
+                    last_termination_reason=p.termination_reason,
+                    last_heartbeat=format_time(lease.renew_time) if lease and lease.renew_time else None,
+                    effective_batch_size=p.batch,
+                )
+            )
+            ready_ranks += 1 if p.ready and p.rank < size else 0
+        if len(pods) < size or any(p.phase != "Running" for p in pods):
+            all_running = False
+        ready = sts is not None and group_ready(obs, gs.group, gs.incarnation, sts.replicas)
+        ready = ready and gs.group not in rolled
+        gs.ready = ready
+        if ready:
+            ready_groups += 1
+            if not gs.pod_uids:  # the formed group: a replaced rank pod from now on breaks it
+                gs.pod_uids = [p.uid for p in pods]
+            if gs.failing_since:
+                since = parse_time(gs.failing_since)
+                if since is not None:
+                    recovered.append(Recovered(gs.group, gs.failure_reason or "", (now - since).total_seconds()))
+                gs.failing_since = None
+                gs.failure_reason = None
+    st.ranks = ranks
+    st.ready_ranks, st.total_ranks = ready_ranks, total
+    st.replicas = len([g for g in st.groups if g.group in obs.statefulsets or g.group in rolled])
+    st.ready_replicas = ready_groups
+    st.observed_generation = obs.generation
+    st.selector = r.rank0_selector(ident.name)
+    st.endpoint = r.endpoint(spec, ident) if ready_groups else None
+    st.tp = f"{st.current_tensor_parallel_size}/{st.desired_tensor_parallel_size}"
+    st.ready = f"{ready_ranks}/{total}"
+
+    failed = next((a for a in actions if isinstance(a, MarkFailed)), None)
+    blocked = next((a for a in actions if isinstance(a, Blocked)), None)
+    recovering = [g for g in st.groups if g.failing_since]
+    degraded = (st.current_tensor_parallel_size or 0) < (st.desired_tensor_parallel_size or 0)
+    all_ready = ready_groups == spec.replicas
+    if st.failed_generation is not None:
+        st.phase = "Failed"
+    elif recovering:
+        st.phase = "Recovering"
+    elif degraded or blocked:
+        st.phase = "Degraded"
+    elif all_ready:
+        st.phase = "Running"
+    elif all_running:
+        st.phase = "Loading"
+    else:
+        st.phase = "Pending"
+
+    gen = obs.generation
+    conds = st.conditions
+    conds = set_condition(
+        conds,
+        "Ready",
+        all_ready and st.phase != "Failed",
+        "AllGroupsReady" if all_ready else "GroupsNotReady",
+        f"{ready_groups}/{spec.replicas} groups ready, {ready_ranks}/{total} ranks ready",
+        gen,
+        now,
+    )
+    if st.phase == "Failed":
+        msg = failed.message if failed else (st.last_failure or "failed")
+        conds = set_condition(conds, "Progressing", False, "Failed", msg, gen, now)
+    elif recovering:
+        g = recovering[0]
+        conds = set_condition(
+            conds, "Progressing", True, "Recovering", f"recreating group {g.group} ({g.failure_reason})", gen, now
+        )
+    elif not all_ready or rolled:
+        conds = set_condition(conds, "Progressing", True, "Reconciling", "groups are starting or rolling", gen, now)
+    else:
+        conds = set_condition(conds, "Progressing", False, "Complete", "all groups are up to date", gen, now)
+    if st.phase == "Failed":
+        msg = failed.message if failed else (st.last_failure or "failed")
+        conds = set_condition(conds, "Degraded", True, "Failed", msg, gen, now)
+    elif blocked:
+        conds = set_condition(conds, "Degraded", True, blocked.reason, blocked.message, gen, now)
+    elif degraded:
+        conds = set_condition(
+            conds,
+            "Degraded",
+            True,
+            st.degraded_reason or "Degraded",
+            f"running at tensorParallelSize {st.current_tensor_parallel_size} instead of "
+            f"{st.desired_tensor_parallel_size}",
+            gen,
+            now,
+        )
+    else:
+        conds = set_condition(conds, "Degraded", False, "AsDesired", "running at the desired size", gen, now)
+    st.conditions = conds
+    return st, recovered
+
+
+def invalid(
+    status: TPInferenceClusterStatus, generation: int, reason: str, message: str, now: dt.datetime, *, phase: str
+) -> TPInferenceClusterStatus:
+    """Status for a spec the operator cannot act on (sizing error, unparsable spec)."""
+    st = status.model_copy(deep=True)
+    st.phase = phase  # type: ignore[assignment]
+    st.observed_generation = generation
+    st.last_failure = f"{format_time(now)} {reason}: {message}"
+    conds = set_condition(st.conditions, "Ready", False, reason, message, generation, now)
+    conds = set_condition(conds, "Progressing", False, reason, message, generation, now)
+    st.conditions = set_condition(conds, "Degraded", True, reason, message, generation, now)
+    return st
