@@ -79,7 +79,9 @@ def free_rank_slots(
         if not node_eligible(node, spec):
             continue
         name = (node.get("metadata") or {}).get("name", "")
-        alloc = {k: parse_quantity(v) for k, v in ((node.get("status") or {}).get("allocatable") or {}).items()}
+        alloc = {
+            k: parse_quantity(v) for k, v in ((node.get("status") or {}).get("allocatable") or {}).items()
+        }
         fit = None
         for k, amount in req.items():
             free = alloc.get(k, 0.0) - used.get(name, {}).get(k, 0.0)

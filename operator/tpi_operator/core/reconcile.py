@@ -26,7 +26,9 @@ class Decision:
     wake_after: float = 30.0
 
 
-def settings_for(spec: TPInferenceClusterSpec, st: TPInferenceClusterStatus, group: int, restarted_at: str | None):
+def settings_for(
+    spec: TPInferenceClusterSpec, st: TPInferenceClusterStatus, group: int, restarted_at: str | None
+):
     gs = recovery.group_status(st, group)
     return render.GroupSettings(
         group=group,
@@ -63,9 +65,7 @@ def decide(
         return decision
 
     decision.apply.extend(render.shared_objects(spec, ident))
-    touched = {
-        a.group: a for a in actions if isinstance(a, recovery.RecreateGroup | recovery.RollGroup)
-    }
+    touched = {a.group: a for a in actions if isinstance(a, recovery.RecreateGroup | recovery.RollGroup)}
     want = obs.hash_for(st.current_tensor_parallel_size or 1, st.effective_max_batch_size or 1)
     for g in range(spec.replicas):
         gs = settings_for(spec, st, g, obs.restarted_at)

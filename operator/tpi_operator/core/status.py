@@ -112,7 +112,9 @@ def compute(
             if gs.failing_since:
                 since = parse_time(gs.failing_since)
                 if since is not None:
-                    recovered.append(Recovered(gs.group, gs.failure_reason or "", (now - since).total_seconds()))
+                    recovered.append(
+                        Recovered(gs.group, gs.failure_reason or "", (now - since).total_seconds())
+                    )
                 gs.failing_since = None
                 gs.failure_reason = None
     st.ranks = ranks
@@ -160,10 +162,18 @@ def compute(
     elif recovering:
         g = recovering[0]
         conds = set_condition(
-            conds, "Progressing", True, "Recovering", f"recreating group {g.group} ({g.failure_reason})", gen, now
+            conds,
+            "Progressing",
+            True,
+            "Recovering",
+            f"recreating group {g.group} ({g.failure_reason})",
+            gen,
+            now,
         )
     elif not all_ready or rolled:
-        conds = set_condition(conds, "Progressing", True, "Reconciling", "groups are starting or rolling", gen, now)
+        conds = set_condition(
+            conds, "Progressing", True, "Reconciling", "groups are starting or rolling", gen, now
+        )
     else:
         conds = set_condition(conds, "Progressing", False, "Complete", "all groups are up to date", gen, now)
     if st.phase == "Failed":
@@ -189,7 +199,13 @@ def compute(
 
 
 def invalid(
-    status: TPInferenceClusterStatus, generation: int, reason: str, message: str, now: dt.datetime, *, phase: str
+    status: TPInferenceClusterStatus,
+    generation: int,
+    reason: str,
+    message: str,
+    now: dt.datetime,
+    *,
+    phase: str,
 ) -> TPInferenceClusterStatus:
     """Status for a spec the operator cannot act on (sizing error, unparsable spec)."""
     st = status.model_copy(deep=True)

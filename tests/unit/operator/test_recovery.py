@@ -7,7 +7,6 @@ import datetime as dt
 
 import pytest
 from op_builders import IDENT, NOW, healthy_pods, make_obs, make_spec
-
 from tpi_operator.api.v1alpha1 import GroupStatus, HistoryEntry, TPInferenceClusterStatus
 from tpi_operator.core import recovery as rc
 from tpi_operator.core import status as sc
@@ -39,7 +38,12 @@ CASES = [
     ("crash", {"restarts": 1, "exit_code": 1, "termination_reason": "Error"}, 0, ["RecreateGroup"]),
     ("crashloop-waiting", {"waiting_reason": "CrashLoopBackOff", "restarts": 3}, 1, ["RecreateGroup"]),
     ("pod-failed", {"phase": "Failed"}, 0, ["RecreateGroup"]),
-    ("oom", {"restarts": 1, "termination_reason": "OOMKilled", "exit_code": 137}, 0, ["HalveBatch", "RecreateGroup"]),
+    (
+        "oom",
+        {"restarts": 1, "termination_reason": "OOMKilled", "exit_code": 137},
+        0,
+        ["HalveBatch", "RecreateGroup"],
+    ),
     ("budget-exhausted-degrades", {"restarts": 1, "exit_code": 1}, 3, ["Degrade", "RollGroup"]),
 ]
 
