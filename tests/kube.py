@@ -1,0 +1,55 @@
+"""Shared helpers for tests that talk to the real local cluster (hack/cluster.sh)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+REPO = Path(__file__).resolve().parent.parent
+K8S_VERSION = os.environ.get("K8S_VERSION", "v1.34.4")
+CACHE = Path(os.environ.get("TPI_CACHE", Path.home() / ".cache" / "tpi"))
+BIN = Path(os.environ.get("TPI_BIN", CACHE / f"k8s-{K8S_VERSION}" / "bin"))
+KUBECONFIG = Path(os.environ.get("TPI_CLUSTER_DIR", CACHE / "cluster")) / "kubeconfig"
+
+T = TypeVar("T")
+
+
+def tool(name: str) -> str:
+    """Path of a cluster tool; fails loudly (never skips) when it has not been built."""
+    path = BIN / name
+    if path.is_file():
+        return str(path)
+    found = shutil.which(name)
+    if found and name != "kubectl":  # a random kubectl on PATH may not match the server
+        return found
+    raise RuntimeError(f"{name} not found at {path}: run `make tools` (hack/build-tools.sh)")
+
+
+def kubectl(*args: str, check: bool = True, input: str | None = None, timeout: float = 60) -> str:
+    result = subprocess.run(
+        [tool("kubectl"), "--kubeconfig", str(KUBECONFIG), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 60, interval: float = 0.5, what: str = "") -> T:
+    """Poll until predicate returns a truthy value; raise with the last value on timeout."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last value: {last!r}")
