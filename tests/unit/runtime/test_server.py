@@ -96,8 +96,9 @@ class Server:
             time.sleep(0.2)
         raise AssertionError(f"server not ready after {timeout}s:\n{self.logs()}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
+    def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal (unless ``sig`` is None: already signalled) and wait; returns the exit code."""
+        if sig is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
             code = self.proc.wait(timeout)
@@ -487,3 +488,91 @@ def test_metrics_exposed_and_increase_after_a_request(server: Server) -> None:
         assert delta(f"{hist}_count") >= 1, hist
         assert delta(f"{hist}_sum") > 0, hist
     assert delta("tpi_step_tokens_total", (("phase", "prefill"), ("rank", "0"))) >= n_prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# A 2-rank tensor-parallel group: two real processes on gloo
+# ---------------------------------------------------------------------------------------------
+def start_group(ckpt: str, logdir: Path, world: int = 2) -> list[Server]:
+    master = str(free_port())
+    ranks = []
+    for rank in range(world):
+        env = {
+            "WORLD_SIZE": str(world),
+            "RANK": str(rank),
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": master,
+        }
+        ranks.append(
+            Server(ckpt, free_port(), env, logdir / f"rank{rank}.log", "--served-model-name", "tiny")
+        )
+    for srv in ranks:
+        srv.wait_ready()
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def group(ckpt: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+    ranks = start_group(ckpt, tmp_path_factory.mktemp("group"))
+    try:
+        yield ranks
+    finally:
+        # SIGTERM to every rank at once, as when Kubernetes deletes the pods: rank 0 drains and
+        # broadcasts shutdown, the follower leaves on it; both exit 0.
+        for srv in ranks:
+            if srv.proc.poll() is None:
+                srv.proc.send_signal(signal.SIGTERM)
+        codes = [srv.stop(sig=None) for srv in ranks]
+    assert codes == [0, 0], f"graceful group stop exited {codes}:\n" + "\n".join(s.logs() for s in ranks)
+
+
+def test_group_every_rank_serves_probes_and_metrics(group: list[Server]) -> None:
+    for rank, srv in enumerate(group):
+        assert srv.client.get("/healthz").status_code == 200
+        assert srv.client.get("/readyz").json() == {"status": "ready", "rank": rank}
+        m = metric_samples(srv)
+        assert m[("tpi_ready", (("rank", str(rank)),))] == 1
+    # Completions and models are rank 0's: the follower answers 404 in OpenAI's error shape.
+    follower = group[1]
+    err = error_of(follower.client.post("/v1/completions", json={"prompt": "a"}), 404)
+    assert "rank 0" in err["message"]
+    error_of(follower.client.get("/v1/models"), 404)
+
+
+def test_group_greedy_matches_single_rank_and_follower_steps(
+    group: list[Server],
+    server: Server,
+    hf: Any,
+    tokenizer: Any,
+) -> None:
+    steps = ("tpi_engine_steps_total", (("rank", "1"),))
+    before = metric_samples(group[1])[steps]
+    body = {"prompt": PROMPT, "max_tokens": 10, "temperature": 0}
+    tp = complete(group[0], **body)["choices"][0]
+    single = complete(server, **body)["choices"][0]
+    assert tp == single
+    assert tp["token_ids"] == hf_greedy(hf, tokenizer.encode(PROMPT).ids, 10)
+    chunks = stream(group[0], **body)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == tp["text"]
+    # The follower mirrors rank 0's steps (this is what its heartbeat reports).
+    assert metric_samples(group[1])[steps] >= before + len(tp["token_ids"])
+
+
+def test_group_peer_death_makes_rank0_exit_nonzero(ckpt: str, tmp_path: Path) -> None:
+    rank0, rank1 = start_group(ckpt, tmp_path)
+    try:
+        assert complete(rank0, prompt="a b", max_tokens=3, temperature=0)["choices"][0]["token_ids"]
+        rank1.proc.kill()  # SIGKILL: no goodbye to the group
+        rank1.proc.wait(10)
+        try:
+            code = rank0.proc.wait(60)  # the next idle step's broadcast fails
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"rank 0 outlived its peer:\n{rank0.logs()}") from None
+        assert code != 0, rank0.logs()
+    finally:
+        for srv in (rank0, rank1):
+            if srv.proc.poll() is None:
+                srv.proc.kill()
+            srv.stop()
