@@ -1,0 +1,247 @@
+"""One rank of a multi-process runtime test (launched by conftest.run_ranks with torchrun-style env).
+
+Modes (rank 0 prints one JSON line with the results; safetensors files for tensors):
+  parity OUT_DIR STEPS PROMPT_IDS MODEL...   model-level prefill logits + greedy decode per model
+  load MODEL                                 shard-on-load byte accounting and peak RSS
+  engine MODEL SCENARIO                      Engine scenarios driven from a thread on rank 0
+  stream MODEL                               endless requests on rank 0 (peer-failure tests)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tpi_runtime.config import ModelConfig, check_tp
+from tpi_runtime.dist import Dist, DistEnv
+from tpi_runtime.engine import Engine, RequestError, SamplingParams
+from tpi_runtime.loader import load_weights
+from tpi_runtime.model import BatchMeta, Transformer
+
+CPU = torch.device("cpu")
+
+
+def emit(obj: Any) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def parity(out_dir: str, steps: int, prompt: list[int], models: list[str]) -> None:
+    env = DistEnv.from_environ()
+    dist = Dist(env, backend="gloo", timeout_s=60)
+    result = {}
+    for i, model_dir in enumerate(models):
+        cfg = ModelConfig.from_pretrained(model_dir)
+        check_tp(cfg, env.world_size)
+        model = Transformer(cfg, dist, dtype=torch.float32, device=CPU)
+        load_weights(model, model_dir, cfg, env.rank, env.world_size)
+        model.setup_cache(num_slots=3, max_len=128)
+        slot = 2  # not slot 0: slot indexing must be right too
+        meta = BatchMeta.build([(slot, 0, len(prompt))], CPU)
+        meta.last_token_idx = torch.arange(len(prompt))  # logits for every prompt position
+        prefill = model(torch.tensor(prompt), meta)
+        tokens = [int(prefill[-1].argmax())]
+        decode = []
+        for s in range(steps - 1):
+            meta = BatchMeta.build([(slot, len(prompt) + s, 1)], CPU)
+            logits = model(torch.tensor([tokens[-1]]), meta)[0]
+            decode.append(logits)
+            tokens.append(int(logits.argmax()))
+        if env.rank == 0:
+            save_file({"prefill": prefill.contiguous(), "decode": torch.stack(decode)}, os.path.join(out_dir, f"{i}.safetensors"))
+        result[model_dir] = {"tokens": tokens, "collectives": dist.collectives}
+    dist.close()
+    emit(result)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def load(model_dir: str) -> None:
+    env = DistEnv.from_environ()
+    dist = Dist(env, backend="gloo", timeout_s=60)
+    cfg = ModelConfig.from_pretrained(model_dir)
+    model = Transformer(cfg, dist, dtype=torch.float32, device=CPU)
+    before = _rss_kib()
+    report = load_weights(model, model_dir, cfg, env.rank, env.world_size)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    local = sum(p.numel() * p.element_size() for p in model.parameters())
+    emit({"rank": env.rank, "bytes_read": report.bytes_read, "bytes_total": report.bytes_total,
+          "param_bytes": local, "rss_before_kib": before, "peak_rss_kib": peak, "rss_after_kib": _rss_kib()})
+    dist.barrier()
+    dist.close()
+
+
+def _collect(req: Any) -> dict[str, Any]:
+    try:
+        return {"tokens": list(req), "finish": req.finish_reason}
+    except RequestError as e:
+        return {"error": str(e), "finish": req.finish_reason}
+
+
+PROMPTS = [[1, 5, 9, 13, 17], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [1, 7], [1, 100, 101, 102],
+           [1, 60, 61, 62, 63, 64, 65], [1, 3, 3, 3]]
+
+
+def scenario_batching(engine: Engine) -> dict[str, Any]:
+    greedy = [SamplingParams(max_tokens=12 + 3 * i, temperature=0.0) for i in range(len(PROMPTS))]
+    seq = [_collect(engine.submit(p, sp)) for p, sp in zip(PROMPTS, greedy, strict=True)]
+    max_running = 0
+    reqs = [engine.submit(p, sp) for p, sp in zip(PROMPTS, greedy, strict=True)]
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        futs = [ex.submit(_collect, r) for r in reqs]
+        while not all(f.done() for f in futs):
+            max_running = max(max_running, engine.stats().running)
+            time.sleep(0.001)
+        conc = [f.result() for f in futs]
+    # Staggered arrival: requests join a batch that is already decoding.
+    stag_reqs = []
+    for p, sp in zip(PROMPTS, greedy, strict=True):
+        stag_reqs.append(engine.submit(p, sp))
+        time.sleep(0.01)
+    stag = [_collect(r) for r in stag_reqs]
+    return {"sequential": seq, "concurrent": conc, "staggered": stag, "max_running": max_running}
+
+
+def scenario_sampling(engine: Engine) -> dict[str, Any]:
+    p = PROMPTS[1]
+    seeded = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    a = _collect(engine.submit(p, seeded))
+    # The same seed while other sampled requests run alongside must give the same tokens.
+    others = [engine.submit(q, SamplingParams(max_tokens=20, temperature=1.3, seed=i)) for i, q in enumerate(PROMPTS)]
+    b = _collect(engine.submit(p, seeded))
+    for o in others:
+        _collect(o)
+    c = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=99)))
+    top1 = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=0.8, top_k=1, seed=5)))
+    greedy = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=0.0)))
+    hot = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=5.0, seed=7)))
+    return {"seeded_a": a, "seeded_b": b, "other_seed": c, "top_k1": top1, "greedy": greedy, "hot": hot}
+
+
+def scenario_controls(engine: Engine) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    errors = {}
+    for name, ids, sp in [
+        ("empty", [], SamplingParams()),
+        ("out_of_range", [1, engine.config.vocab_size], SamplingParams()),
+        ("too_long", [1] * 10, SamplingParams(max_tokens=engine.max_model_len)),
+        ("bad_top_p", [1, 2], SamplingParams(top_p=0.0)),
+    ]:
+        try:
+            engine.submit(ids, sp)
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    out["errors"] = errors
+    # Cancel mid-stream: iteration ends with the requested reason, the slot is freed.
+    r = engine.submit(PROMPTS[0], SamplingParams(max_tokens=100, temperature=0.0))
+    got = []
+    for t in r:
+        got.append(t)
+        if len(got) == 3:
+            r.cancel()
+    out["cancel"] = {"n": len(got), "finish": r.finish_reason}
+    r2 = engine.submit(PROMPTS[0], SamplingParams(max_tokens=100, temperature=0.0))
+    n2 = 0
+    for _ in r2:
+        n2 += 1
+        if n2 == 2:
+            r2.cancel("stop")
+    out["cancel_stop"] = {"finish": r2.finish_reason}
+    # A stop token taken from a greedy run ends the request before that token is emitted.
+    ref = _collect(engine.submit(PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0)))
+    out["ref"] = ref
+    if len(ref["tokens"]) >= 5:
+        stop_tok = ref["tokens"][4]
+        out["stopped"] = _collect(
+            engine.submit(PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(stop_tok,))))
+        out["stop_tok"] = stop_tok
+    time.sleep(1.2)  # idle: the step counter must still advance (idle broadcasts)
+    out["stats"] = engine.stats().__dict__
+    return out
+
+
+def scenario_oom(engine: Engine) -> dict[str, Any]:
+    greedy = [SamplingParams(max_tokens=12, temperature=0.0) for _ in PROMPTS]
+    reqs = [engine.submit(p, sp) for p, sp in zip(PROMPTS, greedy, strict=True)]
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        conc = list(ex.map(_collect, reqs))
+    after = engine.stats().__dict__
+    seq = [_collect(engine.submit(p, sp)) for p, sp in zip(PROMPTS, greedy, strict=True)]
+    return {"concurrent": conc, "sequential": seq, "stats": after}
+
+
+SCENARIOS = {"batching": scenario_batching, "sampling": scenario_sampling, "controls": scenario_controls,
+             "oom": scenario_oom}
+
+
+def engine_mode(model_dir: str, scenario: str) -> None:
+    engine = Engine(model_dir, dtype="float32", max_batch_size=int(os.environ.get("T_MAX_BATCH", "8")),
+                    max_model_len=128, backend="gloo", dist_timeout_s=60, device="cpu")
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+    steps: list[Any] = []
+    engine.on_step = steps.append
+
+    def drive() -> None:
+        try:
+            result.update(SCENARIOS[scenario](engine))
+        except BaseException as e:
+            result["exception"] = repr(e)
+        finally:
+            stop.set()
+
+    if engine.rank == 0:
+        threading.Thread(target=drive, daemon=True).start()
+    engine.run_forever(stop)
+    if engine.rank == 0:
+        result["steps"] = [s.__dict__ for s in steps]
+        emit(result)
+    else:
+        emit({"rank": engine.rank, "stats": engine.stats().__dict__})
+
+
+def stream_mode(model_dir: str) -> None:
+    timeout = float(os.environ.get("T_DIST_TIMEOUT", "10"))
+    engine = Engine(model_dir, dtype="float32", max_batch_size=2, max_model_len=256, backend="gloo",
+                    dist_timeout_s=timeout, device="cpu")
+    stop = threading.Event()
+
+    def load_gen() -> None:
+        while True:
+            for t in engine.submit([1, 2, 3], SamplingParams(max_tokens=200, temperature=1.0, seed=0)):
+                print(f"TOKEN {t}", flush=True)
+
+    if engine.rank == 0:
+        threading.Thread(target=load_gen, daemon=True).start()
+    else:
+        print("READY", flush=True)
+    engine.run_forever(stop)
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], sys.argv[2:]
+    torch.set_num_threads(1)
+    if mode == "parity":
+        parity(args[0], int(args[1]), [int(x) for x in args[2].split(",")], args[3:])
+    elif mode == "load":
+        load(args[0])
+    elif mode == "engine":
+        engine_mode(args[0], args[1])
+    elif mode == "stream":
+        stream_mode(args[0])
+    else:
+        raise SystemExit(f"unknown mode {mode}")
