@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
+import signal
 import tempfile
 import threading
 import time
@@ -286,3 +287,57 @@ def test_off_outside_kubernetes() -> None:
     assert heartbeat_from_env(lambda: 0, env={"TPI_LEASE_NAME": ""}) is None
     # Named but without the downward-API variables: off, not crashing the rank.
     assert heartbeat_from_env(lambda: 0, env={"TPI_LEASE_NAME": "x"}) is None
+
+
+def test_real_group_rank_stuck_in_collective_stops_renewing(
+    kubeconfig: str, api_client: client.ApiClient, namespace: str, tmp_path: Path
+) -> None:
+    """Two real runtime ranks renew their Leases; freezing rank 0 (SIGSTOP) leaves rank 1's main loop
+    blocked in the step broadcast while its process, HTTP server and heartbeat thread live on: rank 1's
+    renewTime must stop moving, and move again once the group resumes."""
+    from tpi_runtime.testing import make_tiny_checkpoint
+
+    from tests.unit.runtime.test_server import start_group
+
+    coord = client.CoordinationV1Api(api_client)
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    interval = 0.5
+
+    def lease_env(rank: int) -> dict[str, str]:
+        return {
+            "TPI_LEASE_NAME": f"tpi-rank-{rank}",
+            "POD_NAME": f"tpi-rank-{rank}",
+            "POD_NAMESPACE": namespace,
+            "TPI_HEARTBEAT_INTERVAL_SECONDS": str(interval),
+            "KUBECONFIG": kubeconfig,
+        }
+
+    ranks = start_group(ckpt, tmp_path, extra_env=lease_env)
+    try:
+        for rank in (0, 1):
+            _wait_renewals(coord, namespace, f"tpi-rank-{rank}", 3)
+            ann = _read(coord, namespace, f"tpi-rank-{rank}").metadata.annotations
+            assert ann["tpi.dev/rank"] == str(rank)
+            assert int(ann["tpi.dev/step"]) > 0
+            assert ann["tpi.dev/effective-batch-size"] == "4" and ann["tpi.dev/oom-count"] == "0"
+
+        ranks[0].proc.send_signal(signal.SIGSTOP)
+        try:
+            stall = 3 * interval
+            time.sleep(stall + 2 * interval)  # the stall is noticed within one interval past the threshold
+            frozen = _renew_time(coord, namespace, "tpi-rank-1")
+            time.sleep(stall + 2 * interval)
+            assert _renew_time(coord, namespace, "tpi-rank-1") == frozen, "a stuck rank kept renewing"
+            # ...while the process itself is alive and answering: only the Lease can tell.
+            assert ranks[1].proc.poll() is None
+            assert ranks[1].client.get("/healthz").status_code == 200
+        finally:
+            ranks[0].proc.send_signal(signal.SIGCONT)
+        resumed = _wait_renewals(coord, namespace, "tpi-rank-1", 2)
+        assert resumed[-1] > frozen
+    finally:
+        for srv in ranks:
+            if srv.proc.poll() is None:
+                srv.proc.send_signal(signal.SIGTERM)
+        codes = [srv.stop(sig=None) for srv in ranks]
+    assert codes == [0, 0], codes

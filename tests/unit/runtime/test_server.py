@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from tpi_runtime.server import TextAssembler
 from tpi_runtime.testing import TINY_CONFIG, load_hf_model, make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[3]
@@ -66,14 +67,14 @@ class Server:
             "30",
             *extra,
         ]
+        inherited = {k: v for k, v in os.environ.items() if k != "TPI_LEASE_NAME"}  # heartbeat only if asked
         full_env = {
-            **os.environ,
+            **inherited,
             "PYTHONPATH": f"{REPO / 'runtime'}:{os.environ.get('PYTHONPATH', '')}",
             "OMP_NUM_THREADS": "1",
             "TPI_LOG_LEVEL": "INFO",
             **env,
         }
-        full_env.pop("TPI_LEASE_NAME", None)
         self._logf = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=self._logf, stderr=subprocess.STDOUT)
         self.client = httpx.Client(base_url=self.url, timeout=60)
@@ -491,13 +492,70 @@ def test_metrics_exposed_and_increase_after_a_request(server: Server) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Incremental detokenisation (in-process, with a real byte-level BPE tokenizer)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def byte_bpe() -> Any:
+    """A byte-level BPE whose small vocabulary splits multi-byte characters across tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(["hello world, the world says hello"] * 10, trainer)
+    return tok
+
+
+def assemble(tok: Any, text: str, stop: list[str]) -> tuple[list[str], str, bool]:
+    asm = TextAssembler(tok, tok.encode("say:").ids, stop)
+    deltas = []
+    for t in tok.encode(text).ids:
+        deltas.append(asm.add(t))
+        if asm.stopped:
+            break
+    if not asm.stopped:
+        deltas.append(asm.finish())
+    return deltas, asm.text, asm.stopped
+
+
+def test_text_assembler_never_emits_partial_characters(byte_bpe: Any) -> None:
+    text = "héllo 日本語 world"
+    ids = byte_bpe.encode(text).ids
+    assert len(ids) > len(text.split()) + 6, "the test needs characters split across tokens"
+    deltas, final, stopped = assemble(byte_bpe, text, [])
+    assert not stopped and final == text
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas), deltas
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [(["本語"], "héllo 日"), (["lo 日"], "hél"), (["zz", " wor"], "héllo 日本語"), (["héllo"], "")],
+)
+def test_text_assembler_cuts_at_stop_strings_spanning_tokens(
+    byte_bpe: Any, stop: list[str], expected: str
+) -> None:
+    deltas, final, stopped = assemble(byte_bpe, "héllo 日本語 world", stop)
+    assert stopped
+    assert final == expected
+    # Nothing beyond the cut was ever released, even transiently.
+    assert "".join(deltas) == expected
+
+
+# ---------------------------------------------------------------------------------------------
 # A 2-rank tensor-parallel group: two real processes on gloo
 # ---------------------------------------------------------------------------------------------
-def start_group(ckpt: str, logdir: Path, world: int = 2) -> list[Server]:
+def start_group(
+    ckpt: str, logdir: Path, world: int = 2, extra_env: Callable[[int], dict[str, str]] | None = None
+) -> list[Server]:
     master = str(free_port())
     ranks = []
     for rank in range(world):
         env = {
+            **(extra_env(rank) if extra_env else {}),
             "WORLD_SIZE": str(world),
             "RANK": str(rank),
             "LOCAL_RANK": "0",
