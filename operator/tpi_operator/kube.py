@@ -1,0 +1,144 @@
+"""A small, typed REST layer over the kubernetes client: apply, delete, list, status apply.
+
+Objects stay plain dicts end to end (the core renders dicts), so only the transport of the
+generated client is used: server-side apply with one field manager, deletes that tolerate 404.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+
+from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+
+FIELD_MANAGER = "tpi-operator"
+
+#: kind -> (API prefix, plural)
+_KINDS = {
+    "Pod": ("api/v1", "pods"),
+    "Service": ("api/v1", "services"),
+    "ServiceAccount": ("api/v1", "serviceaccounts"),
+    "Node": ("api/v1", "nodes"),
+    "StatefulSet": ("apis/apps/v1", "statefulsets"),
+    "Role": ("apis/rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "Lease": ("apis/coordination.k8s.io/v1", "leases"),
+    "TPInferenceCluster": (f"apis/{GROUP}/{VERSION}", PLURAL),
+}
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        self.status = status
+        try:
+            self.message = json.loads(body).get("message", body)
+        except ValueError:
+            self.message = body
+        super().__init__(f"HTTP {status}: {self.message}")
+
+
+@dataclass
+class Kube:
+    api: client.ApiClient
+
+    @classmethod
+    def connect(cls, pool_size: int = 8) -> Kube:
+        cfg = client.Configuration()
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+            config.load_incluster_config(client_configuration=cfg)
+        else:
+            config.load_kube_config(client_configuration=cfg)
+        cfg.connection_pool_maxsize = pool_size
+        return cls(client.ApiClient(configuration=cfg))
+
+    # ------------------------------------------------------------------------------ transport
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, Any]] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        serialized = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*serialized, _request_timeout=30)
+        data = response.read()
+        if not 200 <= response.status < 300:
+            raise KubeError(response.status, data.decode(errors="replace") if data else "")
+        return json.loads(data) if data else {}
+
+    @staticmethod
+    def path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+        prefix, plural = _KINDS[kind]
+        path = f"/{prefix}/namespaces/{namespace}/{plural}" if namespace else f"/{prefix}/{plural}"
+        if name:
+            path += f"/{name}"
+        if sub:
+            path += f"/{sub}"
+        return path
+
+    # ----------------------------------------------------------------------------- operations
+    def apply(self, obj: dict[str, Any], *, subresource: str | None = None) -> dict[str, Any]:
+        """Server-side apply as the operator's field manager (force: the operator owns these fields)."""
+        meta = obj["metadata"]
+        return self.request(
+            "PATCH",
+            self.path(obj["kind"], meta.get("namespace"), meta["name"], subresource),
+            body=obj,
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+
+    def delete(self, kind: str, namespace: str, name: str, *, grace_seconds: int | None = None) -> bool:
+        """Delete; False when it was already gone."""
+        body: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+        }
+        if grace_seconds is not None:
+            body["gracePeriodSeconds"] = grace_seconds
+        try:
+            self.request("DELETE", self.path(kind, namespace, name), body=body)
+            return True
+        except KubeError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def list(
+        self, kind: str, namespace: str | None = None, *, labels: str | None = None, fields: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = []
+        if labels:
+            query.append(("labelSelector", labels))
+        if fields:
+            query.append(("fieldSelector", fields))
+        return self.request("GET", self.path(kind, namespace), query=query).get("items", [])
+
+    def apply_status(self, name: str, namespace: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply of the cluster's status: fields left out are removed (we own them all)."""
+        return self.apply(
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "TPInferenceCluster",
+                "metadata": {"name": name, "namespace": namespace},
+                "status": status,
+            },
+            subresource="status",
+        )
