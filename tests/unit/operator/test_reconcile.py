@@ -1,0 +1,59 @@
+"""core.reconcile.decide: what the shell is told to apply and delete."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from op_builders import IDENT, healthy_pods, make_obs, make_spec
+
+from tpi_operator.api.v1alpha1 import GroupStatus, TPInferenceClusterStatus
+from tpi_operator.core import reconcile, render
+from tpi_operator.core.observe import LeaseObs, StsObs
+
+
+def real_obs(spec, **kw):
+    obs = make_obs(spec, **kw)
+    return dataclasses.replace(obs, hash_for=reconcile.hash_function(spec, IDENT, None))
+
+
+def test_fresh_cluster_creates_everything():
+    spec = make_spec(replicas=2)
+    obs = dataclasses.replace(real_obs(spec), pods=[], statefulsets={})
+    d = reconcile.decide(spec, IDENT, obs)
+    kinds = [o["kind"] for o in d.apply]
+    assert kinds.count("StatefulSet") == 2 and kinds.count("Lease") == 8
+    assert {"ServiceAccount", "Role", "RoleBinding", "Service"} <= set(kinds)
+    assert d.delete_pods == [] and d.status.phase == "Pending"
+    assert d.wake_after <= 2.0  # busy while starting
+
+
+def test_recreate_deletes_every_pod_of_the_group():
+    spec = make_spec()
+    base = real_obs(spec)
+    want = base.hash_for(4, 8)
+    pods = [dataclasses.replace(p, template_hash=want) for p in healthy_pods()]
+    pods[1] = dataclasses.replace(pods[1], restarts=1, exit_code=1)
+    sts = {0: StsObs(group=0, replicas=4, template_hash=want)}
+    status = TPInferenceClusterStatus(current_tensor_parallel_size=4, desired_tensor_parallel_size=4,
+                                      groups=[GroupStatus(group=0)])  # fmt: skip
+    d = reconcile.decide(spec, IDENT, dataclasses.replace(base, pods=pods, statefulsets=sts, status=status))
+    assert [a.kind for a in d.actions if a.kind != "Wait"] == ["RecreateGroup"]
+    assert sorted(d.delete_pods) == [f"demo-g0-{r}" for r in range(4)]
+    applied = next(o for o in d.apply if o["kind"] == "StatefulSet")
+    assert applied["spec"]["template"]["metadata"]["labels"][render.L_INCARNATION] == "1"
+    assert d.status.phase == "Recovering" and d.status.restarts == 1
+
+
+def test_degrade_removes_surplus_leases():
+    spec = make_spec(failurePolicy={"scaleBackUp": False})
+    base = real_obs(spec)
+    status = TPInferenceClusterStatus(current_tensor_parallel_size=2, desired_tensor_parallel_size=4,
+                                      groups=[GroupStatus(group=0)])  # fmt: skip
+    want = base.hash_for(2, 8)
+    pods = [dataclasses.replace(p, template_hash=want) for p in healthy_pods(tp=2)]
+    sts = {0: StsObs(group=0, replicas=2, template_hash=want)}
+    leases = {f"demo-g0-{r}": LeaseObs(f"demo-g0-{r}") for r in range(4)}
+    obs = dataclasses.replace(base, pods=pods, statefulsets=sts, status=status, leases=leases)
+    d = reconcile.decide(spec, IDENT, obs)
+    assert d.delete_leases == ["demo-g0-2", "demo-g0-3"]
+    assert d.status.phase == "Degraded" and d.status.tp == "2/4"
