@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 from op_builders import IDENT, healthy_pods, make_obs, make_spec
-
 from tpi_operator.api.v1alpha1 import GroupStatus, TPInferenceClusterStatus
 from tpi_operator.core import reconcile, render
 from tpi_operator.core.observe import LeaseObs, StsObs
