@@ -241,5 +241,9 @@ def heartbeat_from_env(
         log.warning("TPI_LEASE_NAME=%s but POD_NAMESPACE/POD_NAME unset: Lease heartbeat off", name)
         return None
     interval = float(env.get("TPI_HEARTBEAT_INTERVAL_SECONDS", "") or 2.0)
+    # Optional override; the default (three intervals) tolerates a slow step or two.
+    stall = float(env["TPI_HEARTBEAT_STALL_SECONDS"]) if env.get("TPI_HEARTBEAT_STALL_SECONDS") else None
     api = make_coordination_api(env.get("KUBECONFIG") or None)
-    return LeaseHeartbeat(api, namespace, name, pod, interval, progress, annotations_fn)
+    return LeaseHeartbeat(
+        api, namespace, name, pod, interval, progress, annotations_fn, stall_threshold=stall
+    )
