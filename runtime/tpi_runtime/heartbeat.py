@@ -74,6 +74,8 @@ class LeaseHeartbeat:
         self.lease_duration_seconds = lease_duration_seconds or max(
             1, math.ceil(self.stall_threshold + self.interval)
         )
+        # A hung apiserver connection must not wedge the thread past the next few ticks.
+        self._timeout = max(2.0, 2 * self.interval)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_value: int | None = None
@@ -143,7 +145,7 @@ class LeaseHeartbeat:
             "spec": {"holderIdentity": self.holder, "renewTime": now},
         }
         try:
-            self.api.patch_namespaced_lease(self.name, self.namespace, patch)
+            self.api.patch_namespaced_lease(self.name, self.namespace, patch, _request_timeout=self._timeout)
             return
         except ApiException as e:
             if e.status != 404:
@@ -159,7 +161,7 @@ class LeaseHeartbeat:
             ),
         )
         try:
-            self.api.create_namespaced_lease(self.namespace, body)
+            self.api.create_namespaced_lease(self.namespace, body, _request_timeout=self._timeout)
             log.info("created Lease %s/%s", self.namespace, self.name)
         except ApiException as e:
             if e.status != 409:  # someone (the operator) created it meanwhile: next tick patches it
