@@ -433,7 +433,7 @@ class Handler(BaseHTTPRequestHandler):
                 {"Allow": ", ".join(_ROUTES[path])} if e.status == HTTPStatus.METHOD_NOT_ALLOWED else None
             )
             self._send_error(e, headers)
-        except (BrokenPipeError, ConnectionResetError, _ClientGone):
+        except (ConnectionError, TimeoutError, _ClientGone):  # the client left or stalled
             self.close_connection = True
         except Exception:
             log.exception("unhandled error serving %s %s", self.command, path)
@@ -791,9 +791,9 @@ def serve_main(args: Any) -> int:
     model_name = getattr(args, "served_model_name", None) or os.path.basename(os.path.normpath(args.model))
     stop = threading.Event()
     main_thread = threading.current_thread()
-    state = ServerState(rank, model_name, metrics=RuntimeMetrics(rank))
-    state.metrics = RuntimeMetrics(rank, engine_fn=lambda: state.engine)
-    state.alive_fn = main_thread.is_alive
+    # The collector reads state.engine at scrape time (None while loading).
+    metrics = RuntimeMetrics(rank, engine_fn=lambda: state.engine)
+    state = ServerState(rank, model_name, metrics, alive_fn=main_thread.is_alive)
 
     def on_signal(signum: int, _frame: Any) -> None:
         if state.stopping:  # second signal: do not wait for the drain

@@ -618,10 +618,45 @@ def test_group_greedy_matches_single_rank_and_follower_steps(
     assert metric_samples(group[1])[steps] >= before + len(tp["token_ids"])
 
 
-def test_group_peer_death_makes_rank0_exit_nonzero(ckpt: str, tmp_path: Path) -> None:
-    rank0, rank1 = start_group(ckpt, tmp_path)
+def test_group_probes_before_the_group_forms_and_peer_death_exits_nonzero(ckpt: str, tmp_path: Path) -> None:
+    """Rank 0 alone waits at the rendezvous: alive but not ready, completions 503. Once rank 1
+    joins both are ready; when rank 1 dies (SIGKILL) rank 0's next collective fails and it exits
+    non-zero instead of serving half a model."""
+    master = str(free_port())
+
+    def env(rank: int) -> dict[str, str]:
+        return {
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": master,
+        }
+
+    rank0 = Server(ckpt, free_port(), env(0), tmp_path / "rank0.log")
+    rank1: Server | None = None
     try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert rank0.proc.poll() is None, rank0.logs()
+            assert time.monotonic() < deadline, f"rank 0 never answered /healthz:\n{rank0.logs()}"
+            try:
+                if rank0.client.get("/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = rank0.client.get("/readyz")
+        assert r.status_code == 503 and r.json() == {"status": "loading", "rank": 0}
+        err = error_of(rank0.client.post("/v1/completions", json={"prompt": "a"}), 503)
+        assert err["code"] == "not_ready"
+        assert metric_samples(rank0)[("tpi_ready", (("rank", "0"),))] == 0
+
+        rank1 = Server(ckpt, free_port(), env(1), tmp_path / "rank1.log")
+        rank0.wait_ready()
+        rank1.wait_ready()
         assert complete(rank0, prompt="a b", max_tokens=3, temperature=0)["choices"][0]["token_ids"]
+
         rank1.proc.kill()  # SIGKILL: no goodbye to the group
         rank1.proc.wait(10)
         try:
@@ -631,6 +666,7 @@ def test_group_peer_death_makes_rank0_exit_nonzero(ckpt: str, tmp_path: Path) ->
         assert code != 0, rank0.logs()
     finally:
         for srv in (rank0, rank1):
-            if srv.proc.poll() is None:
-                srv.proc.kill()
-            srv.stop()
+            if srv is not None:
+                if srv.proc.poll() is None:
+                    srv.proc.kill()
+                srv.stop(sig=None)
