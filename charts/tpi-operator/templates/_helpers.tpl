@@ -96,17 +96,17 @@ watched namespace (Role). No wildcards: every group, resource and verb is named.
   verbs: ["create", "patch"]
 {{- if and .Values.peering.enabled (not (include "tpi-operator.clusterWide" .)) }}
 # kopf peering between operator replicas (namespaced peering objects, per watched namespace).
-- apiGroups: ["zalando.org"]
+- apiGroups: [{{ .Values.peering.apiGroup | quote }}]
   resources: ["kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- end }}
 
 {{/*
-Cluster-scoped rules kopf needs whatever the watched namespaces are.
+Cluster-scoped rules, whatever the watched namespaces are.
 */}}
 {{- define "tpi-operator.clusterScopedRules" -}}
-# kopf scans CRDs to resolve the resources it serves (and to detect the peering CRDs).
+# kopf scans CRDs to resolve the resources it serves.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
@@ -114,33 +114,46 @@ Cluster-scoped rules kopf needs whatever the watched namespaces are.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
+# Free-GPU estimate (allocatable per node) when a cluster is degraded or a rank is unschedulable.
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["list"]
+{{- if and .Values.rbac.listPodsClusterWide (not (include "tpi-operator.clusterWide" .)) }}
+# Opt-in (rbac.listPodsClusterWide): count every namespace's pods in that estimate.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+{{- end }}
 {{- if and .Values.peering.enabled (include "tpi-operator.clusterWide" .) }}
 # kopf peering for a cluster-wide operator (cluster-scoped peering objects).
-- apiGroups: ["zalando.org"]
+- apiGroups: [{{ .Values.peering.apiGroup | quote }}]
   resources: ["clusterkopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- end }}
 
 {{/*
-Operator arguments (the kopf-run style flags `python -m tpi_operator` accepts).
+Arguments of `python -m tpi_operator` (operator/tpi_operator/__main__.py). No --namespace at all
+means cluster-wide.
 */}}
 {{- define "tpi-operator.args" -}}
-{{- if include "tpi-operator.clusterWide" . }}
-- --all-namespaces
-{{- else }}
 {{- range .Values.watchNamespaces }}
 - --namespace={{ . }}
 {{- end }}
-{{- end }}
-- --liveness=http://0.0.0.0:{{ .Values.liveness.port }}{{ .Values.liveness.path }}
+- --liveness-port={{ .Values.liveness.port }}
 - --metrics-port={{ .Values.metrics.port }}
-{{- if not .Values.peering.enabled }}
-- --standalone
-{{- else if .Values.peering.name }}
+{{- if .Values.peering.enabled }}
 - --peering={{ .Values.peering.name }}
 {{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+With peering, every replica needs its own kopf priority (equal priorities would all stay active):
+a POSIX-shell wrapper derives it from the pod name (CRC-32 via cksum) and execs the operator.
+*/}}
+{{- define "tpi-operator.priorityWrapper" -}}
+exec python -m tpi_operator --priority="$(printf '%s' "$POD_NAME" | cksum | cut -d ' ' -f 1)" "$@"
 {{- end }}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,9 @@ NAMESPACED_PEERING = {("zalando.org", "kopfpeerings"): {"get", "list", "watch", 
 CLUSTER_SCOPED_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("", "namespaces"): {"list", "watch"},
+    ("", "nodes"): {"list"},
 }
 CLUSTER_PEERING = {("zalando.org", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}}
-# What the operator grants the rank pods in their per-cluster Role (Leases only): RBAC's
-# escalation check requires the operator to hold these itself.
-RUNTIME_LEASE_VERBS = {"get", "list", "watch", "create", "update", "patch"}
 
 
 def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -78,14 +77,15 @@ def operator_container(docs) -> dict[str, Any]:
         [],
         ["watchNamespaces={team-a,team-b}", "serviceMonitor.enabled=true", "runtimeMonitor.enabled=true"],
         [
-            "peering.enabled=false",
             "dashboards.enabled=false",
             "serviceAccount.create=false",
             "serviceAccount.name=existing",
+            "rbac.listPodsClusterWide=true",
+            "watchNamespaces={team-a}",
         ],
-        ["replicaCount=2", "peering.name=tpi", "peering.create=true"],
+        ["replicaCount=2", "peering.enabled=true", "peering.name=tpi"],
     ],
-    ids=["defaults", "namespaced-monitors", "standalone", "replicated"],
+    ids=["defaults", "namespaced-monitors", "existing-sa", "replicated"],
 )
 def test_helm_lint_strict(helm: Path, sets: list[str]) -> None:
     args = ["lint", "--strict", str(CHART)]
@@ -174,7 +174,7 @@ def test_liveness_probe_and_metrics_port(render) -> None:
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["metrics"] == 9090
     assert ports["liveness"] == 8080
-    assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"]
+    assert "--liveness-port=8080" in c["args"]
     assert "--metrics-port=9090" in c["args"]
     probe = c["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz"
@@ -199,12 +199,14 @@ def test_image_values(render) -> None:
 
 def test_cluster_wide_by_default(render) -> None:
     docs = render()
-    args = operator_container(docs)["args"]
-    assert "--all-namespaces" in args
-    assert not [a for a in args if a.startswith("--namespace")]
+    c = operator_container(docs)
+    # No --namespace at all is how `python -m tpi_operator` goes cluster-wide; standalone by default.
+    assert c["args"] == ["--liveness-port=8080", "--metrics-port=9090"]
+    assert "command" not in c, "without peering the image's entrypoint runs as is"
     assert not docs.kinds("Role") and not docs.kinds("RoleBinding")
     role = docs.one("ClusterRole", FULLNAME)
-    assert rules_of(role) == {**NAMESPACED_RULES, **CLUSTER_SCOPED_RULES, **CLUSTER_PEERING}
+    # The pods rule of the namespaced set also covers the cluster-wide capacity LIST.
+    assert rules_of(role) == {**NAMESPACED_RULES, **CLUSTER_SCOPED_RULES}
     binding = docs.one("ClusterRoleBinding", FULLNAME)
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -217,13 +219,12 @@ def test_cluster_wide_by_default(render) -> None:
 def test_watch_namespaces_gives_roles_per_namespace(render) -> None:
     docs = render("watchNamespaces={team-a,team-b}")
     args = operator_container(docs)["args"]
-    assert "--all-namespaces" not in args
     assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
 
     roles = docs.kinds("Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
-        assert rules_of(role) == {**NAMESPACED_RULES, **NAMESPACED_PEERING}
+        assert rules_of(role) == NAMESPACED_RULES
     bindings = docs.kinds("RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for b in bindings:
@@ -243,35 +244,113 @@ def test_watch_namespaces_gives_roles_per_namespace(render) -> None:
     assert crb["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NS}]
 
 
-def test_standalone_without_peering(render) -> None:
-    for sets in ((), ("watchNamespaces={team-a}",)):
-        docs = render("peering.enabled=false", *sets)
-        assert "--standalone" in operator_container(docs)["args"]
-        for role in docs.kinds("ClusterRole") + docs.kinds("Role"):
-            assert not [k for k in rules_of(role) if k[0] == "zalando.org"], role["metadata"]["name"]
+def test_list_pods_cluster_wide_is_opt_in(render) -> None:
+    (cluster_role,) = render("watchNamespaces={team-a}", "rbac.listPodsClusterWide=true").kinds("ClusterRole")
+    assert rules_of(cluster_role) == {**CLUSTER_SCOPED_RULES, ("", "pods"): {"list"}}
+    # Cluster-wide, the namespaced rules already cover it: the flag adds nothing.
+    assert rules_of(render("rbac.listPodsClusterWide=true").one("ClusterRole")) == rules_of(
+        render().one("ClusterRole")
+    )
 
 
-def test_peering_name_and_objects(render) -> None:
-    docs = render("replicaCount=3", "peering.name=tpi-peers", "peering.create=true")
+def test_peering_cluster_wide(render) -> None:
+    docs = render("replicaCount=3", "peering.enabled=true", "peering.name=tpi-peers")
     assert docs.one("Deployment", FULLNAME)["spec"]["replicas"] == 3
-    args = operator_container(docs)["args"]
-    assert "--peering=tpi-peers" in args and "--standalone" not in args
+    c = operator_container(docs)
+    assert "--peering=tpi-peers" in c["args"]
+    assert c["command"][:2] == ["/bin/sh", "-c"] and c["command"][3] == "tpi-operator"
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in c["env"]}
+    assert env["POD_NAME"] == env["POD_ID"] == "metadata.name"
     assert docs.one("ClusterKopfPeering", "tpi-peers")["apiVersion"] == "zalando.org/v1"
+    assert rules_of(docs.one("ClusterRole", FULLNAME)) == {
+        **NAMESPACED_RULES,
+        **CLUSTER_SCOPED_RULES,
+        **CLUSTER_PEERING,
+    }
 
-    docs = render("peering.name=tpi-peers", "peering.create=true", "watchNamespaces={team-a,team-b}")
+
+def test_peering_namespaced(render) -> None:
+    docs = render("peering.enabled=true", "watchNamespaces={team-a,team-b}")
+    assert "--peering=tpi-operator" in operator_container(docs)["args"]
     peerings = docs.kinds("KopfPeering")
-    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+    assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings) == [
+        ("team-a", "tpi-operator"),
+        ("team-b", "tpi-operator"),
+    ]
     assert not docs.kinds("ClusterKopfPeering")
+    for role in docs.kinds("Role"):
+        assert rules_of(role) == {**NAMESPACED_RULES, **NAMESPACED_PEERING}
+    assert rules_of(docs.one("ClusterRole")) == CLUSTER_SCOPED_RULES
 
 
-def test_operator_can_grant_the_runtime_lease_role(render) -> None:
-    """RBAC escalation check: the operator must hold every verb it grants the rank pods."""
+def test_peering_objects_optional_and_kopf_dev_group(render) -> None:
+    docs = render("peering.enabled=true", "peering.create=false")
+    assert not docs.kinds("ClusterKopfPeering")
+    docs = render("peering.enabled=true", "peering.apiGroup=kopf.dev")
+    assert docs.one("ClusterKopfPeering")["apiVersion"] == "kopf.dev/v1"
+    assert ("kopf.dev", "clusterkopfpeerings") in rules_of(docs.one("ClusterRole"))
+
+
+def test_peering_priority_wrapper_runs(render, tmp_path: Path) -> None:
+    """The /bin/sh wrapper execs `python -m tpi_operator` with a per-pod priority and all args."""
+    c = operator_container(render("peering.enabled=true", "watchNamespaces={team-a}"))
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    # Stands in for the image's python: prints the argv it was exec'd with.
+    (fake_bin / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (fake_bin / "python").chmod(0o755)
+
+    def argv(pod: str) -> list[str]:
+        proc = subprocess.run(
+            [*c["command"], *c["args"]],
+            capture_output=True, text=True, timeout=30, check=True,
+            env={"PATH": f"{fake_bin}:/usr/bin:/bin", "POD_NAME": pod},
+        )  # fmt: skip
+        return proc.stdout.splitlines()
+
+    a = argv("tpi-tpi-operator-6d9f7c-abcde")
+    assert a[:2] == ["-m", "tpi_operator"]
+    assert re.fullmatch(r"--priority=\d+", a[2]), a
+    assert a[3:] == c["args"]
+    assert argv("tpi-tpi-operator-6d9f7c-abcde") == a, "the priority is stable for a pod"
+    assert argv("tpi-tpi-operator-6d9f7c-fghij")[2] != a[2], "replicas get distinct priorities"
+
+
+def test_operator_can_grant_the_runtime_role(render) -> None:
+    """RBAC escalation check: the operator holds every verb of the Role it creates for rank pods."""
+    from tpi_operator.core.render import Identity, rbac
+
+    objs = rbac(Identity(name="demo", namespace="team-a", uid="0000"))
+    (runtime_role,) = [o for o in objs if o["kind"] == "Role"]
+    wanted = rules_of(runtime_role)
+    assert wanted, "the runtime Role grants nothing?"
     for sets in ((), ("watchNamespaces={team-a}",)):
         docs = render(*sets)
-        granted = set()
-        for role in docs.kinds("ClusterRole") + docs.kinds("Role"):
-            granted |= rules_of(role).get(("coordination.k8s.io", "leases"), set())
-        assert granted >= RUNTIME_LEASE_VERBS
+        held: dict[tuple[str, str], set[str]] = {}
+        for role in docs.kinds("ClusterRole") + [
+            r for r in docs.kinds("Role") if r["metadata"]["namespace"] == "team-a"
+        ]:
+            for key, verbs in rules_of(role).items():
+                held.setdefault(key, set()).update(verbs)
+        for key, verbs in wanted.items():
+            assert verbs <= held.get(key, set()), (
+                f"{sets}: operator cannot grant {key} {verbs - held.get(key, set())}"
+            )
+
+
+def test_rbac_covers_the_operators_api_calls(render) -> None:
+    """Every resource the operator's API client talks to is granted, cluster-wide and per namespace."""
+    from tpi_operator import kube
+
+    def group(prefix: str) -> str:
+        return "" if prefix == "api/v1" else prefix.split("/")[1]
+
+    used = {(group(prefix), plural) for prefix, plural in kube._KINDS.values()}
+    cluster_wide = rules_of(render().one("ClusterRole"))
+    assert used <= cluster_wide.keys(), f"not granted: {sorted(used - cluster_wide.keys())}"
+    docs = render("watchNamespaces={team-a}")
+    namespaced = rules_of(docs.one("Role")).keys() | rules_of(docs.one("ClusterRole")).keys()
+    assert used <= namespaced, f"not granted: {sorted(used - namespaced)}"
 
 
 def test_no_rbac_when_disabled(render) -> None:
@@ -383,7 +462,7 @@ def test_dashboard_panels(render) -> None:
 def test_dashboard_template_variables(render) -> None:
     dash = dashboard_from(render())
     variables = {v["name"]: v for v in dash["templating"]["list"]}
-    assert {"datasource", "namespace", "rank", "gpu"} <= set(variables)
+    assert {"datasource", "namespace", "cluster", "rank", "gpu"} <= set(variables)
     assert variables["datasource"]["type"] == "datasource"
     assert re.fullmatch(r"label_values\(tpi_\w+\{[^}]*\}, rank\)", variables["rank"]["query"]["query"])
     assert re.fullmatch(r"label_values\(tpi_gpu_\w+\{[^}]*\}, gpu\)", variables["gpu"]["query"]["query"])
@@ -395,9 +474,13 @@ def test_dashboard_template_variables(render) -> None:
             assert p["datasource"]["uid"] == "${datasource}", p["title"]
 
 
+# Target labels the PodMonitor adds (from the rank pods' tpi.dev/* labels), not metrics.
+TARGET_LABELS = {"tpi_cluster", "tpi_group"}
+
+
 def dashboard_metrics() -> set[str]:
     text = (CHART / "dashboards" / "tpi.json").read_text()
-    return set(re.findall(r"\b(?:tpi|kube)_[a-z0-9_]+", text))
+    return set(re.findall(r"\b(?:tpi|kube)_[a-z0-9_]+", text)) - TARGET_LABELS
 
 
 def documented_metrics() -> set[str]:
@@ -411,18 +494,27 @@ def test_dashboard_metrics_are_documented() -> None:
     assert used <= documented_metrics(), f"undocumented metrics: {sorted(used - documented_metrics())}"
 
 
-def test_dashboard_runtime_metrics_exist_in_runtime() -> None:
-    """The runtime exports every runtime metric the dashboard queries (prometheus_client adds
-    `_total` to counters and `_bucket` to histograms)."""
-    source = "\n".join(p.read_text() for p in (REPO / "runtime" / "tpi_runtime").rglob("*.py"))
-    declared = set(re.findall(r"""["'](tpi_[a-z0-9_]+)["']""", source))
-    runtime_used = {
-        m for m in dashboard_metrics() if m.startswith("tpi_") and not m.startswith("tpi_operator_")
-    }
-    missing = {
-        m for m in runtime_used if not {m, m.removesuffix("_total"), m.removesuffix("_bucket")} & declared
-    }
-    assert not missing, f"dashboard queries metrics the runtime does not declare: {sorted(missing)}"
+def declared_metrics(package: Path) -> set[str]:
+    source = "\n".join(p.read_text() for p in package.rglob("*.py"))
+    return set(re.findall(r"""["'](tpi_[a-z0-9_]+)["']""", source))
+
+
+@pytest.mark.parametrize(
+    ("package", "owns"),
+    [
+        ("runtime/tpi_runtime", lambda m: not m.startswith("tpi_operator_")),
+        ("operator/tpi_operator", lambda m: m.startswith("tpi_operator_")),
+    ],
+    ids=["runtime", "operator"],
+)
+def test_dashboard_metrics_exist_in_the_code(package: str, owns) -> None:
+    """The runtime and the operator declare every tpi_* metric the dashboard queries
+    (prometheus_client adds `_total` to counters and `_bucket` to histograms)."""
+    declared = declared_metrics(REPO / package)
+    used = {m for m in dashboard_metrics() if m.startswith("tpi_") and owns(m)}
+    assert used, "the dashboard queries none of this component's metrics"
+    missing = {m for m in used if not {m, m.removesuffix("_total"), m.removesuffix("_bucket")} & declared}
+    assert not missing, f"dashboard queries metrics {package} does not declare: {sorted(missing)}"
 
 
 # --- values.schema.json -------------------------------------------------------------------------
@@ -449,7 +541,7 @@ def test_schema_rejects_bad_values(helm: Path, sets: list[str], message: str) ->
     assert re.search(message, proc.stderr), proc.stderr
 
 
-def test_several_replicas_need_named_peering(helm: Path) -> None:
+def test_several_replicas_need_peering(helm: Path) -> None:
     for sets in (["replicaCount=2"], ["replicaCount=2", "peering.enabled=false", "peering.name=x"]):
         args = ["template", RELEASE, str(CHART)]
         for s in sets:
