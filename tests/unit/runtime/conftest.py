@@ -72,7 +72,9 @@ class RankResult:
         for line in reversed(self.stdout.splitlines()):
             if line.startswith("{"):
                 return json.loads(line)
-        raise AssertionError(f"rank {self.rank} printed no JSON result:\n{self.stdout}\n{self.stderr[-3000:]}")
+        raise AssertionError(
+            f"rank {self.rank} printed no JSON result:\n{self.stdout}\n{self.stderr[-3000:]}"
+        )
 
 
 def rank_env(rank: int, world: int, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -91,7 +93,9 @@ def rank_env(rank: int, world: int, port: int, extra: dict[str, str] | None = No
     return env
 
 
-def spawn_ranks(world: int, argv: list[str], extra_env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
+def spawn_ranks(
+    world: int, argv: list[str], extra_env: dict[str, str] | None = None
+) -> list[subprocess.Popen[str]]:
     port = free_port()
     return [
         subprocess.Popen(
@@ -131,4 +135,6 @@ def worker_argv(mode: str, *args: str) -> list[str]:
 
 def assert_all_ok(results: list[RankResult]) -> None:
     for r in results:
-        assert r.returncode == 0, f"rank {r.rank} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+        assert r.returncode == 0, (
+            f"rank {r.rank} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+        )

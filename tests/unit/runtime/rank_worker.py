@@ -55,18 +55,21 @@ def parity(out_dir: str, steps: int, prompt: list[int], models: list[str]) -> No
             decode.append(logits)
             tokens.append(int(logits.argmax()))
         if env.rank == 0:
-            save_file({"prefill": prefill.contiguous(), "decode": torch.stack(decode)}, os.path.join(out_dir, f"{i}.safetensors"))
+            save_file(
+                {"prefill": prefill.contiguous(), "decode": torch.stack(decode)},
+                os.path.join(out_dir, f"{i}.safetensors"),
+            )
         result[model_dir] = {"tokens": tokens, "collectives": dist.collectives}
     dist.close()
     emit(result)
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
 
 
 def load(model_dir: str) -> None:
@@ -74,12 +77,24 @@ def load(model_dir: str) -> None:
     dist = Dist(env, backend="gloo", timeout_s=60)
     cfg = ModelConfig.from_pretrained(model_dir)
     model = Transformer(cfg, dist, dtype=torch.float32, device=CPU)
-    before = _rss_kib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM: measure the peak of the load alone, not of the imports
+    before = _status_kib("VmRSS")
     report = load_weights(model, model_dir, cfg, env.rank, env.world_size)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = _status_kib("VmHWM")
     local = sum(p.numel() * p.element_size() for p in model.parameters())
-    emit({"rank": env.rank, "bytes_read": report.bytes_read, "bytes_total": report.bytes_total,
-          "param_bytes": local, "rss_before_kib": before, "peak_rss_kib": peak, "rss_after_kib": _rss_kib()})
+    emit(
+        {
+            "rank": env.rank,
+            "bytes_read": report.bytes_read,
+            "bytes_total": report.bytes_total,
+            "param_bytes": local,
+            "rss_before_kib": before,
+            "peak_rss_kib": peak,
+            "rss_after_kib": _status_kib("VmRSS"),
+            "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        }
+    )
     dist.barrier()
     dist.close()
 
@@ -91,8 +106,14 @@ def _collect(req: Any) -> dict[str, Any]:
         return {"error": str(e), "finish": req.finish_reason}
 
 
-PROMPTS = [[1, 5, 9, 13, 17], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [1, 7], [1, 100, 101, 102],
-           [1, 60, 61, 62, 63, 64, 65], [1, 3, 3, 3]]
+PROMPTS = [
+    [1, 5, 9, 13, 17],
+    [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50],
+    [1, 7],
+    [1, 100, 101, 102],
+    [1, 60, 61, 62, 63, 64, 65],
+    [1, 3, 3, 3],
+]
 
 
 def scenario_batching(engine: Engine) -> dict[str, Any]:
@@ -120,11 +141,16 @@ def scenario_sampling(engine: Engine) -> dict[str, Any]:
     seeded = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
     a = _collect(engine.submit(p, seeded))
     # The same seed while other sampled requests run alongside must give the same tokens.
-    others = [engine.submit(q, SamplingParams(max_tokens=20, temperature=1.3, seed=i)) for i, q in enumerate(PROMPTS)]
+    others = [
+        engine.submit(q, SamplingParams(max_tokens=20, temperature=1.3, seed=i))
+        for i, q in enumerate(PROMPTS)
+    ]
     b = _collect(engine.submit(p, seeded))
     for o in others:
         _collect(o)
-    c = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=99)))
+    c = _collect(
+        engine.submit(p, SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=99))
+    )
     top1 = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=0.8, top_k=1, seed=5)))
     greedy = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=0.0)))
     hot = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=5.0, seed=7)))
@@ -155,9 +181,7 @@ def scenario_controls(engine: Engine) -> dict[str, Any]:
             r.cancel()
     out["cancel"] = {"n": len(got), "finish": r.finish_reason}
     r2 = engine.submit(PROMPTS[0], SamplingParams(max_tokens=100, temperature=0.0))
-    n2 = 0
-    for _ in r2:
-        n2 += 1
+    for n2, _ in enumerate(r2, 1):
         if n2 == 2:
             r2.cancel("stop")
     out["cancel_stop"] = {"finish": r2.finish_reason}
@@ -167,7 +191,10 @@ def scenario_controls(engine: Engine) -> dict[str, Any]:
     if len(ref["tokens"]) >= 5:
         stop_tok = ref["tokens"][4]
         out["stopped"] = _collect(
-            engine.submit(PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(stop_tok,))))
+            engine.submit(
+                PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(stop_tok,))
+            )
+        )
         out["stop_tok"] = stop_tok
     time.sleep(1.2)  # idle: the step counter must still advance (idle broadcasts)
     out["stats"] = engine.stats().__dict__
@@ -184,13 +211,24 @@ def scenario_oom(engine: Engine) -> dict[str, Any]:
     return {"concurrent": conc, "sequential": seq, "stats": after}
 
 
-SCENARIOS = {"batching": scenario_batching, "sampling": scenario_sampling, "controls": scenario_controls,
-             "oom": scenario_oom}
+SCENARIOS = {
+    "batching": scenario_batching,
+    "sampling": scenario_sampling,
+    "controls": scenario_controls,
+    "oom": scenario_oom,
+}
 
 
 def engine_mode(model_dir: str, scenario: str) -> None:
-    engine = Engine(model_dir, dtype="float32", max_batch_size=int(os.environ.get("T_MAX_BATCH", "8")),
-                    max_model_len=128, backend="gloo", dist_timeout_s=60, device="cpu")
+    engine = Engine(
+        model_dir,
+        dtype="float32",
+        max_batch_size=int(os.environ.get("T_MAX_BATCH", "8")),
+        max_model_len=128,
+        backend="gloo",
+        dist_timeout_s=60,
+        device="cpu",
+    )
     stop = threading.Event()
     result: dict[str, Any] = {}
     steps: list[Any] = []
@@ -216,8 +254,15 @@ def engine_mode(model_dir: str, scenario: str) -> None:
 
 def stream_mode(model_dir: str) -> None:
     timeout = float(os.environ.get("T_DIST_TIMEOUT", "10"))
-    engine = Engine(model_dir, dtype="float32", max_batch_size=2, max_model_len=256, backend="gloo",
-                    dist_timeout_s=timeout, device="cpu")
+    engine = Engine(
+        model_dir,
+        dtype="float32",
+        max_batch_size=2,
+        max_model_len=256,
+        backend="gloo",
+        dist_timeout_s=timeout,
+        device="cpu",
+    )
     stop = threading.Event()
 
     def load_gen() -> None:

@@ -42,10 +42,13 @@ def references(ckpt_main: str, ckpt_tied: str) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_matches_transformers(tp: int, ckpt_main: str, ckpt_tied: str, references: dict[str, Any],
-                              tmp_path: Path) -> None:
+def test_matches_transformers(
+    tp: int, ckpt_main: str, ckpt_tied: str, references: dict[str, Any], tmp_path: Path
+) -> None:
     models = [ckpt_main, ckpt_tied]
-    results = run_ranks(tp, worker_argv("parity", str(tmp_path), str(STEPS), ",".join(map(str, PROMPT)), *models))
+    results = run_ranks(
+        tp, worker_argv("parity", str(tmp_path), str(STEPS), ",".join(map(str, PROMPT)), *models)
+    )
     assert_all_ok(results)
     per_rank = [r.json() for r in results]
     for i, model_dir in enumerate(models):
