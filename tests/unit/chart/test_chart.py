@@ -103,6 +103,13 @@ def test_chart_metadata() -> None:
     assert chart["kubeVersion"] == ">=1.28.0-0"
 
 
+def test_kube_version_constraint(helm: Path) -> None:
+    old = run_helm(helm, "template", RELEASE, str(CHART), "--kube-version", "1.27.9")
+    assert old.returncode != 0 and "requires kubeVersion: >=1.28.0-0" in old.stderr, old.stderr
+    ok = run_helm(helm, "template", RELEASE, str(CHART), "--kube-version", "1.28.0")
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_default_render_objects(render) -> None:
     docs = render()
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
