@@ -19,6 +19,8 @@
 # GPU nodes: the PyPI torch wheel brings CUDA and NCCL as nvidia-* wheels, so the image needs no
 # CUDA base; the node needs the NVIDIA driver and the NVIDIA container toolkit (device plugin),
 # which mount libcuda/NVML into the container. The same image runs gloo ranks on CPU-only nodes.
+# The driver must be new enough for the CUDA release the torch wheel bundles (e.g. >= 580 for
+# CUDA 13 wheels); pin another with --build-arg TORCH_REQUIREMENT=... (or the wheelhouse).
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
