@@ -1,0 +1,112 @@
+"""Engine behaviour in real rank processes (TP=2 over gloo unless noted): continuous batching,
+sampling, cancellation/validation, idle steps and fake-OOM recovery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from tpi_runtime.testing import load_hf_model
+
+from .conftest import assert_all_ok, run_ranks, worker_argv
+
+EOS = 2
+
+
+def run_scenario(model: str, scenario: str, tp: int = 2, env: dict[str, str] | None = None) -> list[Any]:
+    results = run_ranks(tp, worker_argv("engine", model, scenario), extra_env=env)
+    assert_all_ok(results)
+    outs = [r.json() for r in results]
+    assert "exception" not in outs[0], outs[0]["exception"]
+    return outs
+
+
+def hf_greedy(model: Any, prompt: list[int], max_tokens: int) -> tuple[list[int], str]:
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if t == EOS:
+                return out, "stop"
+            out.append(t)
+            ids.append(t)
+    return out, "length"
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_concurrent_requests_match_sequential_and_transformers(tp: int, ckpt_main: str) -> None:
+    from .rank_worker import PROMPTS
+
+    outs = run_scenario(ckpt_main, "batching", tp)
+    res = outs[0]
+    assert res["max_running"] >= 2, "requests were never batched together"
+    assert any(
+        s["batch_size"] > 1 and s["num_prefill_tokens"] > 0 and s["num_decode_tokens"] > 0
+        for s in res["steps"]
+    ), "no step mixed a new prefill with running decodes"
+    hf = load_hf_model(ckpt_main)
+    for i, prompt in enumerate(PROMPTS):
+        ref, reason = hf_greedy(hf, prompt, 12 + 3 * i)
+        for mode in ("sequential", "concurrent", "staggered"):
+            got = res[mode][i]
+            assert got["tokens"] == ref, f"{mode} request {i}"
+            assert got["finish"] == reason, f"{mode} request {i}"
+    if tp > 1:  # followers advanced in lockstep with rank 0 (heartbeat step counter)
+        assert outs[1]["stats"]["step"] >= len(res["steps"])
+
+
+def test_sampling_is_seeded_and_top_k1_is_greedy(ckpt_main: str) -> None:
+    res = run_scenario(ckpt_main, "sampling")[0]
+    assert res["seeded_a"]["tokens"] == res["seeded_b"]["tokens"]
+    assert len(res["seeded_a"]["tokens"]) > 5
+    assert res["other_seed"]["tokens"] != res["seeded_a"]["tokens"]
+    assert res["top_k1"]["tokens"] == res["greedy"]["tokens"]
+    assert res["hot"]["tokens"][: len(res["greedy"]["tokens"])] != res["greedy"]["tokens"]
+
+
+def test_validation_cancel_stop_tokens_and_idle_steps(ckpt_main: str) -> None:
+    outs = run_scenario(ckpt_main, "controls")
+    res = outs[0]
+    errs = res["errors"]
+    assert "empty" in errs["empty"]
+    assert "out of range" in errs["out_of_range"]
+    assert "max_model_len" in errs["too_long"]
+    assert "top_p" in errs["bad_top_p"]
+    assert res["cancel"]["finish"] == "abort" and res["cancel"]["n"] <= 4
+    assert res["cancel_stop"]["finish"] == "stop"
+    ref = res["ref"]["tokens"]
+    assert len(ref) >= 5, "reference too short to pick a stop token"
+    stop_tok = res["stop_tok"]
+    assert res["stopped"]["tokens"] == ref[: ref.index(stop_tok)]
+    assert res["stopped"]["finish"] == "stop"
+    st = res["stats"]
+    assert st["running"] == 0 and st["queue_depth"] == 0
+    # 1.2 s idle with a 0.5 s idle interval: at least 2 idle steps beyond the work steps.
+    assert st["step"] >= len(res["steps"]) + 2
+    assert outs[1]["stats"]["step"] >= len(res["steps"]) + 2
+
+
+def test_fake_oom_halves_batch_and_completes_everything(ckpt_main: str) -> None:
+    outs = run_scenario(ckpt_main, "oom", env={"TPI_FAKE_OOM_AT_BATCH": "2", "T_MAX_BATCH": "8"})
+    res = outs[0]
+    st = res["stats"]
+    assert st["oom_count"] >= 1
+    assert st["effective_batch_size"] <= 2  # 8 -> halved until the fake limit fits
+    assert "out of memory" in st["last_error"]
+    for conc, seq in zip(res["concurrent"], res["sequential"], strict=True):
+        assert "error" not in conc, conc
+        assert conc["tokens"] == seq["tokens"] and conc["finish"] == seq["finish"]
+    assert max(s["batch_size"] for s in res["steps"]) <= 2
+    # The follower mirrored the decision (it reports the same counters in its heartbeat).
+    assert outs[1]["stats"]["oom_count"] == st["oom_count"]
+    assert outs[1]["stats"]["effective_batch_size"] == st["effective_batch_size"]
+
+
+def test_oom_at_batch_one_fails_the_request_instead_of_looping(ckpt_main: str) -> None:
+    outs = run_scenario(ckpt_main, "oom", tp=1, env={"TPI_FAKE_OOM_AT_BATCH": "0", "T_MAX_BATCH": "4"})
+    res = outs[0]
+    for r in res["concurrent"] + res["sequential"]:
+        assert "out of memory" in r["error"]
+    assert res["stats"]["effective_batch_size"] == 1
+    assert res["stats"]["oom_count"] >= 6
