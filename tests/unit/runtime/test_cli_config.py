@@ -1,0 +1,144 @@
+"""CLI (`python -m tpi_runtime generate`), TPI_* env defaults, config parsing and the tp rule."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from tpi_runtime.__main__ import build_parser
+from tpi_runtime.config import ModelConfig, check_tp, valid_tp_sizes
+from tpi_runtime.testing import TINY_CONFIG, load_hf_model
+
+from .conftest import assert_all_ok, free_port, rank_env, run_ranks
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+}
+
+
+def test_valid_tp_sizes() -> None:
+    # tp 16 and 32 exceed the 8 KV heads but divide evenly: KV heads are replicated.
+    assert valid_tp_sizes(LLAMA3_8B) == [1, 2, 4, 8, 16, 32]
+    assert valid_tp_sizes(TINY_CONFIG) == [1, 2, 4]
+    odd = {
+        **TINY_CONFIG,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "hidden_size": 96,
+        "intermediate_size": 100,
+    }
+    assert valid_tp_sizes(odd) == [1, 2]  # 3: 3 % 2 kv heads; 6: intermediate 100 % 6
+
+
+def test_invalid_tp_message_lists_valid_sizes() -> None:
+    cfg = ModelConfig.from_dict(TINY_CONFIG)
+    with pytest.raises(ValueError, match=r"valid sizes: \[1, 2, 4\]") as e:
+        check_tp(cfg, 3)
+    assert "num_attention_heads=4 is not divisible by 3" in str(e.value)
+
+
+def test_config_reads_both_rope_formats() -> None:
+    old = ModelConfig.from_dict(LLAMA3_8B)
+    assert old.rope_type == "llama3" and old.rope_theta == 500000.0 and old.head_dim == 128
+    new_style = {k: v for k, v in LLAMA3_8B.items() if k not in ("rope_theta", "rope_scaling")}
+    new_style["rope_parameters"] = {**LLAMA3_8B["rope_scaling"], "rope_theta": 500000.0}
+    new = ModelConfig.from_dict(new_style)
+    assert new.rope_type == "llama3" and new.rope_theta == 500000.0
+    assert new.rope_scaling is not None and new.rope_scaling["factor"] == 8.0
+    plain = ModelConfig.from_dict(
+        {**TINY_CONFIG, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
+    )
+    assert plain.rope_type == "default" and plain.rope_scaling is None
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
+        ModelConfig.from_dict({**TINY_CONFIG, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def test_flags_default_from_tpi_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TPI_MAX_BATCH_SIZE", "5")
+    monkeypatch.setenv("TPI_EFFECTIVE_BATCH_SIZE", "2")
+    monkeypatch.setenv("TPI_DTYPE", "bfloat16")
+    monkeypatch.setenv("TPI_DIST_TIMEOUT_SECONDS", "7.5")
+    monkeypatch.setenv("TPI_MODEL", "/models/x")
+    args = build_parser().parse_args(["serve"])
+    assert (args.max_batch_size, args.effective_batch_size, args.dtype) == (5, 2, "bfloat16")
+    assert args.dist_timeout_seconds == 7.5 and args.model == "/models/x" and args.port == 8000
+    args = build_parser().parse_args(["serve", "--max-batch-size", "3", "--port", "9000"])
+    assert args.max_batch_size == 3 and args.port == 9000  # flags beat env
+
+
+def _generate(model: str, world: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tpi_runtime", "generate", "--model", model, *extra],
+        env=rank_env(0, world, free_port()),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_invalid_tp_exits_with_listing(ckpt_main: str) -> None:
+    p = _generate(ckpt_main, 3, "--prompt-ids", "1,2,3")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "tensor-parallel size 3 is invalid" in p.stderr and "valid sizes: [1, 2, 4]" in p.stderr
+
+
+def _parse(stdout: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in stdout.splitlines() if ": " in line)
+
+
+def test_generate_cli_text_prompt_matches_transformers(ckpt_main: str) -> None:
+    p = _generate(ckpt_main, 1, "--prompt", "the cat sees a dog", "--max-tokens", "8")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = _parse(p.stdout)
+    ids = [int(x) for x in out["token_ids"].split(",")]
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(f"{ckpt_main}/tokenizer.json")
+    prompt = tok.encode("the cat sees a dog").ids
+    hf = load_hf_model(ckpt_main)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(len(ids)):
+            seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert ids == seq[len(prompt) :]
+    assert out["text"] == tok.decode(ids)
+    assert out["finish_reason"] in ("length", "stop")
+
+
+def test_generate_cli_tp2_equals_tp1(ckpt_main: str) -> None:
+    argv = [
+        "-m",
+        "tpi_runtime",
+        "generate",
+        "--model",
+        ckpt_main,
+        "--prompt-ids",
+        "1,20,30,40",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "3",
+    ]
+    tp1 = run_ranks(1, argv)
+    tp2 = run_ranks(2, argv)
+    assert_all_ok(tp1 + tp2)
+    assert _parse(tp1[0].stdout)["token_ids"] == _parse(tp2[0].stdout)["token_ids"]
+    assert "token_ids" not in tp2[1].stdout  # only rank 0 prints
