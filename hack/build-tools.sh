@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Build the Kubernetes tool chain from the Go module proxy (no GitHub, no registry):
-# kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, etcd, kwok,
-# kwokctl and helm. Results are cached outside the clone, keyed by version, so a second
-# run is a no-op. Prints the cold build time.
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, kube-proxy, etcd,
+# kwok, kwokctl, helm and a CoreDNS with the plugins a local cluster needs (hack/node.sh).
+# Results are cached outside the clone, keyed by version, so a second run is a no-op.
+# Prints the cold build time.
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+COREDNS_VERSION="${COREDNS_VERSION:-v1.15.0}"
 
 CACHE="${TPI_CACHE:-$HOME/.cache/tpi}"
 BIN="$CACHE/k8s-$K8S_VERSION/bin"
@@ -31,7 +33,7 @@ staging=(api apiextensions-apiserver apimachinery apiserver cli-runtime client-g
   sample-cli-plugin sample-controller)
 
 build_kubernetes() {
-  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl) todo=()
+  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy) todo=()
   for c in "${cmds[@]}"; do have "$c" "$K8S_VERSION" || todo+=("$c"); done
   [[ ${#todo[@]} -eq 0 ]] && return
   local dir="$BUILD/k8s-$K8S_VERSION" staging_version="v0.${K8S_VERSION#v1.}"
@@ -87,10 +89,62 @@ build_helm() {
   mark helm "$HELM_VERSION"
 }
 
+build_coredns() {
+  # `go install github.com/coredns/coredns@V` works (no replace directives) but compiles every
+  # plugin (cloud DNS providers and their SDKs). The documented way to pick plugins is a main
+  # package that imports them and sets dnsserver.Directives (in plugin.cfg's order): ~4x less to
+  # compile. The node's Corefile uses bind, errors, health, ready, kubernetes and cache.
+  have coredns "$COREDNS_VERSION" && return
+  local dir="$BUILD/coredns-$COREDNS_VERSION"
+  mkdir -p "$dir" && cd "$dir"
+  cat >main.go <<'GO'
+// A CoreDNS with only the plugins a local cluster needs (written by hack/build-tools.sh).
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/forward"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/hosts"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/loop"
+	_ "github.com/coredns/coredns/plugin/ready"
+	_ "github.com/coredns/coredns/plugin/reload"
+	_ "github.com/coredns/coredns/plugin/whoami"
+)
+
+// In plugin.cfg's order (the order plugins run in).
+var directives = []string{
+	"reload", "bind", "ready", "health", "errors", "log", "cache",
+	"hosts", "kubernetes", "loop", "forward", "whoami",
+}
+
+func init() { dnsserver.Directives = directives }
+
+func main() { coremain.Run() }
+GO
+  if [[ ! -f go.mod ]]; then
+    go mod init tpi.dev/coredns-build >/dev/null 2>&1
+    go get "github.com/coredns/coredns@$COREDNS_VERSION"
+    go mod tidy
+  fi
+  echo ">> building coredns $COREDNS_VERSION"
+  go build -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
+    -o "$BIN/coredns" .
+  mark coredns "$COREDNS_VERSION"
+}
+
 build_helm
 build_kwok
 build_etcd
 build_kubernetes
+build_coredns
 
 if [[ ${#built[@]} -eq 0 ]]; then
   echo "tools up to date in $BIN"
