@@ -30,8 +30,10 @@ SINGLE_FILE = "model.safetensors"
 _DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
 # Harmless extras some exporters write; the model recomputes / shares them.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-# Drop a file's mmap after this many bytes so touched pages do not pile up in this rank's RSS.
-_REOPEN_BYTES = 128 << 20
+# Peak-memory knobs: read at most _CHUNK_BYTES of file span per get_slice, and drop the file's
+# mapping after _WINDOW_BYTES so touched pages do not pile up in this rank's RSS.
+_CHUNK_BYTES = 8 << 20
+_WINDOW_BYTES = 16 << 20
 _MAX_HEADER = 100 << 20
 
 
@@ -169,13 +171,40 @@ def _validate(cfg: ModelConfig, plan: list[ParamPlan], where: dict[str, str]) ->
     return headers
 
 
-def _read_slice(f, s: TensorSlice) -> torch.Tensor:  # type: ignore[no-untyped-def]
+@dataclass(frozen=True)
+class _Chunk:
+    """Rows [r0, r1) of a slice (rows of the slice, i.e. of the local block), and where they go."""
+
+    slice: TensorSlice
+    dest: torch.Tensor
+    dest_row: int
+    r0: int
+    r1: int
+    touched: int  # bytes of the file these rows span (whole rows, even for a column slice)
+
+
+def _chunks(s: TensorSlice, dest: torch.Tensor, dest_row: int, elem: int) -> list[_Chunk]:
+    """Split a slice into row chunks of at most _CHUNK_BYTES of file span each."""
+    if len(s.shape) == 1:
+        return [_Chunk(s, dest, dest_row, 0, s.shape[0], s.shape[0] * elem)]
+    rows = s.local_shape[0]
+    row_bytes = _numel(s.shape[1:]) * elem
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    return [
+        _Chunk(s, dest, dest_row + a, a, min(a + step, rows), (min(a + step, rows) - a) * row_bytes)
+        for a in range(0, rows, step)
+    ]
+
+
+def _read_chunk(f, c: _Chunk) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    s = c.slice
     sl = f.get_slice(s.name)
-    if s.dim is None:
+    if len(s.shape) == 1:
         return sl[:]
-    if s.dim == 0:
-        return sl[s.start : s.stop]
-    return sl[:, s.start : s.stop]
+    if s.dim == 1:  # column slice (row-parallel weight): all rows, our columns
+        return sl[c.r0 : c.r1, s.start : s.stop]
+    base = s.start if s.dim == 0 else 0
+    return sl[base + c.r0 : base + c.r1]
 
 
 @torch.inference_mode()
@@ -191,13 +220,15 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
         _DTYPES[dt] * _numel(shape) for h in headers.values() for dt, shape in h.tensors.values()
     )
 
-    # (file -> [(slice, destination param, first row)]) so each file is opened once.
-    work: dict[str, list[tuple[TensorSlice, torch.Tensor, int]]] = defaultdict(list)
+    # file -> row chunks, so each file is processed in one pass of short-lived mappings.
+    work: dict[str, list[_Chunk]] = defaultdict(list)
     for pp in plan:
         dest = params[pp.param]
         row = 0
         for s in pp.slices:
-            work[where[s.name]].append((s, dest, row))
+            path = where[s.name]
+            elem = _DTYPES[headers[path].tensors[s.name][0]]
+            work[path].extend(_chunks(s, dest, row, elem))
             row += s.local_shape[0]
         if row < dest.shape[0]:
             dest[row:].zero_()  # vocab padding rows produce logit 0 and are sliced away
@@ -207,32 +238,39 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
         items = work[path]
         j = 0
         while j < len(items):
-            opened_bytes = 0
+            touched = 0
             try:
+                # Reopen after _WINDOW_BYTES: closing unmaps the file, so the pages this rank
+                # touched leave its RSS instead of accumulating up to the file size.
                 with safe_open(path, framework="pt", device="cpu") as f:
-                    while j < len(items) and opened_bytes < _REOPEN_BYTES:
-                        s, dest, row = items[j]
-                        t = _read_slice(f, s)
+                    while j < len(items) and touched < _WINDOW_BYTES:
+                        c = items[j]
+                        t = _read_chunk(f, c)
                         n = t.numel() * t.element_size()
-                        rows = t.shape[0]
-                        dest[row : row + rows].copy_(t.view(dest[row : row + rows].shape))
-                        opened_bytes += n
+                        dst = c.dest[c.dest_row : c.dest_row + (c.r1 - c.r0)]
+                        if t.shape != dst.shape:
+                            raise CheckpointError(
+                                f"{path}: tensor {c.slice.name} slice has shape "
+                                f"{list(t.shape)}, expected {list(dst.shape)}"
+                            )
+                        dst.copy_(t)
+                        del t
+                        touched += c.touched
+                        nbytes_file += n
                         report.bytes_read += n
-                        report.tensors_read += 1
+                        report.tensors_read += c.r0 == 0
                         j += 1
             except CheckpointError:
                 raise
             except Exception as e:  # safetensors errors on data we could not pre-validate
-                name = items[j][0].name if j < len(items) else "?"
+                name = items[j].slice.name if j < len(items) else "?"
                 raise CheckpointError(f"{path}: failed reading tensor {name}: {e}") from e
-            nbytes_file += opened_bytes
         log.info(
-            "rank %d: loaded %d/%d %s: %d slices, %.1f MiB in %.2fs",
+            "rank %d: loaded %d/%d %s: %.1f MiB in %.2fs",
             rank,
             i,
             len(work),
             os.path.basename(path),
-            len(items),
             nbytes_file / 2**20,
             time.monotonic() - tf,
         )

@@ -64,6 +64,7 @@ def make_tiny_checkpoint(
     dtype: str = "float32",
     max_shard_size: str | int = "100KB",
     tokenizer: bool = True,
+    init_std: float = 0.2,
     **config_overrides: Any,
 ) -> str:
     """Build a random `LlamaForCausalLM` from TINY_CONFIG + overrides and save it as safetensors."""
@@ -80,7 +81,7 @@ def make_tiny_checkpoint(
         # decided by rounding noise; a wider spread keeps argmax comparisons meaningful.
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0.0, 0.2)
+                p.normal_(0.0, init_std)
     model.save_pretrained(model_dir, safe_serialization=True, max_shard_size=max_shard_size)
     if tokenizer:
         write_tokenizer(model_dir, cfg.vocab_size)
