@@ -79,15 +79,17 @@ def worker(args: argparse.Namespace) -> None:
     engine = Engine(
         str(args.model),
         dtype="float32",
-        max_batch_size=1,
+        max_batch_size=max(1, args.batch),
         max_model_len=args.prompt_len + args.new_tokens + 8,
         backend="gloo",
         dist_timeout_s=300,
         device="cpu",
     )
     load_s = time.monotonic() - t0
+    torch.set_num_threads(args.threads)
     stop = threading.Event()
     runs: list[dict[str, Any]] = []
+    batched: dict[str, float] = {}
 
     def drive() -> None:
         try:
@@ -106,6 +108,26 @@ def worker(args: argparse.Namespace) -> None:
                         "tokens": toks,
                     }
                 )
+            if args.batch > 1:
+                # Continuous batching: `batch` concurrent requests share every decode step.
+                sp = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)
+                reqs = [engine.submit(prompt, sp) for _ in range(args.batch)]
+                firsts: list[float] = []
+
+                def consume(r: Any) -> None:
+                    it = iter(r)
+                    next(it)
+                    firsts.append(time.perf_counter())
+                    for _ in it:
+                        pass
+
+                ts = [threading.Thread(target=consume, args=(r,)) for r in reqs]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join()
+                elapsed = time.perf_counter() - max(firsts)
+                batched["decode_tps"] = args.batch * (args.new_tokens - 1) / elapsed
         finally:
             stop.set()
 
@@ -128,6 +150,7 @@ def worker(args: argparse.Namespace) -> None:
                 "replicated_bytes": replicated,
                 "kv_bytes": kv,
                 "bytes_read": engine.load_report.bytes_read,
+                "batched": batched,
             }
         ),
         flush=True,
@@ -162,6 +185,10 @@ def run_ours(tp: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             str(args.new_tokens),
             "--repeats",
             str(args.repeats),
+            "--threads",
+            str(args.threads),
+            "--batch",
+            str(args.batch if tp == 1 else 1),
         ]
         procs.append(
             subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -180,6 +207,7 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
+    torch.set_num_threads(args.threads)
     baseline_kib = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM: this process also ran the orchestration
@@ -249,6 +277,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (HF and every rank)")
+    ap.add_argument("--batch", type=int, default=4, help="concurrent requests for the TP=1 batching row")
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -257,7 +287,8 @@ def main() -> None:
     import torch
 
     print(
-        f"checkpoint {args.model}; torch {torch.__version__}; {os.cpu_count()} CPUs; float32; greedy; "
+        f"checkpoint {args.model}; torch {torch.__version__}; {os.cpu_count()} CPUs, {args.threads} torch "
+        f"thread(s) per process; float32; greedy; "
         f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeats}",
         flush=True,
     )
@@ -278,6 +309,12 @@ def main() -> None:
     print(f"TP=1 prefill vs HF: {tp1['prefill_tps'] / hf_row['prefill_tps']:.2f}x")
     same = all(o["runs"][0]["tokens"] == hf["runs"][0]["tokens"] for o in (ours[1][0], ours[2][0]))
     print(f"greedy tokens identical to HF at TP=1 and TP=2: {same}")
+    if ours[1][0]["batched"]:
+        agg = ours[1][0]["batched"]["decode_tps"]
+        print(
+            f"TP=1 with {args.batch} concurrent requests (continuous batching): {agg:.1f} aggregate "
+            f"decode tok/s = {agg / hf_row['decode_tps']:.2f}x HF single-stream"
+        )
     print(
         "\nper-rank memory (MiB): peak RSS | baseline after imports | peak - baseline | "
         "target 1.2 x (weights/TP + replicated) | KV cache"

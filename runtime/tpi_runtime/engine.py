@@ -212,6 +212,8 @@ class Engine:
         self.device = torch.device(f"cuda:{env.local_rank}") if device == "cuda" else torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        elif os.environ.get("TPI_NUM_THREADS"):
+            torch.set_num_threads(int(os.environ["TPI_NUM_THREADS"]))
         elif "LOCAL_WORLD_SIZE" in os.environ:  # ranks sharing one machine share its cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
         if dtype == "auto":
