@@ -7,6 +7,7 @@ already up is reused); each test gets a fresh namespace, deleted afterwards.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ def api_client(kubeconfig: str) -> client.ApiClient:
 def namespace(api_client: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace per test."""
     core = client.CoreV1Api(api_client)
-    base = request.node.name.lower().replace("_", "-")[:40].strip("-")
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     # The ServiceAccount controller must have made `default` before pods can be created.
