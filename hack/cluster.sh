@@ -197,10 +197,13 @@ up() {
     --cidr 10.244.0.0/16 --node-ip "$ip" --server-address "127.0.0.1:$((APISERVER_PORT + 3))"
 
   fake_nodes | "$BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" apply -f - >/dev/null
-  wait_for "the default ServiceAccount" 60 \
-    "$BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" get serviceaccount default -n default
+  wait_for "the default ServiceAccount" 60 default_sa_exists
   wait_for "$NODES fake nodes Ready" 60 nodes_ready
   log "up in $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t0}")s; KUBECONFIG=$KUBECONFIG_PATH"
+}
+
+default_sa_exists() {
+  "$BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" get serviceaccount default -n default -o name >/dev/null 2>&1
 }
 
 nodes_ready() {
