@@ -87,22 +87,36 @@ def test_fake_nodes_advertise_gpus(api_client: client.ApiClient) -> None:
 def test_crd_custom_object_and_statefulset(namespace: str, api_client: client.ApiClient) -> None:
     kubectl("apply", "-f", "-", input=SMOKE_CRD)
     wait_until(
-        lambda: "Established" in kubectl("get", "crd", "widgets.smoke.tpi.dev", "-o", "jsonpath={.status.conditions[*].type}"),
+        lambda: (
+            "Established"
+            in kubectl("get", "crd", "widgets.smoke.tpi.dev", "-o", "jsonpath={.status.conditions[*].type}")
+        ),
         what="CRD established",
     )
-    kubectl("apply", "-n", namespace, "-f", "-", input="apiVersion: smoke.tpi.dev/v1\nkind: Widget\nmetadata: {name: w}\nspec: {size: 3}\n")
+    kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input="apiVersion: smoke.tpi.dev/v1\nkind: Widget\nmetadata: {name: w}\nspec: {size: 3}\n",
+    )
     assert json.loads(kubectl("get", "widget", "w", "-n", namespace, "-o", "json"))["spec"]["size"] == 3
     # The schema is enforced by the real apiserver.
     bad = subprocess.run(
         [*kubectl_cmd(), "apply", "-n", namespace, "-f", "-"],
         input="apiVersion: smoke.tpi.dev/v1\nkind: Widget\nmetadata: {name: bad}\nspec: {size: 0}\n",
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode != 0 and "spec.size" in bad.stderr
 
     kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(statefulset("ranks", 3)))
-    pods = wait_until(lambda: len(running_pods(namespace, "ranks")) == 3 and running_pods(namespace, "ranks"),
-                      timeout=60, what="3 pods Running on fake nodes")
+    pods = wait_until(
+        lambda: len(running_pods(namespace, "ranks")) == 3 and running_pods(namespace, "ranks"),
+        timeout=60,
+        what="3 pods Running on fake nodes",
+    )
     for pod in pods:
         assert pod["spec"]["nodeName"].startswith("kwok-node-")
         assert all(s["ready"] for s in pod["status"]["containerStatuses"])
