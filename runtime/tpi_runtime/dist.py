@@ -11,6 +11,7 @@ Every collective the runtime issues goes through `Dist`, which
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -22,11 +23,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .shm import ShmTransport
+
 log = logging.getLogger("tpi_runtime.dist")
 
 EXIT_COLLECTIVE_FAILED = 3
 # Extra slack before the watchdog fires, so the backend's own timeout normally reports first.
 WATCHDOG_GRACE_S = 5.0
+# Per-rank slot of the shared-memory transport; bigger tensors (long prefills) go through gloo.
+SHM_SLOT_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,16 @@ class DistEnv:
             master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(os.environ.get("MASTER_PORT", "29500")),
         )
+
+
+def _pid_visible(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _die(msg: str) -> None:
@@ -83,6 +98,7 @@ class Dist:
         self._op_started = 0.0
         self._lock = threading.Lock()
         self.collectives = 0
+        self.shm: ShmTransport | None = None
         if self.world_size == 1:
             return
         log.info(
@@ -108,6 +124,46 @@ class Dist:
             _die(f"collective init_process_group failed after {time.monotonic() - t0:.1f}s: {e}")
         log.info("process group formed in %.2fs", time.monotonic() - t0)
         threading.Thread(target=self._watchdog, name="tpi-collective-watchdog", daemon=True).start()
+        if (
+            backend == "gloo"
+            and self.device.type == "cpu"
+            and os.environ.get("TPI_SHM_COLLECTIVES", "1") != "0"
+        ):
+            self._setup_shm()
+        self.collectives = 0  # count model/engine collectives only, not the setup handshakes
+
+    def _setup_shm(self) -> None:
+        """Switch small collectives to shared memory when every rank can map rank 0's file."""
+        path = [ShmTransport.new_path() if self.rank == 0 else ""]
+        ok = ShmTransport.supported()
+        if self.rank == 0 and ok:
+            open(path[0], "wb").close()
+        self._run("broadcast/shm_path", dist.broadcast_object_list, path, src=0)
+        transport = None
+        try:
+            ok = ok and os.path.exists(path[0])  # same host and same /dev/shm (not separate pods)
+            if ok:
+                transport = ShmTransport(
+                    path[0], self.rank, self.world_size, SHM_SLOT_BYTES, self.timeout_s, create=self.rank == 0
+                )
+        except Exception as e:
+            log.info("shared-memory collectives unavailable: %s", e)
+            ok = False
+        flag = torch.tensor([int(ok)])
+        self._run("all_reduce/shm_probe", dist.all_reduce, flag, op=dist.ReduceOp.MIN)
+        if flag.item() and transport is not None:
+            # Peers' pids must be visible for fast death detection (same pid namespace).
+            pids_ok = all(_pid_visible(int(p)) for p in transport.pids.tolist())
+            flag = torch.tensor([int(pids_ok)])
+            self._run("all_reduce/shm_probe", dist.all_reduce, flag, op=dist.ReduceOp.MIN)
+        if self.rank == 0 and path[0]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path[0])  # every rank has it mapped (or gave up): nothing leaks on a crash
+        if flag.item() and transport is not None:
+            self.shm = transport
+            log.info(
+                "same-host ranks: small collectives use shared memory (%d KiB slots)", SHM_SLOT_BYTES >> 10
+            )
 
     # --- watchdog ---------------------------------------------------------------------------
     def _watchdog(self) -> None:
@@ -136,11 +192,17 @@ class Dist:
         return out
 
     # --- collectives ------------------------------------------------------------------------
+    def _use_shm(self, t: torch.Tensor) -> bool:
+        return self.shm is not None and self.shm.fits(t.numel() * t.element_size())
+
     def all_reduce(
         self, t: torch.Tensor, name: str = "all_reduce", op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
     ) -> torch.Tensor:
         if self.world_size > 1:
-            self._run(f"all_reduce/{name}", dist.all_reduce, t, op=op)
+            if op == dist.ReduceOp.SUM and self._use_shm(t):
+                self._run(f"all_reduce/{name}", self.shm.all_reduce, t)  # type: ignore[union-attr]
+            else:
+                self._run(f"all_reduce/{name}", dist.all_reduce, t, op=op)
         return t
 
     def all_gather(self, t: torch.Tensor, name: str = "all_gather") -> torch.Tensor:
@@ -148,7 +210,9 @@ class Dist:
         if self.world_size == 1:
             return t
         t = t.contiguous()
-        if self.backend == "nccl":
+        if self._use_shm(t):
+            parts = self._run(f"all_gather/{name}", self.shm.all_gather, t)  # type: ignore[union-attr]
+        elif self.backend == "nccl":
             out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=t.device)
             self._run(f"all_gather/{name}", dist.all_gather_into_tensor, out, t)
             parts = list(out.unbind(0))
@@ -159,7 +223,10 @@ class Dist:
 
     def broadcast(self, t: torch.Tensor, src: int = 0, name: str = "broadcast") -> torch.Tensor:
         if self.world_size > 1:
-            self._run(f"broadcast/{name}", dist.broadcast, t, src=src)
+            if self._use_shm(t):
+                self._run(f"broadcast/{name}", self.shm.broadcast, t, src)  # type: ignore[union-attr]
+            else:
+                self._run(f"broadcast/{name}", dist.broadcast, t, src=src)
         return t
 
     def barrier(self, name: str = "barrier") -> None:

@@ -524,7 +524,7 @@ class Engine:
         if self.world_size > 1:
             # Agree on the outcome before the first weight collective, so every rank skips together.
             flag = torch.tensor([oom], dtype=torch.long, device=self.comm_device)
-            oom = int(self.dist.all_reduce(flag, name="oom_flag", op=torch.distributed.ReduceOp.MAX).item())
+            oom = int(self.dist.all_reduce(flag, name="oom_flag").item())  # > 0: some rank is out
         if oom:
             return None
         meta = BatchMeta.build(seqs, self.device)

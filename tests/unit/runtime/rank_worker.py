@@ -59,7 +59,7 @@ def parity(out_dir: str, steps: int, prompt: list[int], models: list[str]) -> No
                 {"prefill": prefill.contiguous(), "decode": torch.stack(decode)},
                 os.path.join(out_dir, f"{i}.safetensors"),
             )
-        result[model_dir] = {"tokens": tokens, "collectives": dist.collectives}
+        result[model_dir] = {"tokens": tokens, "collectives": dist.collectives, "shm": dist.shm is not None}
     dist.close()
     emit(result)
 

@@ -53,9 +53,12 @@ def _cleanup(procs: list[subprocess.Popen[str]]) -> None:
             p.communicate()
 
 
-@pytest.mark.parametrize("victim", [1, 0])
-def test_surviving_rank_exits_when_peer_is_killed_mid_request(ckpt_main: str, victim: int) -> None:
-    procs = spawn_ranks(2, worker_argv("stream", ckpt_main), {"T_DIST_TIMEOUT": str(TIMEOUT_S)})
+@pytest.mark.parametrize(("victim", "transport"), [(1, "shm"), (0, "shm"), (1, "gloo")])
+def test_surviving_rank_exits_when_peer_is_killed_mid_request(
+    ckpt_main: str, victim: int, transport: str
+) -> None:
+    env = {"T_DIST_TIMEOUT": str(TIMEOUT_S), "TPI_SHM_COLLECTIVES": "0" if transport == "gloo" else "1"}
+    procs = spawn_ranks(2, worker_argv("stream", ckpt_main), env)
     try:
         wait_for_line(procs[0], "TOKEN", within=120)  # rank 0 is streaming tokens: mid-request
         procs[victim].kill()

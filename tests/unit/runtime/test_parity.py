@@ -41,16 +41,22 @@ def references(ckpt_main: str, ckpt_tied: str) -> dict[str, dict[str, Any]]:
     return {d: hf_reference(d) for d in (ckpt_main, ckpt_tied)}
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize(
+    ("tp", "transport"),
+    [(1, "none"), (2, "shm"), (4, "shm"), (2, "gloo")],
+    ids=["tp1", "tp2", "tp4", "tp2-gloo"],
+)
 def test_matches_transformers(
-    tp: int, ckpt_main: str, ckpt_tied: str, references: dict[str, Any], tmp_path: Path
+    tp: int, transport: str, ckpt_main: str, ckpt_tied: str, references: dict[str, Any], tmp_path: Path
 ) -> None:
     models = [ckpt_main, ckpt_tied]
-    results = run_ranks(
-        tp, worker_argv("parity", str(tmp_path), str(STEPS), ",".join(map(str, PROMPT)), *models)
-    )
+    # Same-host ranks use the shared-memory transport by default; "gloo" forces gloo collectives.
+    env = {"TPI_SHM_COLLECTIVES": "0" if transport == "gloo" else "1"}
+    argv = worker_argv("parity", str(tmp_path), str(STEPS), ",".join(map(str, PROMPT)), *models)
+    results = run_ranks(tp, argv, extra_env=env)
     assert_all_ok(results)
     per_rank = [r.json() for r in results]
+    assert per_rank[0][ckpt_main]["shm"] == (transport == "shm")
     for i, model_dir in enumerate(models):
         ref = references[model_dir]
         ours = load_file(str(tmp_path / f"{i}.safetensors"))
