@@ -190,9 +190,7 @@ def run_ours(tp: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             "--batch",
             str(args.batch if tp == 1 else 1),
         ]
-        procs.append(
-            subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=900)
@@ -316,22 +314,21 @@ def main() -> None:
             f"decode tok/s = {agg / hf_row['decode_tps']:.2f}x HF single-stream"
         )
     print(
-        "\nper-rank memory (MiB): peak RSS | baseline after imports | peak - baseline | "
-        "target 1.2 x (weights/TP + replicated) | KV cache"
+        "\nper-rank memory, MiB (baseline = RSS after imports; growth = peak RSS - baseline - KV cache;"
+        "\n  target = 1.2 x (weights/TP + replicated norms))"
     )
-    print(
-        f"  HF            {hf['peak_rss_kib'] / 1024:8.0f} {hf['baseline_kib'] / 1024:8.0f} "
-        f"{(hf['peak_rss_kib'] - hf['baseline_kib']) / 1024:8.0f}"
-    )
+    print(f"{'':16}{'peak RSS':>10}{'baseline':>10}{'KV cache':>10}{'growth':>10}{'target':>10}")
+    hf_growth = (hf["peak_rss_kib"] - hf["baseline_kib"]) / 1024
+    print(f"{'  HF':16}{hf['peak_rss_kib'] / 1024:10.0f}{hf['baseline_kib'] / 1024:10.0f}{'-':>10}{hf_growth:10.0f}")
     for tp in (1, 2):
         for o in ours[tp]:
             target = 1.2 * o["param_bytes"] / 2**20
-            grown = (o["peak_rss_kib"] - o["baseline_kib"]) / 1024
+            kv = o["kv_bytes"] / 2**20
+            growth = (o["peak_rss_kib"] - o["baseline_kib"]) / 1024 - kv
             print(
-                f"  TP={tp} rank {o['rank']}  {o['peak_rss_kib'] / 1024:8.0f} "
-                f"{o['baseline_kib'] / 1024:8.0f} "
-                f"{grown:8.0f}   target {target:6.0f} ({'ok' if grown <= target else 'over'}, incl. KV "
-                f"{o['kv_bytes'] / 2**20:.0f})  threads {o['threads']}"
+                f"{'  TP=' + str(tp) + ' rank ' + str(o['rank']):16}"
+                f"{o['peak_rss_kib'] / 1024:10.0f}{o['baseline_kib'] / 1024:10.0f}{kv:10.0f}{growth:10.0f}"
+                f"{target:10.0f}  {'ok' if growth <= target else 'OVER'}"
             )
 
 
