@@ -282,6 +282,22 @@ ensure_network() {
   done
 }
 
+# The apiserver reaches kubelets by their Hostname address first (logs, exec, port-forward); the
+# node's name must resolve on this machine. (With --kubelet-preferred-address-types=InternalIP,...
+# on the apiserver this entry would not be needed.)
+HOSTS_MARK="# hack/node.sh: $NODE_NAME"
+ensure_hosts_entry() {
+  local ip; ip="$(host_ip)"
+  grep -qxF "$ip $NODE_NAME $HOSTS_MARK" /etc/hosts && return 0
+  remove_hosts_entry
+  echo "$ip $NODE_NAME $HOSTS_MARK" >>/etc/hosts
+}
+remove_hosts_entry() {
+  # /etc/hosts may be a bind mount: rewrite it in place.
+  local rest; rest="$(grep -vF "$HOSTS_MARK" /etc/hosts || true)"
+  printf '%s\n' "$rest" >/etc/hosts
+}
+
 node_ready() {
   [[ "$(kc get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]]
 }
@@ -293,6 +309,7 @@ up() {
   gen_certs
   local pause_tar; pause_tar="$(write_configs)"
   ensure_network
+  ensure_hosts_entry
   local ip; ip="$(host_ip)"
 
   # A control plane brought down and up again (hack/cluster.sh down wipes etcd) has lost this
@@ -368,6 +385,7 @@ down() {
   rm -f /run/netns/cni-* 2>/dev/null || true
   rm -rf "$KUBELET_ROOT" "$CNI_STATE" "$RUN_DIR"
   ip link del "$BRIDGE" 2>/dev/null || true
+  remove_hosts_entry
   log "down (images kept in $NODE_DIR/containerd-root; 'purge' deletes them)"
 }
 
