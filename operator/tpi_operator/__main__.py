@@ -38,8 +38,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig  # both kopf and our client read it
     handlers.CONFIG = handlers.OperatorConfig(
         workers=args.workers,
         idle_seconds=args.idle_seconds,
@@ -47,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         models_root=args.models_root,
         peering=args.peering,
         priority=args.priority,
+        kubeconfig=args.kubeconfig,
     )
     kopf.configure(
         verbose=args.verbose,

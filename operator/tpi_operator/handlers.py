@@ -35,7 +35,7 @@ from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, TPInferenceCluster
 from tpi_operator.core import capacity, reconcile, recovery, render, sizing
 from tpi_operator.core import status as status_core
 from tpi_operator.core.observe import Observation, lease_obs, pod_obs, sts_obs
-from tpi_operator.kube import Kube, KubeError
+from tpi_operator.kube import Kube, KubeError, load_configuration
 
 log = logging.getLogger("tpi_operator")
 CLUSTER = render.L_CLUSTER
@@ -55,6 +55,7 @@ class OperatorConfig:
     models_root: str | None = None
     peering: str | None = None
     priority: int = 0
+    kubeconfig: str | None = None
 
 
 CONFIG = OperatorConfig()
@@ -78,7 +79,7 @@ _STATE: dict[str, Any] = {}
 
 def _kube() -> Kube:
     if "kube" not in _STATE:
-        _STATE["kube"] = Kube.connect(pool_size=CONFIG.workers + 2)
+        _STATE["kube"] = Kube.connect(pool_size=CONFIG.workers + 2, kubeconfig=CONFIG.kubeconfig)
     return _STATE["kube"]
 
 
@@ -99,6 +100,28 @@ def _plain(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------- startup
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf talks to the API server with the same credentials as our client (--kubeconfig first).
+
+    kopf's stock handler calls ``load_kube_config()`` without a path, and the client library reads
+    $KUBECONFIG only when it is imported, so an explicit --kubeconfig would be ignored there.
+    """
+    cfg = load_configuration(CONFIG.kubeconfig)
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0] if parts else None)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Everything the reconciler needs lives in status and labels; kopf's own bookkeeping goes into
@@ -112,6 +135,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
+    # Server-side filtering: only our rank pods, StatefulSets and Leases are listed and watched
+    # (the client-side label filters below then always match).
+    for resource in (("v1", "pods"), ("apps/v1", "statefulsets"), ("coordination.k8s.io/v1", "leases")):
+        settings.watching.label_selectors[resource] = CLUSTER
     if CONFIG.peering:
         settings.peering.name = CONFIG.peering
         settings.peering.priority = CONFIG.priority

@@ -13,6 +13,7 @@ from typing import Any
 
 from kubernetes import client, config
 
+from tpi_operator import metrics
 from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 
 FIELD_MANAGER = "tpi-operator"
@@ -31,6 +32,15 @@ _KINDS = {
 }
 
 
+def _resource(path: str) -> str:
+    """The resource (plural, plus subresource) of an object path, for the request metric."""
+    parts = path.strip("/").split("/")
+    parts = parts[3:] if parts[0] == "apis" else parts[2:]  # drop the group/version prefix
+    if len(parts) > 2 and parts[0] == "namespaces":
+        parts = parts[2:]
+    return parts[0] + ("/" + parts[2] if len(parts) > 2 else "")
+
+
 class KubeError(Exception):
     def __init__(self, status: int, body: str) -> None:
         self.status = status
@@ -41,17 +51,29 @@ class KubeError(Exception):
         super().__init__(f"HTTP {status}: {self.message}")
 
 
+def load_configuration(kubeconfig: str | None = None) -> client.Configuration:
+    """Client configuration: an explicit kubeconfig, else in-cluster, else $KUBECONFIG / ~/.kube/config.
+
+    The path is passed explicitly: the client reads $KUBECONFIG once, at import time.
+    """
+    cfg = client.Configuration()
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=cfg)
+    else:
+        config.load_kube_config(client_configuration=cfg)
+    return cfg
+
+
 @dataclass
 class Kube:
     api: client.ApiClient
 
     @classmethod
-    def connect(cls, pool_size: int = 8) -> Kube:
-        cfg = client.Configuration()
-        if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-            config.load_incluster_config(client_configuration=cfg)
-        else:
-            config.load_kube_config(client_configuration=cfg)
+    def connect(cls, pool_size: int = 8, kubeconfig: str | None = None) -> Kube:
+        cfg = load_configuration(kubeconfig)
         cfg.connection_pool_maxsize = pool_size
         return cls(client.ApiClient(configuration=cfg))
 
@@ -78,6 +100,7 @@ class Kube:
         )
         response = self.api.call_api(*serialized, _request_timeout=30)
         data = response.read()
+        metrics.API_REQUESTS.labels(method, _resource(path)).inc()
         if not 200 <= response.status < 300:
             raise KubeError(response.status, data.decode(errors="replace") if data else "")
         return json.loads(data) if data else {}

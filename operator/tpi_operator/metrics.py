@@ -17,6 +17,11 @@ RECOVERY_SECONDS = Histogram(
     ["reason"],
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
 )
+API_REQUESTS = Counter(
+    "tpi_operator_api_requests_total",
+    "API requests made by the reconciler (kopf's own watches and event posts excluded)",
+    ["method", "resource"],
+)
 CLUSTERS = Gauge("tpi_operator_clusters", "TPInferenceClusters by phase", ["phase"])
 
 

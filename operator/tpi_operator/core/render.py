@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tpi_operator.api.v1alpha1 import API_VERSION, KIND, TPInferenceClusterSpec
@@ -217,7 +217,22 @@ def _resources(spec: TPInferenceClusterSpec) -> dict[str, Any]:
 
 
 def pod_template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> dict[str, Any]:
-    """The pod template of a group, labelled with its template hash and incarnation."""
+    """The pod template of a group, labelled with its template hash and incarnation.
+
+    The hash covers everything that needs new pods (spec, TP size, batch, restartedAt) but neither
+    the incarnation (a recreate is not a rollout) nor the group index: what differs between groups
+    (their label, MASTER_ADDR) never changes for a given group, so every group of one revision
+    carries the same hash and ``Observation.hash_for(tp, batch)`` can compare any group against it.
+    """
+    template = _template(spec, ident, gs)
+    neutral = template if gs.group == 0 else _template(spec, ident, replace(gs, group=0))
+    thash = content_hash(neutral)
+    template["metadata"]["labels"][L_TEMPLATE_HASH] = thash
+    template["metadata"]["labels"][L_INCARNATION] = str(gs.incarnation)
+    return template
+
+
+def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> dict[str, Any]:
     port = spec.runtime.port
     http_probe = {"httpGet": {"path": "/healthz", "port": "http"}}
     mounts = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
@@ -283,19 +298,13 @@ def pod_template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSetting
     annotations = {A_EFFECTIVE_BATCH: str(gs.batch), A_WORLD_SIZE: str(gs.tp)}
     if gs.restarted_at:
         annotations[A_RESTARTED_AT] = gs.restarted_at
-    template = {
+    return {
         "metadata": {
             "labels": {**cluster_labels(ident.name), L_GROUP: str(gs.group)},
             "annotations": annotations,
         },
         "spec": pod_spec,
     }
-    # The hash covers everything that needs new pods (spec, TP size, batch, restartedAt) but not
-    # the incarnation: a recreate is not a rollout.
-    thash = content_hash(template)
-    template["metadata"]["labels"][L_TEMPLATE_HASH] = thash
-    template["metadata"]["labels"][L_INCARNATION] = str(gs.incarnation)
-    return template
 
 
 def template_hash(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> str:

@@ -124,3 +124,13 @@ def test_services_leases_rbac():
     for obj in [headless, client, lease, sa, role, binding]:
         assert obj["metadata"]["ownerReferences"][0]["controller"] is True
         assert obj["metadata"]["annotations"][render.A_OBJECT_HASH]
+
+
+def test_template_hash_is_the_same_for_every_group_of_one_revision() -> None:
+    # recovery compares every group's StatefulSet against hash_for(tp, batch): one hash per revision
+    spec = make_spec()
+    hashes = {render.template_hash(spec, IDENT, render.GroupSettings(group=g, tp=2, batch=8)) for g in range(3)}
+    assert len(hashes) == 1
+    sts1 = render.statefulset(spec, IDENT, render.GroupSettings(group=1, tp=2, batch=8))
+    env = {e["name"]: e.get("value") for e in sts1["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MASTER_ADDR"].startswith("demo-g1-0.")
