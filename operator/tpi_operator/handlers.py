@@ -41,7 +41,9 @@ log = logging.getLogger("tpi_operator")
 CLUSTER = render.L_CLUSTER
 #: Shared objects (Services, RBAC) are re-applied at least this often, to heal manual deletes.
 RESYNC_SECONDS = 300.0
-#: Status is rewritten at least this often even if only heartbeat times moved.
+#: Node capacity (two cluster-wide LISTs) is shared by all clusters for this long.
+CAPACITY_TTL_SECONDS = 5.0
+#: Status is rewritten at most this often when only heartbeat times moved.
 STATUS_REFRESH_SECONDS = 60.0
 
 
@@ -275,10 +277,13 @@ def _model_info(mem: Memory, spec: TPInferenceClusterSpec) -> sizing.ModelInfo:
 
 def _write_status(kube: Kube, mem: Memory, name: str, namespace: str, st: TPInferenceClusterStatus) -> None:
     wire = st.wire()
-    comparable = _without_heartbeats(wire)
-    due = time.monotonic() - mem.last_status_write > STATUS_REFRESH_SECONDS
-    if mem.last_status is not None and _without_heartbeats(mem.last_status) == comparable and not due:
-        return
+    if mem.last_status is not None:
+        if mem.last_status == wire:
+            return
+        # Heartbeat times alone move every few seconds: written at most every STATUS_REFRESH_SECONDS.
+        due = time.monotonic() - mem.last_status_write > STATUS_REFRESH_SECONDS
+        if _without_heartbeats(mem.last_status) == _without_heartbeats(wire) and not due:
+            return
     kube.apply_status(name, namespace, wire)
     mem.last_status, mem.last_status_write = wire, time.monotonic()
 
@@ -310,7 +315,8 @@ def reconcile_once(body: dict[str, Any], pods: list[dict], leases: list[dict], s
         msg = f"spec cannot be used: {_validation_message(e)}"
         st = status_core.invalid(prev, generation, "InvalidSpec", msg, now, phase="Failed")
         _write_status(kube, mem, name, namespace, st)
-        return Outcome(CONFIG.idle_seconds * 10, "invalid", [("Warning", "InvalidSpec", msg)])
+        events = [] if prev.last_failure == st.last_failure else [("Warning", "InvalidSpec", msg)]
+        return Outcome(CONFIG.idle_seconds * 10, "invalid", events)
 
     info = _model_info(mem, spec)
     try:
@@ -320,7 +326,7 @@ def reconcile_once(body: dict[str, Any], pods: list[dict], leases: list[dict], s
         st = status_core.invalid(prev, generation, e.reason, str(e), now, phase=phase)
         st.desired_tensor_parallel_size = None
         _write_status(kube, mem, name, namespace, st)
-        events = [] if prev.last_failure and str(e) in prev.last_failure else [("Warning", e.reason, str(e))]
+        events = [] if prev.last_failure == st.last_failure else [("Warning", e.reason, str(e))]
         return Outcome(CONFIG.idle_seconds * 2, "invalid", events)
 
     rank_bytes = sizing.rank_memory_bytes(spec)
@@ -399,10 +405,16 @@ def _free_slots(
     stuck = any(p.unschedulable_since is not None for p in pods)
     if not (degraded or stuck):
         return None
-    try:
-        nodes = kube.list("Node")
-        bound = kube.list("Pod", fields="status.phase!=Succeeded,status.phase!=Failed")
-    except KubeError as e:
-        log.warning("cannot read capacity (%s); assuming none is free", e)
-        return None
-    return capacity.free_rank_slots(spec, nodes, bound)
+    cached = _STATE.get("capacity")
+    if cached is None or time.monotonic() - cached[0] > CAPACITY_TTL_SECONDS:
+        try:
+            nodes = kube.list("Node")
+            bound = kube.list("Pod", fields="status.phase!=Succeeded,status.phase!=Failed")
+        except KubeError as e:
+            log.warning("cannot read capacity (%s); assuming none is free", e)
+            return None
+        # Only what capacity needs: a cluster-wide pod list is big.
+        bound = [{"spec": {k: p["spec"].get(k) for k in ("nodeName", "containers")}, "status": {}} for p in bound
+                 if p.get("spec", {}).get("nodeName")]  # fmt: skip
+        cached = _STATE["capacity"] = (time.monotonic(), nodes, bound)
+    return capacity.free_rank_slots(spec, cached[1], cached[2])

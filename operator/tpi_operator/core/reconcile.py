@@ -100,7 +100,11 @@ def decide(
     decision.delete_statefulsets = [
         render.sts_name(ident.name, a.group) for a in actions if isinstance(a, recovery.RemoveGroup)
     ]
-    busy = new_status.phase != "Running" or decision.delete_pods or len(decision.apply) > 5
+    # Busy (re-check soon) only after changing something; otherwise watch events (pods,
+    # StatefulSets, the cluster) and the actions' own deadlines (backoff, heartbeat, timeouts) wake
+    # the reconciler. A cluster that is stuck (blocked, degraded, never-ready) must not poll.
+    changed = [o for o in decision.apply if o["kind"] in ("StatefulSet", "Lease")]  # shared: re-applied
+    busy = bool(changed or decision.delete_pods or decision.delete_statefulsets or decision.delete_leases)
     decision.wake_after = recovery.next_wake(actions, obs.now, busy_seconds if busy else idle_seconds)
     return decision
 

@@ -211,7 +211,8 @@ def invalid(
     st = status.model_copy(deep=True)
     st.phase = phase  # type: ignore[assignment]
     st.observed_generation = generation
-    st.last_failure = f"{format_time(now)} {reason}: {message}"
+    if not (st.last_failure or "").endswith(f" {reason}: {message}"):
+        st.last_failure = f"{format_time(now)} {reason}: {message}"  # same failure: keep its time
     conds = set_condition(st.conditions, "Ready", False, reason, message, generation, now)
     conds = set_condition(conds, "Progressing", False, reason, message, generation, now)
     st.conditions = set_condition(conds, "Degraded", True, reason, message, generation, now)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from op_builders import IDENT, healthy_pods, make_obs, make_spec
+from op_builders import IDENT, NOW, healthy_pods, make_obs, make_spec
 from tpi_operator.api.v1alpha1 import GroupStatus, TPInferenceClusterStatus
 from tpi_operator.core import reconcile, render
 from tpi_operator.core.observe import LeaseObs, StsObs
@@ -56,3 +56,40 @@ def test_degrade_removes_surplus_leases():
     d = reconcile.decide(spec, IDENT, obs)
     assert d.delete_leases == ["demo-g0-2", "demo-g0-3"]
     assert d.status.phase == "Degraded" and d.status.tp == "2/4"
+
+
+def _settled(spec, obs):
+    """obs with every Lease as the operator renders it (nothing left to apply)."""
+    leases = {}
+    for g in range(spec.replicas):
+        for r in range(obs.statefulsets[g].replicas):
+            lease = render.lease(spec, IDENT, g, r)
+            name = lease["metadata"]["name"]
+            leases[name] = LeaseObs(name, annotations=lease["metadata"]["annotations"])
+    return dataclasses.replace(obs, leases=leases)
+
+
+def test_stuck_cluster_sleeps_until_an_event_or_deadline():
+    # Blocked: ranks unschedulable, nothing smaller fits. Nothing to change, so no polling.
+    spec = make_spec(failurePolicy={"unschedulableTimeoutSeconds": 0, "minTensorParallelSize": 4})
+    base = real_obs(spec)
+    want = base.hash_for(4, 8)
+    pods = [dataclasses.replace(p, template_hash=want, phase="Pending", ready=False, node=None,
+                                unschedulable_since=NOW, unschedulable_message="0/4 nodes")
+            for p in healthy_pods()]  # fmt: skip
+    sts = {0: StsObs(group=0, replicas=4, template_hash=want, object_hash=None)}
+    status = TPInferenceClusterStatus(current_tensor_parallel_size=4, desired_tensor_parallel_size=4,
+                                      groups=[GroupStatus(group=0, template_hash=want)])  # fmt: skip
+    obs = _settled(spec, dataclasses.replace(base, pods=pods, statefulsets=sts, status=status, free_rank_slots=0))
+    applied_sts = render.statefulset(spec, IDENT, reconcile.settings_for(spec, status, 0, None))
+    sts = {0: dataclasses.replace(sts[0], object_hash=applied_sts["metadata"]["annotations"][render.A_OBJECT_HASH])}
+    d = reconcile.decide(spec, IDENT, dataclasses.replace(obs, statefulsets=sts), idle_seconds=30, busy_seconds=2)
+    assert "Blocked" in [a.kind for a in d.actions] and d.status.phase == "Degraded"
+    assert not [o for o in d.apply if o["kind"] in ("StatefulSet", "Lease")] and not d.delete_pods
+    assert d.wake_after == 30
+
+
+def test_changing_something_rechecks_soon():
+    spec = make_spec()
+    obs = dataclasses.replace(real_obs(spec), pods=[], statefulsets={})
+    assert reconcile.decide(spec, IDENT, obs, idle_seconds=30, busy_seconds=2).wake_after == 2
