@@ -57,3 +57,20 @@ def test_schema_is_structural():
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
     assert columns["TP"]["jsonPath"] == ".status.tp"
     assert columns["Restarts"]["priority"] == 1 and columns["Last-Failure"]["priority"] == 1
+
+
+def test_every_generated_file_is_checked_in():
+    # the TPI CRD and kopf's peering CRDs, in crds/ and the chart's copy
+    for path, text in _gen().outputs():
+        assert path.read_text() == text, f"{path} is stale: run `python hack/gen_crds.py`"
+
+
+def test_peering_crds_are_what_kopf_looks_for():
+    gen = _gen()
+    docs = [yaml.safe_load((ROOT / "crds" / name).read_text()) for name in gen.PEERING_FILES]
+    names = {(d["spec"]["names"]["kind"], d["spec"]["scope"]) for d in docs}
+    assert names == {("ClusterKopfPeering", "Cluster"), ("KopfPeering", "Namespaced")}
+    for d in docs:
+        assert d["spec"]["group"] == "zalando.org" and d["spec"]["versions"][0]["name"] == "v1"
+        status = d["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert status["x-kubernetes-preserve-unknown-fields"] is True  # kopf writes its peers there
