@@ -357,6 +357,11 @@ def reconcile_once(body: dict[str, Any], pods: list[dict], leases: list[dict], s
     recreate_grace = {a.group for a in decision.actions if isinstance(a, recovery.RecreateGroup)}
     for obj in decision.apply:
         _apply(kube, mem, obj)
+    if decision.delete_pods:
+        why = {p.name: f"{p.name}(incarnation {p.incarnation}, template {p.template_hash})" for p in pod_list}
+        wanted = {g.group: g.incarnation for g in decision.status.groups}
+        log.info("%s/%s: deleting pods %s; groups' incarnations %s", namespace, name,
+                 ", ".join(why.get(x, x) for x in decision.delete_pods), wanted)  # fmt: skip
     for pod in decision.delete_pods:
         group = next((p.group for p in pod_list if p.name == pod), None)
         # A broken group is useless: short grace. A rolled one drains (runtime handles SIGTERM).
@@ -370,6 +375,7 @@ def reconcile_once(body: dict[str, Any], pods: list[dict], leases: list[dict], s
     for a in decision.actions:
         if isinstance(a, recovery.RECORDED) or (isinstance(a, recovery.RollGroup) and a.reason != "Create"):
             metrics.ACTIONS.labels(a.kind, a.reason).inc()
+            log.info("%s/%s: %s %s: %s", namespace, name, a.kind, a.reason, a.message)
             etype = "Warning" if isinstance(a, recovery.MarkFailed | recovery.Degrade) else "Normal"
             events.append((etype, a.kind, f"{a.reason}: {a.message}"))
     for rec in decision.recovered:

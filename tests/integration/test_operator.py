@@ -43,8 +43,8 @@ def free_port() -> int:
 
 
 class Operator:
-    def __init__(self, kubeconfig: str, namespace: str, log: Path) -> None:
-        self.kubeconfig, self.namespace, self.log = kubeconfig, namespace, log
+    def __init__(self, kubeconfig: str, namespace: str, log: Path, extra: tuple[str, ...] = ()) -> None:
+        self.kubeconfig, self.namespace, self.log, self.extra = kubeconfig, namespace, log, extra
         self.proc: subprocess.Popen | None = None
         self.metrics_port = 0
 
@@ -54,7 +54,7 @@ class Operator:
         self.metrics_port = free_port()
         cmd = [sys.executable, "-m", "tpi_operator", "--namespace", self.namespace, "--kubeconfig",
                self.kubeconfig, "--metrics-port", str(self.metrics_port), "--liveness-port", "0",
-               "--log-format", "plain", "--busy-seconds", "0.5", "--idle-seconds", "3"]  # fmt: skip
+               "--log-format", "plain", "--busy-seconds", "0.5", "--idle-seconds", "3", *self.extra]  # fmt: skip
         out = self.log.open("ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
@@ -249,11 +249,16 @@ def test_stale_lease_recreates_group(
     time.sleep(1.5)
     renew_leases(api_client, namespace, ["demo-g0-0", "demo-g0-1"])  # healthy so far
     assert status(namespace).get("restarts", 0) == 0
-    # rank 1 stops renewing: a hang
-    renew_leases(api_client, namespace, ["demo-g0-0"])
-    wait_until(lambda: any(h["reason"] == "HeartbeatTimeout" for h in history(namespace)), timeout=20,
-               what="HeartbeatTimeout recreate")  # fmt: skip
-    wait_phase(namespace, "Running")
+    # rank 1 stops renewing (a hang) while rank 0 keeps beating
+    def hung() -> dict | None:
+        renew_leases(api_client, namespace, ["demo-g0-0"])
+        return next((h for h in history(namespace) if h["reason"] == "HeartbeatTimeout"), None)
+
+    entry = wait_until(hung, timeout=20, interval=1, what="HeartbeatTimeout recreate")
+    assert entry["action"] == "RecreateGroup" and "demo-g0-1 hung" in entry["message"], entry
+    st = wait_phase(namespace, "Running")
+    assert st["restarts"] == 1
+    assert {p["metadata"]["labels"]["tpi.dev/incarnation"] for p in pods(namespace)} == {"1"}
 
 
 def test_unschedulable_rank_degrades(operator: Operator, namespace: str) -> None:
@@ -427,3 +432,23 @@ def test_unworkable_clusters_are_explained_without_hot_looping(
     after = operator.metrics_text("tpi_operator_api_requests_total")
     assert [x for x in after if 'method="PATCH"' in x] == [x for x in writes if 'method="PATCH"' in x]
     assert operator.metric("tpi_operator_reconciles_total", result="error") == 0
+
+
+def test_peering_with_the_generated_peering_crds(crd: None, kubeconfig: str, namespace: str, tmp_path: Path) -> None:
+    """crds/ holds kopf's peering CRDs: with them and a KopfPeering, --peering works (chart: peering.enabled)."""
+    for name in ("zalando.org_clusterkopfpeerings.yaml", "zalando.org_kopfpeerings.yaml"):
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / name))
+    kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.zalando.org", "--timeout=60s")
+    apply(namespace, json.dumps({"apiVersion": "zalando.org/v1", "kind": "KopfPeering", "metadata": {"name": "tpi"}}))
+    op = Operator(kubeconfig, namespace, tmp_path / "operator.log", extra=("--peering", "tpi", "--priority", "10"))
+    op.start()
+    try:
+        apply(namespace, cluster_yaml())
+        st = wait_phase(namespace, "Running")
+        assert st["tp"] == "2/2"
+        peers = wait_until(lambda: get(namespace, "kopfpeering", "tpi").get("status"), timeout=30, what="peer")
+        assert any(p.get("priority") == 10 for p in peers.values()), peers  # kopf announced itself
+        kubectl("delete", "tpic", "demo", "-n", namespace, "--wait=true", "--timeout=60s")
+    finally:
+        op.stop()
+        print((tmp_path / "operator.log").read_text()[-3000:])

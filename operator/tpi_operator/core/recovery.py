@@ -197,9 +197,12 @@ def detect_failure(
         by_rank = {p.rank: p for p in pods}
         for rank, uid in enumerate(recorded):
             pod = by_rank.get(rank)
-            if pod is None or (pod.uid and pod.uid != uid):
-                name = pod.name if pod else f"rank {rank}"
-                return GroupFailure(group, "PodDeleted", f"{name} was deleted or replaced")
+            if pod is None:
+                return GroupFailure(group, "PodDeleted", f"rank {rank} (pod uid {uid[:8]}) was deleted")
+            if pod.uid and pod.uid != uid:
+                return GroupFailure(
+                    group, "PodDeleted", f"{pod.name} was replaced (pod uid {uid[:8]} -> {pod.uid[:8]})"
+                )
     timeout = dt.timedelta(seconds=spec.failure_policy.heartbeat_timeout_seconds)
     for p in pods:
         lease = obs.leases.get(p.name)
