@@ -363,9 +363,10 @@ def reconcile_once(body: dict[str, Any], pods: list[dict], leases: list[dict], s
         log.info("%s/%s: deleting pods %s; groups' incarnations %s", namespace, name,
                  ", ".join(why.get(x, x) for x in decision.delete_pods), wanted)  # fmt: skip
     for pod in decision.delete_pods:
-        group = next((p.group for p in pod_list if p.name == pod), None)
+        seen = next((p for p in pod_list if p.name == pod), None)
         # A broken group is useless: short grace. A rolled one drains (runtime handles SIGTERM).
-        kube.delete("Pod", namespace, pod, grace_seconds=5 if group in recreate_grace else None)
+        grace = 5 if seen is not None and seen.group in recreate_grace else None
+        kube.delete("Pod", namespace, pod, grace_seconds=grace, uid=seen.uid if seen else None)
     for sts in decision.delete_statefulsets:
         kube.delete("StatefulSet", namespace, sts)
     for lease in decision.delete_leases:

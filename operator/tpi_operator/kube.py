@@ -127,8 +127,14 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
-    def delete(self, kind: str, namespace: str, name: str, *, grace_seconds: int | None = None) -> bool:
-        """Delete; False when it was already gone."""
+    def delete(
+        self, kind: str, namespace: str, name: str, *, grace_seconds: int | None = None, uid: str | None = None
+    ) -> bool:
+        """Delete; False when it was already gone (or, with ``uid``, replaced by a newer object of that name).
+
+        ``uid`` is a precondition: a pod seen in a lagging cache may already have been replaced by
+        the StatefulSet controller, and the replacement must not be deleted in its stead.
+        """
         body: dict[str, Any] = {
             "kind": "DeleteOptions",
             "apiVersion": "v1",
@@ -136,11 +142,13 @@ class Kube:
         }
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
             self.request("DELETE", self.path(kind, namespace, name), body=body)
             return True
         except KubeError as e:
-            if e.status == 404:
+            if e.status == 404 or (uid and e.status == 409):
                 return False
             raise
 
