@@ -251,8 +251,12 @@ def test_stale_lease_recreates_group(
     assert status(namespace).get("restarts", 0) == 0
     # rank 1 stops renewing (a hang) while rank 0 keeps beating
     def hung() -> dict | None:
-        renew_leases(api_client, namespace, ["demo-g0-0"])
-        return next((h for h in history(namespace) if h["reason"] == "HeartbeatTimeout"), None)
+        # look first: a beat sent after the recreate would belong to the new rank 0, which then
+        # (no runtime here) goes stale in turn
+        found = next((h for h in history(namespace) if h["reason"] == "HeartbeatTimeout"), None)
+        if found is None:
+            renew_leases(api_client, namespace, ["demo-g0-0"])
+        return found
 
     entry = wait_until(hung, timeout=20, interval=1, what="HeartbeatTimeout recreate")
     assert entry["action"] == "RecreateGroup" and "demo-g0-1 hung" in entry["message"], entry
