@@ -37,7 +37,11 @@ def main() -> None:
         "architecture": "amd64",
         "os": "linux",
         "created": "1970-01-01T00:00:00Z",
-        "config": {"Entrypoint": ["/pause"], "User": "65535:65535", "Labels": {"dev.tpi.built-from": "k8s build/pause"}},
+        "config": {
+            "Entrypoint": ["/pause"],
+            "User": "65535:65535",
+            "Labels": {"dev.tpi.built-from": "k8s build/pause"},
+        },
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "gcc -static build/pause/linux/pause.c"}],
     }

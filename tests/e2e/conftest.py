@@ -301,10 +301,10 @@ def one():
 
 if mode == "once":
     print(json.dumps(one()), flush=True)
-elif mode == "parallel":
-    n = int(sys.argv[4])
+elif mode == "parallel":  # n at once (connections opened STAGGER s apart: small accept backlogs)
+    n, stagger = int(sys.argv[4]), float(os.environ.get("STAGGER", "0.02"))
     with ThreadPoolExecutor(n) as ex:
-        for res in ex.map(lambda _: one(), range(n)):
+        for res in ex.map(lambda i: (time.sleep(i * stagger), one())[1], range(n)):
             print(json.dumps(res), flush=True)
 elif mode == "loop":  # until /tmp/stop-<id> exists
     stop = "/tmp/stop-" + sys.argv[4]
@@ -379,6 +379,7 @@ class Client:
         assert proc.stdin is not None
         proc.stdin.write(CLIENT_SCRIPT)
         proc.stdin.close()
+        proc.stdin = None  # communicate() must not flush it again
         return proc, token
 
     def stop_loop(self, proc: subprocess.Popen[str], token: str) -> list[dict[str, Any]]:
