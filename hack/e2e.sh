@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make e2e`: bring up a cluster with a real node, build and load the images, run tests/e2e.
 #
-#   hack/e2e.sh [pytest args...]        e.g. hack/e2e.sh -k smoke   (default: the whole tier)
+#   hack/e2e.sh [pytest args...]   bring everything up, run the tier (e.g. hack/e2e.sh -k infra)
+#   hack/e2e.sh up                 only bring everything up (cluster, node, images): hack/demo.sh
+#   hack/e2e.sh down               stop the node (local) or delete the kind cluster
 #
 # Providers (TPI_E2E_PROVIDER):
 #   local (default)  this machine, no registry needed: hack/cluster.sh (apiserver, controller-manager,
@@ -193,11 +195,13 @@ YAML
 }
 
 # -------------------------------------------------------------------------------------- main
-case "$PROVIDER" in
-  local) local_up ;;
-  kind) kind_up ;;
-  *) die "TPI_E2E_PROVIDER must be local or kind, not '$PROVIDER'" ;;
-esac
+case "$PROVIDER" in local|kind) ;; *) die "TPI_E2E_PROVIDER must be local or kind, not '$PROVIDER'" ;; esac
+if [[ "${1:-}" == down ]]; then
+  if [[ "$PROVIDER" == local ]]; then "$HERE/node.sh" down; else kind delete cluster --name "$KIND_CLUSTER"; fi
+  exit 0
+fi
+if [[ "$PROVIDER" == local ]]; then local_up; else kind_up; fi
+[[ "${1:-}" == up ]] && exit 0
 
 rc=0
 cd "$ROOT"
