@@ -194,7 +194,8 @@ up() {
   fi
   start kwok "$BIN/kwok" --kubeconfig "$KUBECONFIG_PATH" --config "$STATE/kwok.yaml" \
     --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
-    --cidr 10.244.0.0/16 --node-ip "$ip" --server-address "127.0.0.1:$((APISERVER_PORT + 3))"
+    --cidr 10.244.0.0/16 --node-ip "$ip" --server-address "127.0.0.1:$((APISERVER_PORT + 3))" \
+    --node-lease-duration-seconds 40
 
   fake_nodes | "$BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" apply -f - >/dev/null
   wait_for "the default ServiceAccount" 60 default_sa_exists

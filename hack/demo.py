@@ -22,12 +22,19 @@ NAME = "demo"
 PROMPT = "the cat sees a big red"
 
 
+class DemoOperator(Operator):
+    """The e2e release, watching only the demo namespace so it never acts on the test tiers' objects."""
+
+    def values(self) -> dict[str, object]:
+        return {**super().values(), "watchNamespaces": [NAMESPACE]}
+
+
 def main() -> int:
     from tpi_runtime.testing import make_tiny_checkpoint
 
     provider = get_provider()
     print("[demo] helm install the operator (in-cluster, from its image)", flush=True)
-    Operator(provider).install()
+    DemoOperator(provider).install()
 
     local = CACHE / "demo-model"
     if not (local / "config.json").exists():
