@@ -311,6 +311,7 @@ INVALID = [
     # (spec overrides, part of the API server's message): OpenAPI bounds and CEL rules
     ({"tensorParallelSize": "big"}, "tensorParallelSize must be an integer between 1 and 256 or the string 'auto'"),
     ({"tensorParallelSize": 512}, "tensorParallelSize must be an integer between 1 and 256"),
+    ({"tensorParallelSize": 0}, "tensorParallelSize must be an integer between 1 and 256"),
     ({"tensorParallelSize": 2, "failurePolicy": {"minTensorParallelSize": 4}},
      "failurePolicy.minTensorParallelSize must be <= tensorParallelSize"),
     ({"model": {"source": {"pvc": {"claimName": "a"}, "image": {"path": "/x"}}}}, "exactly one of"),
