@@ -157,18 +157,25 @@ local_up() {
   step "venv + tools" "$HERE/ensure-deps.sh" venv tools
   step "control plane (hack/cluster.sh up)" "$HERE/cluster.sh" up
   step "real node (hack/node.sh up)" "$HERE/node.sh" up
+  # One image build/import at a time (make demo and make e2e may run side by side).
+  mkdir -p "$STAMPS"
+  exec 9>"$STAMPS/.lock"
+  flock 9
   if [[ -z "${TPI_E2E_SKIP_BUILD:-}" ]]; then
     step "images (build, cached)" build_images_local
   fi
   step "images into the node's containerd" load_images_local
+  flock -u 9
 }
 
 # -------------------------------------------------------------------------------------- kind
 kind_up() {
   local k
   for k in docker kind; do command -v "$k" >/dev/null || die "$k is not on PATH (needed by TPI_E2E_PROVIDER=kind)"; done
+  mkdir -p "$ROOT/_out"
   if ! kind get clusters 2>/dev/null | grep -qx "$KIND_CLUSTER"; then
-    step "kind create cluster $KIND_CLUSTER" kind create cluster --name "$KIND_CLUSTER" --wait 120s --config - <<'YAML'
+    # One worker plays the real node: labelled and tainted like hack/node.sh's.
+    cat >"$ROOT/_out/kind-$KIND_CLUSTER.yaml" <<'YAML'
 kind: Cluster
 apiVersion: kind.x-k8s.io/v1alpha4
 nodes:
@@ -183,8 +190,9 @@ nodes:
       taints:
       - {key: tpi.dev/real-node, value: "true", effect: NoSchedule}
 YAML
+    step "kind create cluster $KIND_CLUSTER" kind create cluster --name "$KIND_CLUSTER" --wait 120s \
+      --config "$ROOT/_out/kind-$KIND_CLUSTER.yaml"
   fi
-  mkdir -p "$ROOT/_out"
   kind get kubeconfig --name "$KIND_CLUSTER" >"$ROOT/_out/kind-$KIND_CLUSTER.kubeconfig"
   export TPI_E2E_KUBECONFIG="$ROOT/_out/kind-$KIND_CLUSTER.kubeconfig" TPI_E2E_KIND_CLUSTER="$KIND_CLUSTER"
   if [[ -z "${TPI_E2E_SKIP_BUILD:-}" ]]; then

@@ -343,7 +343,7 @@ class Client:
                             "command": ["python3", "-c", "import time; time.sleep(10**9)"],
                             "resources": {
                                 "requests": {"cpu": "10m", "memory": "64Mi"},
-                                "limits": {"memory": "512Mi"},
+                                "limits": {"memory": "1Gi"},
                             },
                         }
                     ],
@@ -352,8 +352,11 @@ class Client:
         )
         self.k("wait", "--for=condition=Ready", f"pod/{self.pod}", "--timeout=120s", timeout=130)
 
-    def _exec(self, *args: str, timeout: float = 300) -> list[dict[str, Any]]:
-        out = self.k("exec", "-i", self.pod, "--", "python3", "-", *args, input=CLIENT_SCRIPT, timeout=timeout)
+    def _exec(self, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        envs = [f"{k}={v}" for k, v in (env or {}).items()]
+        out = self.k(
+            "exec", "-i", self.pod, "--", "env", *envs, "python3", "-", *args, input=CLIENT_SCRIPT, timeout=timeout
+        )
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
     @staticmethod
@@ -363,8 +366,11 @@ class Client:
     def complete(self, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         return self._exec("once", url, json.dumps(body or self.body()))[0]
 
-    def parallel(self, url: str, n: int, body: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        return self._exec("parallel", url, json.dumps(body or self.body()), str(n))
+    def parallel(
+        self, url: str, n: int, body: dict[str, Any] | None = None, stagger: float = 0.02
+    ) -> list[dict[str, Any]]:
+        """n requests at once; connections opened `stagger` seconds apart."""
+        return self._exec("parallel", url, json.dumps(body or self.body()), str(n), env={"STAGGER": str(stagger)})
 
     def start_loop(self, url: str, body: dict[str, Any] | None = None) -> tuple[subprocess.Popen[str], str]:
         """Send requests one after another until stop_loop; returns the kubectl exec process."""
