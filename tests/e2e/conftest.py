@@ -405,7 +405,7 @@ def tpic(name: str, model_path: str, **spec: Any) -> dict[str, Any]:
         "tensorParallelSize": 2,
         "replicas": 1,
         "backend": "gloo",
-        "resources": {"cpu": "250m", "memory": "1Gi"},
+        "resources": {"cpu": "200m", "memory": "1Gi"},
         "runtime": {"dtype": "float32", "maxBatchSize": 8},
         "scheduling": {"nodeSelector": NODE_SELECTOR, "tolerations": TOLERATIONS},
         "failurePolicy": {
