@@ -724,6 +724,8 @@ class _Generation:
 class TPIHTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a hung client must never keep the process alive
     allow_reuse_address = True
+    # socketserver's default listen backlog of 5 resets bursts of concurrent clients.
+    request_queue_size = 128
 
     def __init__(self, addr: tuple[str, int], state: ServerState) -> None:
         self.state = state
