@@ -29,7 +29,7 @@ from tpi_operator.api.v1alpha1 import API_VERSION, KIND, TPInferenceClusterSpec
 MASTER_PORT = 29500
 MODEL_MOUNT = "/models"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
-RUNTIME_UID = 1000
+RUNTIME_UID = 10001  # the runtime image's user (Dockerfile)
 HEARTBEAT_INTERVAL_SECONDS = 2
 
 L_CLUSTER = "tpi.dev/cluster"
