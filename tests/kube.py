@@ -31,8 +31,16 @@ def tool(name: str) -> str:
 
 
 def kubectl(*args: str, check: bool = True, input: str | None = None, timeout: float = 60) -> str:
+    """kubectl against the local cluster of hack/cluster.sh."""
+    return run_kubectl(tool("kubectl"), str(KUBECONFIG), *args, check=check, input=input, timeout=timeout)
+
+
+def run_kubectl(
+    kubectl_bin: str, kubeconfig: str, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
+) -> str:
+    """Run kubectl; with check, a non-zero exit raises with kubectl's own message."""
     result = subprocess.run(
-        [tool("kubectl"), "--kubeconfig", str(KUBECONFIG), *args],
+        [kubectl_bin, "--kubeconfig", kubeconfig, *args],
         input=input,
         capture_output=True,
         text=True,

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.kube import BIN, KUBECONFIG, REPO
+from tests.kube import BIN, KUBECONFIG, REPO, run_kubectl
 
 NODE_LABEL = "tpi.dev/real-node"
 #: What every e2e pod carries to land on the real node (and nowhere else).
@@ -45,16 +45,7 @@ class Provider:
 
     # -- cluster access -------------------------------------------------------------------
     def kubectl(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60) -> str:
-        r = subprocess.run(
-            [self.kubectl_bin, "--kubeconfig", self.kubeconfig, *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check and r.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)} failed: {r.stderr.strip()}")
-        return r.stdout
+        return run_kubectl(self.kubectl_bin, self.kubeconfig, *args, check=check, input=input, timeout=timeout)
 
     def helm(self, *args: str, timeout: float = 300) -> str:
         helm = str(BIN / "helm") if (BIN / "helm").is_file() else shutil.which("helm")
