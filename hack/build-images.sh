@@ -82,11 +82,13 @@ print("\n".join(sorted({d for e in sys.argv[2:] for d in opt[e]})))'
   else
     "$PYTHON" -c "$script" "$ROOT/pyproject.toml" "${extras[@]}" > "$req"
   fi
-  local arch="$WHEEL_PLATFORM_ARCH" pyver="${WHEEL_PYTHON_VERSION//./}"
+  local arch="$WHEEL_PLATFORM_ARCH" pyver="${WHEEL_PYTHON_VERSION//./}" platforms=() v
+  # pip matches --platform tags exactly (no widening), and NVIDIA's wheels use manylinux_2_18 /
+  # 2_27 tags: list every glibc up to bookworm's 2.36, or pip backtracks through old torch releases.
+  for v in $(seq 36 -1 17); do platforms+=(--platform "manylinux_2_${v}_$arch"); done
   run "$PYTHON" -m pip download --dest "$ROOT/wheelhouse" --requirement "$req" \
     --only-binary=:all: --python-version "$WHEEL_PYTHON_VERSION" --implementation cp --abi "cp$pyver" \
-    --platform "manylinux_2_28_$arch" --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch" \
-    --platform "linux_$arch"
+    "${platforms[@]}" --platform "manylinux2014_$arch" --platform "linux_$arch"
 }
 
 build_image() {
