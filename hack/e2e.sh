@@ -130,6 +130,17 @@ build_images_local() {
   done
 }
 
+prune_docker() {
+  # Each runtime build leaves a ~6 GB predecessor and BuildKit cache behind; on a CI machine that
+  # builds often the disk fills up (seen: ctr import failing with ENOSPC). Keep the tagged images
+  # and a bounded build cache.
+  local docker
+  docker="$(command -v /usr/bin/docker || command -v docker)"
+  "$docker" image prune -f >/dev/null
+  "$docker" builder prune -f --keep-storage "${TPI_DOCKER_BUILD_CACHE:-12GB}" >/dev/null 2>&1 || true
+  log "disk: $(df -h "$CACHE" | awk 'NR==2{print $4}') free"
+}
+
 load_images_local() {
   local docker t image id ref
   docker="$(command -v /usr/bin/docker || command -v docker)"
@@ -163,6 +174,7 @@ local_up() {
   flock 9
   if [[ -z "${TPI_E2E_SKIP_BUILD:-}" ]]; then
     step "images (build, cached)" build_images_local
+    step "docker disk hygiene" prune_docker
   fi
   step "images into the node's containerd" load_images_local
   flock -u 9
