@@ -33,6 +33,8 @@ def main() -> int:
     from tpi_runtime.testing import make_tiny_checkpoint
 
     provider = get_provider()
+    # The operator watches only this namespace, so the chart's Role goes there: create it first.
+    provider.kubectl("create", "namespace", NAMESPACE, check=False)
     print("[demo] helm install the operator (in-cluster, from its image)", flush=True)
     DemoOperator(provider).install()
 
@@ -42,7 +44,6 @@ def main() -> int:
     node_path = provider.stage_dir(Path(local), "demo-model")
     print(f"[demo] checkpoint {local} -> node:{node_path}", flush=True)
 
-    provider.kubectl("create", "namespace", NAMESPACE, check=False)
     k = Kube(provider, NAMESPACE)
     k.apply(tpic(NAME, node_path, failurePolicy={"heartbeatTimeoutSeconds": 30}))
     t0 = time.monotonic()
