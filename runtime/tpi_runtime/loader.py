@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
-from .tp import ParamPlan, TensorSlice, shard_plan
+from .tp import ParamPlan, TensorSlice, shard_plan, weight_rows
 
 log = logging.getLogger("tpi_runtime.loader")
 
@@ -67,8 +67,7 @@ def read_header(path: str) -> _Header:
             (n,) = struct.unpack("<Q", raw_len)
             if n > _MAX_HEADER or 8 + n > size:
                 raise CheckpointError(
-                    f"{path}: corrupt safetensors header: header length {n} "
-                    f"does not fit in a {size}-byte file"
+                    f"{path}: corrupt safetensors header: header length {n} does not fit in a {size}-byte file"
                 )
             header = json.loads(f.read(n))
     except FileNotFoundError:
@@ -230,8 +229,8 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
             elem = _DTYPES[headers[path].tensors[s.name][0]]
             work[path].extend(_chunks(s, dest, row, elem))
             row += s.local_shape[0]
-        if row < dest.shape[0]:
-            dest[row:].zero_()  # vocab padding rows produce logit 0 and are sliced away
+        for _, _, padding in weight_rows(dest, row, _logical_rows(dest)):
+            padding.zero_()  # vocab padding rows produce logit 0 and are sliced away
     for i, path in enumerate(sorted(work), 1):
         tf = time.monotonic()
         nbytes_file = 0
@@ -247,13 +246,14 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
                         c = items[j]
                         t = _read_chunk(f, c)
                         n = t.numel() * t.element_size()
-                        dst = c.dest[c.dest_row : c.dest_row + (c.r1 - c.r0)]
-                        if t.shape != dst.shape:
+                        pieces = weight_rows(c.dest, c.dest_row, c.dest_row + (c.r1 - c.r0))
+                        expected = [c.r1 - c.r0, *pieces[0][2].shape[1:]]
+                        if list(t.shape) != expected:
                             raise CheckpointError(
-                                f"{path}: tensor {c.slice.name} slice has shape "
-                                f"{list(t.shape)}, expected {list(dst.shape)}"
+                                f"{path}: tensor {c.slice.name} slice has shape {list(t.shape)}, expected {expected}"
                             )
-                        dst.copy_(t)
+                        for a, b, dst in pieces:
+                            dst.copy_(t[a - c.dest_row : b - c.dest_row])
                         del t
                         touched += c.touched
                         nbytes_file += n
@@ -284,6 +284,11 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
         report.seconds,
     )
     return report
+
+
+def _logical_rows(weight: torch.Tensor) -> int:
+    """Rows of the [out, in] (or [n]) tensor a parameter holds, whatever its storage layout."""
+    return weight.shape[0] if weight.dim() <= 2 else weight.shape[0] * weight.shape[2]
 
 
 def _numel(shape: tuple[int, ...]) -> int:

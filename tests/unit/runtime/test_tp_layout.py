@@ -1,0 +1,67 @@
+"""The CPU weight layout of tensor-parallel linears: W^T cut into one column block per thread.
+
+The loader writes checkpoint rows through `weight_rows`, the model multiplies with `linear`; both
+must agree with a plain [out, in] weight whatever the block count (thread count at build time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tpi_runtime.tp import linear, linear_weight, weight_rows
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("threads", "out_features", "expected_shape"),
+    [
+        (1, 12, (1, 5, 12)),
+        (2, 12, (2, 5, 6)),
+        (3, 12, (3, 5, 4)),
+        (2, 13, (1, 5, 13)),  # not divisible: one block rather than ragged ones
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_blocked_layout_matches_plain_linear(
+    threads: int, out_features: int, expected_shape: tuple[int, ...], batch: int
+) -> None:
+    torch.manual_seed(0)
+    reference = torch.randn(out_features, 5)
+    with torch_threads(threads):
+        w = linear_weight(out_features, 5, dtype=torch.float32, device=torch.device("cpu"))
+    assert tuple(w.shape) == expected_shape
+    # Fill it the way the loader does: uneven row chunks that straddle block boundaries.
+    for start, stop in [(0, 5), (5, 7), (7, out_features)]:
+        for a, b, view in weight_rows(w, start, stop):
+            assert start <= a <= b <= stop
+            view.copy_(reference[a:b])
+    rebuilt = torch.cat([v for _, _, v in weight_rows(w, 0, out_features)])
+    assert torch.equal(rebuilt, reference)
+    x = torch.randn(batch, 5)
+    torch.testing.assert_close(linear(x, w), F.linear(x, reference), rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_layout_is_the_usual_out_in() -> None:
+    w = linear_weight(12, 5, dtype=torch.float32, device=torch.device("meta"))
+    assert tuple(w.shape) == (12, 5)
+    assert [(a, b, tuple(v.shape)) for a, b, v in weight_rows(w, 3, 9)] == [(3, 9, (6, 5))]
+
+
+def test_empty_row_range_yields_nothing_to_write() -> None:
+    with torch_threads(2):
+        w = linear_weight(12, 5, dtype=torch.float32, device=torch.device("cpu"))
+    assert sum(v.numel() for _, _, v in weight_rows(w, 12, 12)) == 0
+    assert sum(v.numel() for _, _, v in weight_rows(w, 6, 6)) == 0
