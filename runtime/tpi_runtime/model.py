@@ -99,18 +99,30 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+        self.shape = (dim,)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 like transformers, then scale in the model dtype.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        # Like transformers: normalise in float32, then scale in the model dtype.
+        return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+def rotate_half_matrix(d: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """P with x @ P == cat(-x[d/2:], x[:d/2]) (transformers' rotate_half), exactly: each output
+    is one input times +-1. One matmul instead of chunk / neg / cat, which matters in decode,
+    where every small op costs more than its arithmetic."""
+    h = d // 2
+    p = torch.zeros(d, d, dtype=dtype, device=device)
+    p[torch.arange(h), torch.arange(h) + h] = 1
+    p[torch.arange(h) + h, torch.arange(h)] = -1
+    return p
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, for x [N, heads, d] and cos/sin [N, 1, d]."""
+    return torch.addcmul(x * cos, x @ rot, sin)
 
 
 class Attention(nn.Module):
@@ -129,19 +141,35 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # [slots, hkv, max_len, d]
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor, meta: BatchMeta
+    ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q = q.view(n, self.hq, self.d)
-        k = k.view(n, self.hkv, self.d)
-        v = v.view(n, self.hkv, self.d)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        qkv = self.qkv(x)
+        n_qk = (self.hq + self.hkv) * self.d
+        qk = apply_rope(
+            qkv[:, :n_qk].view(n, self.hq + self.hkv, self.d), cos, sin, rot
+        )  # q and k heads at once
+        q, k = qk[:, : self.hq], qk[:, self.hq :]
+        v = qkv[:, n_qk:].view(n, self.hkv, self.d)
         kc, vc = self.k_cache, self.v_cache
         assert kc is not None and vc is not None, "KV cache not allocated (Transformer.setup_cache)"
+        gqa = self.hq != self.hkv
+        if n == 1:
+            # One sequence decoding one token: plain indexing and views only. Decode is a handful
+            # of small ops per layer, each costing more than its arithmetic, so they are few.
+            slot, ctx = meta.seq_slots[0], meta.ctx_lens[0]
+            kc[slot, :, ctx - 1] = k[0]
+            vc[slot, :, ctx - 1] = v[0]
+            o = F.scaled_dot_product_attention(
+                q.view(1, self.hq, 1, self.d),
+                kc[slot : slot + 1, :, :ctx],
+                vc[slot : slot + 1, :, :ctx],
+                enable_gqa=gqa,
+            )
+            return self.o_proj(o.view(1, self.hq * self.d))
         kc[meta.token_slots, :, meta.positions] = k
         vc[meta.token_slots, :, meta.positions] = v
-        gqa = self.hq != self.hkv
         if meta.decode_only and meta.slots_t is not None:
             # Batched decode: one query per sequence against its slot's cache, padded to max ctx.
             L = max(meta.ctx_lens)
@@ -197,8 +225,10 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, dist, layer, **kw)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, meta)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor, meta: BatchMeta
+    ) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, rot, meta)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -219,6 +249,9 @@ class Transformer(nn.Module):
         )
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
+        self.register_buffer(
+            "rot", rotate_half_matrix(cfg.head_dim, dtype=dtype, device=device), persistent=False
+        )
         self.num_slots = 0
         self.max_len = 0
 
@@ -246,6 +279,8 @@ class Transformer(nn.Module):
         sin = self.sin[meta.positions].unsqueeze(1)
         x = self.embed(input_ids)
         for blk in self.layers:
-            x = blk(x, cos, sin, meta)
-        x = self.norm(x[meta.last_token_idx])
+            x = blk(x, cos, sin, self.rot, meta)
+        if x.shape[0] != len(meta.seq_lens):  # some sequence brought several tokens (prefill)
+            x = x[meta.last_token_idx]
+        x = self.norm(x)
         return self.lm_head(x).float()
