@@ -94,9 +94,9 @@ class Dist:
         if backend not in ("nccl", "gloo"):
             raise ValueError(f"unknown backend {backend!r} (auto, nccl, gloo)")
         self.backend = backend
-        self._op: str | None = None
-        self._op_started = 0.0
-        self._lock = threading.Lock()
+        # (name, start) of the collective in flight, or None; one attribute, so the watchdog reads it
+        # without a lock (a collective takes microseconds; a lock round trip would be a real share).
+        self._op: tuple[str, float] | None = None
         self.collectives = 0
         self.shm: ShmTransport | None = None
         if self.world_size == 1:
@@ -170,24 +170,24 @@ class Dist:
         limit = self.timeout_s + WATCHDOG_GRACE_S
         while True:
             time.sleep(min(1.0, limit / 4))
-            with self._lock:
-                op, started = self._op, self._op_started
-            if op is not None and time.monotonic() - started > limit:
+            current = self._op
+            if current is None:
+                continue
+            op, started = current
+            if time.monotonic() - started > limit:
                 _die(
                     f"collective {op} failed: no progress for {time.monotonic() - started:.1f}s "
                     f"(timeout {self.timeout_s:.0f}s); a peer rank is dead or hung"
                 )
 
     def _run(self, name: str, fn, *a, **kw):  # type: ignore[no-untyped-def]
-        with self._lock:
-            self._op, self._op_started = name, time.monotonic()
+        self._op = (name, time.monotonic())
         try:
             out = fn(*a, **kw)
         except Exception as e:  # DistBackendError / RuntimeError from gloo or NCCL
             _die(f"collective {name} failed: {type(e).__name__}: {e}")
         finally:
-            with self._lock:
-                self._op = None
+            self._op = None
         self.collectives += 1
         return out
 

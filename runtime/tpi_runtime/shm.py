@@ -44,11 +44,14 @@ class ShmTransport:
         mem = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
         self._mem = mem
         lines = mem[:header].view(torch.int64).view(2 * world, _ALIGN // 8)
-        self.flags = lines[:world, 0]
+        self.flags = lines[:world, 0].numpy()  # numpy: a flag read or write is ~0.3 us, a tensor op ~3 us
         self.pids = lines[world:, 0]
         self.data = mem[header:].view(2, world, slot_bytes)
         self.seq = 0
         self.pids[rank] = os.getpid()
+        # (buffer, dtype, shape) -> every rank's slot viewed as that tensor. Decode repeats a few
+        # shapes thousands of times; building the views is most of a small collective's cost.
+        self._views: dict[tuple[int, torch.dtype, torch.Size], list[torch.Tensor]] = {}
 
     @classmethod
     def supported(cls) -> bool:
@@ -61,24 +64,36 @@ class ShmTransport:
     def fits(self, nbytes: int) -> bool:
         return nbytes <= self.slot_bytes
 
-    def _exchange(self, t: torch.Tensor | None, nbytes: int) -> torch.Tensor:
-        """Post `t` (None: post nothing), wait for every rank; returns the [world, nbytes] slots."""
+    def _slots(self, buf: int, t: torch.Tensor) -> list[torch.Tensor]:
+        key = (buf, t.dtype, t.shape)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) > 512:  # prefill lengths vary; keep the cache bounded
+                self._views.clear()
+            nbytes = t.numel() * t.element_size()
+            views = [self.data[buf, r, :nbytes].view(t.dtype).view(t.shape) for r in range(self.world)]
+            self._views[key] = views
+        return views
+
+    def _exchange(self, t: torch.Tensor, post: bool = True) -> list[torch.Tensor]:
+        """Post `t` (unless `post` is False), wait for every rank; returns every rank's slot as a
+        tensor shaped like `t`."""
         self.seq += 1
-        buf = self.data[self.seq % 2]
-        if t is not None:
-            buf[self.rank, :nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
+        slots = self._slots(self.seq % 2, t)
+        if post:
+            slots[self.rank].copy_(t)
         self.flags[self.rank] = self.seq
         self._wait()
-        return buf[:, :nbytes]
+        return slots
 
     def _wait(self) -> None:
         seq = self.seq
-        if int(self.flags.min()) >= seq:
+        if self.flags.min() >= seq:
             return
         start = time.monotonic()
         next_check = start + 0.1
         spins = 0
-        while int(self.flags.min()) < seq:
+        while self.flags.min() < seq:
             spins += 1
             if spins < 2000:
                 os.sched_yield()  # peers are usually microseconds away
@@ -96,24 +111,19 @@ class ShmTransport:
                     raise PeerFailure(f"peer ranks {late} did not arrive within {self.timeout_s:.0f}s")
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        nbytes = t.numel() * t.element_size()
-        slots = self._exchange(t, nbytes)
-        parts = [slots[r].view(t.dtype).view(t.shape) for r in range(self.world)]
-        t.copy_(parts[0])
+        parts = self._exchange(t)
+        t.copy_(parts[0])  # every rank sums in rank order, so every rank gets the same bits
         for p in parts[1:]:
             t.add_(p)
         return t
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        nbytes = t.numel() * t.element_size()
-        slots = self._exchange(t, nbytes)
-        return [slots[r].view(t.dtype).view(t.shape) for r in range(self.world)]
+        return self._exchange(t)
 
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
-        nbytes = t.numel() * t.element_size()
-        slots = self._exchange(t if self.rank == src else None, nbytes)
+        parts = self._exchange(t, post=self.rank == src)
         if self.rank != src:
-            t.view(-1).view(torch.uint8).copy_(slots[src])
+            t.copy_(parts[src])
         return t
 
 
