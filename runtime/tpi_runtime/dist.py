@@ -68,11 +68,12 @@ def _pid_visible(pid: int) -> bool:
     return True
 
 
-def _die(msg: str) -> None:
+def die(msg: str, exit_code: int = EXIT_COLLECTIVE_FAILED) -> None:
+    """Log `msg` and end the process now (no cleanup: a broken group's collectives could hang it)."""
     log.critical(msg)
     # Also straight to stderr: logging may be unconfigured or buffered in a dying process.
     print(f"tpi_runtime: {msg}", file=sys.stderr, flush=True)
-    os._exit(EXIT_COLLECTIVE_FAILED)
+    os._exit(exit_code)
 
 
 class Dist:
@@ -121,7 +122,7 @@ class Dist:
                 device_id=self.device if backend == "nccl" else None,
             )
         except Exception as e:  # rendezvous timeout or refused connection
-            _die(f"collective init_process_group failed after {time.monotonic() - t0:.1f}s: {e}")
+            die(f"collective init_process_group failed after {time.monotonic() - t0:.1f}s: {e}")
         log.info("process group formed in %.2fs", time.monotonic() - t0)
         threading.Thread(target=self._watchdog, name="tpi-collective-watchdog", daemon=True).start()
         if (
@@ -175,7 +176,7 @@ class Dist:
                 continue
             op, started = current
             if time.monotonic() - started > limit:
-                _die(
+                die(
                     f"collective {op} failed: no progress for {time.monotonic() - started:.1f}s "
                     f"(timeout {self.timeout_s:.0f}s); a peer rank is dead or hung"
                 )
@@ -185,7 +186,7 @@ class Dist:
         try:
             out = fn(*a, **kw)
         except Exception as e:  # DistBackendError / RuntimeError from gloo or NCCL
-            _die(f"collective {name} failed: {type(e).__name__}: {e}")
+            die(f"collective {name} failed: {type(e).__name__}: {e}")
         finally:
             self._op = None
         self.collectives += 1

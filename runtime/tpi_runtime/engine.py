@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, check_tp
-from .dist import Dist, DistEnv
+from .dist import Dist, DistEnv, die
 from .loader import LoadReport, load_weights
 from .model import BatchMeta, Transformer
 from .sampling import sample
@@ -39,6 +39,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 STEP_IDLE, STEP_WORK, STEP_SHUTDOWN = 0, 1, 2
 _HEADER = 8
 FAKE_OOM_ENV = "TPI_FAKE_OOM_AT_BATCH"
+FAKE_OOM_MID_FORWARD_ENV = "TPI_FAKE_OOM_MID_FORWARD"  # "1": the fake OOM strikes after layer 0, not before
+# A rank of a multi-rank group that runs out of GPU memory in the middle of a forward pass exits with
+# this code: its peers are inside the pass's collectives, so the group cannot resume in-process. The
+# operator treats it like OOMKilled (halve the batch, recreate the group); see docs/contracts.md.
+EXIT_OUT_OF_MEMORY = 4
 
 
 @dataclass(frozen=True)
@@ -202,8 +207,11 @@ class Engine:
             )
         self.model_name = served_model_name or os.path.basename(os.path.normpath(model_dir))
         self.idle_interval_s = idle_interval_s
+        mid_forward_fault: Callable[[int, int], None] | None = None
         if fault_injector is None and os.environ.get(FAKE_OOM_ENV):
             fault_injector = FakeOOM(int(os.environ[FAKE_OOM_ENV]))
+            if os.environ.get(FAKE_OOM_MID_FORWARD_ENV) == "1":
+                fault_injector, mid_forward_fault = None, fault_injector
         self.fault_injector = fault_injector
         self.on_step: Callable[[StepInfo], None] | None = None
 
@@ -228,6 +236,11 @@ class Engine:
         self.comm_device = self.device if self.dist.backend == "nccl" else torch.device("cpu")
         self.model = Transformer(cfg, self.dist, dtype=self.dtype, device=self.device)
         self.load_report: LoadReport = load_weights(self.model, model_dir, cfg, self.rank, self.world_size)
+        if mid_forward_fault is not None:
+            fault = mid_forward_fault  # after layer 0 ran: at TP > 1 its all-reduces are done
+            self.model.layers[0].register_forward_hook(
+                lambda _mod, args, _out: fault(len(args[-1].seq_lens), args[0].shape[0])
+            )
         cache_bytes = self.model.setup_cache(max_batch_size, self.max_model_len)
         log.info(
             "rank %d: KV cache %d slots x %d tokens = %.1f MiB",
@@ -487,8 +500,8 @@ class Engine:
                     f"out of memory at batch {len(batch)}; effective batch size {old} -> "
                     f"{self.effective_batch_size}"
                 )
-            # Every request of the failed step is kept (requeued by the next _schedule): the
-            # preflight failed before any K/V was written, so nothing needs recomputing.
+            # Every request of the failed step is kept (requeued by the next _schedule). Their
+            # cached token counts did not advance, so whatever K/V the step wrote is rewritten.
         log.warning("%s (oom_count=%d)", self._last_error, self._oom_count)
 
     # --- ranks > 0 ----------------------------------------------------------------------------
@@ -528,7 +541,23 @@ class Engine:
         if oom:
             return None
         meta = BatchMeta.build(seqs, self.device)
-        return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), meta)
+        try:
+            return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), meta)
+        except torch.cuda.OutOfMemoryError as e:
+            # The preflight reserves a step's activations, so this is rare (fragmentation, a
+            # neighbour process). Alone, retry smaller; in a group, the peers are mid-collective.
+            if self.world_size > 1:
+                die(
+                    f"rank {self.rank}: out of memory in the middle of a forward pass "
+                    f"({len(seqs)} sequences, {len(ids)} tokens): the group cannot resume in-process; "
+                    f"exiting {EXIT_OUT_OF_MEMORY} so the operator halves the batch and restarts the group "
+                    f"({e})",
+                    EXIT_OUT_OF_MEMORY,
+                )
+            log.warning("rank %d: out of memory in a forward pass: %s", self.rank, e)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
 
     def _preflight(self, n_seqs: int, n_tokens: int) -> None:
         """Reserve this step's activation memory up front: an OOM then happens here, on every rank

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from tpi_runtime.dist import EXIT_COLLECTIVE_FAILED
+from tpi_runtime.engine import EXIT_OUT_OF_MEMORY
 from tpi_runtime.testing import load_hf_model
 
 from .conftest import assert_all_ok, run_ranks, worker_argv
@@ -101,6 +103,29 @@ def test_fake_oom_halves_batch_and_completes_everything(ckpt_main: str) -> None:
     # The follower mirrored the decision (it reports the same counters in its heartbeat).
     assert outs[1]["stats"]["oom_count"] == st["oom_count"]
     assert outs[1]["stats"]["effective_batch_size"] == st["effective_batch_size"]
+
+
+def test_mid_forward_oom_alone_halves_batch_and_completes_everything(ckpt_main: str) -> None:
+    env = {"TPI_FAKE_OOM_AT_BATCH": "2", "TPI_FAKE_OOM_MID_FORWARD": "1", "T_MAX_BATCH": "8"}
+    res = run_scenario(ckpt_main, "oom", tp=1, env=env)[0]
+    assert res["stats"]["oom_count"] >= 1
+    assert res["stats"]["effective_batch_size"] <= 2
+    for conc, seq in zip(res["concurrent"], res["sequential"], strict=True):
+        assert "error" not in conc, conc
+        assert conc["tokens"] == seq["tokens"] and conc["finish"] == seq["finish"]
+
+
+def test_mid_forward_oom_in_a_group_exits_with_the_oom_code(ckpt_main: str) -> None:
+    """Peers are inside the pass's collectives: the rank exits 4 (the operator halves the batch and
+    recreates the group) and nobody hangs."""
+    env = {"TPI_FAKE_OOM_AT_BATCH": "2", "TPI_FAKE_OOM_MID_FORWARD": "1", "T_MAX_BATCH": "8"}
+    results = run_ranks(2, worker_argv("engine", ckpt_main, "oom"), extra_env=env, timeout=120)
+    codes = [r.returncode for r in results]
+    assert EXIT_OUT_OF_MEMORY in codes, codes
+    assert all(c in (EXIT_OUT_OF_MEMORY, EXIT_COLLECTIVE_FAILED) for c in codes), codes
+    oom_rank = results[codes.index(EXIT_OUT_OF_MEMORY)]
+    assert "out of memory in the middle of a forward pass" in oom_rank.stderr
+    assert "FAKE GPU OOM" in oom_rank.stderr
 
 
 def test_oom_at_batch_one_fails_the_request_instead_of_looping(ckpt_main: str) -> None:
