@@ -38,6 +38,10 @@ def _int(value: Any, default: int | None = None) -> int | None:
         return default
 
 
+# The runtime's exit code for "out of GPU memory in the middle of a forward pass" (docs/contracts.md).
+RUNTIME_EXIT_OUT_OF_MEMORY = 4
+
+
 # ------------------------------------------------------------------------------------- types
 @dataclass(frozen=True)
 class PodObs:
@@ -64,7 +68,8 @@ class PodObs:
 
     @property
     def oom(self) -> bool:
-        return self.termination_reason == "OOMKilled"
+        """Killed by the kernel's OOM killer, or the runtime ran out of GPU memory mid-step."""
+        return self.termination_reason == "OOMKilled" or self.exit_code == RUNTIME_EXIT_OUT_OF_MEMORY
 
     @property
     def crashed(self) -> bool:

@@ -185,7 +185,8 @@ def detect_failure(
     pods = current_pods(obs, group, incarnation)
     for p in pods:
         if p.oom:
-            return GroupFailure(group, "OOMKilled", f"container of {p.name} was OOMKilled")
+            what = "was OOMKilled" if p.termination_reason == "OOMKilled" else "ran out of GPU memory"
+            return GroupFailure(group, "OOMKilled", f"container of {p.name} {what} (exit code {p.exit_code})")
     for p in pods:
         if p.crashed:
             code = f" (exit code {p.exit_code})" if p.exit_code is not None else ""

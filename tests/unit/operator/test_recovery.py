@@ -44,6 +44,12 @@ CASES = [
         0,
         ["HalveBatch", "RecreateGroup"],
     ),
+    (
+        "gpu-oom-mid-forward",
+        {"restarts": 1, "termination_reason": "Error", "exit_code": 4},
+        0,
+        ["HalveBatch", "RecreateGroup"],
+    ),
     ("budget-exhausted-degrades", {"restarts": 1, "exit_code": 1}, 3, ["Degrade", "RollGroup"]),
 ]
 
