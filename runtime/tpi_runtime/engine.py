@@ -14,6 +14,7 @@ then (work steps) payload int64[n_tokens + 3 * n_seqs] = token ids, then (slot, 
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import json
 import logging
@@ -44,6 +45,7 @@ FAKE_OOM_MID_FORWARD_ENV = "TPI_FAKE_OOM_MID_FORWARD"  # "1": the fake OOM strik
 # this code: its peers are inside the pass's collectives, so the group cannot resume in-process. The
 # operator treats it like OOMKilled (halve the batch, recreate the group); see docs/contracts.md.
 EXIT_OUT_OF_MEMORY = 4
+_M_MMAP_THRESHOLD = -3  # mallopt parameter, <malloc.h>
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,18 @@ class FakeOOM:
             )
 
 
+def return_freed_memory_to_the_os() -> None:
+    """Pin glibc's mmap threshold at 256 KiB. By default it rises after each large free (up to
+    32 MiB), after which a prefill's big activations come from the heap and stay resident when
+    freed, so peak RSS creeps up with every new prefill size; with a fixed threshold each large
+    tensor gets its own mapping, unmapped on free. Decode's tensors are all below it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
+
+
 class Engine:
     def __init__(
         self,
@@ -215,6 +229,7 @@ class Engine:
         self.fault_injector = fault_injector
         self.on_step: Callable[[StepInfo], None] | None = None
 
+        return_freed_memory_to_the_os()  # before the weights: they are the first big allocations
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(f"cuda:{env.local_rank}") if device == "cuda" else torch.device(device)

@@ -211,7 +211,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.il, dim=-1)
-        return self.down(F.silu(gate) * up)
+        # In place: two fewer [tokens, intermediate] temporaries per layer in a long prefill.
+        return self.down(F.silu(gate, inplace=True).mul_(up))
 
 
 class Block(nn.Module):
