@@ -59,7 +59,12 @@ def parity(out_dir: str, steps: int, prompt: list[int], models: list[str]) -> No
                 {"prefill": prefill.contiguous(), "decode": torch.stack(decode)},
                 os.path.join(out_dir, f"{i}.safetensors"),
             )
-        result[model_dir] = {"tokens": tokens, "collectives": dist.collectives, "shm": dist.shm is not None}
+        result[model_dir] = {
+            "tokens": tokens,
+            "collectives": dist.collectives,
+            "shm": dist.shm is not None,
+            "weight_blocks": model.layers[0].attn.qkv.weight.shape[0],  # CPU layout: one per thread
+        }
     dist.close()
     emit(result)
 
@@ -279,7 +284,7 @@ def stream_mode(model_dir: str) -> None:
 
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # rank_env: 1 unless a test asks
     if mode == "parity":
         parity(args[0], int(args[1]), [int(x) for x in args[2].split(",")], args[3:])
     elif mode == "load":

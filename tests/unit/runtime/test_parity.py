@@ -42,21 +42,29 @@ def references(ckpt_main: str, ckpt_tied: str) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize(
-    ("tp", "transport"),
-    [(1, "none"), (2, "shm"), (4, "shm"), (2, "gloo")],
-    ids=["tp1", "tp2", "tp4", "tp2-gloo"],
+    ("tp", "transport", "threads"),
+    [(1, "none", 1), (1, "none", 2), (2, "shm", 1), (4, "shm", 1), (2, "gloo", 1)],
+    # 2 threads: CPU weights are split into 2 column blocks multiplied by one bmm (tp.linear_weight).
+    ids=["tp1", "tp1-2threads", "tp2", "tp4", "tp2-gloo"],
 )
 def test_matches_transformers(
-    tp: int, transport: str, ckpt_main: str, ckpt_tied: str, references: dict[str, Any], tmp_path: Path
+    tp: int,
+    transport: str,
+    threads: int,
+    ckpt_main: str,
+    ckpt_tied: str,
+    references: dict[str, Any],
+    tmp_path: Path,
 ) -> None:
     models = [ckpt_main, ckpt_tied]
     # Same-host ranks use the shared-memory transport by default; "gloo" forces gloo collectives.
-    env = {"TPI_SHM_COLLECTIVES": "0" if transport == "gloo" else "1"}
+    env = {"TPI_SHM_COLLECTIVES": "0" if transport == "gloo" else "1", "OMP_NUM_THREADS": str(threads)}
     argv = worker_argv("parity", str(tmp_path), str(STEPS), ",".join(map(str, PROMPT)), *models)
     results = run_ranks(tp, argv, extra_env=env)
     assert_all_ok(results)
     per_rank = [r.json() for r in results]
     assert per_rank[0][ckpt_main]["shm"] == (transport == "shm")
+    assert per_rank[0][ckpt_main]["weight_blocks"] == threads
     for i, model_dir in enumerate(models):
         ref = references[model_dir]
         ours = load_file(str(tmp_path / f"{i}.safetensors"))
