@@ -1,7 +1,10 @@
 """Runtime benchmark (CPU, float32, greedy): our runtime at TP=1 and TP=2 (gloo, one process per
 rank) against Hugging Face transformers `generate` on the same random ~125M-parameter Llama.
 
-    ~/.cache/tpi/venv/bin/python bench/bench_runtime.py [--prompt-len 128] [--new-tokens 128]
+    ~/.cache/tpi/venv/bin/python bench/bench_runtime.py [--prompt-len 128] [--new-tokens 128] [--cores N]
+
+Every system gets the same cores (default: all of them): HF and TP=1 run N torch threads, each of
+the TP=2 ranks N/2, as the runtime itself splits a machine between its local ranks.
 
 The checkpoint is created once in ~/.cache/tpi/bench-ckpt. Prints decode tokens/s, TPOT p50/p99,
 prefill tokens/s, load time, per-rank peak RSS and ratios vs HF. Not a test: timings on a shared
@@ -173,6 +176,7 @@ def run_ours(tp: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             MASTER_PORT=str(port),
         )
         env.pop("OMP_NUM_THREADS", None)
+        env["TPI_NUM_THREADS"] = str(max(1, args.cores // tp))  # before the model: weight layout follows it
         argv = [
             sys.executable,
             __file__,
@@ -186,7 +190,7 @@ def run_ours(tp: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             "--repeats",
             str(args.repeats),
             "--threads",
-            str(args.threads),
+            str(max(1, args.cores // tp)),
             "--batch",
             str(args.batch if tp == 1 else 1),
         ]
@@ -205,7 +209,7 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.cores)
     baseline_kib = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM: this process also ran the orchestration
@@ -274,8 +278,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (HF and every rank)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores each system may use")
+    ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)  # per worker process
     ap.add_argument("--batch", type=int, default=4, help="concurrent requests for the TP=1 batching row")
     args = ap.parse_args()
     if args.worker:
@@ -285,8 +290,8 @@ def main() -> None:
     import torch
 
     print(
-        f"checkpoint {args.model}; torch {torch.__version__}; {os.cpu_count()} CPUs, {args.threads} torch "
-        f"thread(s) per process; float32; greedy; "
+        f"checkpoint {args.model}; torch {torch.__version__}; {os.cpu_count()} CPUs; each system on "
+        f"{args.cores} core(s) (TP=2: {max(1, args.cores // 2)} thread(s) per rank); float32; greedy; "
         f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeats}",
         flush=True,
     )
