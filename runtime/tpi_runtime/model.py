@@ -147,9 +147,8 @@ class Attention(nn.Module):
         n = x.shape[0]
         qkv = self.qkv(x)
         n_qk = (self.hq + self.hkv) * self.d
-        qk = apply_rope(
-            qkv[:, :n_qk].view(n, self.hq + self.hkv, self.d), cos, sin, rot
-        )  # q and k heads at once
+        # RoPE on the q and k heads at once: they are adjacent in the fused qkv output.
+        qk = apply_rope(qkv[:, :n_qk].view(n, self.hq + self.hkv, self.d), cos, sin, rot)
         q, k = qk[:, : self.hq], qk[:, self.hq :]
         v = qkv[:, n_qk:].view(n, self.hkv, self.d)
         kc, vc = self.k_cache, self.v_cache
