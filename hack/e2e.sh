@@ -142,22 +142,38 @@ prune_docker() {
 }
 
 load_images_local() {
-  local docker t image id ref
+  local docker t image id ref pass missing
   docker="$(command -v /usr/bin/docker || command -v docker)"
   eval "$("$HERE/node.sh" env)"
-  for image in "$(image_for operator)" "$(image_for runtime)" "$("$HERE/base-image.sh" name)"; do
-    id="$("$docker" image inspect -f '{{.Id}}' "$image")"
+  # Two passes: a kubelet under disk pressure (say, during the 6 GB runtime import) reclaims space
+  # by deleting images no pod uses, which includes the ones imported a moment before.
+  for pass in 1 2; do
+    missing=""
+    for image in "$(image_for operator)" "$(image_for runtime)" "$("$HERE/base-image.sh" name)"; do
+      id="$("$docker" image inspect -f '{{.Id}}' "$image")"
+      ref="$image"; [[ "$ref" == */*/* || "$ref" == *.*/* ]] || ref="docker.io/$ref"
+      t="$(echo "$image" | tr '/:' '__')"
+      if [[ "$(cat "$STAMPS/loaded-$t" 2>/dev/null)" == "$id" ]] \
+         && ctr -n k8s.io images ls -q "name==$ref" | grep -qx "$ref"; then
+        [[ $pass == 1 ]] && log "$image already in the node's containerd"
+        continue
+      fi
+      [[ $pass == 2 ]] && log "$image is gone from containerd again (kubelet image GC under disk pressure?)"
+      missing+=" $image"
+      local t0; t0=$(date +%s)
+      # Drop the previous build first: containerd then collects its ~12 GB (content + unpacked
+      # snapshot) before the new one is written, instead of holding both at the peak.
+      ctr -n k8s.io images rm --sync "$ref" >/dev/null 2>&1 || true
+      "$docker" save "$image" | ctr -n k8s.io images import - >/dev/null
+      echo "$id" >"$STAMPS/loaded-$t"
+      log "$image imported into containerd in $(( $(date +%s) - t0 ))s"
+    done
+    [[ -z "$missing" ]] && return 0
+  done
+  for image in $missing; do
     ref="$image"; [[ "$ref" == */*/* || "$ref" == *.*/* ]] || ref="docker.io/$ref"
-    t="$(echo "$image" | tr '/:' '__')"
-    if [[ "$(cat "$STAMPS/loaded-$t" 2>/dev/null)" == "$id" ]] \
-       && ctr -n k8s.io images ls -q "name==$ref" | grep -qx "$ref"; then
-      log "$image already in the node's containerd"
-      continue
-    fi
-    local t0; t0=$(date +%s)
-    "$docker" save "$image" | ctr -n k8s.io images import - >/dev/null
-    echo "$id" >"$STAMPS/loaded-$t"
-    log "$image imported into containerd in $(( $(date +%s) - t0 ))s"
+    ctr -n k8s.io images ls -q "name==$ref" | grep -qx "$ref" \
+      || die "$image keeps disappearing from the node's containerd: the kubelet deletes unused images under disk pressure ($(df -h "$CACHE" | awk 'NR==2{print $4}') free)"
   done
 }
 

@@ -236,6 +236,9 @@ serializeImagePulls: false
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: "200Mi", nodefs.available: "2%", imagefs.available: "2%", nodefs.inodesFree: "2%"}
+# An image import briefly holds the old and the new image (~12 GB each for the runtime); the
+# DiskPressure taint it can cause must not outlive it by the default 5 minutes.
+evictionPressureTransitionPeriod: 30s
 nodeStatusUpdateFrequency: 4s
 nodeStatusReportFrequency: 20s
 syncFrequency: 10s
