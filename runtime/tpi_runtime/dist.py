@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .shm import ShmTransport
+from .shm import ShmTransport, pid_alive
 
 log = logging.getLogger("tpi_runtime.dist")
 
@@ -56,16 +56,6 @@ class DistEnv:
             master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(os.environ.get("MASTER_PORT", "29500")),
         )
-
-
-def _pid_visible(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def die(msg: str, exit_code: int = EXIT_COLLECTIVE_FAILED) -> None:
@@ -154,7 +144,7 @@ class Dist:
         self._run("all_reduce/shm_probe", dist.all_reduce, flag, op=dist.ReduceOp.MIN)
         if flag.item() and transport is not None:
             # Peers' pids must be visible for fast death detection (same pid namespace).
-            pids_ok = all(_pid_visible(int(p)) for p in transport.pids.tolist())
+            pids_ok = all(pid_alive(int(p)) for p in transport.pids.tolist())
             flag = torch.tensor([int(pids_ok)])
             self._run("all_reduce/shm_probe", dist.all_reduce, flag, op=dist.ReduceOp.MIN)
         if self.rank == 0 and path[0]:

@@ -105,7 +105,7 @@ class ShmTransport:
                 late = [r for r in range(self.world) if int(self.flags[r]) < seq]
                 for r in late:
                     pid = int(self.pids[r])
-                    if pid > 0 and not _alive(pid):
+                    if pid > 0 and not pid_alive(pid):
                         raise PeerFailure(f"peer rank {r} (pid {pid}) exited")
                 if now - start > self.timeout_s:
                     raise PeerFailure(f"peer ranks {late} did not arrive within {self.timeout_s:.0f}s")
@@ -127,7 +127,8 @@ class ShmTransport:
         return t
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` exists in this pid namespace (signal 0 checks without sending anything)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
