@@ -38,8 +38,8 @@ test-unit: venv tools ## unit tier: pure functions, runtime on real gloo process
 test-integration: deps cluster-up ## integration tier: operator and heartbeat against the real local apiserver
 	$(PYTEST) tests/integration -q -m integration
 
-e2e: deps ## real-pod tier (a real kubelet node; see README)
-	hack/e2e.sh
+e2e: deps ## real-pod tier (a real kubelet node; see README); E2E_ARGS: extra pytest args
+	hack/e2e.sh $(E2E_ARGS)
 
 cluster-up: tools ## bring up the local control plane with kwok fake nodes
 	hack/cluster.sh up

@@ -120,7 +120,8 @@ if [[ "$DRY_RUN" != 1 ]]; then
 fi
 
 start=$(date +%s)
-[[ "$WHEELHOUSE_BUILD" == 1 ]] && build_wheelhouse
+# Not `[[ ]] && build_wheelhouse`: bash ignores `set -e` inside a function called in a `&&` list.
+if [[ "$WHEELHOUSE_BUILD" == 1 ]]; then build_wheelhouse; fi
 for t in "${targets[@]}"; do
   build_image "$t"
 done

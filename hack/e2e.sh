@@ -38,22 +38,36 @@ export PATH="$BIN:$PATH" TPI_E2E_PROVIDER="$PROVIDER" TPI_E2E_OPERATOR_IMAGE="$O
   TPI_E2E_RUNTIME_IMAGE="$RUNTIME_IMAGE"
 
 declare -a TIMES=()
+CURRENT_STEP="" CURRENT_T0=""
 log() { echo "[e2e] $*" >&2; }
 die() { echo "[e2e] error: $*" >&2; exit 1; }
-step() { # name, command...: run and record how long it took
-  local name="$1" t0; shift
-  t0=$(date +%s.%N)
-  log "== $name"
+elapsed() { awk "BEGIN{printf \"%7.1fs\", $(date +%s.%N) - $1}"; }
+# Run a step and record how long it took. Never call it in a `||`/`&&` list or an `if`
+# condition: bash then ignores `set -e` inside the whole call, so a failing step would go on and
+# the step would return the status of its last line (the timing) instead of the command's.
+# A failing step ends the script with its own status; on_exit records it as FAILED.
+step() { # name, command...
+  CURRENT_STEP="$1" CURRENT_T0=$(date +%s.%N)
+  shift
+  log "== $CURRENT_STEP"
   "$@"
-  TIMES+=("$(awk "BEGIN{printf \"%7.1fs\", $(date +%s.%N) - $t0}")  $name")
+  TIMES+=("$(elapsed "$CURRENT_T0")  $CURRENT_STEP")
+  CURRENT_STEP=""
 }
-summary() {
-  local t
-  [[ ${#TIMES[@]} -gt 0 ]] || return 0
-  log "timings:"
-  for t in "${TIMES[@]}"; do echo "    $t" >&2; done
+on_exit() {
+  local rc=$? t
+  [[ -z "$CURRENT_STEP" ]] || TIMES+=("$(elapsed "$CURRENT_T0")  $CURRENT_STEP: FAILED (exit $rc)")
+  if [[ -n "${TPI_E2E_DOWN:-}" && "$PROVIDER" == local && "${E2E_STARTED_NODE:-}" == 1 ]]; then
+    "$HERE/node.sh" down || log "node down failed"
+  fi
+  if [[ ${#TIMES[@]} -gt 0 ]]; then
+    log "timings:"
+    for t in "${TIMES[@]}"; do echo "    $t" >&2; done
+  fi
+  [[ $rc -eq 0 ]] || log "failed with exit status $rc"
+  exit "$rc"
 }
-trap summary EXIT
+trap on_exit EXIT
 
 # ------------------------------------------------------------------------------ images (local)
 # What an image is built from: the build files and the sources its target copies.
@@ -184,6 +198,7 @@ local_up() {
   step "venv + tools" "$HERE/ensure-deps.sh" venv tools
   step "control plane (hack/cluster.sh up)" "$HERE/cluster.sh" up
   step "real node (hack/node.sh up)" "$HERE/node.sh" up
+  E2E_STARTED_NODE=1
   # One image build/import at a time (make demo and make e2e may run side by side).
   mkdir -p "$STAMPS"
   exec 9>"$STAMPS/.lock"
@@ -239,10 +254,26 @@ fi
 if [[ "$PROVIDER" == local ]]; then local_up; else kind_up; fi
 [[ "${1:-}" == up ]] && exit 0
 
-rc=0
+# The e2e tier needs the real node's CPU: the demo's cluster (make demo) would keep rank pods of
+# the tests Pending. Stop it, loudly; `make demo` brings it back.
+make_room() {
+  local kcfg="${TPI_E2E_KUBECONFIG:-${TPI_CLUSTER_DIR:-$CACHE/cluster}/kubeconfig}" kubectl namespaces ns names
+  kubectl="$(command -v kubectl)"
+  namespaces="$("$kubectl" --kubeconfig "$kcfg" get namespaces -l tpi.dev/demo=true -o name)"
+  for ns in $namespaces; do
+    ns="${ns#namespace/}"
+    names="$("$kubectl" --kubeconfig "$kcfg" -n "$ns" get tpinferenceclusters -o name 2>/dev/null | tr '\n' ' ')"
+    [[ -n "$names" ]] || continue
+    log "MAKING ROOM on the node for the e2e tier: deleting the demo's ${names}in namespace $ns" \
+        "(its rank pods hold the node's CPU); run \`make demo\` again to bring it back"
+    "$kubectl" --kubeconfig "$kcfg" -n "$ns" delete tpinferenceclusters --all --wait=true --timeout=120s >/dev/null
+    "$kubectl" --kubeconfig "$kcfg" -n "$ns" wait pods -l tpi.dev/cluster --for=delete --timeout=120s >/dev/null
+  done
+}
+step "make room on the node" make_room
+
 cd "$ROOT"
-step "pytest tests/e2e" "$VENV/bin/python" -m pytest tests/e2e -m e2e -v -rA --durations=0 -p no:cacheprovider "$@" || rc=$?
-if [[ -n "${TPI_E2E_DOWN:-}" && "$PROVIDER" == local ]]; then
-  step "node down" "$HERE/node.sh" down
-fi
-exit "$rc"
+# TPI_E2E_TESTS: what pytest collects (default tests/e2e); tests/e2e/test_harness.py points it at
+# tests/harness to prove that a failing test fails this script, make e2e and make test.
+step "pytest ${TPI_E2E_TESTS:-tests/e2e}" "$VENV/bin/python" -m pytest "${TPI_E2E_TESTS:-tests/e2e}" -m e2e -v -rA \
+  --durations=0 -p no:cacheprovider "$@"
