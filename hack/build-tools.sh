@@ -3,17 +3,15 @@
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, kube-proxy, etcd,
 # kwok, kwokctl, helm and a CoreDNS with the plugins a local cluster needs (hack/node.sh).
 # Results are cached outside the clone, keyed by version, so a second run is a no-op.
-# Prints the cold build time.
+# Prints the cold build time. The versions are hack/lib/common.sh's (K8S_VERSION, ETCD_VERSION,
+# KWOK_VERSION, HELM_VERSION, COREDNS_VERSION; the environment wins).
 set -euo pipefail
 
-K8S_VERSION="${K8S_VERSION:-v1.34.4}"
-ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
-KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
-HELM_VERSION="${HELM_VERSION:-v3.22.0}"
-COREDNS_VERSION="${COREDNS_VERSION:-v1.15.0}"
+HACK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+LOG_PREFIX=tools
+# shellcheck source=hack/lib/common.sh
+source "$HACK/lib/common.sh"
 
-CACHE="${TPI_CACHE:-$HOME/.cache/tpi}"
-BIN="$CACHE/k8s-$K8S_VERSION/bin"
 BUILD="$CACHE/build"
 export GOPATH="${GOPATH:-$HOME/go}" GOFLAGS="-mod=mod" CGO_ENABLED=0 GOTOOLCHAIN=auto
 mkdir -p "$BIN" "$BUILD"
@@ -53,7 +51,7 @@ build_kubernetes() {
     ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$k8s_minor -X $p.gitTreeState=clean"
   done
   for c in "${todo[@]}"; do
-    echo ">> building $c $K8S_VERSION"
+    log "building $c $K8S_VERSION"
     go build -trimpath -ldflags "$ld" -o "$BIN/$c" "k8s.io/kubernetes/cmd/$c"
     mark "$c" "$K8S_VERSION"
   done
@@ -64,7 +62,7 @@ build_etcd() {
   local dir="$BUILD/etcd-$ETCD_VERSION"
   mkdir -p "$dir" && cd "$dir"
   [[ -f go.mod ]] || { go mod init tpi.dev/etcd-build >/dev/null 2>&1; go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"; }
-  echo ">> building etcd $ETCD_VERSION"
+  log "building etcd $ETCD_VERSION"
   go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
   mark etcd "$ETCD_VERSION"
 }
@@ -72,7 +70,7 @@ build_etcd() {
 build_kwok() {
   for c in kwok kwokctl; do
     have "$c" "$KWOK_VERSION" && continue
-    echo ">> building $c $KWOK_VERSION"
+    log "building $c $KWOK_VERSION"
     GOBIN="$BIN" go install -trimpath -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" \
       "sigs.k8s.io/kwok/cmd/$c@$KWOK_VERSION"
     mark "$c" "$KWOK_VERSION"
@@ -81,7 +79,7 @@ build_kwok() {
 
 build_helm() {
   have helm "$HELM_VERSION" && return
-  echo ">> building helm $HELM_VERSION"
+  log "building helm $HELM_VERSION"
   local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
   ld+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$k8s_minor"
   ld+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$k8s_minor"
@@ -134,7 +132,7 @@ GO
     go get "github.com/coredns/coredns@$COREDNS_VERSION"
     go mod tidy
   fi
-  echo ">> building coredns $COREDNS_VERSION"
+  log "building coredns $COREDNS_VERSION"
   go build -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
     -o "$BIN/coredns" .
   mark coredns "$COREDNS_VERSION"
@@ -147,7 +145,7 @@ build_kubernetes
 build_coredns
 
 if [[ ${#built[@]} -eq 0 ]]; then
-  echo "tools up to date in $BIN"
+  log "tools up to date in $BIN"
 else
-  echo "built ${built[*]} in $(( $(date +%s) - start ))s (cold build) into $BIN"
+  log "built ${built[*]} in $(( $(date +%s) - start ))s (cold build) into $BIN"
 fi

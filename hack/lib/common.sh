@@ -28,6 +28,7 @@ KUBECONFIG_ADMIN="$CLUSTER_DIR/kubeconfig"
 PKI="$CLUSTER_DIR/pki"
 APISERVER_PORT="${TPI_APISERVER_PORT:-16443}"
 IMAGES="$CACHE/images"                                 # base rootfs, pause image, build stamps
+STAMPS="$IMAGES/stamps"                                # what hack/build-images.sh --cache built, what e2e.sh loaded
 
 # Image names (the e2e tier and the demo use the same; tpikit/images.py mirrors them for Python).
 DEFAULT_OPERATOR_IMAGE="tpi/operator:dev"
