@@ -30,7 +30,7 @@ APISERVER_PORT="${TPI_APISERVER_PORT:-16443}"
 IMAGES="$CACHE/images"                                 # base rootfs, pause image, build stamps
 STAMPS="$IMAGES/stamps"                                # what hack/build-images.sh --cache built, what e2e.sh loaded
 
-# Image names (the e2e tier and the demo use the same; tpikit/images.py mirrors them for Python).
+# Image names (the e2e tier and the demo use the same; hack/tpikit/kube.py reads them from here).
 DEFAULT_OPERATOR_IMAGE="tpi/operator:dev"
 DEFAULT_RUNTIME_IMAGE="tpi/runtime:dev"
 DEFAULT_BASE_IMAGE="tpi/base:bookworm"

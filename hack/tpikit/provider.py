@@ -1,4 +1,4 @@
-"""Cluster providers for the e2e tier: one suite, two ways to get a real node.
+"""Cluster providers for the e2e tier and the demo: one suite, two ways to get a real node.
 
 ``TPI_E2E_PROVIDER=local`` (default): the control plane of hack/cluster.sh plus the real kubelet
 node of hack/node.sh on this machine (containerd, CNI bridge, kube-proxy, CoreDNS as host
@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.kube import BIN, KUBECONFIG, REPO, run_kubectl
+from tpikit.kube import BIN, KUBECONFIG, REPO, run_kubectl
 
 NODE_LABEL = "tpi.dev/real-node"
 #: What every e2e pod carries to land on the real node (and nowhere else).
