@@ -13,10 +13,8 @@
 # http(s) Debian mirror in /etc/apt/sources.list*), DOCKER (docker).
 set -euo pipefail
 
-HACK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-LOG_PREFIX=base-image
 # shellcheck source=hack/lib/common.sh
-source "$HACK/lib/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" base-image # HACK, ROOT, ...; logs as [base-image]
 
 IMAGE="${TPI_BASE_IMAGE:-$DEFAULT_BASE_IMAGE}"
 SUITE="${TPI_BASE_SUITE:-bookworm}"

@@ -24,10 +24,8 @@
 # --dry-run: print the commands instead of running them.
 set -euo pipefail
 
-HACK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-LOG_PREFIX=build-images
 # shellcheck source=hack/lib/common.sh
-source "$HACK/lib/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" build-images # HACK, ROOT, ...; logs as [build-images]
 
 BASE_IMAGE="${BASE_IMAGE:-}"
 OPERATOR_IMAGE="${OPERATOR_IMAGE:-$DEFAULT_OPERATOR_IMAGE}"
@@ -131,26 +129,35 @@ print("\n".join(sorted({d for e in sys.argv[2:] for d in opt[e]})))'
 
 # What a target's image is built from (--cache): the build files, the sources it copies, the base
 # image and the wheels in the context.
-source_key() { # target
-  local paths=(Dockerfile .dockerignore pyproject.toml) base_id="" w
+# Called as `key="$(source_key ...)"`, where errexit is off: every step is chained with && so that
+# a failure fails the whole (pipefail) and the assignment.
+source_key() { # target, base image ID
+  local paths=(Dockerfile .dockerignore pyproject.toml)
   case "$1" in
     operator) paths+=(operator/tpi_operator) ;;
     runtime) paths+=(runtime/tpi_runtime) ;;
   esac
-  [[ -z "$BASE_IMAGE" ]] || base_id="$("$DOCKER" image inspect -f '{{.Id}}' "$BASE_IMAGE")"
-  (
-    cd "$ROOT"
-    find "${paths[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum
-    echo "base=$base_id"
-    for w in "$ROOT"/wheelhouse/*.whl; do [[ -e "$w" ]] && echo "${w##*/}"; done
-  ) | sha256sum | cut -c1-16
+  {
+    cd "$ROOT" \
+      && find "${paths[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum \
+      && echo "base=$2" \
+      && wheel_names
+  } | sha256sum | cut -c1-16
+}
+
+wheel_names() { # the wheels in the build context, one a line (nothing when there are none)
+  local w
+  for w in "$ROOT"/wheelhouse/*.whl; do
+    if [[ -e "$w" ]]; then echo "${w##*/}"; fi
+  done
 }
 
 build_image() {
-  local target="$1" image key=""
+  local target="$1" image key="" base_id=""
   image="$(image_for "$target")"
   if [[ "$CACHE_BUILD" == 1 && "$DRY_RUN" != 1 ]]; then
-    key="$(source_key "$target")"
+    if [[ -n "$BASE_IMAGE" ]]; then base_id="$("$DOCKER" image inspect -f '{{.Id}}' "$BASE_IMAGE")"; fi
+    key="$(source_key "$target" "$base_id")"
     if [[ "${REBUILD:-0}" != 1 && "$(cat "$STAMPS/built-$target" 2>/dev/null)" == "$key" ]] \
        && "$DOCKER" image inspect "$image" >/dev/null 2>&1; then
       log "$image is up to date (sources $key)"

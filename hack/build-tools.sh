@@ -7,10 +7,8 @@
 # KWOK_VERSION, HELM_VERSION, COREDNS_VERSION; the environment wins).
 set -euo pipefail
 
-HACK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-LOG_PREFIX=tools
 # shellcheck source=hack/lib/common.sh
-source "$HACK/lib/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" tools # HACK, ROOT, ...; logs as [tools]
 
 BUILD="$CACHE/build"
 export GOPATH="${GOPATH:-$HOME/go}" GOFLAGS="-mod=mod" CGO_ENABLED=0 GOTOOLCHAIN=auto
@@ -35,7 +33,8 @@ build_kubernetes() {
   for c in "${cmds[@]}"; do have "$c" "$K8S_VERSION" || todo+=("$c"); done
   [[ ${#todo[@]} -eq 0 ]] && return
   local dir="$BUILD/k8s-$K8S_VERSION" staging_version="v0.${K8S_VERSION#v1.}"
-  mkdir -p "$dir" && cd "$dir"
+  mkdir -p "$dir"
+  cd "$dir"
   if [[ ! -f go.mod ]]; then
     go mod init tpi.dev/k8s-build >/dev/null 2>&1
     for m in "${staging[@]}"; do
@@ -60,7 +59,8 @@ build_kubernetes() {
 build_etcd() {
   have etcd "$ETCD_VERSION" && return
   local dir="$BUILD/etcd-$ETCD_VERSION"
-  mkdir -p "$dir" && cd "$dir"
+  mkdir -p "$dir"
+  cd "$dir"
   [[ -f go.mod ]] || { go mod init tpi.dev/etcd-build >/dev/null 2>&1; go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"; }
   log "building etcd $ETCD_VERSION"
   go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
@@ -94,7 +94,8 @@ build_coredns() {
   # compile. The node's Corefile uses bind, errors, health, ready, kubernetes and cache.
   have coredns "$COREDNS_VERSION" && return
   local dir="$BUILD/coredns-$COREDNS_VERSION"
-  mkdir -p "$dir" && cd "$dir"
+  mkdir -p "$dir"
+  cd "$dir"
   cat >main.go <<'GO'
 // A CoreDNS with only the plugins a local cluster needs (written by hack/build-tools.sh).
 package main

@@ -10,10 +10,8 @@
 #   hack/cluster.sh env         print `export KUBECONFIG=... PATH=...` for a shell
 set -euo pipefail
 
-HACK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-LOG_PREFIX=cluster
 # shellcheck source=hack/lib/common.sh
-source "$HACK/lib/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" cluster # HACK, ROOT, ...; logs as [cluster]
 
 STATE="$CLUSTER_DIR"
 ETCD_PORT="${TPI_ETCD_PORT:-12379}"
@@ -33,7 +31,8 @@ COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
 gen_pki() {
   [[ -f "$PKI/admin.crt" ]] && return 0
   command -v openssl >/dev/null || die "openssl is missing (apt-get install openssl)"
-  mkdir -p "$PKI" && cd "$PKI"
+  mkdir -p "$PKI"
+  cd "$PKI"
   local ip; ip="$(host_ip)"
   openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=tpi-local-ca" \
     -keyout ca.key -out ca.crt 2>/dev/null

@@ -2,10 +2,8 @@
 # `make demo`: local control plane + a real kubelet node + images (hack/e2e.sh up), then
 # hack/demo.py: helm install, a 2-rank TPInferenceCluster of a small checkpoint, one completion.
 set -euo pipefail
-HACK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-LOG_PREFIX=demo
 # shellcheck source=hack/lib/common.sh
-source "$HACK/lib/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" demo # HACK, ROOT, ...; logs as [demo]
 "$HACK/e2e.sh" up
 cd "$ROOT"
 # hack/ for tpikit (the Kubernetes plumbing the demo shares with tests/e2e).

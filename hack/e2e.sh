@@ -23,10 +23,8 @@
 # images as they are), TPI_E2E_REBUILD=1 (ignore the image cache).
 set -euo pipefail
 
-HACK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-LOG_PREFIX=e2e
 # shellcheck source=hack/lib/common.sh
-source "$HACK/lib/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" e2e # HACK, ROOT, ...; logs as [e2e]
 
 PROVIDER="${TPI_E2E_PROVIDER:-local}"
 KIND_CLUSTER="${TPI_E2E_KIND_CLUSTER:-tpi-e2e}"

@@ -19,10 +19,8 @@
 # kubelet, kube-proxy, coredns in $BIN (hack/build-tools.sh).
 set -euo pipefail
 
-HACK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-LOG_PREFIX=node
 # shellcheck source=hack/lib/common.sh
-source "$HACK/lib/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" node # HACK, ROOT, ...; logs as [node]
 
 NODE_NAME="${TPI_NODE_NAME:-tpi-node}"
 NODE_DIR="${TPI_NODE_DIR:-$CACHE/node}"          # config, certs, logs, containerd's image store
@@ -80,9 +78,10 @@ gen_certs() { # a kubelet client cert (system:node:<name>, O=system:nodes) and a
 }
 
 # shellcheck disable=SC2034 # the template variables are read by name (render_template)
-write_configs() { # renders hack/node/* into $NODE_DIR; prints the pause image's tarball
-  local pause_tar
-  pause_tar="$("$HACK/pause/build.sh")"
+# Not called in a command substitution (`x="$(write_configs)"`): errexit is off in there, so a
+# failing step inside would go unnoticed. Sets PAUSE_TAR, the pause image's tarball.
+write_configs() { # renders hack/node/* into $NODE_DIR
+  PAUSE_TAR="$("$HACK/pause/build.sh")"
   mkdir -p "$NODE_DIR/cni" "$NODE_DIR/containerd-root"
   # What the templates use besides the settings above.
   local NODE_IP PAUSE_IMAGE RESTRICT_OOM_SCORE_ADJ=true RUNC_BINARY_LINE="" REGISTER_TAINT_LINE=""
@@ -106,7 +105,6 @@ write_configs() { # renders hack/node/* into $NODE_DIR; prints the pause image's
   render_template "$TEMPLATES/Corefile" "$NODE_DIR/Corefile" "${vars[@]}"
   # Pods with dnsPolicy Default get no upstream resolver: nothing here may leave the machine.
   printf 'options ndots:1\n' >"$NODE_DIR/resolv.conf"
-  echo "$pause_tar"
 }
 
 ensure_network() {
@@ -151,7 +149,7 @@ up() {
   check_prereqs
   mkdir -p "$NODE_DIR" "$LOGS" "$PIDS" "$RUN_DIR" "$KUBELET_ROOT" "$CNI_STATE"
   gen_certs
-  local pause_tar; pause_tar="$(write_configs)"
+  write_configs
   ensure_network
   ensure_hosts_entry
   local ip; ip="$(host_ip)"
@@ -167,7 +165,7 @@ up() {
   local pause_image; pause_image="$("$HACK/pause/build.sh" name)"
   # grep reads the whole list (not -q): with pipefail, ctr killed by SIGPIPE would fail the test.
   if ! ctr_ -n k8s.io images ls -q | grep -x "$pause_image" >/dev/null; then
-    ctr_ -n k8s.io images import "$pause_tar" >/dev/null
+    ctr_ -n k8s.io images import "$PAUSE_TAR" >/dev/null
   fi
 
   start_bg --append coredns "$BIN/coredns" -conf "$NODE_DIR/Corefile"

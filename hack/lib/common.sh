@@ -2,9 +2,10 @@
 # Sourced by every script in hack/ (after kind's hack/lib): the versions, the paths of the caches,
 # `log`/`die`, `wait_for`, and the helpers that run a component in the background with a pid file.
 #
-#   HACK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-#   LOG_PREFIX=cluster
-#   source "$HACK/lib/common.sh"
+#   source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" cluster    # logs as [cluster]
+#
+# The argument (always given: a sourced file without arguments would see the script's own) is the
+# prefix of the script's messages.
 #
 # Every default can be overridden from the environment (K8S_VERSION, TPI_CACHE, TPI_VENV, TPI_BIN,
 # TPI_CLUSTER_DIR, TPI_APISERVER_PORT, ...). The Makefile reads the same defaults from here
@@ -36,7 +37,7 @@ DEFAULT_RUNTIME_IMAGE="tpi/runtime:dev"
 DEFAULT_BASE_IMAGE="tpi/base:bookworm"
 
 # ---------------------------------------------------------------------------------- messages
-LOG_PREFIX="${LOG_PREFIX:-hack}"
+LOG_PREFIX="${1:-hack}"
 log() { echo "[$LOG_PREFIX] $*" >&2; }
 die() { echo "[$LOG_PREFIX] error: $*" >&2; exit 1; }
 
@@ -105,8 +106,10 @@ status_bg() { # name...: one line each, "NAME running (pid N)" or "NAME stopped"
 # (Endpoints may not hold 127.0.0.0/8).
 host_ip() {
   local ip
-  ip="$(ip -4 route get 1.1.1.1 2>/dev/null | awk '{for(i=1;i<NF;i++) if($i=="src"){print $(i+1); exit}}')"
-  [[ -n "$ip" ]] || ip="$(hostname -I 2>/dev/null | awk '{print $1}')"
+  # `|| ip=""`: no route is not an error here (the next line tries another way), also where
+  # errexit is on (a call outside a command substitution).
+  ip="$(ip -4 route get 1.1.1.1 2>/dev/null | awk '{for(i=1;i<NF;i++) if($i=="src"){print $(i+1); exit}}')" || ip=""
+  [[ -n "$ip" ]] || ip="$(hostname -I 2>/dev/null | awk '{print $1}')" || ip=""
   [[ -n "$ip" ]] || die "cannot find a non-loopback IPv4 address for the apiserver to advertise"
   echo "$ip"
 }

@@ -11,10 +11,8 @@
 # Cached in ~/.cache/tpi/images/pause-<version>.tar; a second run is a no-op.
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-LOG_PREFIX=pause
 # shellcheck source=hack/lib/common.sh
-source "$HERE/../lib/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh" pause # HACK, ROOT, ...; logs as [pause]
 OUT_DIR="$IMAGES"
 
 src_dir() {
@@ -25,10 +23,20 @@ src_dir() {
 }
 
 version() { # the pause TAG from build/pause/Makefile, e.g. 3.10.1
-  sed -n 's/^TAG ?= *//p' "$1/build/pause/Makefile"
+  local ver
+  ver="$(sed -n 's/^TAG ?= *//p' "$1/build/pause/Makefile")"
+  [[ -n "$ver" ]] || die "no TAG in $1/build/pause/Makefile"
+  echo "$ver"
 }
 
-name() { echo "registry.k8s.io/pause:$(version "$(src_dir)")"; }
+# Step by step, not `echo "...:$(version "$(src_dir)")"`: echo would exit 0 with an empty version
+# when the module download fails.
+name() {
+  local src ver
+  src="$(src_dir)"
+  ver="$(version "$src")"
+  echo "registry.k8s.io/pause:$ver"
+}
 
 build() {
   command -v gcc >/dev/null || die "gcc is missing (apt-get install gcc libc6-dev)"
@@ -43,7 +51,7 @@ build() {
   gcc -Os -Wall -Werror -static -DVERSION="v$ver-tpi-$K8S_VERSION" \
     -o "$work/pause" "$src/build/pause/linux/pause.c"
   strip "$work/pause"
-  "${PYTHON:-python3}" "$HERE/mkimage.py" --binary "$work/pause" --name "$image" --out "$tarball.tmp"
+  "${PYTHON:-python3}" "$HACK/pause/mkimage.py" --binary "$work/pause" --name "$image" --out "$tarball.tmp"
   mv "$tarball.tmp" "$tarball"
   log "$image: $(du -h "$tarball" | cut -f1) at $tarball"
   echo "$tarball"
