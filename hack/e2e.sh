@@ -85,8 +85,9 @@ containerd_ref() { # docker's short name -> containerd's full reference
 in_containerd() { ctr -n k8s.io images ls -q "name==$1" | grep -x "$1" >/dev/null; }
 
 load_images_local() {
-  local docker t image id ref pass missing node_env
+  local docker t image id ref pass missing node_env base
   docker="$(docker_bin)"
+  base="$("$HACK/base-image.sh" name)"
   # Not `eval "$(node.sh env)"`: eval would hide node.sh's exit status.
   node_env="$("$HACK/node.sh" env)"
   eval "$node_env"
@@ -94,7 +95,7 @@ load_images_local() {
   # by deleting images no pod uses, which includes the ones imported a moment before.
   for pass in 1 2; do
     missing=""
-    for image in "$OPERATOR_IMAGE" "$RUNTIME_IMAGE" "$("$HACK/base-image.sh" name)"; do
+    for image in "$OPERATOR_IMAGE" "$RUNTIME_IMAGE" "$base"; do
       id="$("$docker" image inspect -f '{{.Id}}' "$image")"
       ref="$(containerd_ref "$image")"
       t="$(echo "$image" | tr '/:' '__')"
