@@ -13,7 +13,7 @@
 # http(s) Debian mirror in /etc/apt/sources.list*), DOCKER (docker).
 set -euo pipefail
 
-# shellcheck source=hack/lib/common.sh
+# shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" base-image # HACK, ROOT, ...; logs as [base-image]
 
 IMAGE="${TPI_BASE_IMAGE:-$DEFAULT_BASE_IMAGE}"

@@ -24,7 +24,7 @@
 # --dry-run: print the commands instead of running them.
 set -euo pipefail
 
-# shellcheck source=hack/lib/common.sh
+# shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" build-images # HACK, ROOT, ...; logs as [build-images]
 
 BASE_IMAGE="${BASE_IMAGE:-}"

@@ -7,7 +7,7 @@
 # KWOK_VERSION, HELM_VERSION, COREDNS_VERSION; the environment wins).
 set -euo pipefail
 
-# shellcheck source=hack/lib/common.sh
+# shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" tools # HACK, ROOT, ...; logs as [tools]
 
 BUILD="$CACHE/build"

@@ -10,7 +10,7 @@
 #   hack/cluster.sh env         print `export KUBECONFIG=... PATH=...` for a shell
 set -euo pipefail
 
-# shellcheck source=hack/lib/common.sh
+# shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" cluster # HACK, ROOT, ...; logs as [cluster]
 
 STATE="$CLUSTER_DIR"

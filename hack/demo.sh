@@ -2,7 +2,7 @@
 # `make demo`: local control plane + a real kubelet node + images (hack/e2e.sh up), then
 # hack/demo.py: helm install, a 2-rank TPInferenceCluster of a small checkpoint, one completion.
 set -euo pipefail
-# shellcheck source=hack/lib/common.sh
+# shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" demo # HACK, ROOT, ...; logs as [demo]
 "$HACK/e2e.sh" up
 cd "$ROOT"

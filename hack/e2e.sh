@@ -23,7 +23,7 @@
 # images as they are), TPI_E2E_REBUILD=1 (ignore the image cache).
 set -euo pipefail
 
-# shellcheck source=hack/lib/common.sh
+# shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" e2e # HACK, ROOT, ...; logs as [e2e]
 
 PROVIDER="${TPI_E2E_PROVIDER:-local}"

@@ -3,7 +3,7 @@
 # extras, and the Kubernetes tool chain (built from Go modules, cached in ~/.cache/tpi).
 #   hack/ensure-deps.sh [apt] [venv] [tools]     (default: all three)
 set -euo pipefail
-# shellcheck source=hack/lib/common.sh
+# shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" deps # HACK, ROOT, ...; logs as [deps]
 PYTHON="${PYTHON:-python3}"
 APT_PACKAGES=(openssl iproute2 procps ca-certificates shellcheck)

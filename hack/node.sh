@@ -19,7 +19,7 @@
 # kubelet, kube-proxy, coredns in $BIN (hack/build-tools.sh).
 set -euo pipefail
 
-# shellcheck source=hack/lib/common.sh
+# shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" node # HACK, ROOT, ...; logs as [node]
 
 NODE_NAME="${TPI_NODE_NAME:-tpi-node}"

@@ -134,20 +134,21 @@ go_module_dir() { # module@version
 }
 
 # ---------------------------------------------------------------------------------- templates
-# Render a template: each `${NAME}` of the listed variables becomes the variable's value; nothing
-# else changes (no other `$`, backslash or quote is interpreted). A `${UPPER_CASE}` left over is
-# a variable the caller did not list: an error, never a silent empty string.
+# Render a template: each `${NAME}` (upper case) becomes the value of the variable NAME, which must
+# be among the listed ones (an unlisted one is an error, never a silent empty string). One pass, so
+# a value is never substituted again; nothing else (`$x`, `${lower}`, backslashes, quotes) changes.
 render_template() { # template, output (- for stdout), NAME...
-  local tpl="$1" out="$2" text name
+  local tpl="$1" out="$2" text rendered="" re='\$\{([A-Z_][A-Z0-9_]*)\}' token name
   shift 2
   IFS= read -r -d '' text <"$tpl" || true # the whole file, trailing newlines included
-  for name in "$@"; do
-    text="${text//"\${$name}"/"${!name}"}"
+  while [[ "$text" =~ $re ]]; do
+    token="${BASH_REMATCH[0]}" name="${BASH_REMATCH[1]}"
+    [[ " $* " == *" $name "* ]] || die "$tpl: $token is not among the variables it is rendered with ($*)"
+    rendered+="${text%%"$token"*}${!name}"
+    text="${text#*"$token"}"
   done
-  if [[ "$text" =~ \$\{[A-Z_][A-Z0-9_]*\} ]]; then
-    die "$tpl: ${BASH_REMATCH[0]} is not among the variables it is rendered with ($*)"
-  fi
-  if [[ "$out" == - ]]; then printf '%s' "$text"; else printf '%s' "$text" >"$out"; fi
+  rendered+="$text"
+  if [[ "$out" == - ]]; then printf '%s' "$rendered"; else printf '%s' "$rendered" >"$out"; fi
 }
 
 # `bash hack/lib/common.sh print NAME...`: the values, one a line (the Makefile reads its defaults

@@ -11,7 +11,7 @@
 # Cached in ~/.cache/tpi/images/pause-<version>.tar; a second run is a no-op.
 set -euo pipefail
 
-# shellcheck source=hack/lib/common.sh
+# shellcheck source=../lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh" pause # HACK, ROOT, ...; logs as [pause]
 OUT_DIR="$IMAGES"
 
