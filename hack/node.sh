@@ -24,7 +24,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" node # HACK, ROOT, ...; lo
 
 NODE_NAME="${TPI_NODE_NAME:-tpi-node}"
 NODE_DIR="${TPI_NODE_DIR:-$CACHE/node}"          # config, certs, logs, containerd's image store
-RUN_DIR="/run/tpi-node"                          # sockets and runtime state (tmpfs)
+RUN_DIR="$NODE_RUN_DIR"
 KUBELET_ROOT="/var/lib/tpi-node/kubelet"          # pod volumes (tmpfs mounts live here)
 CNI_STATE="/var/lib/tpi-node/cni"
 POD_CIDR="${TPI_POD_CIDR:-10.88.0.0/16}"          # kwok's fake pod IPs use 10.244.0.0/16
@@ -32,9 +32,8 @@ GATEWAY="${TPI_POD_GATEWAY:-10.88.0.1}"
 BRIDGE="${TPI_BRIDGE:-tpi0}"
 # shellcheck disable=SC2034 # read by name: the templates use it (render_template)
 CLUSTER_DOMAIN="cluster.local"
-NODE_TAINT="${TPI_NODE_TAINT-tpi.dev/real-node=true:NoSchedule}"
-NODE_LABELS="${TPI_NODE_LABELS:-tpi.dev/real-node=true}"
-CONTAINERD_SOCK="$RUN_DIR/containerd/containerd.sock"
+NODE_TAINT="${TPI_NODE_TAINT-$REAL_NODE_LABEL=true:NoSchedule}"
+NODE_LABELS="${TPI_NODE_LABELS:-$REAL_NODE_LABEL=true}"
 CNI_BIN_DIR="${TPI_CNI_BIN_DIR:-/usr/lib/cni}"
 TEMPLATES="$HACK/node"                           # the config files, rendered into $NODE_DIR
 LOGS="$NODE_DIR/logs"

@@ -31,6 +31,11 @@ APISERVER_PORT="${TPI_APISERVER_PORT:-16443}"
 IMAGES="$CACHE/images"                                 # base rootfs, pause image, build stamps
 STAMPS="$IMAGES/stamps"                                # what hack/build-images.sh --cache built, what e2e.sh loaded
 
+# The real node (hack/node.sh): what pods select and tolerate to land on it, and its containerd.
+REAL_NODE_LABEL="tpi.dev/real-node"
+NODE_RUN_DIR="/run/tpi-node"                           # sockets and runtime state (tmpfs)
+CONTAINERD_SOCK="$NODE_RUN_DIR/containerd/containerd.sock"
+
 # Image names (the e2e tier and the demo use the same; hack/tpikit/kube.py reads them from here).
 DEFAULT_OPERATOR_IMAGE="tpi/operator:dev"
 DEFAULT_RUNTIME_IMAGE="tpi/runtime:dev"
