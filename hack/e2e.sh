@@ -147,21 +147,7 @@ kind_up() {
   mkdir -p "$ROOT/_out"
   if ! kind get clusters 2>/dev/null | grep -x "$KIND_CLUSTER" >/dev/null; then
     # One worker plays the real node: labelled and tainted like hack/node.sh's.
-    cat >"$ROOT/_out/kind-$KIND_CLUSTER.yaml" <<'YAML'
-kind: Cluster
-apiVersion: kind.x-k8s.io/v1alpha4
-nodes:
-- role: control-plane
-- role: worker
-  labels:
-    tpi.dev/real-node: "true"
-  kubeadmConfigPatches:
-  - |
-    kind: JoinConfiguration
-    nodeRegistration:
-      taints:
-      - {key: tpi.dev/real-node, value: "true", effect: NoSchedule}
-YAML
+    render_template "$HACK/kind/cluster.yaml" "$ROOT/_out/kind-$KIND_CLUSTER.yaml" REAL_NODE_LABEL
     step "kind create cluster $KIND_CLUSTER" kind create cluster --name "$KIND_CLUSTER" --wait 120s \
       --config "$ROOT/_out/kind-$KIND_CLUSTER.yaml"
   fi
