@@ -8,6 +8,8 @@
 #   hack/cluster.sh status      which components run
 #   hack/cluster.sh kubeconfig  print the kubeconfig path
 #   hack/cluster.sh env         print `export KUBECONFIG=... PATH=...` for a shell
+#
+# The admin kubeconfig and the fake nodes are the templates in hack/cluster/.
 set -euo pipefail
 
 # shellcheck source=lib/common.sh

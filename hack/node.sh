@@ -17,6 +17,9 @@
 #
 # Needs root, apt packages containerd runc containernetworking-plugins iptables conntrack, and
 # kubelet, kube-proxy, coredns in $BIN (hack/build-tools.sh).
+#
+# The config files (kubeconfig, containerd, CNI, kubelet, CoreDNS) are the templates in hack/node/,
+# rendered into $NODE_DIR by write_configs.
 set -euo pipefail
 
 # shellcheck source=lib/common.sh
