@@ -145,7 +145,9 @@ go_module_dir() { # module@version
 render_template() { # template, output (- for stdout), NAME...
   local tpl="$1" out="$2" text rendered="" re='\$\{([A-Z_][A-Z0-9_]*)\}' token name
   shift 2
-  IFS= read -r -d '' text <"$tpl" || true # the whole file, trailing newlines included
+  [[ -f "$tpl" && -r "$tpl" ]] || die "no template $tpl"
+  # The whole file, trailing newlines included (read returns 1 at the end of the file: not an error).
+  IFS= read -r -d '' text <"$tpl" || true
   while [[ "$text" =~ $re ]]; do
     token="${BASH_REMATCH[0]}" name="${BASH_REMATCH[1]}"
     [[ " $* " == *" $name "* ]] || die "$tpl: $token is not among the variables it is rendered with ($*)"
