@@ -66,7 +66,7 @@ gen_certs() { # a kubelet client cert (system:node:<name>, O=system:nodes) and a
   mkdir -p "$dir"
   # Re-sign when the cluster CA changed (cluster.sh down + up with a wiped cache).
   if [[ -f "$dir/kubelet-client.crt" ]] && openssl verify -CAfile "$PKI/ca.crt" "$dir/kubelet-client.crt" >/dev/null 2>&1 \
-     && openssl x509 -in "$dir/kubelet-client.crt" -noout -subject | grep -q "system:node:$NODE_NAME"; then
+     && openssl x509 -in "$dir/kubelet-client.crt" -noout -subject | grep "system:node:$NODE_NAME" >/dev/null; then
     return 0
   fi
   log "signing node certificates for system:node:$NODE_NAME"
@@ -111,10 +111,12 @@ write_configs() { # renders hack/node/* into $NODE_DIR
 
 ensure_network() {
   # The bridge exists before the first pod so CoreDNS can bind the gateway address.
+  # (grep without -q below and in gen_certs: under pipefail, a writer killed by SIGPIPE when grep -q
+  # stops early would turn a match into a failure.)
   if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
     ip link add "$BRIDGE" type bridge
   fi
-  ip addr show dev "$BRIDGE" | grep -q "inet $GATEWAY/" || ip addr add "$GATEWAY/${POD_CIDR#*/}" dev "$BRIDGE"
+  ip addr show dev "$BRIDGE" | grep "inet $GATEWAY/" >/dev/null || ip addr add "$GATEWAY/${POD_CIDR#*/}" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   sysctl -qw net.ipv4.ip_forward=1
   sysctl -qw net.bridge.bridge-nf-call-iptables=1 2>/dev/null || true
