@@ -1,16 +1,20 @@
 # TPI developer entry points. Every target installs what it lacks (hack/ensure-deps.sh).
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
-CACHE ?= $(HOME)/.cache/tpi
-VENV ?= $(CACHE)/venv
+# Versions and paths are hack/lib/common.sh's (one place for make and the scripts); make's own
+# K8S_VERSION=..., CACHE=..., VENV=... still win, and the paths below follow them.
+HACK_DEFAULTS := $(shell bash hack/lib/common.sh print K8S_VERSION CACHE)
+K8S_VERSION ?= $(word 1,$(HACK_DEFAULTS))
+CACHE ?= $(word 2,$(HACK_DEFAULTS))
+HACK_PATHS := $(shell K8S_VERSION='$(K8S_VERSION)' TPI_CACHE='$(CACHE)' bash hack/lib/common.sh print VENV BIN KUBECONFIG_ADMIN)
+VENV ?= $(word 1,$(HACK_PATHS))
 PY := $(VENV)/bin/python
-K8S_VERSION ?= v1.34.4
-BIN := $(CACHE)/k8s-$(K8S_VERSION)/bin
+BIN := $(word 2,$(HACK_PATHS))
 export PATH := $(BIN):$(PATH)
-export KUBECONFIG := $(CACHE)/cluster/kubeconfig
+export KUBECONFIG := $(word 3,$(HACK_PATHS))
 PYTEST := $(PY) -m pytest
 
-.PHONY: help deps venv tools lint crds test test-unit test-integration e2e cluster-up cluster-down demo bench clean
+.PHONY: help deps venv tools lint lint-shell crds test test-unit test-integration e2e cluster-up cluster-down demo bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -24,8 +28,12 @@ venv:
 tools:
 	hack/ensure-deps.sh tools
 
-lint: venv ## ruff
+lint: venv lint-shell ## ruff, shellcheck
 	$(VENV)/bin/ruff check operator runtime tests bench hack
+
+lint-shell: ## shellcheck every script in hack/ and .ci/ (following what they source)
+	command -v shellcheck >/dev/null || hack/ensure-deps.sh apt
+	shellcheck -x $$(grep -rlE '^#!/usr/bin/env bash|^# shellcheck shell=bash' hack .ci)
 
 crds: venv ## regenerate crds/ (and the chart's copy) from the pydantic models
 	$(PY) hack/gen_crds.py

@@ -34,8 +34,8 @@ from pathlib import Path
 from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from tests.kube import KUBECONFIG, kubectl  # noqa: E402
+sys.path.insert(0, str(REPO / "hack"))
+from tpikit.kube import KUBECONFIG, kubectl  # noqa: E402
 
 NS = "tpi-bench"
 

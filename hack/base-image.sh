@@ -13,16 +13,15 @@
 # http(s) Debian mirror in /etc/apt/sources.list*), DOCKER (docker).
 set -euo pipefail
 
-CACHE="${TPI_CACHE:-$HOME/.cache/tpi}"
-IMAGE="${TPI_BASE_IMAGE:-tpi/base:bookworm}"
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" base-image # HACK, ROOT, ...; logs as [base-image]
+
+IMAGE="${TPI_BASE_IMAGE:-$DEFAULT_BASE_IMAGE}"
 SUITE="${TPI_BASE_SUITE:-bookworm}"
 PACKAGES="${TPI_BASE_PACKAGES:-python3,python3-venv,ca-certificates}"
 DOCKER="${DOCKER:-docker}"
-IMAGES="$CACHE/images"
-DOCKER_LOG="$CACHE/docker/dockerd.log"
-
-log() { echo "[base-image] $*" >&2; }
-die() { echo "[base-image] error: $*" >&2; exit 1; }
+LOGS="$CACHE/docker"
+DOCKER_LOG="$LOGS/dockerd.log"
 
 # Debian's docker.io client is 20.10; a newer static client in /usr/local/bin also works (it
 # negotiates the API version down), so whichever `docker` is first on PATH is used.
@@ -39,9 +38,7 @@ ensure_dockerd() {
     # Its own supervised containerd (not the node's, which listens elsewhere: hack/node.sh).
     setsid nohup dockerd --host unix:///var/run/docker.sock >"$DOCKER_LOG" 2>&1 </dev/null &
   fi
-  local i
-  for (( i = 0; i < 120; i++ )); do docker_ok && return 0; sleep 0.5; done
-  die "dockerd did not answer within 60s (see $DOCKER_LOG)"
+  wait_for "dockerd to answer" 60 docker_ok
 }
 
 apt_mirror() {

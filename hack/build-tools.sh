@@ -3,17 +3,13 @@
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, kube-proxy, etcd,
 # kwok, kwokctl, helm and a CoreDNS with the plugins a local cluster needs (hack/node.sh).
 # Results are cached outside the clone, keyed by version, so a second run is a no-op.
-# Prints the cold build time.
+# Prints the cold build time. The versions are hack/lib/common.sh's (K8S_VERSION, ETCD_VERSION,
+# KWOK_VERSION, HELM_VERSION, COREDNS_VERSION; the environment wins).
 set -euo pipefail
 
-K8S_VERSION="${K8S_VERSION:-v1.34.4}"
-ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
-KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
-HELM_VERSION="${HELM_VERSION:-v3.22.0}"
-COREDNS_VERSION="${COREDNS_VERSION:-v1.15.0}"
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" tools # HACK, ROOT, ...; logs as [tools]
 
-CACHE="${TPI_CACHE:-$HOME/.cache/tpi}"
-BIN="$CACHE/k8s-$K8S_VERSION/bin"
 BUILD="$CACHE/build"
 export GOPATH="${GOPATH:-$HOME/go}" GOFLAGS="-mod=mod" CGO_ENABLED=0 GOTOOLCHAIN=auto
 mkdir -p "$BIN" "$BUILD"
@@ -37,7 +33,8 @@ build_kubernetes() {
   for c in "${cmds[@]}"; do have "$c" "$K8S_VERSION" || todo+=("$c"); done
   [[ ${#todo[@]} -eq 0 ]] && return
   local dir="$BUILD/k8s-$K8S_VERSION" staging_version="v0.${K8S_VERSION#v1.}"
-  mkdir -p "$dir" && cd "$dir"
+  mkdir -p "$dir"
+  cd "$dir"
   if [[ ! -f go.mod ]]; then
     go mod init tpi.dev/k8s-build >/dev/null 2>&1
     for m in "${staging[@]}"; do
@@ -53,7 +50,7 @@ build_kubernetes() {
     ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$k8s_minor -X $p.gitTreeState=clean"
   done
   for c in "${todo[@]}"; do
-    echo ">> building $c $K8S_VERSION"
+    log "building $c $K8S_VERSION"
     go build -trimpath -ldflags "$ld" -o "$BIN/$c" "k8s.io/kubernetes/cmd/$c"
     mark "$c" "$K8S_VERSION"
   done
@@ -62,9 +59,10 @@ build_kubernetes() {
 build_etcd() {
   have etcd "$ETCD_VERSION" && return
   local dir="$BUILD/etcd-$ETCD_VERSION"
-  mkdir -p "$dir" && cd "$dir"
+  mkdir -p "$dir"
+  cd "$dir"
   [[ -f go.mod ]] || { go mod init tpi.dev/etcd-build >/dev/null 2>&1; go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"; }
-  echo ">> building etcd $ETCD_VERSION"
+  log "building etcd $ETCD_VERSION"
   go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
   mark etcd "$ETCD_VERSION"
 }
@@ -72,7 +70,7 @@ build_etcd() {
 build_kwok() {
   for c in kwok kwokctl; do
     have "$c" "$KWOK_VERSION" && continue
-    echo ">> building $c $KWOK_VERSION"
+    log "building $c $KWOK_VERSION"
     GOBIN="$BIN" go install -trimpath -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" \
       "sigs.k8s.io/kwok/cmd/$c@$KWOK_VERSION"
     mark "$c" "$KWOK_VERSION"
@@ -81,7 +79,7 @@ build_kwok() {
 
 build_helm() {
   have helm "$HELM_VERSION" && return
-  echo ">> building helm $HELM_VERSION"
+  log "building helm $HELM_VERSION"
   local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
   ld+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$k8s_minor"
   ld+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$k8s_minor"
@@ -96,7 +94,8 @@ build_coredns() {
   # compile. The node's Corefile uses bind, errors, health, ready, kubernetes and cache.
   have coredns "$COREDNS_VERSION" && return
   local dir="$BUILD/coredns-$COREDNS_VERSION"
-  mkdir -p "$dir" && cd "$dir"
+  mkdir -p "$dir"
+  cd "$dir"
   cat >main.go <<'GO'
 // A CoreDNS with only the plugins a local cluster needs (written by hack/build-tools.sh).
 package main
@@ -134,7 +133,7 @@ GO
     go get "github.com/coredns/coredns@$COREDNS_VERSION"
     go mod tidy
   fi
-  echo ">> building coredns $COREDNS_VERSION"
+  log "building coredns $COREDNS_VERSION"
   go build -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
     -o "$BIN/coredns" .
   mark coredns "$COREDNS_VERSION"
@@ -147,7 +146,7 @@ build_kubernetes
 build_coredns
 
 if [[ ${#built[@]} -eq 0 ]]; then
-  echo "tools up to date in $BIN"
+  log "tools up to date in $BIN"
 else
-  echo "built ${built[*]} in $(( $(date +%s) - start ))s (cold build) into $BIN"
+  log "built ${built[*]} in $(( $(date +%s) - start ))s (cold build) into $BIN"
 fi

@@ -2,8 +2,9 @@
 
 Installs the operator chart, makes a small checkpoint, applies a 2-rank TPInferenceCluster of it,
 waits until it serves, and prints a completion (sent through the cluster's client Service from a
-pod, as a user's in-cluster client would) and `kubectl get tpic`. The Kubernetes plumbing is the
-e2e suite's (tests/e2e), so the demo and the tests exercise the same path.
+pod, as a user's in-cluster client would) and `kubectl get tpic`. The Kubernetes plumbing is
+hack/tpikit's, which the e2e suite (tests/e2e) uses too, so the demo and the tests exercise the
+same path.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.e2e.conftest import Client, Kube, Operator, endpoint_url, tpic, wait_serving
-from tests.e2e.provider import get_provider
-from tests.kube import CACHE
+from tpikit.cluster import Client, Kube, Operator, endpoint_url, tpic, wait_serving
+from tpikit.kube import CACHE
+from tpikit.provider import get_provider
 
 NAMESPACE = "tpi-demo"
 NAME = "demo"

@@ -17,75 +17,33 @@
 #
 # Needs root, apt packages containerd runc containernetworking-plugins iptables conntrack, and
 # kubelet, kube-proxy, coredns in $BIN (hack/build-tools.sh).
+#
+# The config files (kubeconfig, containerd, CNI, kubelet, CoreDNS) are the templates in hack/node/,
+# rendered into $NODE_DIR by write_configs.
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-K8S_VERSION="${K8S_VERSION:-v1.34.4}"
-CACHE="${TPI_CACHE:-$HOME/.cache/tpi}"
-BIN="${TPI_BIN:-$CACHE/k8s-$K8S_VERSION/bin}"
-CLUSTER="${TPI_CLUSTER_DIR:-$CACHE/cluster}"
-KUBECONFIG_ADMIN="$CLUSTER/kubeconfig"
-PKI="$CLUSTER/pki"
-APISERVER_PORT="${TPI_APISERVER_PORT:-16443}"
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" node # HACK, ROOT, ...; logs as [node]
 
 NODE_NAME="${TPI_NODE_NAME:-tpi-node}"
 NODE_DIR="${TPI_NODE_DIR:-$CACHE/node}"          # config, certs, logs, containerd's image store
-RUN_DIR="/run/tpi-node"                          # sockets and runtime state (tmpfs)
+RUN_DIR="$NODE_RUN_DIR"
 KUBELET_ROOT="/var/lib/tpi-node/kubelet"          # pod volumes (tmpfs mounts live here)
 CNI_STATE="/var/lib/tpi-node/cni"
 POD_CIDR="${TPI_POD_CIDR:-10.88.0.0/16}"          # kwok's fake pod IPs use 10.244.0.0/16
 GATEWAY="${TPI_POD_GATEWAY:-10.88.0.1}"
 BRIDGE="${TPI_BRIDGE:-tpi0}"
+# shellcheck disable=SC2034 # read by name: the templates use it (render_template)
 CLUSTER_DOMAIN="cluster.local"
-NODE_TAINT="${TPI_NODE_TAINT-tpi.dev/real-node=true:NoSchedule}"
-NODE_LABELS="${TPI_NODE_LABELS:-tpi.dev/real-node=true}"
-CONTAINERD_SOCK="$RUN_DIR/containerd/containerd.sock"
+NODE_TAINT="${TPI_NODE_TAINT-$REAL_NODE_LABEL=true:NoSchedule}"
+NODE_LABELS="${TPI_NODE_LABELS:-$REAL_NODE_LABEL=true}"
 CNI_BIN_DIR="${TPI_CNI_BIN_DIR:-/usr/lib/cni}"
+TEMPLATES="$HACK/node"                           # the config files, rendered into $NODE_DIR
 LOGS="$NODE_DIR/logs"
 PIDS="$NODE_DIR/pids"
 COMPONENTS=(containerd coredns kube-proxy kubelet)
 
-log() { echo "[node] $*" >&2; }
-die() { echo "[node] error: $*" >&2; exit 1; }
-
-host_ip() { # the same address the apiserver advertises (hack/cluster.sh)
-  local ip
-  ip="$(ip -4 route get 1.1.1.1 2>/dev/null | awk '{for(i=1;i<NF;i++) if($i=="src"){print $(i+1); exit}}')"
-  [[ -n "$ip" ]] || ip="$(hostname -I 2>/dev/null | awk '{print $1}')"
-  [[ -n "$ip" ]] || die "cannot find a non-loopback IPv4 address"
-  echo "$ip"
-}
-
-kc() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
 ctr_() { ctr --address "$CONTAINERD_SOCK" "$@"; }
-running() { [[ -f "$PIDS/$1" ]] && kill -0 "$(cat "$PIDS/$1")" 2>/dev/null; }
-
-start() { # name, command...
-  local name="$1"; shift
-  running "$name" && return 0
-  log "starting $name"
-  setsid nohup "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
-  echo $! >"$PIDS/$name"
-}
-
-stop() { # name
-  local name="$1" i
-  running "$name" || { rm -f "$PIDS/$name"; return 0; }
-  log "stopping $name"
-  kill "$(cat "$PIDS/$name")" 2>/dev/null || true
-  for (( i = 0; i < 50; i++ )); do running "$name" || break; sleep 0.2; done
-  running "$name" && kill -9 "$(cat "$PIDS/$name")" 2>/dev/null || true
-  rm -f "$PIDS/$name"
-}
-
-wait_for() { # description, seconds, command...
-  local what="$1" secs="$2"; shift 2
-  local deadline=$(( $(date +%s) + secs ))
-  until "$@" >/dev/null 2>&1; do
-    (( $(date +%s) < deadline )) || die "timed out after ${secs}s waiting for $what (logs: $LOGS)"
-    sleep 0.5
-  done
-}
 
 check_prereqs() {
   [[ $(id -u) -eq 0 ]] || die "the node needs root (kubelet, containerd, iptables)"
@@ -99,7 +57,7 @@ check_prereqs() {
   for b in bridge host-local loopback portmap; do
     [[ -x "$CNI_BIN_DIR/$b" ]] || die "CNI plugin $CNI_BIN_DIR/$b is missing: apt-get install containernetworking-plugins"
   done
-  [[ -f "$KUBECONFIG_ADMIN" && -f "$PKI/ca.key" ]] || die "no cluster at $CLUSTER: run hack/cluster.sh up first"
+  [[ -f "$KUBECONFIG_ADMIN" && -f "$PKI/ca.key" ]] || die "no cluster at $CLUSTER_DIR: run hack/cluster.sh up first"
   kc get --raw /readyz >/dev/null 2>&1 || die "the apiserver does not answer: run hack/cluster.sh up first"
 }
 
@@ -108,7 +66,7 @@ gen_certs() { # a kubelet client cert (system:node:<name>, O=system:nodes) and a
   mkdir -p "$dir"
   # Re-sign when the cluster CA changed (cluster.sh down + up with a wiped cache).
   if [[ -f "$dir/kubelet-client.crt" ]] && openssl verify -CAfile "$PKI/ca.crt" "$dir/kubelet-client.crt" >/dev/null 2>&1 \
-     && openssl x509 -in "$dir/kubelet-client.crt" -noout -subject | grep -q "system:node:$NODE_NAME"; then
+     && openssl x509 -in "$dir/kubelet-client.crt" -noout -subject | grep "system:node:$NODE_NAME" >/dev/null; then
     return 0
   fi
   log "signing node certificates for system:node:$NODE_NAME"
@@ -116,164 +74,49 @@ gen_certs() { # a kubelet client cert (system:node:<name>, O=system:nodes) and a
     cd "$dir"
     printf 'extendedKeyUsage=clientAuth\n' >client.ext
     printf 'extendedKeyUsage=serverAuth\nsubjectAltName=DNS:%s,IP:%s,IP:127.0.0.1\n' "$NODE_NAME" "$ip" >serving.ext
-    sign() { # name, subject, extfile
-      openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$1.key" -out "$1.csr" 2>/dev/null
-      openssl x509 -req -in "$1.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
-        -days 3650 -extfile "$3" -out "$1.crt" 2>/dev/null
-    }
-    sign kubelet-client "/O=system:nodes/CN=system:node:$NODE_NAME" client.ext
-    sign kubelet-serving "/CN=$NODE_NAME" serving.ext
+    sign_cert kubelet-client "/O=system:nodes/CN=system:node:$NODE_NAME" client.ext
+    sign_cert kubelet-serving "/CN=$NODE_NAME" serving.ext
   )
 }
 
-write_configs() {
-  local ip; ip="$(host_ip)"
-  local pause_tar pause_image
-  pause_tar="$("$HERE/pause/build.sh")"
-  pause_image="$("$HERE/pause/build.sh" name)"
+# shellcheck disable=SC2034 # the template variables are read by name (render_template)
+# Not called in a command substitution (`x="$(write_configs)"`): errexit is off in there, so a
+# failing step inside would go unnoticed. Sets PAUSE_TAR, the pause image's tarball.
+write_configs() { # renders hack/node/* into $NODE_DIR
+  PAUSE_TAR="$("$HACK/pause/build.sh")"
   mkdir -p "$NODE_DIR/cni" "$NODE_DIR/containerd-root"
-
-  cat >"$NODE_DIR/kubeconfig" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: tpi-local
-  cluster: {server: "https://127.0.0.1:$APISERVER_PORT", certificate-authority: "$PKI/ca.crt"}
-users:
-- name: $NODE_NAME
-  user: {client-certificate: "$NODE_DIR/pki/kubelet-client.crt", client-key: "$NODE_DIR/pki/kubelet-client.key"}
-contexts:
-- name: node
-  context: {cluster: tpi-local, user: $NODE_NAME}
-current-context: node
-KC
-
-  cat >"$NODE_DIR/containerd.toml" <<TOML
-version = 2
-root = "$NODE_DIR/containerd-root"
-state = "$RUN_DIR/containerd-state"
-[grpc]
-  address = "$CONTAINERD_SOCK"
-[ttrpc]
-  address = "$RUN_DIR/containerd/containerd.sock.ttrpc"
-[debug]
-  address = "$RUN_DIR/containerd/debug.sock"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "$pause_image"
-  enable_selinux = false
-  # No CAP_SYS_RESOURCE in some sandboxes/VMs (this one): runc cannot lower oom_score_adj
-  # (the kubelet asks -998 for sandboxes, -997 for Guaranteed pods), so clamp it at containerd's.
-  restrict_oom_score_adj = $( (echo -1 >/proc/self/oom_score_adj) 2>/dev/null && echo false || echo true )
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-$( [[ -n "${TPI_NODE_RUNC:-}" ]] && echo "        BinaryName = \"$TPI_NODE_RUNC\"" )
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "$CNI_BIN_DIR"
-    conf_dir = "$NODE_DIR/cni"
-TOML
-
-  cat >"$NODE_DIR/cni/10-tpi.conflist" <<CNI
-{
-  "cniVersion": "1.0.0",
-  "name": "tpi",
-  "plugins": [
-    {
-      "type": "bridge",
-      "bridge": "$BRIDGE",
-      "isGateway": true,
-      "ipMasq": false,
-      "hairpinMode": true,
-      "ipam": {
-        "type": "host-local",
-        "dataDir": "$CNI_STATE/networks",
-        "ranges": [[{"subnet": "$POD_CIDR", "gateway": "$GATEWAY"}]],
-        "routes": [{"dst": "0.0.0.0/0"}]
-      }
-    },
-    {"type": "portmap", "capabilities": {"portMappings": true}}
-  ]
-}
-CNI
-
+  # What the templates use besides the settings above.
+  local NODE_IP PAUSE_IMAGE RESTRICT_OOM_SCORE_ADJ=true RUNC_BINARY_LINE="" REGISTER_TAINT_LINE=""
+  NODE_IP="$(host_ip)"
+  PAUSE_IMAGE="$("$HACK/pause/build.sh" name)"
+  # No CAP_SYS_RESOURCE (some sandboxes/VMs): runc cannot lower oom_score_adj, containerd must clamp.
+  if (echo -1 >/proc/self/oom_score_adj) 2>/dev/null; then RESTRICT_OOM_SCORE_ADJ=false; fi
+  if [[ -n "${TPI_NODE_RUNC:-}" ]]; then RUNC_BINARY_LINE="        BinaryName = \"$TPI_NODE_RUNC\""; fi
+  if [[ -n "$NODE_TAINT" ]]; then
+    local k v e rest
+    k="${NODE_TAINT%%=*}"; rest="${NODE_TAINT#*=}"; v="${rest%%:*}"; e="${rest##*:}"
+    REGISTER_TAINT_LINE="- {key: \"$k\", value: \"$v\", effect: \"$e\"}"
+  fi
+  local vars=(APISERVER_PORT PKI NODE_NAME NODE_DIR RUN_DIR CONTAINERD_SOCK CNI_BIN_DIR CNI_STATE BRIDGE
+              POD_CIDR GATEWAY CLUSTER_DOMAIN KUBECONFIG_ADMIN NODE_IP PAUSE_IMAGE RESTRICT_OOM_SCORE_ADJ
+              RUNC_BINARY_LINE REGISTER_TAINT_LINE)
+  render_template "$TEMPLATES/kubeconfig.yaml" "$NODE_DIR/kubeconfig" "${vars[@]}"
+  render_template "$TEMPLATES/containerd.toml" "$NODE_DIR/containerd.toml" "${vars[@]}"
+  render_template "$TEMPLATES/10-tpi.conflist" "$NODE_DIR/cni/10-tpi.conflist" "${vars[@]}"
+  render_template "$TEMPLATES/kubelet.yaml" "$NODE_DIR/kubelet.yaml" "${vars[@]}"
+  render_template "$TEMPLATES/Corefile" "$NODE_DIR/Corefile" "${vars[@]}"
   # Pods with dnsPolicy Default get no upstream resolver: nothing here may leave the machine.
   printf 'options ndots:1\n' >"$NODE_DIR/resolv.conf"
-
-  cat >"$NODE_DIR/kubelet.yaml" <<YAML
-apiVersion: kubelet.config.k8s.io/v1beta1
-kind: KubeletConfiguration
-containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
-cgroupDriver: cgroupfs
-failSwapOn: false
-failCgroupV1: false
-authentication:
-  anonymous: {enabled: false}
-  webhook: {enabled: false}
-  x509: {clientCAFile: "$PKI/ca.crt"}
-authorization: {mode: AlwaysAllow}
-tlsCertFile: "$NODE_DIR/pki/kubelet-serving.crt"
-tlsPrivateKeyFile: "$NODE_DIR/pki/kubelet-serving.key"
-address: "$ip"
-port: 10250
-readOnlyPort: 0
-healthzBindAddress: 127.0.0.1
-healthzPort: 10248
-clusterDNS: ["$GATEWAY"]
-clusterDomain: $CLUSTER_DOMAIN
-resolvConf: "$NODE_DIR/resolv.conf"
-registerNode: true
-registerWithTaints:
-$(if [[ -n "$NODE_TAINT" ]]; then
-    k="${NODE_TAINT%%=*}"; rest="${NODE_TAINT#*=}"; v="${rest%%:*}"; e="${rest##*:}"
-    echo "- {key: \"$k\", value: \"$v\", effect: \"$e\"}"
-  fi)
-serializeImagePulls: false
-# Images are imported by hand (no registry): never garbage-collect them.
-imageGCHighThresholdPercent: 100
-imageGCLowThresholdPercent: 99
-evictionHard: {memory.available: "200Mi", nodefs.available: "2%", imagefs.available: "2%", nodefs.inodesFree: "2%"}
-# An image import briefly holds the old and the new image (~12 GB each for the runtime); the
-# DiskPressure taint it can cause must not outlive it by the default 5 minutes.
-evictionPressureTransitionPeriod: 30s
-nodeStatusUpdateFrequency: 4s
-nodeStatusReportFrequency: 20s
-syncFrequency: 10s
-fileCheckFrequency: 10s
-staticPodPath: ""
-maxPods: 64
-containerLogMaxSize: 10Mi
-containerLogMaxFiles: 2
-shutdownGracePeriod: 0s
-YAML
-
-  cat >"$NODE_DIR/Corefile" <<DNS
-.:53 {
-    bind $GATEWAY
-    errors
-    health 127.0.0.1:18080
-    ready 127.0.0.1:18181
-    kubernetes $CLUSTER_DOMAIN in-addr.arpa ip6.arpa {
-        kubeconfig $KUBECONFIG_ADMIN tpi-local
-        pods insecure
-        fallthrough in-addr.arpa ip6.arpa
-        ttl 5
-    }
-    cache 5
-}
-DNS
-  echo "$pause_tar"
 }
 
 ensure_network() {
   # The bridge exists before the first pod so CoreDNS can bind the gateway address.
+  # (grep without -q below and in gen_certs: under pipefail, a writer killed by SIGPIPE when grep -q
+  # stops early would turn a match into a failure.)
   if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
     ip link add "$BRIDGE" type bridge
   fi
-  ip addr show dev "$BRIDGE" | grep -q "inet $GATEWAY/" || ip addr add "$GATEWAY/${POD_CIDR#*/}" dev "$BRIDGE"
+  ip addr show dev "$BRIDGE" | grep "inet $GATEWAY/" >/dev/null || ip addr add "$GATEWAY/${POD_CIDR#*/}" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   sysctl -qw net.ipv4.ip_forward=1
   sysctl -qw net.bridge.bridge-nf-call-iptables=1 2>/dev/null || true
@@ -310,7 +153,7 @@ up() {
   check_prereqs
   mkdir -p "$NODE_DIR" "$LOGS" "$PIDS" "$RUN_DIR" "$KUBELET_ROOT" "$CNI_STATE"
   gen_certs
-  local pause_tar; pause_tar="$(write_configs)"
+  write_configs
   ensure_network
   ensure_hosts_entry
   local ip; ip="$(host_ip)"
@@ -319,28 +162,29 @@ up() {
   # Node, and a running kubelet only registers once: restart the API clients.
   if running kubelet && ! kc get node "$NODE_NAME" >/dev/null 2>&1; then
     log "the cluster has no Node $NODE_NAME any more (control plane recreated?): restarting the node's API clients"
-    stop kubelet; stop kube-proxy; stop coredns
+    stop_bg kubelet kube-proxy coredns
   fi
-  start containerd containerd --config "$NODE_DIR/containerd.toml"
+  start_bg --append containerd containerd --config "$NODE_DIR/containerd.toml"
   wait_for "containerd" 30 ctr_ version
-  local pause_image; pause_image="$("$HERE/pause/build.sh" name)"
-  if ! ctr_ -n k8s.io images ls -q | grep -qx "$pause_image"; then
-    ctr_ -n k8s.io images import "$pause_tar" >/dev/null
+  local pause_image; pause_image="$("$HACK/pause/build.sh" name)"
+  # grep reads the whole list (not -q): with pipefail, ctr killed by SIGPIPE would fail the test.
+  if ! ctr_ -n k8s.io images ls -q | grep -x "$pause_image" >/dev/null; then
+    ctr_ -n k8s.io images import "$PAUSE_TAR" >/dev/null
   fi
 
-  start coredns "$BIN/coredns" -conf "$NODE_DIR/Corefile"
-  start kube-proxy "$BIN/kube-proxy" --kubeconfig "$KUBECONFIG_ADMIN" \
+  start_bg --append coredns "$BIN/coredns" -conf "$NODE_DIR/Corefile"
+  start_bg --append kube-proxy "$BIN/kube-proxy" --kubeconfig "$KUBECONFIG_ADMIN" \
     --hostname-override "$NODE_NAME" --proxy-mode iptables --cluster-cidr "$POD_CIDR" \
     --metrics-bind-address 127.0.0.1:10249 --healthz-bind-address 127.0.0.1:10256 \
     --conntrack-max-per-core 0 --v=1
 
-  start kubelet "$BIN/kubelet" --config "$NODE_DIR/kubelet.yaml" --kubeconfig "$NODE_DIR/kubeconfig" \
+  start_bg --append kubelet "$BIN/kubelet" --config "$NODE_DIR/kubelet.yaml" --kubeconfig "$NODE_DIR/kubeconfig" \
     --root-dir "$KUBELET_ROOT" --hostname-override "$NODE_NAME" --node-ip "$ip" \
     --node-labels "$NODE_LABELS" --v=1
 
   wait_for "node $NODE_NAME Ready" 120 node_ready
   wait_for "CoreDNS ready" 60 curl -fsS http://127.0.0.1:18181/ready
-  log "up in $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t0}")s: node $NODE_NAME, pods $POD_CIDR, DNS $GATEWAY"
+  log "up in $(since "$t0")s: node $NODE_NAME, pods $POD_CIDR, DNS $GATEWAY"
 }
 
 cleanup_containers() { # whatever the kubelet left: kill tasks, delete containers (by their ids)
@@ -369,11 +213,11 @@ down() {
       sleep 0.5
     done
   fi
-  stop kubelet
+  stop_bg kubelet
   cleanup_containers
-  stop kube-proxy
-  stop coredns
-  stop containerd
+  stop_bg kube-proxy
+  stop_bg coredns
+  stop_bg containerd
   # Shims outlive containerd; end the ones that belong to this node's containerd (by pid).
   local pid
   for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $CONTAINERD_SOCK" || true); do
@@ -393,11 +237,8 @@ down() {
 }
 
 status() {
-  local name
-  for name in "${COMPONENTS[@]}"; do
-    if running "$name"; then echo "$name running (pid $(cat "$PIDS/$name"))"; else echo "$name stopped"; fi
-  done
-  node_ready && echo "node $NODE_NAME Ready" || echo "node $NODE_NAME not Ready"
+  status_bg "${COMPONENTS[@]}"
+  if node_ready; then echo "node $NODE_NAME Ready"; else echo "node $NODE_NAME not Ready"; fi
 }
 
 import_images() {

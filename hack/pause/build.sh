@@ -11,26 +11,32 @@
 # Cached in ~/.cache/tpi/images/pause-<version>.tar; a second run is a no-op.
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-K8S_VERSION="${K8S_VERSION:-v1.34.4}"
-CACHE="${TPI_CACHE:-$HOME/.cache/tpi}"
-OUT_DIR="$CACHE/images"
-
-die() { echo "[pause] error: $*" >&2; exit 1; }
+# shellcheck source=../lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh" pause # HACK, ROOT, ...; logs as [pause]
+OUT_DIR="$IMAGES"
 
 src_dir() {
   local dir
-  dir="$(cd /tmp && GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$K8S_VERSION" \
-        | sed -n 's/.*"Dir": "\(.*\)",/\1/p')"
+  dir="$(go_module_dir "k8s.io/kubernetes@$K8S_VERSION")"
   [[ -f "$dir/build/pause/linux/pause.c" ]] || die "no build/pause/linux/pause.c in k8s.io/kubernetes@$K8S_VERSION"
   echo "$dir"
 }
 
 version() { # the pause TAG from build/pause/Makefile, e.g. 3.10.1
-  sed -n 's/^TAG ?= *//p' "$1/build/pause/Makefile"
+  local ver
+  ver="$(sed -n 's/^TAG ?= *//p' "$1/build/pause/Makefile")"
+  [[ -n "$ver" ]] || die "no TAG in $1/build/pause/Makefile"
+  echo "$ver"
 }
 
-name() { echo "registry.k8s.io/pause:$(version "$(src_dir)")"; }
+# Step by step, not `echo "...:$(version "$(src_dir)")"`: echo would exit 0 with an empty version
+# when the module download fails.
+name() {
+  local src ver
+  src="$(src_dir)"
+  ver="$(version "$src")"
+  echo "registry.k8s.io/pause:$ver"
+}
 
 build() {
   command -v gcc >/dev/null || die "gcc is missing (apt-get install gcc libc6-dev)"
@@ -40,13 +46,14 @@ build() {
   if [[ -f "$tarball" ]]; then echo "$tarball"; return 0; fi
   mkdir -p "$OUT_DIR"
   local work; work="$(mktemp -d)"
-  trap 'rm -rf "$work"' RETURN
+  # Removed when build returns; the trap then unsets itself (it would fire on every later return).
+  trap 'rm -rf "$work"; trap - RETURN' RETURN
   gcc -Os -Wall -Werror -static -DVERSION="v$ver-tpi-$K8S_VERSION" \
     -o "$work/pause" "$src/build/pause/linux/pause.c"
   strip "$work/pause"
-  "${PYTHON:-python3}" "$HERE/mkimage.py" --binary "$work/pause" --name "$image" --out "$tarball.tmp"
+  "${PYTHON:-python3}" "$HACK/pause/mkimage.py" --binary "$work/pause" --name "$image" --out "$tarball.tmp"
   mv "$tarball.tmp" "$tarball"
-  echo "[pause] $image: $(du -h "$tarball" | cut -f1) at $tarball" >&2
+  log "$image: $(du -h "$tarball" | cut -f1) at $tarball"
   echo "$tarball"
 }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.kube import REPO
+from tpikit.kube import REPO
 
 
 def _make_e2e(selection: str) -> subprocess.CompletedProcess[str]:

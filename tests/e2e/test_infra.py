@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import time
 
-from tests.e2e.conftest import Kube, smoke_image
-from tests.e2e.provider import NODE_SELECTOR, TOLERATIONS, Provider
+from tpikit.cluster import Kube
+from tpikit.provider import NODE_SELECTOR, TOLERATIONS, Provider
+
+from tests.e2e.conftest import smoke_image
 
 SERVER = r"""
 import http.server, socket

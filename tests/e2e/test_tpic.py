@@ -17,26 +17,25 @@ import uuid
 from typing import Any
 
 import pytest
-
-from tests.e2e.conftest import (
+from tpikit.cluster import (
     MAX_TOKENS,
     OPERATOR_NAMESPACE,
     PROMPT_IDS,
     RELEASE,
-    Checkpoint,
     Client,
     Kube,
     Operator,
     dump_namespace,
     endpoint_url,
     is_serving,
-    record_timing,
     status,
     tpic,
     wait_serving,
 )
-from tests.e2e.provider import Provider
-from tests.kube import wait_until
+from tpikit.kube import wait_until
+from tpikit.provider import Provider
+
+from tests.e2e.conftest import Checkpoint, record_timing
 
 NAME = "tiny"
 

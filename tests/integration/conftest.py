@@ -14,8 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from kubernetes import client, config
-
-from tests.kube import KUBECONFIG, REPO, kubectl, wait_until
+from tpikit.kube import KUBECONFIG, REPO, kubectl, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 from kubernetes import client
+from tpikit.kube import REPO, kubectl, wait_until
 
 from tests.integration.conftest import inject_fault, pod_json
-from tests.kube import REPO, kubectl, wait_until
 
 SMOKE_CRD = """
 apiVersion: apiextensions.k8s.io/v1
@@ -123,7 +123,7 @@ def test_crd_custom_object_and_statefulset(namespace: str, api_client: client.Ap
 
 
 def kubectl_cmd() -> list[str]:
-    from tests.kube import KUBECONFIG, tool
+    from tpikit.kube import KUBECONFIG, tool
 
     return [tool("kubectl"), "--kubeconfig", str(KUBECONFIG)]
 

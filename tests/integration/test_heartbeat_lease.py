@@ -20,8 +20,7 @@ import pytest
 import yaml
 from kubernetes import client
 from tpi_runtime.heartbeat import LeaseHeartbeat, heartbeat_from_env
-
-from tests.kube import wait_until
+from tpikit.kube import wait_until
 
 pytestmark = pytest.mark.integration
 

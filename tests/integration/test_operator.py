@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client
+from tpikit.kube import REPO, kubectl, wait_until
 
 from tests.integration.conftest import inject_fault
-from tests.kube import REPO, kubectl, wait_until
 
 pytestmark = pytest.mark.integration
 CRD = REPO / "crds" / "tpi.dev_tpinferenceclusters.yaml"

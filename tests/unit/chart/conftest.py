@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import yaml
+from tpikit.kube import BIN
 
 REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "charts" / "tpi-operator"
-DEFAULT_HELM = Path.home() / ".cache" / "tpi" / "k8s-v1.34.4" / "bin" / "helm"
+DEFAULT_HELM = BIN / "helm"  # where hack/build-tools.sh installs it
 
 
 def helm_path() -> Path:
@@ -25,7 +26,7 @@ def helm() -> Path:
     if not (path.is_file() and os.access(path, os.X_OK)):
         pytest.fail(
             f"helm not found at {path}: build it with hack/build-tools.sh (it installs helm into "
-            "~/.cache/tpi/k8s-v1.34.4/bin) or point TPI_HELM at a helm v3 binary",
+            f"{BIN}) or point TPI_HELM at a helm v3 binary",
             pytrace=False,
         )
     return path

@@ -1,8 +1,8 @@
-"""Shared helpers for tests that talk to the real local cluster (hack/cluster.sh)."""
+"""Settings of the local cluster (hack/lib/common.sh's) and kubectl helpers, shared by the demo
+(hack/demo.py), the test tiers and the benchmarks."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -10,11 +10,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-REPO = Path(__file__).resolve().parent.parent
-K8S_VERSION = os.environ.get("K8S_VERSION", "v1.34.4")
-CACHE = Path(os.environ.get("TPI_CACHE", Path.home() / ".cache" / "tpi"))
-BIN = Path(os.environ.get("TPI_BIN", CACHE / f"k8s-{K8S_VERSION}" / "bin"))
-KUBECONFIG = Path(os.environ.get("TPI_CLUSTER_DIR", CACHE / "cluster")) / "kubeconfig"
+HACK = Path(__file__).resolve().parent.parent
+REPO = HACK.parent
+_SETTINGS = (
+    "K8S_VERSION", "CACHE", "BIN", "KUBECONFIG_ADMIN", "DEFAULT_OPERATOR_IMAGE", "DEFAULT_RUNTIME_IMAGE",
+    "DEFAULT_BASE_IMAGE", "REAL_NODE_LABEL", "CONTAINERD_SOCK",
+)  # fmt: skip
+
+
+def _hack_settings() -> dict[str, str]:
+    """hack/lib/common.sh's values (its defaults, or the TPI_* environment): written down once."""
+    out = subprocess.run(
+        ["bash", str(HACK / "lib" / "common.sh"), "print", *_SETTINGS],
+        capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    return dict(zip(_SETTINGS, out.stdout.splitlines(), strict=True))
+
+
+_S = _hack_settings()
+K8S_VERSION = _S["K8S_VERSION"]
+CACHE = Path(_S["CACHE"])
+BIN = Path(_S["BIN"])
+KUBECONFIG = Path(_S["KUBECONFIG_ADMIN"])
+DEFAULT_OPERATOR_IMAGE = _S["DEFAULT_OPERATOR_IMAGE"]
+DEFAULT_RUNTIME_IMAGE = _S["DEFAULT_RUNTIME_IMAGE"]
+DEFAULT_BASE_IMAGE = _S["DEFAULT_BASE_IMAGE"]
+REAL_NODE_LABEL = _S["REAL_NODE_LABEL"]
+CONTAINERD_SOCK = _S["CONTAINERD_SOCK"]
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""Cluster providers for the e2e tier: one suite, two ways to get a real node.
+"""Cluster providers for the e2e tier and the demo: one suite, two ways to get a real node.
 
 ``TPI_E2E_PROVIDER=local`` (default): the control plane of hack/cluster.sh plus the real kubelet
 node of hack/node.sh on this machine (containerd, CNI bridge, kube-proxy, CoreDNS as host
@@ -19,9 +19,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.kube import BIN, KUBECONFIG, REPO, run_kubectl
+from tpikit.kube import BIN, CONTAINERD_SOCK, KUBECONFIG, REAL_NODE_LABEL, REPO, run_kubectl
 
-NODE_LABEL = "tpi.dev/real-node"
+NODE_LABEL = REAL_NODE_LABEL
 #: What every e2e pod carries to land on the real node (and nowhere else).
 NODE_SELECTOR = {NODE_LABEL: "true"}
 TOLERATIONS = [{"key": NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}]
@@ -79,7 +79,7 @@ class LocalProvider(Provider):
         super().__init__()
         self.kubeconfig = os.environ.get("TPI_E2E_KUBECONFIG", str(KUBECONFIG))
         self.kubectl_bin = str(BIN / "kubectl")
-        self.containerd = os.environ.get("CONTAINERD_ADDRESS", "/run/tpi-node/containerd/containerd.sock")
+        self.containerd = os.environ.get("CONTAINERD_ADDRESS", CONTAINERD_SOCK)
 
     def stage_dir(self, local: Path, name: str) -> str:
         dest = Path(NODE_DATA_DIR) / name
