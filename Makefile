@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 export KUBECONFIG := $(CACHE)/cluster/kubeconfig
 PYTEST := $(PY) -m pytest
 
-.PHONY: help deps venv tools lint crds test test-unit test-integration e2e cluster-up cluster-down demo bench clean
+.PHONY: help deps venv tools lint lint-py crds test test-unit test-integration e2e cluster-up cluster-down demo bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -24,8 +24,14 @@ venv:
 tools:
 	hack/ensure-deps.sh tools
 
-lint: venv ## ruff
-	$(VENV)/bin/ruff check operator runtime tests bench hack
+lint: venv lint-py ## every static check: ruff, mypy (strict, core layers), import-linter contracts
+
+# ruff everywhere; mypy strict on tpi_contract, the operator's api/ and core/ and the runtime's
+# model/TP/loader/config/settings modules ([tool.mypy]); the layer contracts ([tool.importlinter]).
+lint-py: venv
+	$(VENV)/bin/ruff check operator runtime contract tests bench hack
+	$(VENV)/bin/mypy
+	PYTHONPATH=contract:operator:runtime $(VENV)/bin/lint-imports
 
 crds: venv ## regenerate crds/ (and the chart's copy) from the pydantic models
 	$(PY) hack/gen_crds.py

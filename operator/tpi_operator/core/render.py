@@ -235,7 +235,7 @@ def pod_template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSetting
 def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> dict[str, Any]:
     port = spec.runtime.port
     http_probe = {"httpGet": {"path": "/healthz", "port": "http"}}
-    mounts = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
     # NCCL and gloo exchange tensors through /dev/shm; the container default of 64Mi is too small.
     volumes: list[dict[str, Any]] = [
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
@@ -244,7 +244,7 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
     if (volume := _model_volume(spec)) is not None:
         volumes.append(volume)
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
-    container = {
+    container: dict[str, Any] = {
         "name": "runtime",
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
@@ -308,7 +308,7 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
 
 
 def template_hash(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> str:
-    return pod_template(spec, ident, gs)["metadata"]["labels"][L_TEMPLATE_HASH]
+    return str(pod_template(spec, ident, gs)["metadata"]["labels"][L_TEMPLATE_HASH])
 
 
 # ---------------------------------------------------------------------------------- objects

@@ -91,9 +91,9 @@ def model_info_from_spec(spec: TPInferenceClusterSpec, read: ModelInfo | None = 
     read = read or ModelInfo()
     hints = spec.model.config
     return ModelInfo(
-        num_attention_heads=read.num_attention_heads or (hints and hints.num_attention_heads),
-        num_key_value_heads=read.num_key_value_heads or (hints and hints.num_key_value_heads),
-        intermediate_size=read.intermediate_size or (hints and hints.intermediate_size),
+        num_attention_heads=read.num_attention_heads or (hints.num_attention_heads if hints else None),
+        num_key_value_heads=read.num_key_value_heads or (hints.num_key_value_heads if hints else None),
+        intermediate_size=read.intermediate_size or (hints.intermediate_size if hints else None),
         weight_bytes=read.weight_bytes or spec.model.size_bytes,
         origin=read.origin if read.origin != "unknown" else "spec",
     )
