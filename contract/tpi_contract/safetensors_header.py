@@ -15,6 +15,13 @@ from typing import Any
 #: Longest header believed (the format's own limit is 100 MB).
 MAX_HEADER_BYTES = 100 << 20
 METADATA_KEY = "__metadata__"
+#: Bytes per element of each safetensors dtype.
+DTYPE_BYTES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+#: Floating-point dtypes a runtime casts to its served dtype (8-bit floats are kept as stored).
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
 class HeaderError(ValueError):

@@ -28,7 +28,7 @@ log = logging.getLogger("tpi_runtime.loader")
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
+_DTYPES = {dt: safetensors_header.DTYPE_BYTES[dt] for dt in ("F32", "BF16", "F16")}  # the ones we load
 # Harmless extras some exporters write; the model recomputes / shares them.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # Peak-memory knobs: read at most _CHUNK_BYTES of file span per get_slice, and drop the file's

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpi_contract import tp_rule
+from tpi_contract.safetensors_header import DTYPE_BYTES, FLOAT_DTYPES
 from tpi_contract.tp_rule import MAX_TP
 
 from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec
@@ -19,11 +20,6 @@ from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec
 #: Fraction of a rank's memory the weights shard may use; the rest is KV cache and activations.
 WEIGHT_FRACTION = 0.8
 
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _SERVED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -163,5 +159,5 @@ def weight_bytes_from_headers(headers: list[Mapping[str, Any]], served_dtype: st
                 continue
             count = math.prod(tensor["shape"])
             dtype = tensor["dtype"]
-            total += count * (served if dtype in _FLOAT_DTYPES else _DTYPE_BYTES.get(dtype, 4))
+            total += count * (served if dtype in FLOAT_DTYPES else DTYPE_BYTES.get(dtype, 4))
     return total
