@@ -89,6 +89,7 @@ RUN set -eu; \
 # ---------------------------------------------------------------------------------------------
 FROM base AS operator
 COPY --from=operator-builder /opt/venv /opt/venv
+COPY contract/tpi_contract /app/tpi_contract
 COPY operator/tpi_operator /app/tpi_operator
 USER 10001:10001
 WORKDIR /home/tpi
@@ -118,6 +119,7 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     TRITON_CACHE_DIR=/tmp/.triton \
     TORCHINDUCTOR_CACHE_DIR=/tmp/.inductor
 COPY --from=runtime-builder /opt/venv /opt/venv
+COPY contract/tpi_contract /app/tpi_contract
 COPY runtime/tpi_runtime /app/tpi_runtime
 USER 10001:10001
 WORKDIR /home/tpi

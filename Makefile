@@ -14,7 +14,7 @@ export PATH := $(BIN):$(PATH)
 export KUBECONFIG := $(word 3,$(HACK_PATHS))
 PYTEST := $(PY) -m pytest
 
-.PHONY: help deps venv tools lint lint-shell crds test test-unit test-integration e2e cluster-up cluster-down demo bench clean
+.PHONY: help deps venv tools lint lint-py lint-shell crds test test-unit test-integration e2e cluster-up cluster-down demo bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -28,8 +28,14 @@ venv:
 tools:
 	hack/ensure-deps.sh tools
 
-lint: venv lint-shell ## ruff, shellcheck
-	$(VENV)/bin/ruff check operator runtime tests bench hack
+lint: venv lint-py lint-shell ## every static check: ruff, mypy (strict, core layers), import-linter contracts, shellcheck
+
+# ruff everywhere; mypy strict on tpi_contract, the operator's api/ and core/ and the runtime's
+# model/TP/loader/config/settings modules ([tool.mypy]); the layer contracts ([tool.importlinter]).
+lint-py: venv
+	$(VENV)/bin/ruff check operator runtime contract tests bench hack
+	$(VENV)/bin/mypy
+	PYTHONPATH=contract:operator:runtime $(VENV)/bin/lint-imports
 
 lint-shell: ## shellcheck every script in hack/ and .ci/ (following what they source)
 	command -v shellcheck >/dev/null || hack/ensure-deps.sh apt

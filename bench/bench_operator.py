@@ -128,7 +128,7 @@ def main() -> int:
     kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", timeout=300)
     kubectl("create", "namespace", NS)
 
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'contract'}"}
     port = free_port()
     log = open(args.log, "wb")  # noqa: SIM115 - lives as long as the operator
     op = subprocess.Popen(

@@ -28,6 +28,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "runtime"))
+sys.path.insert(0, str(REPO / "contract"))
 
 CKPT = Path(os.environ.get("TPI_CACHE", Path.home() / ".cache" / "tpi")) / "bench-ckpt"
 CONFIG = {
@@ -75,6 +76,7 @@ def bench_prompt(n: int) -> list[int]:
 def worker(args: argparse.Namespace) -> None:
     import torch
     from tpi_runtime.engine import Engine, SamplingParams
+    from tpi_runtime.settings import ProcessSettings
 
     baseline_kib = _status_kib("VmRSS")  # after imports, before the process group and weights
 
@@ -87,6 +89,7 @@ def worker(args: argparse.Namespace) -> None:
         backend="gloo",
         dist_timeout_s=300,
         device="cpu",
+        process=ProcessSettings.from_env(os.environ),  # the group, and TPI_NUM_THREADS for the layout
     )
     load_s = time.monotonic() - t0
     torch.set_num_threads(args.threads)

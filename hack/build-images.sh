@@ -134,8 +134,8 @@ print("\n".join(sorted({d for e in sys.argv[2:] for d in opt[e]})))'
 source_key() { # target, base image ID
   local paths=(Dockerfile .dockerignore pyproject.toml)
   case "$1" in
-    operator) paths+=(operator/tpi_operator) ;;
-    runtime) paths+=(runtime/tpi_runtime) ;;
+    operator) paths+=(operator/tpi_operator contract/tpi_contract) ;;
+    runtime) paths+=(runtime/tpi_runtime contract/tpi_contract) ;;
   esac
   {
     cd "$ROOT" \

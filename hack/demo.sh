@@ -7,4 +7,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" demo # HACK, ROOT, ...; lo
 "$HACK/e2e.sh" up
 cd "$ROOT"
 # hack/ for tpikit (the Kubernetes plumbing the demo shares with tests/e2e).
-PYTHONPATH="$ROOT:$HACK:$ROOT/runtime:$ROOT/operator" "$VENV/bin/python" hack/demo.py
+PYTHONPATH="$ROOT:$HACK:$ROOT/runtime:$ROOT/operator:$ROOT/contract" "$VENV/bin/python" hack/demo.py

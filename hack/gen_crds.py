@@ -23,6 +23,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "operator"))
+sys.path.insert(0, str(ROOT / "contract"))  # the api imports tpi_contract
 
 from tpi_operator.api import v1alpha1 as api  # noqa: E402
 

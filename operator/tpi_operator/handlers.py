@@ -30,7 +30,7 @@ from typing import Any
 import kopf
 import pydantic
 
-from tpi_operator import metrics
+from tpi_operator import checkpoint, metrics
 from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, TPInferenceClusterSpec, TPInferenceClusterStatus
 from tpi_operator.core import capacity, reconcile, recovery, render, sizing
 from tpi_operator.core import status as status_core
@@ -267,9 +267,9 @@ def _model_info(mem: Memory, spec: TPInferenceClusterSpec) -> sizing.ModelInfo:
     key = json.dumps([spec.model.wire(), spec.runtime.dtype], sort_keys=True)
     if mem.model_key != key:
         read = None
-        path = sizing.local_model_dir(spec, CONFIG.models_root)
+        path = checkpoint.local_model_dir(spec, CONFIG.models_root)
         if path is not None and path.is_dir():
-            read = sizing.read_model_info(path, spec.runtime.dtype)
+            read = checkpoint.read_model_info(path, spec.runtime.dtype)
         mem.model_key, mem.model_info = key, sizing.model_info_from_spec(spec, read)
     assert mem.model_info is not None
     return mem.model_info

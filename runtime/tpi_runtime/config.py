@@ -1,7 +1,8 @@
-"""Llama-family model configuration read from a Hugging Face `config.json`.
+"""Llama-family model configuration read from a Hugging Face `config.json`, and the tensor-parallel
+sizes it can be split into.
 
-Pure Python on purpose (no torch import): the operator reuses `valid_tp_sizes` to validate a
-cluster's tensor-parallel size before it schedules any pod.
+Pure Python (no torch import). The rule itself lives in ``tpi_contract.tp_rule``, which the
+operator applies too, so both sides accept and refuse the same sizes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from tpi_contract import tp_rule
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -108,27 +111,15 @@ class ModelConfig:
 
 def _tp_problems(cfg: ModelConfig, tp: int) -> list[str]:
     """Why `tp` cannot shard this model (empty list: it can)."""
-    problems = []
-    if tp < 1:
-        return ["tp must be >= 1"]
-    if cfg.num_attention_heads % tp:
-        problems.append(f"num_attention_heads={cfg.num_attention_heads} is not divisible by {tp}")
-    kv = cfg.num_key_value_heads
-    # vLLM rule: shard KV heads when there are enough, otherwise replicate them evenly.
-    if tp <= kv and kv % tp:
-        problems.append(f"num_key_value_heads={kv} is not divisible by {tp}")
-    if tp > kv and tp % kv:
-        problems.append(f"tp={tp} > num_key_value_heads={kv} requires tp % {kv} == 0 (KV head replication)")
-    if cfg.intermediate_size % tp:
-        problems.append(f"intermediate_size={cfg.intermediate_size} is not divisible by {tp}")
-    return problems
+    return tp_rule.tp_problems(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, tp)
 
 
 def valid_tp_sizes(config: ModelConfig | dict[str, Any]) -> list[int]:
     """Every tensor-parallel size this model can be split into (vocab size needs no divisibility:
     the vocab-parallel embedding / LM head pad the last shard)."""
     cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
-    return [tp for tp in range(1, cfg.num_attention_heads + 1) if not _tp_problems(cfg, tp)]
+    heads = cfg.num_attention_heads
+    return tp_rule.valid_tp_sizes(heads, cfg.num_key_value_heads, cfg.intermediate_size, limit=heads)
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:

@@ -17,45 +17,24 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tpi_contract import exitcodes
 
+from .settings import DistEnv
 from .shm import ShmTransport, pid_alive
+
+__all__ = ["EXIT_COLLECTIVE_FAILED", "Dist", "DistEnv", "die"]
 
 log = logging.getLogger("tpi_runtime.dist")
 
-EXIT_COLLECTIVE_FAILED = 3
+EXIT_COLLECTIVE_FAILED = exitcodes.COLLECTIVE_FAILED
 # Extra slack before the watchdog fires, so the backend's own timeout normally reports first.
 WATCHDOG_GRACE_S = 5.0
 # Per-rank slot of the shared-memory transport; bigger tensors (long prefills) go through gloo.
 SHM_SLOT_BYTES = 4 << 20
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-
-    @classmethod
-    def from_environ(cls) -> DistEnv:
-        """torchrun / operator environment; a bare single process defaults to a group of one."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        if not 0 <= rank < world:
-            raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
-        return cls(
-            rank=rank,
-            world_size=world,
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-            master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(os.environ.get("MASTER_PORT", "29500")),
-        )
 
 
 def die(msg: str, exit_code: int = EXIT_COLLECTIVE_FAILED) -> None:
@@ -75,7 +54,9 @@ class Dist:
         backend: str = "auto",
         timeout_s: float = 120.0,
         device: torch.device | None = None,
+        shm: bool = True,
     ) -> None:
+        """``shm``: small collectives between ranks of one host (gloo on CPU) use shared memory."""
         self.rank = env.rank
         self.world_size = env.world_size
         self.timeout_s = float(timeout_s)
@@ -115,11 +96,7 @@ class Dist:
             die(f"collective init_process_group failed after {time.monotonic() - t0:.1f}s: {e}")
         log.info("process group formed in %.2fs", time.monotonic() - t0)
         threading.Thread(target=self._watchdog, name="tpi-collective-watchdog", daemon=True).start()
-        if (
-            backend == "gloo"
-            and self.device.type == "cpu"
-            and os.environ.get("TPI_SHM_COLLECTIVES", "1") != "0"
-        ):
+        if backend == "gloo" and self.device.type == "cpu" and shm:
             self._setup_shm()
         self.collectives = 0  # count model/engine collectives only, not the setup handshakes
 

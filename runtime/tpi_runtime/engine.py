@@ -27,24 +27,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tpi_contract import env as env_names
+from tpi_contract import exitcodes
 
 from .config import ModelConfig, check_tp
-from .dist import Dist, DistEnv, die
+from .dist import Dist, die
 from .loader import LoadReport, load_weights
 from .model import BatchMeta, Transformer
 from .sampling import sample
+from .settings import FaultInjection, ProcessSettings, RuntimeSettings
 
 log = logging.getLogger("tpi_runtime.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STEP_IDLE, STEP_WORK, STEP_SHUTDOWN = 0, 1, 2
 _HEADER = 8
-FAKE_OOM_ENV = "TPI_FAKE_OOM_AT_BATCH"
-FAKE_OOM_MID_FORWARD_ENV = "TPI_FAKE_OOM_MID_FORWARD"  # "1": the fake OOM strikes after layer 0, not before
-# A rank of a multi-rank group that runs out of GPU memory in the middle of a forward pass exits with
-# this code: its peers are inside the pass's collectives, so the group cannot resume in-process. The
-# operator treats it like OOMKilled (halve the batch, recreate the group); see docs/contracts.md.
-EXIT_OUT_OF_MEMORY = 4
+# Out of GPU memory in the middle of a forward pass at TP > 1 (tpi_contract.exitcodes explains why).
+EXIT_OUT_OF_MEMORY = exitcodes.OUT_OF_MEMORY
 _M_MMAP_THRESHOLD = -3  # mallopt parameter, <malloc.h>
 
 
@@ -160,6 +159,16 @@ class Request:
         self._push(_END)
 
 
+def fake_oom_hooks(
+    faults: FaultInjection,
+) -> tuple[Callable[[int, int], None] | None, Callable[[int, int], None] | None]:
+    """(before the step, after layer 0) fault injectors for ``faults``; None where none is asked."""
+    if faults.fake_oom_at_batch is None:
+        return None, None
+    fake = FakeOOM(faults.fake_oom_at_batch)
+    return (None, fake) if faults.fake_oom_mid_forward else (fake, None)
+
+
 class FakeOOM:
     """Fake GPU condition for tests: raise a real torch.cuda.OutOfMemoryError whenever a step
     would run more than `max_batch` sequences (so the OOM path is testable on CPU)."""
@@ -170,7 +179,7 @@ class FakeOOM:
     def __call__(self, batch_size: int, num_tokens: int) -> None:
         if batch_size > self.max_batch:
             raise torch.cuda.OutOfMemoryError(
-                f"FAKE GPU OOM ({FAKE_OOM_ENV}={self.max_batch}): step with {batch_size} sequences"
+                f"FAKE GPU OOM ({env_names.FAKE_OOM_AT_BATCH}={self.max_batch}): step with {batch_size} sequences"
             )
 
 
@@ -203,9 +212,13 @@ class Engine:
         device: str = "auto",
         idle_interval_s: float = 0.5,
         fault_injector: Callable[[int, int], None] | None = None,
+        process: ProcessSettings | None = None,
     ) -> None:
+        """``process``: this rank's group, cores and test faults (``ProcessSettings.from_env``);
+        None: a group of one with torch's defaults."""
         self.is_ready = False
-        env = DistEnv.from_environ()
+        process = process or ProcessSettings()
+        env = process.dist
         self.rank, self.world_size = env.rank, env.world_size
         self.config = cfg = ModelConfig.from_pretrained(model_dir)
         check_tp(cfg, self.world_size)  # fail before joining the group: every rank raises the same
@@ -224,10 +237,8 @@ class Engine:
         self.model_name = served_model_name or os.path.basename(os.path.normpath(model_dir))
         self.idle_interval_s = idle_interval_s
         mid_forward_fault: Callable[[int, int], None] | None = None
-        if fault_injector is None and os.environ.get(FAKE_OOM_ENV):
-            fault_injector = FakeOOM(int(os.environ[FAKE_OOM_ENV]))
-            if os.environ.get(FAKE_OOM_MID_FORWARD_ENV) == "1":
-                fault_injector, mid_forward_fault = None, fault_injector
+        if fault_injector is None:
+            fault_injector, mid_forward_fault = fake_oom_hooks(process.faults)
         self.fault_injector = fault_injector
         self.on_step: Callable[[StepInfo], None] | None = None
 
@@ -237,10 +248,8 @@ class Engine:
         self.device = torch.device(f"cuda:{env.local_rank}") if device == "cuda" else torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        elif os.environ.get("TPI_NUM_THREADS"):
-            torch.set_num_threads(int(os.environ["TPI_NUM_THREADS"]))
-        elif "LOCAL_WORLD_SIZE" in os.environ:  # ranks sharing one machine share its cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+        elif process.num_threads:
+            torch.set_num_threads(process.num_threads)
         if dtype == "auto":
             dtype = (
                 cfg.torch_dtype if self.device.type == "cuda" and cfg.torch_dtype in _DTYPES else "float32"
@@ -249,7 +258,9 @@ class Engine:
             raise ValueError(f"unsupported dtype {dtype!r} ({', '.join(_DTYPES)})")
         self.dtype = _DTYPES[dtype]
 
-        self.dist = Dist(env, backend=backend, timeout_s=dist_timeout_s, device=self.device)
+        self.dist = Dist(
+            env, backend=backend, timeout_s=dist_timeout_s, device=self.device, shm=process.shm_collectives
+        )
         self.comm_device = self.device if self.dist.backend == "nccl" else torch.device("cpu")
         self.model = Transformer(cfg, self.dist, dtype=self.dtype, device=self.device)
         self.load_report: LoadReport = load_weights(self.model, model_dir, cfg, self.rank, self.world_size)
@@ -308,18 +319,19 @@ class Engine:
         )
 
     @classmethod
-    def from_args(cls, args: Any) -> Engine:
-        """Build from the `serve` / `generate` argparse namespace (see __main__)."""
+    def from_settings(cls, settings: RuntimeSettings) -> Engine:
+        """Build from the runtime's settings (``RuntimeSettings.from_args``)."""
         return cls(
-            args.model,
-            dtype=args.dtype,
-            max_batch_size=args.max_batch_size,
-            effective_batch_size=args.effective_batch_size,
-            max_model_len=args.max_model_len,
-            backend=args.backend,
-            dist_timeout_s=args.dist_timeout_seconds,
-            served_model_name=args.served_model_name,
-            device=getattr(args, "device", "auto"),
+            settings.model,
+            dtype=settings.dtype,
+            max_batch_size=settings.max_batch_size,
+            effective_batch_size=settings.effective_batch_size,
+            max_model_len=settings.max_model_len,
+            backend=settings.backend,
+            dist_timeout_s=settings.dist_timeout_seconds,
+            served_model_name=settings.served_model_name,
+            device=settings.device,
+            process=settings.process,
         )
 
     # --- public API -------------------------------------------------------------------------

@@ -13,15 +13,18 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from tpi_contract import defaults, keys
+
+from tpi_runtime.settings import HeartbeatSettings
+
 log = logging.getLogger(__name__)
 
-ANNOTATION_PREFIX = "tpi.dev/"
+ANNOTATION_PREFIX = keys.PREFIX
 _MAX_ANNOTATION_LEN = 1024  # last-error can be a long traceback message; annotations are not logs
 
 
@@ -44,8 +47,8 @@ class LeaseHeartbeat:
 
     ``api`` is a ``kubernetes.client.CoordinationV1Api``. ``annotations_fn`` returns the
     ``tpi.dev/*`` annotation values (keys without the prefix are prefixed). ``stall_threshold``
-    is how long ``progress()`` may stay unchanged before renewal stops (default: two intervals
-    plus a one-interval grace).
+    is how long ``progress()`` may stay unchanged before renewal stops (default:
+    ``tpi_contract.defaults.heartbeat_stall_seconds``, three intervals).
     """
 
     def __init__(
@@ -69,7 +72,9 @@ class LeaseHeartbeat:
         self.interval = float(interval)
         self.progress = progress
         self.annotations_fn = annotations_fn or (lambda: {})
-        self.stall_threshold = float(stall_threshold) if stall_threshold is not None else 3.0 * self.interval
+        self.stall_threshold = (
+            float(stall_threshold) if stall_threshold is not None else defaults.heartbeat_stall_seconds(self.interval)
+        )
         # Only used when this thread has to create the Lease; the operator normally owns it.
         self.lease_duration_seconds = lease_duration_seconds or max(
             1, math.ceil(self.stall_threshold + self.interval)
@@ -209,12 +214,11 @@ class LeaseHeartbeat:
 
 
 def make_coordination_api(kubeconfig: str | None = None) -> Any:
-    """A CoordinationV1Api from ``kubeconfig`` / $KUBECONFIG, else from the in-cluster service account."""
+    """A CoordinationV1Api from ``kubeconfig``, else from the in-cluster service account."""
     from kubernetes import client, config
 
-    path = kubeconfig or os.environ.get("KUBECONFIG")
-    if path:
-        api_client = config.new_client_from_config(config_file=path)
+    if kubeconfig:
+        api_client = config.new_client_from_config(config_file=kubeconfig)
     else:
         cfg = client.Configuration()
         config.load_incluster_config(client_configuration=cfg)
@@ -222,30 +226,23 @@ def make_coordination_api(kubeconfig: str | None = None) -> Any:
     return client.CoordinationV1Api(api_client)
 
 
-def heartbeat_from_env(
+def heartbeat_from_settings(
+    settings: HeartbeatSettings | None,
     progress: Callable[[], int],
     annotations_fn: Callable[[], dict[str, str]] | None = None,
-    env: dict[str, str] | None = None,
 ) -> LeaseHeartbeat | None:
-    """Build (not start) the heartbeat described by the pod environment; None when it is off.
-
-    Off outside Kubernetes: ``TPI_LEASE_NAME`` unset or empty. ``POD_NAMESPACE``/``POD_NAME``
-    are required when it is set.
-    """
-    env = dict(os.environ) if env is None else env
-    name = env.get("TPI_LEASE_NAME", "").strip()
-    if not name:
-        log.debug("TPI_LEASE_NAME unset: Lease heartbeat off")
+    """Build (not start) the heartbeat ``settings`` describe (``HeartbeatSettings.from_env``);
+    None when it is off."""
+    if settings is None:
         return None
-    namespace = env.get("POD_NAMESPACE", "").strip()
-    pod = env.get("POD_NAME", "").strip()
-    if not namespace or not pod:
-        log.warning("TPI_LEASE_NAME=%s but POD_NAMESPACE/POD_NAME unset: Lease heartbeat off", name)
-        return None
-    interval = float(env.get("TPI_HEARTBEAT_INTERVAL_SECONDS", "") or 2.0)
-    # Optional override; the default (three intervals) tolerates a slow step or two.
-    stall = float(env["TPI_HEARTBEAT_STALL_SECONDS"]) if env.get("TPI_HEARTBEAT_STALL_SECONDS") else None
-    api = make_coordination_api(env.get("KUBECONFIG") or None)
+    api = make_coordination_api(settings.kubeconfig)
     return LeaseHeartbeat(
-        api, namespace, name, pod, interval, progress, annotations_fn, stall_threshold=stall
+        api,
+        settings.namespace,
+        settings.lease_name,
+        settings.pod_name,
+        settings.interval,
+        progress,
+        annotations_fn,
+        stall_threshold=settings.stall_seconds,
     )

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from safetensors import safe_open
+from tpi_contract import safetensors_header
 
 from .config import ModelConfig
 from .tp import ParamPlan, TensorSlice, shard_plan, weight_rows
@@ -27,14 +28,13 @@ log = logging.getLogger("tpi_runtime.loader")
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
+_DTYPES = {dt: safetensors_header.DTYPE_BYTES[dt] for dt in ("F32", "BF16", "F16")}  # the ones we load
 # Harmless extras some exporters write; the model recomputes / shares them.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # Peak-memory knobs: read at most _CHUNK_BYTES of file span per get_slice, and drop the file's
 # mapping after _WINDOW_BYTES so touched pages do not pile up in this rank's RSS.
 _CHUNK_BYTES = 8 << 20
 _WINDOW_BYTES = 16 << 20
-_MAX_HEADER = 100 << 20
 
 
 class CheckpointError(Exception):
@@ -57,30 +57,17 @@ class _Header:
 
 
 def read_header(path: str) -> _Header:
-    """Parse and validate one safetensors header (no tensor data is read)."""
+    """Parse and validate one safetensors header (no tensor data is read): the contract's reader
+    checks the header fits the file, this checks every tensor against its dtype and the data."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise CheckpointError(f"{path}: corrupt safetensors header: file is only {size} bytes")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: corrupt safetensors header: header length {n} does not fit in a {size}-byte file"
-                )
-            header = json.loads(f.read(n))
+        header = safetensors_header.read_header(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
-    data_len = size - 8 - n
+    except safetensors_header.HeaderError as e:
+        raise CheckpointError(str(e)) from None
+    data_len = header.data_bytes
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, info in header.tensors.items():
         try:
             dtype, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
@@ -142,14 +129,15 @@ def _validate(cfg: ModelConfig, plan: list[ParamPlan], where: dict[str, str]) ->
         headers[path] = read_header(path)
     expected = {s.name: s for pp in plan for s in pp.slices}
     for name, s in expected.items():
-        path = where.get(name)
-        if path is None:
+        found = where.get(name)
+        if found is None:
             src = (
                 os.path.join(os.path.dirname(next(iter(headers), "")) or ".", INDEX_FILE)
                 if len(headers) > 1
                 else next(iter(headers), "?")
             )
             raise CheckpointError(f"{src}: missing tensor {name} (expected shape {list(s.shape)})")
+        path = found
         if name not in headers[path].tensors:
             raise CheckpointError(f"{path}: missing tensor {name} (the index says it is in this file)")
         shape = headers[path].tensors[name][1]
@@ -195,15 +183,19 @@ def _chunks(s: TensorSlice, dest: torch.Tensor, dest_row: int, elem: int) -> lis
     ]
 
 
-def _read_chunk(f, c: _Chunk) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _read_chunk(f: Any, c: _Chunk) -> torch.Tensor:
+    """``f``: an open ``safe_open`` handle (safetensors ships no type information)."""
     s = c.slice
     sl = f.get_slice(s.name)
+    out: torch.Tensor
     if len(s.shape) == 1:
-        return sl[:]
-    if s.dim == 1:  # column slice (row-parallel weight): all rows, our columns
-        return sl[c.r0 : c.r1, s.start : s.stop]
-    base = s.start if s.dim == 0 else 0
-    return sl[base + c.r0 : base + c.r1]
+        out = sl[:]
+    elif s.dim == 1:  # column slice (row-parallel weight): all rows, our columns
+        out = sl[c.r0 : c.r1, s.start : s.stop]
+    else:
+        base = s.start if s.dim == 0 else 0
+        out = sl[base + c.r0 : base + c.r1]
+    return out
 
 
 @torch.inference_mode()

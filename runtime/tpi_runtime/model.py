@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,11 @@ class BatchMeta:
     @classmethod
     def build(cls, seqs: list[tuple[int, int, int]], device: torch.device) -> BatchMeta:
         """seqs: (slot, first position, number of new tokens) per sequence, in batch order."""
-        positions, token_slots, starts, lens, ctx = [], [], [], [], []
+        positions: list[int] = []
+        token_slots: list[int] = []
+        starts: list[int] = []
+        lens: list[int] = []
+        ctx: list[int] = []
         n = 0
         for slot, pos0, k in seqs:
             positions.extend(range(pos0, pos0 + k))
@@ -166,7 +171,8 @@ class Attention(nn.Module):
                 vc[slot : slot + 1, :, :ctx],
                 enable_gqa=gqa,
             )
-            return self.o_proj(o.view(1, self.hq * self.d))
+            out: torch.Tensor = self.o_proj(o.view(1, self.hq * self.d))
+            return out
         kc[meta.token_slots, :, meta.positions] = k
         vc[meta.token_slots, :, meta.positions] = v
         if meta.decode_only and meta.slots_t is not None:
@@ -194,7 +200,8 @@ class Attention(nn.Module):
                     oi = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
                 outs.append(oi[0].transpose(0, 1).reshape(t, self.hq * self.d))
             o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        return self.o_proj(o)
+        out = self.o_proj(o)
+        return out
 
 
 class MLP(nn.Module):
@@ -211,7 +218,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.il, dim=-1)
         # In place: two fewer [tokens, intermediate] temporaries per layer in a long prefill.
-        return self.down(F.silu(gate, inplace=True).mul_(up))
+        out: torch.Tensor = self.down(F.silu(gate, inplace=True).mul_(up))
+        return out
 
 
 class Block(nn.Module):
@@ -219,7 +227,7 @@ class Block(nn.Module):
         self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device
     ) -> None:
         super().__init__()
-        kw = {"dtype": dtype, "device": device}
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.attn = Attention(cfg, dist, layer, **kw)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
@@ -229,7 +237,8 @@ class Block(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor, meta: BatchMeta
     ) -> torch.Tensor:
         x = x + self.attn(self.input_norm(x), cos, sin, rot, meta)
-        return x + self.mlp(self.post_attn_norm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attn_norm(x))
+        return out
 
 
 class Transformer(nn.Module):
@@ -260,6 +269,7 @@ class Transformer(nn.Module):
         self.num_slots, self.max_len = num_slots, max_len
         nbytes = 0
         for blk in self.layers:
+            assert isinstance(blk, Block)
             a = blk.attn
             shape = (num_slots, a.hkv, max_len, a.d)
             a.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -283,4 +293,5 @@ class Transformer(nn.Module):
         if x.shape[0] != len(meta.seq_lens):  # some sequence brought several tokens (prefill)
             x = x[meta.last_token_idx]
         x = self.norm(x)
-        return self.lm_head(x).float()
+        logits: torch.Tensor = self.lm_head(x)
+        return logits.float()

@@ -26,10 +26,13 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from tpi_contract import keys
+
 from tpi_runtime.metrics import CONTENT_TYPE_LATEST, RuntimeMetrics
 
 if TYPE_CHECKING:
     from tpi_runtime.engine import Engine
+    from tpi_runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 
@@ -746,11 +749,11 @@ def start_http_server(state: ServerState, host: str, port: int) -> TPIHTTPServer
 def _engine_annotations(engine: Engine) -> dict[str, str]:
     s = engine.stats()
     return {
-        "rank": str(engine.rank),
-        "step": str(getattr(s, "step", "")),
-        "last-error": str(getattr(s, "last_error", "") or ""),
-        "oom-count": str(getattr(s, "oom_count", "")),
-        "effective-batch-size": str(getattr(s, "effective_batch_size", "")),
+        keys.LEASE_RANK: str(engine.rank),
+        keys.LEASE_STEP: str(getattr(s, "step", "")),
+        keys.LEASE_LAST_ERROR: str(getattr(s, "last_error", "") or ""),
+        keys.LEASE_OOM_COUNT: str(getattr(s, "oom_count", "")),
+        keys.LEASE_LIVE_BATCH_SIZE: str(getattr(s, "effective_batch_size", "")),
     }
 
 
@@ -773,24 +776,25 @@ def _drain_then_stop(state: ServerState, stop: threading.Event, drain_s: float) 
     stop.set()
 
 
-def serve_main(args: Any) -> int:
+def serve_main(settings: RuntimeSettings) -> int:
     """``python -m tpi_runtime serve``: HTTP + heartbeat threads, engine main loop in this thread.
 
-    Returns 0 after a graceful stop (SIGTERM/SIGINT: drain for up to $TPI_DRAIN_SECONDS, default
-    10). Errors building the engine propagate (``__main__`` maps config errors to exit 2). If the
-    main loop raises, the process exits 1 at once (collective failures already exit 3 in ``dist``).
+    Returns 0 after a graceful stop (SIGTERM/SIGINT: drain for up to ``settings.drain_seconds``,
+    $TPI_DRAIN_SECONDS). Errors building the engine propagate (``__main__`` maps config errors to
+    exit 2). If the main loop raises, the process exits 1 at once (collective failures already exit 3
+    in ``dist``).
     """
     from tpi_runtime.engine import Engine
-    from tpi_runtime.heartbeat import heartbeat_from_env
+    from tpi_runtime.heartbeat import heartbeat_from_settings
 
     if not logging.getLogger().handlers:
         logging.basicConfig(
-            level=os.environ.get("TPI_LOG_LEVEL", "INFO").upper(),
+            level=settings.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-    rank = int(os.environ.get("RANK", "0"))
-    drain_s = float(os.environ.get("TPI_DRAIN_SECONDS", "") or 10.0)
-    model_name = getattr(args, "served_model_name", None) or os.path.basename(os.path.normpath(args.model))
+    rank = settings.rank
+    drain_s = settings.drain_seconds
+    model_name = settings.served_model_name or os.path.basename(os.path.normpath(settings.model))
     stop = threading.Event()
     main_thread = threading.current_thread()
     # The collector reads state.engine at scrape time (None while loading).
@@ -811,22 +815,24 @@ def serve_main(args: Any) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     # Probes answer while weights load: /healthz 200, /readyz 503.
-    httpd = start_http_server(state, getattr(args, "host", "0.0.0.0"), int(getattr(args, "port", 8000)))
+    httpd = start_http_server(state, settings.host, settings.port)
     heartbeat = None
     try:
-        engine = Engine.from_args(args)
+        engine = Engine.from_settings(settings)
     except BaseException:
         httpd.shutdown()
         httpd.server_close()
         raise
-    if getattr(args, "served_model_name", None) is None and getattr(engine, "model_name", None):
+    if settings.served_model_name is None and getattr(engine, "model_name", None):
         state.model_name = engine.model_name
     if getattr(engine, "on_step", None) is None:
         engine.on_step = state.metrics.on_step
     state.engine = engine
     try:
-        heartbeat = heartbeat_from_env(
-            progress=lambda: int(engine.stats().step), annotations_fn=lambda: _engine_annotations(engine)
+        heartbeat = heartbeat_from_settings(
+            settings.heartbeat,
+            progress=lambda: int(engine.stats().step),
+            annotations_fn=lambda: _engine_annotations(engine),
         )
         if heartbeat is not None:
             heartbeat.start()

@@ -147,7 +147,7 @@ def _venv_python() -> str:
 def reference_generation(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """Greedy tokens from one local process: `python -m tpi_runtime generate` (world size 1)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "runtime"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "runtime"), str(REPO / "contract"), env.get("PYTHONPATH", "")])
     out = subprocess.run(
         [
             _venv_python(), "-m", "tpi_runtime", "generate", "--model", str(model_dir),

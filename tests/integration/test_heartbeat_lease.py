@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from tpi_runtime.heartbeat import LeaseHeartbeat, heartbeat_from_env
+from tpi_runtime.heartbeat import LeaseHeartbeat, heartbeat_from_settings
+from tpi_runtime.settings import HeartbeatSettings
 from tpikit.kube import wait_until
 
 pytestmark = pytest.mark.integration
@@ -87,7 +88,7 @@ def test_renews_while_progressing_and_stops_when_stalled(
             "step": str(steps.value),
             "last-error": "",
             "oom-count": "2",
-            "effective-batch-size": "4",
+            "live-batch-size": "4",
         },
         stall_threshold=STALL,
     )
@@ -104,7 +105,7 @@ def test_renews_while_progressing_and_stops_when_stalled(
         assert ann["tpi.dev/rank"] == "0"
         assert int(ann["tpi.dev/step"]) > 0
         assert ann["tpi.dev/oom-count"] == "2"
-        assert ann["tpi.dev/effective-batch-size"] == "4"
+        assert ann["tpi.dev/live-batch-size"] == "4"
         assert ann["tpi.dev/last-error"] == ""
         # renewTime is fresh: within a few intervals of now (apiserver and test share a clock).
         age = (dt.datetime.now(dt.UTC) - _renew_time(coord, namespace, "rank-0")).total_seconds()
@@ -235,7 +236,7 @@ def test_api_errors_are_retried_and_never_log_the_token(
             "KUBECONFIG": str(kc),
         }
         caplog.set_level(logging.DEBUG)
-        hb = heartbeat_from_env(steps, lambda: {"rank": "0"}, env=env)
+        hb = heartbeat_from_settings(HeartbeatSettings.from_env(env), steps, lambda: {"rank": "0"})
         assert hb is not None and hb.interval == INTERVAL and hb.holder == "tpi-demo-0"
         hb.start()
         try:
@@ -282,10 +283,10 @@ def test_api_errors_are_retried_and_never_log_the_token(
 
 
 def test_off_outside_kubernetes() -> None:
-    assert heartbeat_from_env(lambda: 0, env={}) is None
-    assert heartbeat_from_env(lambda: 0, env={"TPI_LEASE_NAME": ""}) is None
+    assert heartbeat_from_settings(HeartbeatSettings.from_env({}), lambda: 0) is None
+    assert heartbeat_from_settings(HeartbeatSettings.from_env({"TPI_LEASE_NAME": ""}), lambda: 0) is None
     # Named but without the downward-API variables: off, not crashing the rank.
-    assert heartbeat_from_env(lambda: 0, env={"TPI_LEASE_NAME": "x"}) is None
+    assert heartbeat_from_settings(HeartbeatSettings.from_env({"TPI_LEASE_NAME": "x"}), lambda: 0) is None
 
 
 def test_real_group_rank_stuck_in_collective_stops_renewing(
@@ -318,7 +319,7 @@ def test_real_group_rank_stuck_in_collective_stops_renewing(
             ann = _read(coord, namespace, f"tpi-rank-{rank}").metadata.annotations
             assert ann["tpi.dev/rank"] == str(rank)
             assert int(ann["tpi.dev/step"]) > 0
-            assert ann["tpi.dev/effective-batch-size"] == "4" and ann["tpi.dev/oom-count"] == "0"
+            assert ann["tpi.dev/live-batch-size"] == "4" and ann["tpi.dev/oom-count"] == "0"
 
         ranks[0].proc.send_signal(signal.SIGSTOP)
         try:

@@ -49,7 +49,7 @@ class Operator:
         self.metrics_port = 0
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO}"}
+        env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'contract'}:{REPO}"}
         env.pop("KUBECONFIG", None)  # --kubeconfig alone must be enough
         self.metrics_port = free_port()
         cmd = [sys.executable, "-m", "tpi_operator", "--namespace", self.namespace, "--kubeconfig",
@@ -141,6 +141,14 @@ def renew_leases(api: client.ApiClient, namespace: str, names: list[str]) -> Non
         coord.patch_namespaced_lease(n, namespace, {"spec": {"renewTime": now}})
 
 
+def report_live_batch(api: client.ApiClient, namespace: str, names: list[str], batch: int) -> None:
+    """What each runtime does at every renewal: publish its live batch size on its Lease."""
+    coord = client.CoordinationV1Api(api)
+    for n in names:
+        patch = {"metadata": {"annotations": {"tpi.dev/live-batch-size": str(batch)}}}
+        coord.patch_namespaced_lease(n, namespace, patch)
+
+
 def sts_hash(namespace: str, group: int) -> str:
     return get(namespace, "statefulset", f"demo-g{group}")["metadata"]["annotations"]["tpi.dev/template-hash"]
 
@@ -198,7 +206,9 @@ def test_apply_creates_objects_and_reaches_running(operator: Operator, namespace
     assert wide[1][:5] == rows[1][:5] and wide[1][6] == "0"
 
 
-def test_oom_halves_batch_and_recreates_group(operator: Operator, namespace: str) -> None:
+def test_oom_halves_batch_and_recreates_group(
+    operator: Operator, namespace: str, api_client: client.ApiClient
+) -> None:
     apply(namespace, cluster_yaml(runtime={"maxBatchSize": 8}))
     wait_phase(namespace, "Running")
     inject_fault(namespace, "demo-g0-1", "oom")
@@ -206,8 +216,14 @@ def test_oom_halves_batch_and_recreates_group(operator: Operator, namespace: str
     assert {"HalveBatch", "RecreateGroup"} <= {h["action"] for h in history(namespace)}
     wait_until(lambda: all(p["metadata"]["labels"]["tpi.dev/incarnation"] == "1" for p in pods(namespace))
                and len(pods(namespace)) == 2, timeout=30, what="new incarnation")  # fmt: skip
-    st = wait_phase(namespace, "Running")
-    assert any(r.get("effectiveBatchSize") == 4 for r in st["ranks"])
+    wait_phase(namespace, "Running")
+    for pod in pods(namespace):  # the assigned batch reaches the ranks as their flag
+        args = pod["spec"]["containers"][0]["args"]
+        assert args[args.index("--effective-batch-size") + 1] == "4"
+    # Per-rank status shows the batch each runtime reports on its Lease, not what was assigned.
+    report_live_batch(api_client, namespace, ["demo-g0-0", "demo-g0-1"], 4)
+    wait_until(lambda: sorted(r.get("effectiveBatchSize") for r in status(namespace)["ranks"]) == [4, 4],
+               timeout=30, what="live batch in status")  # fmt: skip
 
 
 def test_crash_loop_degrades_then_fails(operator: Operator, namespace: str) -> None:

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+from tpi_contract import defaults
 
 GROUP = "tpi.dev"
 VERSION = "v1alpha1"
@@ -157,7 +158,7 @@ class RuntimeSpec(_Model):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     max_batch_size: int = Field(8, ge=1, le=4096)
     max_model_len: int | None = Field(None, ge=1)
-    port: int = Field(8000, ge=1024, le=65535)
+    port: int = Field(defaults.HTTP_PORT, ge=1024, le=65535)
     extra_args: list[str] = Field(default_factory=list, max_length=64)
 
 

@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tpi_contract import exitcodes, keys
+
 from tpi_operator.api.v1alpha1 import TPInferenceClusterStatus
 from tpi_operator.core import render as r
 
@@ -38,10 +40,6 @@ def _int(value: Any, default: int | None = None) -> int | None:
         return default
 
 
-# The runtime's exit code for "out of GPU memory in the middle of a forward pass" (docs/contracts.md).
-RUNTIME_EXIT_OUT_OF_MEMORY = 4
-
-
 # ------------------------------------------------------------------------------------- types
 @dataclass(frozen=True)
 class PodObs:
@@ -64,12 +62,11 @@ class PodObs:
     unschedulable_since: dt.datetime | None = None
     unschedulable_message: str | None = None
     started_at: dt.datetime | None = None
-    batch: int | None = None
 
     @property
     def oom(self) -> bool:
         """Killed by the kernel's OOM killer, or the runtime ran out of GPU memory mid-step."""
-        return self.termination_reason == "OOMKilled" or self.exit_code == RUNTIME_EXIT_OUT_OF_MEMORY
+        return self.termination_reason == "OOMKilled" or exitcodes.is_out_of_memory(self.exit_code)
 
     @property
     def crashed(self) -> bool:
@@ -86,6 +83,11 @@ class LeaseObs:
     name: str
     renew_time: dt.datetime | None = None
     annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def live_batch(self) -> int | None:
+        """The batch size the rank runs with now, as its runtime last reported it."""
+        return _int(self.annotations.get(keys.LEASE_LIVE_BATCH_SIZE))
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,6 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
     last = (cs.get("lastState") or {}).get("terminated") or {}
     term = state.get("terminated") or {}
     started = parse_time((state.get("running") or {}).get("startedAt")) or parse_time(status.get("startTime"))
-    annotations = meta.get("annotations") or {}
     return PodObs(
         name=meta.get("name", ""),
         group=group,
@@ -159,7 +160,6 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
         unschedulable_since=unsched_since,
         unschedulable_message=unsched_msg,
         started_at=started,
-        batch=_int(annotations.get(r.A_EFFECTIVE_BATCH)),
     )
 
 

@@ -6,19 +6,21 @@ the decision out: apply objects, delete pods/objects, write status, emit events.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec, TPInferenceClusterStatus
 from tpi_operator.core import recovery, render, status
 from tpi_operator.core.observe import Observation
+from tpi_operator.core.status import Recovered
 
 
 @dataclass
 class Decision:
     actions: list[recovery.Action]
     status: TPInferenceClusterStatus
-    recovered: list[status.Recovered]
+    recovered: list[Recovered]
     apply: list[dict[str, Any]] = field(default_factory=list)  # server-side apply, in order
     delete_pods: list[str] = field(default_factory=list)
     delete_statefulsets: list[str] = field(default_factory=list)
@@ -28,7 +30,7 @@ class Decision:
 
 def settings_for(
     spec: TPInferenceClusterSpec, st: TPInferenceClusterStatus, group: int, restarted_at: str | None
-):
+) -> render.GroupSettings:
     gs = recovery.group_status(st, group)
     return render.GroupSettings(
         group=group,
@@ -39,7 +41,9 @@ def settings_for(
     )
 
 
-def hash_function(spec: TPInferenceClusterSpec, ident: render.Identity, restarted_at: str | None):
+def hash_function(
+    spec: TPInferenceClusterSpec, ident: render.Identity, restarted_at: str | None
+) -> Callable[[int, int], str]:
     def hash_for(tp: int, batch: int) -> str:
         gs = render.GroupSettings(group=0, tp=tp, batch=batch, restarted_at=restarted_at)
         return render.template_hash(spec, ident, gs)
@@ -110,4 +114,4 @@ def decide(
 
 
 def _hash(obj: dict[str, Any]) -> str:
-    return obj["metadata"]["annotations"][render.A_OBJECT_HASH]
+    return str(obj["metadata"]["annotations"][render.A_OBJECT_HASH])

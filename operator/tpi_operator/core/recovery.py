@@ -340,7 +340,8 @@ def plan(spec: TPInferenceClusterSpec, obs: Observation) -> list[Action]:
     # --- grow back ------------------------------------------------------------------------------
     if not resized and not recreated and not unschedulable and fp.scale_back_up and tp < desired:
         all_ready = all(group_ready(obs, g, incarnations[g], tp) for g in groups)
-        last = max((parse_time(h.time) for h in st.history if h.action == "Degrade"), default=None)
+        degraded = (parse_time(h.time) for h in st.history if h.action == "Degrade")
+        last = max((t for t in degraded if t is not None), default=None)  # an unparsable time counts not
         quiet = last is None or (now - last).total_seconds() >= fp.restart_window_seconds
         bigger = [s for s in obs.valid_sizes if tp < s <= desired]
         if st.degraded_reason == "Unschedulable" and obs.free_rank_slots is not None:

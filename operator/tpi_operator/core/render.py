@@ -24,23 +24,24 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+from tpi_contract import defaults, env, keys
+
 from tpi_operator.api.v1alpha1 import API_VERSION, KIND, TPInferenceClusterSpec
 
-MASTER_PORT = 29500
+MASTER_PORT = defaults.RENDEZVOUS_PORT
 MODEL_MOUNT = "/models"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 RUNTIME_UID = 10001  # the runtime image's user (Dockerfile)
-HEARTBEAT_INTERVAL_SECONDS = 2
 
-L_CLUSTER = "tpi.dev/cluster"
-L_GROUP = "tpi.dev/group"
-L_RANK = "tpi.dev/rank"
-L_INCARNATION = "tpi.dev/incarnation"
-L_TEMPLATE_HASH = "tpi.dev/template-hash"
-A_OBJECT_HASH = "tpi.dev/object-hash"
-A_RESTARTED_AT = "tpi.dev/restartedAt"
-A_EFFECTIVE_BATCH = "tpi.dev/effective-batch-size"
-A_WORLD_SIZE = "tpi.dev/world-size"
+# Short local names for the contract's keys (tpi_contract.keys).
+L_CLUSTER = keys.CLUSTER
+L_GROUP = keys.GROUP
+L_RANK = keys.RANK
+L_INCARNATION = keys.INCARNATION
+L_TEMPLATE_HASH = keys.TEMPLATE_HASH
+A_OBJECT_HASH = keys.OBJECT_HASH
+A_RESTARTED_AT = keys.RESTARTED_AT
+A_WORLD_SIZE = keys.WORLD_SIZE
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def runtime_args(spec: TPInferenceClusterSpec, batch: int) -> list[str]:
         "--port", str(rt.port),
         "--dtype", rt.dtype,
         "--max-batch-size", str(rt.max_batch_size),
-        "--effective-batch-size", str(batch),
+        keys.ASSIGNED_BATCH_FLAG, str(batch),  # the one way the assigned batch reaches a rank
         "--backend", spec.backend,
         # A collective stuck longer than the heartbeat timeout is a hang: die rather than wait.
         "--dist-timeout-seconds", str(max(spec.failure_policy.heartbeat_timeout_seconds * 2, 60)),
@@ -191,16 +192,15 @@ def runtime_env(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings
         return {"valueFrom": {"fieldRef": {"fieldPath": path}}}
 
     return [
-        {"name": "POD_NAME", **field("metadata.name")},
-        {"name": "POD_NAMESPACE", **field("metadata.namespace")},
-        {"name": "RANK", **field(f"metadata.labels['{POD_INDEX_LABEL}']")},
-        {"name": "WORLD_SIZE", "value": str(gs.tp)},
-        {"name": "MASTER_ADDR", "value": master},
-        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "LOCAL_RANK", "value": "0"},
-        {"name": "TPI_LEASE_NAME", "value": "$(POD_NAME)"},
-        {"name": "TPI_HEARTBEAT_INTERVAL_SECONDS", "value": str(HEARTBEAT_INTERVAL_SECONDS)},
-        {"name": "TPI_EFFECTIVE_BATCH_SIZE", "value": str(gs.batch)},
+        {"name": env.POD_NAME, **field("metadata.name")},
+        {"name": env.POD_NAMESPACE, **field("metadata.namespace")},
+        {"name": env.RANK, **field(f"metadata.labels['{POD_INDEX_LABEL}']")},
+        {"name": env.WORLD_SIZE, "value": str(gs.tp)},
+        {"name": env.MASTER_ADDR, "value": master},
+        {"name": env.MASTER_PORT, "value": str(MASTER_PORT)},
+        {"name": env.LOCAL_RANK, "value": "0"},
+        {"name": env.LEASE_NAME, "value": f"$({env.POD_NAME})"},
+        {"name": env.HEARTBEAT_INTERVAL_SECONDS, "value": f"{defaults.HEARTBEAT_INTERVAL_SECONDS:g}"},
         {"name": "HOME", "value": "/tmp"},
     ]
 
@@ -235,7 +235,7 @@ def pod_template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSetting
 def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> dict[str, Any]:
     port = spec.runtime.port
     http_probe = {"httpGet": {"path": "/healthz", "port": "http"}}
-    mounts = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
     # NCCL and gloo exchange tensors through /dev/shm; the container default of 64Mi is too small.
     volumes: list[dict[str, Any]] = [
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
@@ -244,7 +244,7 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
     if (volume := _model_volume(spec)) is not None:
         volumes.append(volume)
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
-    container = {
+    container: dict[str, Any] = {
         "name": "runtime",
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
@@ -295,7 +295,7 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
         pod_spec["affinity"] = sched.affinity
     if sched.priority_class_name:
         pod_spec["priorityClassName"] = sched.priority_class_name
-    annotations = {A_EFFECTIVE_BATCH: str(gs.batch), A_WORLD_SIZE: str(gs.tp)}
+    annotations = {A_WORLD_SIZE: str(gs.tp)}
     if gs.restarted_at:
         annotations[A_RESTARTED_AT] = gs.restarted_at
     return {
@@ -308,7 +308,7 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
 
 
 def template_hash(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> str:
-    return pod_template(spec, ident, gs)["metadata"]["labels"][L_TEMPLATE_HASH]
+    return str(pod_template(spec, ident, gs)["metadata"]["labels"][L_TEMPLATE_HASH])
 
 
 # ---------------------------------------------------------------------------------- objects

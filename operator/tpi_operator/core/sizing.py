@@ -1,30 +1,25 @@
 """Tensor-parallel sizing: which sizes a checkpoint can be split into, and which one fits a rank.
 
-Pure functions, plus two small readers (``read_model_info``) that only look at ``config.json`` and
-the safetensors *headers* (8-byte little-endian length + JSON): weights are never loaded.
+Pure functions. Reading a checkpoint (``config.json`` and the safetensors headers) is the shell's
+job: ``tpi_operator.checkpoint`` turns a directory into the ``ModelInfo`` used here.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from tpi_contract import tp_rule
+from tpi_contract.safetensors_header import DTYPE_BYTES, FLOAT_DTYPES
+from tpi_contract.tp_rule import MAX_TP
 
 from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec
 
 #: Fraction of a rank's memory the weights shard may use; the rest is KV cache and activations.
 WEIGHT_FRACTION = 0.8
-#: Largest size considered when the head counts are unknown.
-MAX_TP = 256
 
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _SERVED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -49,36 +44,15 @@ class ModelInfo:
 
 # ---------------------------------------------------------------------------- valid sizes
 def tp_problems(info: ModelInfo, tp: int) -> list[str]:
-    """Why ``tp`` cannot shard this model (empty: it can).
-
-    The same rule as ``tpi_runtime.config._tp_problems`` (vLLM's): attention heads and the MLP's
-    intermediate size split evenly; KV heads are split when there are enough, else replicated,
-    which needs ``tp % kv == 0``.  Reimplemented here because the operator image does not ship the
-    runtime and hints may be partial; tests/unit/operator/test_sizing.py checks both agree.
-    """
-    if tp < 1:
-        return ["tensor-parallel size must be >= 1"]
-    problems = []
-    heads, kv, inter = info.num_attention_heads, info.num_key_value_heads, info.intermediate_size
-    kv = kv or heads
-    if heads is not None and heads % tp:
-        problems.append(f"num_attention_heads={heads} is not divisible by {tp}")
-    if kv is not None:
-        if tp <= kv and kv % tp:
-            problems.append(f"num_key_value_heads={kv} is not divisible by {tp}")
-        if tp > kv and tp % kv:
-            problems.append(f"tp={tp} > num_key_value_heads={kv} needs tp % {kv} == 0 (KV head replication)")
-    if inter is not None and inter % tp:
-        problems.append(f"intermediate_size={inter} is not divisible by {tp}")
-    return problems
+    """Why ``tp`` cannot shard this model (empty: it can): the runtime's rule, ``tpi_contract.tp_rule``."""
+    return tp_rule.tp_problems(info.num_attention_heads, info.num_key_value_heads, info.intermediate_size, tp)
 
 
 def valid_tp_sizes(info: ModelInfo, limit: int = MAX_TP) -> list[int]:
     """Sizes the model can be split into; powers of two when the architecture is unknown."""
-    if info.num_attention_heads is None and info.intermediate_size is None:
-        return [2**i for i in range(int(math.log2(limit)) + 1)]
-    top = min(limit, info.num_attention_heads or limit)
-    return [tp for tp in range(1, top + 1) if not tp_problems(info, tp)]
+    return tp_rule.valid_tp_sizes(
+        info.num_attention_heads, info.num_key_value_heads, info.intermediate_size, limit
+    )
 
 
 # ------------------------------------------------------------------------------- capacity
@@ -113,9 +87,9 @@ def model_info_from_spec(spec: TPInferenceClusterSpec, read: ModelInfo | None = 
     read = read or ModelInfo()
     hints = spec.model.config
     return ModelInfo(
-        num_attention_heads=read.num_attention_heads or (hints and hints.num_attention_heads),
-        num_key_value_heads=read.num_key_value_heads or (hints and hints.num_key_value_heads),
-        intermediate_size=read.intermediate_size or (hints and hints.intermediate_size),
+        num_attention_heads=read.num_attention_heads or (hints.num_attention_heads if hints else None),
+        num_key_value_heads=read.num_key_value_heads or (hints.num_key_value_heads if hints else None),
+        intermediate_size=read.intermediate_size or (hints.intermediate_size if hints else None),
         weight_bytes=read.weight_bytes or spec.model.size_bytes,
         origin=read.origin if read.origin != "unknown" else "spec",
     )
@@ -173,18 +147,10 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-# ------------------------------------------------------------------- reading a checkpoint
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of one .safetensors file (reads 8 + N bytes, never the tensors)."""
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > 100 * 2**20:
-            raise ValueError(f"{path}: implausible safetensors header length {length}")
-        return json.loads(f.read(length))
-
-
-def weight_bytes_from_headers(headers: list[dict[str, Any]], served_dtype: str) -> int:
-    """Bytes of all tensors once floating-point ones are cast to the served dtype."""
+# ----------------------------------------------------------------- a checkpoint's weights
+def weight_bytes_from_headers(headers: list[Mapping[str, Any]], served_dtype: str) -> int:
+    """Bytes of all tensors (safetensors header entries) once floating-point ones are cast to the
+    served dtype."""
     served = _SERVED_BYTES[served_dtype]
     total = 0
     for header in headers:
@@ -193,37 +159,5 @@ def weight_bytes_from_headers(headers: list[dict[str, Any]], served_dtype: str) 
                 continue
             count = math.prod(tensor["shape"])
             dtype = tensor["dtype"]
-            total += count * (served if dtype in _FLOAT_DTYPES else _DTYPE_BYTES.get(dtype, 4))
+            total += count * (served if dtype in FLOAT_DTYPES else DTYPE_BYTES.get(dtype, 4))
     return total
-
-
-def read_model_info(directory: Path, served_dtype: str) -> ModelInfo:
-    """config.json head counts and safetensors sizes of a checkpoint directory; unknown if unreadable."""
-    heads = kv = inter = size = None
-    try:
-        config = json.loads((directory / "config.json").read_text())
-        heads = config.get("num_attention_heads")
-        kv = config.get("num_key_value_heads")
-        inter = config.get("intermediate_size")
-    except (OSError, ValueError):
-        pass
-    try:
-        files = sorted(directory.glob("*.safetensors"))
-        if files:
-            size = weight_bytes_from_headers([safetensors_header(p) for p in files], served_dtype)
-    except (OSError, ValueError, KeyError, struct.error):
-        size = None
-    if heads is None and size is None:
-        return ModelInfo()
-    return ModelInfo(heads, kv, inter, size, origin="checkpoint")
-
-
-def local_model_dir(spec: TPInferenceClusterSpec, models_root: str | None) -> Path | None:
-    """Where the operator itself may read the checkpoint: a hostPath as is, a PVC's directory under
-    ``models_root/<claimName>`` when the operator mounts claims there; images are never readable."""
-    source = spec.model.source
-    if source.host_path:
-        return Path(source.host_path.path)
-    if source.pvc and models_root:
-        return Path(models_root) / source.pvc.claim_name / source.pvc.path.lstrip("/")
-    return None

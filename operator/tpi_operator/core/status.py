@@ -96,7 +96,7 @@ def compute(
                     restarts=p.restarts,
                     last_termination_reason=p.termination_reason,
                     last_heartbeat=format_time(lease.renew_time) if lease and lease.renew_time else None,
-                    effective_batch_size=p.batch,
+                    effective_batch_size=lease.live_batch if lease else None,
                 )
             )
             ready_ranks += 1 if p.ready and p.rank < size else 0

@@ -126,6 +126,7 @@ def test_final_stages(dockerfile, target: str, module: str) -> None:
     src = f"{target}/{module}"
     assert f"{src} /app/{module}" in copies
     assert (REPO / target / module).is_dir()
+    assert "contract/tpi_contract /app/tpi_contract" in copies, "both images import the contract package"
     envs = " ".join(e for s in lineage(stages, target) for e in s.all("ENV"))
     assert "PYTHONUNBUFFERED=1" in envs
     assert "PYTHONPATH=/app" in envs and "PATH=/opt/venv/bin:$PATH" in envs
@@ -185,7 +186,7 @@ def test_dockerignore_allow_list() -> None:
     lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()]
     rules = [ln for ln in lines if ln and not ln.startswith("#")]
     assert rules[0] == "*", "start from nothing (no .git, tests or caches in the build context)"
-    for needed in ("!Dockerfile", "!pyproject.toml", "!operator/", "!runtime/", "!wheelhouse/"):
+    for needed in ("!Dockerfile", "!pyproject.toml", "!operator/", "!runtime/", "!contract/", "!wheelhouse/"):
         assert needed in rules
 
 

@@ -47,6 +47,10 @@ def test_contract_env_and_command():
     args = c["args"]
     assert args[args.index("--model") + 1] == "/models/tiny"
     assert args[args.index("--effective-batch-size") + 1] == "6"
+    assert env["TPI_HEARTBEAT_INTERVAL_SECONDS"]["value"] == "2"
+    # The assigned batch reaches the rank one way only: the flag (no env twin, no pod annotation).
+    assert "TPI_EFFECTIVE_BATCH_SIZE" not in env
+    assert not any("batch" in k for k in obj["spec"]["template"]["metadata"]["annotations"])
 
 
 def test_restricted_pod_security():

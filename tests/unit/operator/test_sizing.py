@@ -1,4 +1,4 @@
-"""Sizing: valid TP sizes (same rule as the runtime), 'auto', checkpoint headers."""
+"""Sizing: valid TP sizes (tpi_contract.tp_rule), 'auto', checkpoint headers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import struct
 
 import pytest
 from op_builders import make_spec
+from tpi_operator import checkpoint
 from tpi_operator.core import sizing
 from tpi_operator.core.sizing import ModelInfo, SizingError
 
@@ -27,14 +28,6 @@ LLAMA_8B = ModelInfo(num_attention_heads=32, num_key_value_heads=8, intermediate
 )
 def test_valid_sizes(info, expected):
     assert sizing.valid_tp_sizes(info) == expected
-
-
-def test_rule_matches_runtime():
-    config = pytest.importorskip("tpi_runtime.config")
-    for heads, kv, inter in [(32, 8, 14336), (12, 12, 3072), (6, 2, 64), (16, 4, 100), (8, 1, 24)]:
-        d = {"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter,
-             "hidden_size": heads * 8, "vocab_size": 100, "num_hidden_layers": 1}  # fmt: skip
-        assert sizing.valid_tp_sizes(ModelInfo(heads, kv, inter)) == config.valid_tp_sizes(d)
 
 
 @pytest.mark.parametrize(
@@ -89,10 +82,10 @@ def test_read_model_info_from_headers_only(tmp_path):
                                                       "intermediate_size": 96}))  # fmt: skip
     _write_safetensors(tmp_path / "a.safetensors", {"w": ("F32", [10, 10]), "ids": ("I64", [4])})
     _write_safetensors(tmp_path / "b.safetensors", {"v": ("BF16", [5])})
-    info = sizing.read_model_info(tmp_path, "bfloat16")
+    info = checkpoint.read_model_info(tmp_path, "bfloat16")
     assert (info.num_attention_heads, info.num_key_value_heads, info.intermediate_size) == (8, 2, 96)
     assert info.weight_bytes == 100 * 2 + 4 * 8 + 5 * 2  # floats at the served dtype, ints as stored
-    assert sizing.read_model_info(tmp_path / "missing", "bfloat16") == ModelInfo()
+    assert checkpoint.read_model_info(tmp_path / "missing", "bfloat16") == ModelInfo()
 
 
 def test_parse_quantity():

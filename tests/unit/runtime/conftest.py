@@ -86,7 +86,7 @@ def rank_env(rank: int, world: int, port: int, extra: dict[str, str] | None = No
         LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        PYTHONPATH=os.pathsep.join([str(REPO / "runtime"), str(REPO)]),
+        PYTHONPATH=os.pathsep.join([str(REPO / "runtime"), str(REPO / "contract"), str(REPO)]),
         OMP_NUM_THREADS="1",  # 2 shared cores: oversubscription would only make tests slow
     )
     env.update(extra or {})

@@ -21,12 +21,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from tpi_runtime.config import ModelConfig, check_tp
-from tpi_runtime.dist import Dist, DistEnv
+from tpi_runtime.dist import Dist
 from tpi_runtime.engine import Engine, RequestError, SamplingParams
 from tpi_runtime.loader import load_weights
 from tpi_runtime.model import BatchMeta, Transformer
+from tpi_runtime.settings import ProcessSettings
 
 CPU = torch.device("cpu")
+#: What the runtime would read from this rank's environment (conftest.rank_env).
+PROCESS = ProcessSettings.from_env(os.environ)
 
 
 def emit(obj: Any) -> None:
@@ -34,8 +37,8 @@ def emit(obj: Any) -> None:
 
 
 def parity(out_dir: str, steps: int, prompt: list[int], models: list[str]) -> None:
-    env = DistEnv.from_environ()
-    dist = Dist(env, backend="gloo", timeout_s=60)
+    env = PROCESS.dist
+    dist = Dist(env, backend="gloo", timeout_s=60, shm=PROCESS.shm_collectives)
     result = {}
     for i, model_dir in enumerate(models):
         cfg = ModelConfig.from_pretrained(model_dir)
@@ -78,8 +81,8 @@ def _status_kib(field: str) -> int:
 
 
 def load(model_dir: str) -> None:
-    env = DistEnv.from_environ()
-    dist = Dist(env, backend="gloo", timeout_s=60)
+    env = PROCESS.dist
+    dist = Dist(env, backend="gloo", timeout_s=60, shm=PROCESS.shm_collectives)
     cfg = ModelConfig.from_pretrained(model_dir)
     model = Transformer(cfg, dist, dtype=torch.float32, device=CPU)
     with open("/proc/self/clear_refs", "w") as f:
@@ -233,6 +236,7 @@ def engine_mode(model_dir: str, scenario: str) -> None:
         backend="gloo",
         dist_timeout_s=60,
         device="cpu",
+        process=PROCESS,
     )
     stop = threading.Event()
     result: dict[str, Any] = {}
@@ -267,6 +271,7 @@ def stream_mode(model_dir: str) -> None:
         backend="gloo",
         dist_timeout_s=timeout,
         device="cpu",
+        process=PROCESS,
     )
     stop = threading.Event()
 

@@ -1,7 +1,9 @@
-"""CLI (`python -m tpi_runtime generate`), TPI_* env defaults, config parsing and the tp rule."""
+"""CLI (`python -m tpi_runtime generate`), RuntimeSettings (flags, TPI_* env defaults, process env),
+config parsing and the tp rule."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 from tpi_runtime.__main__ import build_parser
 from tpi_runtime.config import ModelConfig, check_tp, valid_tp_sizes
+from tpi_runtime.settings import DistEnv, HeartbeatSettings, RuntimeSettings, SettingsError
 from tpi_runtime.testing import TINY_CONFIG, load_hf_model
 
 from .conftest import assert_all_ok, free_port, rank_env, run_ranks
@@ -69,17 +72,69 @@ def test_config_reads_both_rope_formats() -> None:
         ModelConfig.from_dict({**TINY_CONFIG, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
 
 
-def test_flags_default_from_tpi_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TPI_MAX_BATCH_SIZE", "5")
-    monkeypatch.setenv("TPI_EFFECTIVE_BATCH_SIZE", "2")
-    monkeypatch.setenv("TPI_DTYPE", "bfloat16")
-    monkeypatch.setenv("TPI_DIST_TIMEOUT_SECONDS", "7.5")
-    monkeypatch.setenv("TPI_MODEL", "/models/x")
-    args = build_parser().parse_args(["serve"])
-    assert (args.max_batch_size, args.effective_batch_size, args.dtype) == (5, 2, "bfloat16")
-    assert args.dist_timeout_seconds == 7.5 and args.model == "/models/x" and args.port == 8000
-    args = build_parser().parse_args(["serve", "--max-batch-size", "3", "--port", "9000"])
-    assert args.max_batch_size == 3 and args.port == 9000  # flags beat env
+def _settings(argv: list[str], env: dict[str, str]) -> RuntimeSettings:
+    return RuntimeSettings.from_args(build_parser().parse_args(argv), env)
+
+
+def test_flags_default_from_tpi_env() -> None:
+    env = {
+        "TPI_MAX_BATCH_SIZE": "5",
+        "TPI_EFFECTIVE_BATCH_SIZE": "2",
+        "TPI_DTYPE": "bfloat16",
+        "TPI_DIST_TIMEOUT_SECONDS": "7.5",
+        "TPI_MODEL": "/models/x",
+    }
+    s = _settings(["serve"], env)
+    assert (s.max_batch_size, s.effective_batch_size, s.dtype) == (5, 2, "bfloat16")
+    assert s.dist_timeout_seconds == 7.5 and s.model == "/models/x" and s.port == 8000
+    s = _settings(["serve", "--max-batch-size", "3", "--port", "9000"], env)
+    assert s.max_batch_size == 3 and s.port == 9000  # flags beat env
+    assert _settings(["serve", "--model", "m"], {}).max_batch_size == 8  # neither: the default
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["serve"], {}, "--model"),
+        (["serve", "--model", "m"], {"TPI_DTYPE": "fp8"}, "TPI_DTYPE='fp8'"),
+        (["serve", "--model", "m"], {"TPI_MAX_BATCH_SIZE": "many"}, "TPI_MAX_BATCH_SIZE"),
+        (["serve", "--model", "m", "--max-batch-size", "2", "--effective-batch-size", "4"], {}, "<="),
+        (["serve", "--model", "m"], {"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is outside WORLD_SIZE=2"),
+    ],
+)
+def test_bad_settings_are_refused(argv: list[str], env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        _settings(argv, env)
+
+
+def test_process_and_heartbeat_settings_come_from_env() -> None:
+    env = {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "r0",
+        "MASTER_PORT": "1234",
+        "TPI_NUM_THREADS": "3",
+        "TPI_SHM_COLLECTIVES": "0",
+        "TPI_FAKE_OOM_AT_BATCH": "2",
+        "TPI_FAKE_OOM_MID_FORWARD": "1",
+        "TPI_LEASE_NAME": "pod-1",
+        "POD_NAME": "pod-1",
+        "POD_NAMESPACE": "ns",
+        "TPI_HEARTBEAT_INTERVAL_SECONDS": "0.5",
+        "TPI_DRAIN_SECONDS": "3",
+    }
+    s = _settings(["serve", "--model", "m"], env)
+    assert s.process.dist == DistEnv(rank=1, world_size=2, local_rank=0, master_addr="r0", master_port=1234)
+    assert s.rank == 1 and s.process.num_threads == 3 and not s.process.shm_collectives
+    assert s.process.faults.fake_oom_at_batch == 2 and s.process.faults.fake_oom_mid_forward
+    assert s.heartbeat == HeartbeatSettings("pod-1", "ns", "pod-1", interval=0.5)
+    assert s.drain_seconds == 3.0
+    bare = _settings(["serve", "--model", "m"], {})
+    assert bare.process.dist == DistEnv() and bare.heartbeat is None and bare.drain_seconds == 10.0
+    assert bare.process.dist.master_port == 29500
+    # The heartbeat is off without a Lease name, and without the pod's identity.
+    assert HeartbeatSettings.from_env({"TPI_LEASE_NAME": ""}) is None
+    assert HeartbeatSettings.from_env({"TPI_LEASE_NAME": "x"}) is None
 
 
 def _generate(model: str, world: int, *extra: str) -> subprocess.CompletedProcess[str]:

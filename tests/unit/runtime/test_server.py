@@ -70,7 +70,7 @@ class Server:
         inherited = {k: v for k, v in os.environ.items() if k != "TPI_LEASE_NAME"}  # heartbeat only if asked
         full_env = {
             **inherited,
-            "PYTHONPATH": f"{REPO / 'runtime'}:{os.environ.get('PYTHONPATH', '')}",
+            "PYTHONPATH": f"{REPO / 'runtime'}:{REPO / 'contract'}:{os.environ.get('PYTHONPATH', '')}",
             "OMP_NUM_THREADS": "1",
             "TPI_LOG_LEVEL": "INFO",
             **env,

@@ -1,0 +1,22 @@
+"""Ports and cadences both sides assume."""
+
+from __future__ import annotations
+
+#: Every rank's HTTP port (/healthz, /readyz, /metrics; rank 0 also /v1/completions).
+HTTP_PORT = 8000
+#: Rank 0's rendezvous port (MASTER_PORT).
+RENDEZVOUS_PORT = 29500
+
+#: How often the runtime renews its Lease.
+HEARTBEAT_INTERVAL_SECONDS = 2.0
+#: Renewals stop once the step counter has stood still this many intervals.
+HEARTBEAT_STALL_INTERVALS = 3.0
+
+
+def heartbeat_stall_seconds(interval: float = HEARTBEAT_INTERVAL_SECONDS) -> float:
+    """How long the runtime's step counter may stand still before it stops renewing its Lease.
+
+    A heartbeat timeout must exceed this (plus one interval for the last renewal to land), or a
+    slow but healthy step looks like a hang.
+    """
+    return HEARTBEAT_STALL_INTERVALS * interval

@@ -1,0 +1,327 @@
+"""Every runtime setting, read once: ``RuntimeSettings.from_args(args, environ)``.
+
+This is the only module of the runtime that reads the environment. The rest (engine, server, dist,
+heartbeat) receives the typed settings, or the pieces it needs, from here.
+
+Where each setting comes from (names in ``tpi_contract.env``):
+
+* each ``serve``/``generate`` configuration flag ``--some-flag``: the flag, else ``TPI_SOME_FLAG``,
+  else its default (so a pod can be configured through env alone; the operator uses the flags);
+* the process group: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``
+  (torchrun's names; none set: a group of one); on CPU, ``TPI_NUM_THREADS`` or the machine's cores
+  divided by ``LOCAL_WORLD_SIZE``; ``TPI_SHM_COLLECTIVES=0`` turns the shared-memory transport off;
+* the heartbeat: ``TPI_LEASE_NAME`` (unset or empty: off), ``POD_NAME``, ``POD_NAMESPACE``,
+  ``TPI_HEARTBEAT_INTERVAL_SECONDS``, ``TPI_HEARTBEAT_STALL_SECONDS``, ``KUBECONFIG``;
+* ``TPI_DRAIN_SECONDS``: how long rank 0 drains after SIGTERM;
+* fault injection for tests: ``TPI_FAKE_OOM_AT_BATCH``, ``TPI_FAKE_OOM_MID_FORWARD``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tpi_contract import defaults
+from tpi_contract import env as names
+
+log = logging.getLogger("tpi_runtime.settings")
+
+DEFAULT_DRAIN_SECONDS = 10.0
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed (the runtime exits ``BAD_CONFIG``)."""
+
+
+# ------------------------------------------------------------------------------ the flags
+@dataclass(frozen=True)
+class _Flag:
+    name: str  # "--max-batch-size"
+    conv: Callable[[str], Any]
+    default: Any
+    choices: tuple[str, ...] | None = None
+    help: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+# The configuration flags: each falls back to TPI_<FLAG> (tpi_contract.env.for_flag).
+_COMMON = (
+    _Flag("--model", str, None, help="directory with config.json, *.safetensors and optionally tokenizer.json"),
+    _Flag(
+        "--dtype",
+        str,
+        "auto",
+        ("auto", "float32", "bfloat16", "float16"),
+        "auto: the checkpoint's dtype on GPU, float32 on CPU",
+    ),
+    _Flag("--max-batch-size", int, 8),
+    _Flag(
+        "--effective-batch-size",
+        int,
+        None,
+        help="sequences per step to start with (<= max-batch-size; halves on OOM)",
+    ),
+    _Flag(
+        "--max-model-len",
+        int,
+        None,
+        help="prompt + generated tokens per sequence (default: min(model max, 4096))",
+    ),
+    _Flag("--backend", str, "auto", ("auto", "nccl", "gloo")),
+    _Flag(
+        "--dist-timeout-seconds",
+        float,
+        120.0,
+        help="a collective (or the rendezvous) slower than this fails and the rank exits 3",
+    ),
+    _Flag("--served-model-name", str, None),
+    _Flag("--device", str, "auto", ("auto", "cpu", "cuda")),
+    _Flag("--log-level", str, "INFO"),
+)
+_SERVE = (
+    _Flag("--port", int, defaults.HTTP_PORT),
+    _Flag("--host", str, "0.0.0.0"),
+)
+
+
+def _add(p: argparse.ArgumentParser, flags: tuple[_Flag, ...]) -> None:
+    for f in flags:
+        # No default here: from_args tells "not given" (None) from a value, then tries the env.
+        p.add_argument(
+            f.name,
+            type=f.conv,
+            default=None,
+            choices=f.choices,
+            help=f"{f.help + '; ' if f.help else ''}env {names.for_flag(f.name)}, default {f.default}",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``serve``/``generate`` command line; it reads no environment (``from_args`` does)."""
+    ap = argparse.ArgumentParser(prog="tpi-runtime", description="TPI tensor-parallel Llama runtime")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve HTTP (rank 0: OpenAI-style completions) on every rank")
+    _add(s, _COMMON + _SERVE)
+    g = sub.add_parser("generate", help="one-shot generation; prints text and token ids (rank 0)")
+    _add(g, _COMMON)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    src.add_argument("--prompt", help="text (needs tokenizer.json in --model)")
+    g.add_argument("--max-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    return ap
+
+
+def _flag_value(f: _Flag, args: argparse.Namespace, environ: Mapping[str, str]) -> Any:
+    given = getattr(args, f.dest, None)
+    if given is not None:
+        return given
+    var = names.for_flag(f.name)
+    raw = environ.get(var, "")
+    if raw == "":
+        return f.default
+    try:
+        value = f.conv(raw)
+    except ValueError:
+        raise SettingsError(f"{var}={raw!r} is not a valid {f.name}") from None
+    if f.choices is not None and value not in f.choices:
+        raise SettingsError(f"{var}={raw!r}: {f.name} must be one of {', '.join(f.choices)}")
+    return value
+
+
+def _number(environ: Mapping[str, str], var: str, conv: Callable[[str], Any], default: Any) -> Any:
+    raw = environ.get(var, "").strip()
+    if raw == "":
+        return default
+    try:
+        return conv(raw)
+    except ValueError:
+        raise SettingsError(f"{var}={raw!r} is not a number") from None
+
+
+# ------------------------------------------------------------------------------ the pieces
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this rank sits in its tensor-parallel group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = defaults.RENDEZVOUS_PORT
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> DistEnv:
+        """torchrun / operator environment; a bare single process is a group of one."""
+        world = _number(environ, names.WORLD_SIZE, int, 1)
+        rank = _number(environ, names.RANK, int, 0)
+        if not 0 <= rank < world:
+            raise SettingsError(f"{names.RANK}={rank} is outside {names.WORLD_SIZE}={world}")
+        return cls(
+            rank=rank,
+            world_size=world,
+            local_rank=_number(environ, names.LOCAL_RANK, int, 0),
+            master_addr=environ.get(names.MASTER_ADDR) or "127.0.0.1",
+            master_port=_number(environ, names.MASTER_PORT, int, defaults.RENDEZVOUS_PORT),
+        )
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Named fakes for tests (never set by the operator)."""
+
+    #: A step with more sequences than this raises a real torch.cuda.OutOfMemoryError.
+    fake_oom_at_batch: int | None = None
+    #: The fake OOM strikes after layer 0 of the forward pass instead of before it.
+    fake_oom_mid_forward: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> FaultInjection:
+        return cls(
+            fake_oom_at_batch=_number(environ, names.FAKE_OOM_AT_BATCH, int, None),
+            fake_oom_mid_forward=environ.get(names.FAKE_OOM_MID_FORWARD) == "1",
+        )
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """What the engine needs to know about its process: its group, its cores, test faults."""
+
+    dist: DistEnv = field(default_factory=DistEnv)
+    #: Small collectives between ranks of one host go through shared memory (gloo on CPU only).
+    shm_collectives: bool = True
+    #: torch threads for a CPU rank; None: torch's default.
+    num_threads: int | None = None
+    faults: FaultInjection = field(default_factory=FaultInjection)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ProcessSettings:
+        threads = _number(environ, names.NUM_THREADS, int, None)
+        sharing = _number(environ, names.LOCAL_WORLD_SIZE, int, None)
+        if threads is None and sharing:  # ranks sharing one machine share its cores
+            threads = max(1, (os.cpu_count() or 1) // sharing)
+        return cls(
+            dist=DistEnv.from_env(environ),
+            shm_collectives=environ.get(names.SHM_COLLECTIVES, "1") != "0",
+            num_threads=threads,
+            faults=FaultInjection.from_env(environ),
+        )
+
+
+@dataclass(frozen=True)
+class HeartbeatSettings:
+    """This rank's Lease heartbeat (``tpi_runtime.heartbeat``)."""
+
+    lease_name: str
+    namespace: str
+    pod_name: str
+    interval: float = defaults.HEARTBEAT_INTERVAL_SECONDS
+    #: How long the step counter may stand still before renewals stop; None: the contract's default.
+    stall_seconds: float | None = None
+    #: None: the in-cluster service account.
+    kubeconfig: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> HeartbeatSettings | None:
+        """None (heartbeat off) outside Kubernetes: ``TPI_LEASE_NAME`` unset or empty.
+        ``POD_NAMESPACE``/``POD_NAME`` are required when it is set."""
+        name = environ.get(names.LEASE_NAME, "").strip()
+        if not name:
+            log.debug("%s unset: Lease heartbeat off", names.LEASE_NAME)
+            return None
+        namespace = environ.get(names.POD_NAMESPACE, "").strip()
+        pod = environ.get(names.POD_NAME, "").strip()
+        if not namespace or not pod:
+            log.warning(
+                "%s=%s but %s/%s unset: Lease heartbeat off",
+                *(names.LEASE_NAME, name, names.POD_NAMESPACE, names.POD_NAME),
+            )
+            return None
+        return cls(
+            lease_name=name,
+            namespace=namespace,
+            pod_name=pod,
+            interval=_number(environ, names.HEARTBEAT_INTERVAL_SECONDS, float, defaults.HEARTBEAT_INTERVAL_SECONDS),
+            stall_seconds=_number(environ, names.HEARTBEAT_STALL_SECONDS, float, None),
+            kubeconfig=environ.get(names.KUBECONFIG) or None,
+        )
+
+
+# ------------------------------------------------------------------------------ the whole
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Everything ``python -m tpi_runtime serve|generate`` runs with."""
+
+    command: str
+    model: str
+    dtype: str = "auto"
+    max_batch_size: int = 8
+    effective_batch_size: int | None = None
+    max_model_len: int | None = None
+    backend: str = "auto"
+    dist_timeout_seconds: float = 120.0
+    served_model_name: str | None = None
+    device: str = "auto"
+    log_level: str = "INFO"
+    # serve
+    host: str = "0.0.0.0"
+    port: int = defaults.HTTP_PORT
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    heartbeat: HeartbeatSettings | None = None
+    # generate
+    prompt_ids: tuple[int, ...] | None = None
+    prompt: str | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    process: ProcessSettings = field(default_factory=ProcessSettings)
+
+    @property
+    def rank(self) -> int:
+        return self.process.dist.rank
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> RuntimeSettings:
+        """Flags (``build_parser``) first, then ``TPI_<FLAG>``, then defaults; the rest from ``environ``.
+        Raises SettingsError on a missing or malformed setting."""
+        flags = _COMMON + (_SERVE if args.command == "serve" else ())
+        values = {f.dest: _flag_value(f, args, environ) for f in flags}
+        if values["model"] is None:
+            raise SettingsError(f"--model (or {names.for_flag('model')}) is required")
+        eff = values["effective_batch_size"]
+        if eff is not None and eff > values["max_batch_size"]:
+            raise SettingsError("--effective-batch-size must be <= --max-batch-size")
+        if args.command == "generate":
+            prompt_ids = None
+            if args.prompt_ids is not None:
+                try:
+                    prompt_ids = tuple(int(x) for x in args.prompt_ids.split(",") if x.strip())
+                except ValueError:
+                    raise SettingsError(f"--prompt-ids {args.prompt_ids!r}: comma-separated integers") from None
+            values.update(
+                prompt_ids=prompt_ids,
+                prompt=args.prompt,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+            )
+        else:
+            values.update(
+                drain_seconds=_number(environ, names.DRAIN_SECONDS, float, DEFAULT_DRAIN_SECONDS),
+                heartbeat=HeartbeatSettings.from_env(environ),
+            )
+        return cls(command=args.command, process=ProcessSettings.from_env(environ), **values)
