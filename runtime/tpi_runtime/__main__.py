@@ -58,6 +58,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--served-model-name", default=_env("served_model_name", None))
     p.add_argument("--device", default=_env("device", "auto"), choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--cuda-graphs",
+        default=_env("cuda_graphs", "auto"),
+        choices=["auto", "on", "off"],
+        help="decode through captured CUDA graphs (auto: on for CUDA at TP=1; on with CPU: static path, eager)",
+    )
     p.add_argument("--log-level", default=_env("log_level", "INFO"))
 
 

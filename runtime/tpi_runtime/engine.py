@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, check_tp
+from .cuda_graphs import make_decode_runner
 from .dist import Dist, DistEnv, die
 from .loader import LoadReport, load_weights
 from .model import BatchMeta, Transformer
@@ -203,6 +204,7 @@ class Engine:
         device: str = "auto",
         idle_interval_s: float = 0.5,
         fault_injector: Callable[[int, int], None] | None = None,
+        cuda_graphs: str = "auto",
     ) -> None:
         self.is_ready = False
         env = DistEnv.from_environ()
@@ -266,6 +268,8 @@ class Engine:
             self.max_model_len,
             cache_bytes / 2**20,
         )
+        # Decode-only steps through static shapes (CUDA graphs on CUDA at TP=1); None: plain eager.
+        self.decode_runner = make_decode_runner(self.model, cuda_graphs, self.world_size)
 
         self.tokenizer = None
         tok_path = os.path.join(model_dir, "tokenizer.json")
@@ -320,6 +324,7 @@ class Engine:
             dist_timeout_s=args.dist_timeout_seconds,
             served_model_name=args.served_model_name,
             device=getattr(args, "device", "auto"),
+            cuda_graphs=getattr(args, "cuda_graphs", "auto"),
         )
 
     # --- public API -------------------------------------------------------------------------
@@ -557,8 +562,10 @@ class Engine:
             oom = int(self.dist.all_reduce(flag, name="oom_flag").item())  # > 0: some rank is out
         if oom:
             return None
-        meta = BatchMeta.build(seqs, self.device)
         try:
+            if self.decode_runner is not None and all(n == 1 for _, _, n in seqs):
+                return self.decode_runner(ids, seqs)
+            meta = BatchMeta.build(seqs, self.device)
             return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), meta)
         except torch.cuda.OutOfMemoryError as e:
             # The preflight reserves a step's activations, so this is rare (fragmentation, a
