@@ -454,6 +454,9 @@ class Engine:
             self._running.remove(r)
         if r._slot is not None:
             self._free_slots.append(r._slot)
+            # Lowest free slot first (pop() takes the end): running slots stay packed at the bottom,
+            # so the slot-major decode graphs (cuda_graphs.py) use the smallest bucket that fits.
+            self._free_slots.sort(reverse=True)
             r._slot = None
         r._num_cached = 0
 
