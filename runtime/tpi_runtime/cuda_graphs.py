@@ -69,9 +69,13 @@ def static_decode(model: Transformer, ids: torch.Tensor, positions: torch.Tensor
     rows = torch.arange(s, device=ids.device)
     cos = model.cos[positions].unsqueeze(1)
     sin = model.sin[positions].unsqueeze(1)
-    # [S, 1, 1, L]: row i sees keys 0..positions[i] (padding rows see all L; they are dropped).
-    mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
+    # [S, 1, 1, L] additive mask: row i sees keys 0..positions[i] (padding rows see all L; their
+    # outputs are dropped). Built once per step in the model dtype, so SDPA does not convert a
+    # boolean mask again in every layer (two more kernels per layer in a launch-bound step).
     L = keys.shape[0]
+    allowed = keys[None, :] <= positions[:, None]
+    mask = torch.full((s, L), float("-inf"), dtype=model.dtype, device=ids.device)
+    mask = mask.masked_fill_(allowed, 0.0)[:, None, None, :]
     x = model.embed(ids)
     for blk in model.layers:
         a = blk.attn
