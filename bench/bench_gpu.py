@@ -205,16 +205,33 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> floa
 
 # --- engine helpers -----------------------------------------------------------------------------------
 class Steps:
-    """Engine on_step hook that records step infos (and forwards to the metrics hook if set)."""
+    """Engine on_step hook that records step infos (and forwards to the metrics hook if set).
+
+    pause(): the engine thread stops at the end of its next step until resume(), so a burst of
+    requests can be queued in full before the scheduler sees any of it (one big first step,
+    whatever the HTTP timing)."""
 
     def __init__(self) -> None:
         self.items: list[Any] = []
         self.forward: Any = None
+        self._go = threading.Event()
+        self._go.set()
+        self.held = threading.Event()
 
     def __call__(self, info: Any) -> None:
         self.items.append(info)
         if self.forward is not None:
             self.forward(info)
+        if not self._go.is_set():
+            self.held.set()
+            self._go.wait()
+
+    def pause(self) -> None:
+        self.held.clear()
+        self._go.clear()
+
+    def resume(self) -> None:
+        self._go.set()
 
     def take(self) -> list[Any]:
         out, self.items = self.items, []
@@ -456,7 +473,7 @@ def server_checks(
     rep: Report, engine: Any, steps: Steps, device: torch.device, gen: torch.Generator, plen: int, max_batch: int
 ) -> None:
     """OOM recovery under a burst of HTTP requests, and the /metrics series (GPU ones included)."""
-    from tpi_runtime.engine import FakeOOM
+    from tpi_runtime.engine import FakeOOM, SamplingParams
     from tpi_runtime.metrics import RuntimeMetrics
     from tpi_runtime.server import ServerState, start_http_server
 
@@ -471,11 +488,16 @@ def server_checks(
         before = metric(scrape(base + "/metrics"), "tpi_oom_recoveries_total") or 0.0
         n_req = max_batch
         max_tokens = 16
+        # Park the engine at the end of a small request's first step; fill memory; queue the burst.
+        steps.pause()
+        blocker = engine.submit([1, 5, 6], SamplingParams(max_tokens=2, temperature=0.0))
+        if not steps.held.wait(120):
+            raise RuntimeError("the engine did not reach the pause point")
         if cuda:
-            # Real OOM: leave ~1 GiB free. The first step packs ~20 prompts of 128 tokens (the
-            # 2560-token prefill budget), whose activations (~1.6 GiB by the preflight's estimate)
-            # do not fit; after halving, they do. Prompts + new tokens stay in the captured
-            # 256-key context bucket, so decode replays existing graphs.
+            # Real OOM: leave ~1 GiB free. The first step after the pause packs ~20 prompts of 128
+            # tokens (the 2560-token prefill budget), whose activations (~1.6 GiB by the
+            # preflight's estimate) do not fit; after halving, they do. Prompts + new tokens stay
+            # in the 256-key context bucket of the graphs captured above.
             gc.collect()
             torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info(device)
@@ -488,7 +510,13 @@ def server_checks(
         prompts = [prompt(gen, plen, engine.config.vocab_size) for _ in range(n_req)]
         body = {"model": engine.model_name, "max_tokens": max_tokens, "temperature": 0}
         with ThreadPoolExecutor(n_req) as ex:
-            res = list(ex.map(lambda p: post(base + "/v1/completions", {**body, "prompt": p}, 600), prompts))
+            futs = [ex.submit(post, base + "/v1/completions", {**body, "prompt": p}, 600) for p in prompts]
+            deadline = time.monotonic() + 120
+            while engine.stats().queue_depth < n_req and time.monotonic() < deadline:
+                time.sleep(0.01)
+            steps.resume()
+            res = [f.result() for f in futs]
+        list(blocker)
         ok = sum(1 for code, r in res if code == 200 and len(r["choices"][0]["token_ids"]) == max_tokens)
         errors = sum(1 for code, r in res if code != 200 and "error" in r)
         samples = scrape(base + "/metrics")
@@ -520,6 +548,7 @@ def server_checks(
             rep.add("metrics", "pynvml series present", f"{len(present)}/5", "no NVML GPU here" if not nvml else "")
         rep.add("metrics", "tpi_generated_tokens_total", metric(samples, "tpi_generated_tokens_total"))
     finally:
+        steps.resume()
         engine.fault_injector = None
         del ballast
         if cuda:

@@ -185,8 +185,8 @@ def test_engine_with_cuda_graphs_matches_transformers(ckpt_main: str) -> None:
 
 
 def test_real_oom_recovers_and_is_counted(tmp_path: Path) -> None:
-    """Fill the GPU with a ballast leaving ~96 MiB, then 16 prompts of 500 tokens. The first step's
-    prefill (4 prompts, ~130 MB by the preflight's estimate) cannot fit; halved, it does. Every
+    """Fill the GPU with a ballast leaving ~96 MiB, then 15 prompts of 500 tokens queued at once. The
+    first step's prefill (4 prompts, ~130 MB by the preflight's estimate) cannot fit; halved, it does. Every
     request must be answered (tokens, or an error for one that cannot run even alone), none may
     hang, and the recovery shows in the metrics."""
     from tpi_runtime.engine import Engine, RequestError, SamplingParams
@@ -207,6 +207,16 @@ def test_real_oom_recovers_and_is_counted(tmp_path: Path) -> None:
     )
     engine = Engine(ckpt, dtype="bfloat16", max_batch_size=16, max_model_len=1024, device="cuda")
     metrics = RuntimeMetrics(0, engine_fn=lambda: engine)
+    # A pause point at the end of a step, so the whole burst is queued before the scheduler sees it.
+    go, held = threading.Event(), threading.Event()
+    go.set()
+
+    def on_step(_info: Any) -> None:
+        if not go.is_set():
+            held.set()
+            go.wait()
+
+    engine.on_step = on_step
     stop = threading.Event()
     loop = threading.Thread(target=engine.run_forever, args=(stop,), daemon=True)
     loop.start()
@@ -218,12 +228,16 @@ def test_real_oom_recovers_and_is_counted(tmp_path: Path) -> None:
         warm = [engine.submit([1, *range(3, 502)], SamplingParams(max_tokens=8, temperature=0.0)) for _ in range(2)]
         for r in warm:
             assert len(list(r)) == 8
+        go.clear()
+        sp = SamplingParams(max_tokens=8, temperature=0.0)
+        reqs = [engine.submit([1, 5, 6], sp)]  # parks the engine after its first step
+        assert held.wait(60)
         gc.collect()
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(CUDA)
         ballast = torch.empty(free - (96 << 20), dtype=torch.uint8, device=CUDA)
-        sp = SamplingParams(max_tokens=8, temperature=0.0)
-        reqs = [engine.submit([1, *((7 * i + j) % 31000 + 3 for j in range(499))], sp) for i in range(16)]
+        reqs += [engine.submit([1, *((7 * i + j) % 31000 + 3 for j in range(499))], sp) for i in range(15)]
+        go.set()
         done = threading.Event()
 
         def collect() -> None:
@@ -239,6 +253,7 @@ def test_real_oom_recovers_and_is_counted(tmp_path: Path) -> None:
         stats = engine.stats()
         text = metrics.render().decode()
     finally:
+        go.set()
         del ballast
         stop.set()
         loop.join(timeout=30)
