@@ -33,8 +33,11 @@ from .test_parity import PROMPT, STEPS, TOL, hf_reference
 pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda:0")
-# Half-precision logit tolerance on the tiny checkpoints (|logit| < 8): 4 ulps. GPU kernels differ
-# between ours (fused qkv / gate_up GEMMs) and transformers (separate ones), so rounding differs.
+# Half-precision logit tolerance floor on the tiny checkpoints (|logit| < 8): 4 ulps. Two correct
+# half-precision computations differ by more than rounding once their kernels differ (ours fuses
+# qkv and gate_up; transformers' own SDPA and eager attention differ by 4 bf16 / 7 fp16 ulps on CPU,
+# and each is ~0.3 (bf16) / ~0.02 (fp16) from the float32 logits), so the tests also scale with
+# transformers' own distance from float32.
 HALF_TOL = {torch.bfloat16: 4 * 2**-5, torch.float16: 4 * 2**-8}
 
 
@@ -109,11 +112,12 @@ def test_half_precision_matches_transformers_on_cuda(ckpt_main: str, dtype: torc
     del hf
     model = cuda_model(ckpt_main, dtype)
     prefill = prefill_all(model, PROMPT).cpu()
-    tol = HALF_TOL[dtype]
-    assert (prefill - hf_prefill).abs().max().item() <= tol
     ours_err = (prefill - truth).abs().max().item()
     hf_err = (hf_prefill - truth).abs().max().item()
-    assert ours_err <= 1.5 * hf_err + tol / 4, f"ours {ours_err} vs transformers {hf_err} from float32"
+    # As close to the float32 truth as transformers in the same dtype, and as close to transformers.
+    assert ours_err <= 1.5 * hf_err + HALF_TOL[dtype] / 4, f"ours {ours_err} vs transformers {hf_err} from float32"
+    tol = max(HALF_TOL[dtype], hf_err)
+    assert (prefill - hf_prefill).abs().max().item() <= tol
     tokens = [int(prefill[-1].argmax())]
     for s in range(STEPS - 1):
         meta = BatchMeta.build([(0, len(PROMPT) + s, 1)], CUDA)
@@ -134,8 +138,9 @@ def lockstep(model_dir: str, dtype: torch.dtype, slots: list[int], steps: int = 
     for slot, p in zip(slots, prompts, strict=True):
         prefill_all(graphed, p, slot)  # prefill is always eager: fill both caches the same way
         last.append(int(prefill_all(eager, p, slot)[-1].argmax()))
-    # Half precision: the two paths use different attention kernels (see cuda_graphs.py).
-    tol = 1e-3 if dtype == torch.float32 else 2 * HALF_TOL[dtype]
+    # Half precision: the two paths use different attention kernels (see cuda_graphs.py) and GEMMs
+    # of different row counts; a wrong mask or slot would be off by whole units, not ulps.
+    tol = 1e-3 if dtype == torch.float32 else 4 * HALF_TOL[dtype]
     for step in range(steps):
         seqs = [(slot, len(p) + step, 1) for slot, p in zip(slots, prompts, strict=True)]
         ref = eager(torch.tensor(last, device=CUDA), BatchMeta.build(seqs, CUDA))
