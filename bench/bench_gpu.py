@@ -618,6 +618,9 @@ def bench_hf(rep: Report, ckpt: Path, plan: Plan, ours: dict[str, Any]) -> None:
     except Exception:
         hf = LlamaForCausalLM.from_pretrained(str(ckpt), **kw).to(device)
     hf.eval()
+    # transformers compiles the forward by itself on CUDA with a static cache: minutes per batch
+    # shape, past this bench's budget, and ours is not compiled either. Eager against eager.
+    hf.generation_config.disable_compile = True
     sync(device)
     rep.add("hf", "load time s", time.monotonic() - t0)
     gen_kw: dict[str, Any] = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
@@ -629,7 +632,7 @@ def bench_hf(rep: Report, ckpt: Path, plan: Plan, ours: dict[str, Any]) -> None:
         gen_kw["cache_implementation"] = "static"
     except Exception as e:  # older transformers / unsupported: the dynamic cache
         cache = f"dynamic ({type(e).__name__})"
-    rep.add("hf", "cache", cache, "SDPA attention", key="hf.cache")
+    rep.add("hf", "cache", cache, "SDPA attention, no torch.compile", key="hf.cache")
 
     def generate(ids: torch.Tensor, n: int, **kw: Any) -> Any:
         with torch.inference_mode():

@@ -6,9 +6,9 @@ needs every shape, pointer and index fixed at capture time. So this path is *slo
 
 - Row i of a step is KV-cache slot i, for slots [0, S), where S is the smallest batch bucket
   (1, 2, 4, 8, ..., max slots) above the highest slot in the batch. Rows whose slot is not in the
-  batch are padding: token 0 at position max_len - 1, a cache position no live sequence ever uses
-  (the engine finishes a sequence before it reaches max_model_len - 1 tokens), so their K/V writes
-  land in scratch space. Their logits are computed and dropped.
+  batch are padding: token 0 at position max_len - 1, a cache position no live sequence uses (the
+  engine finishes a sequence once it holds max_model_len tokens, so the last position it caches
+  is max_model_len - 2), so their K/V writes land in scratch space. Their logits are dropped.
 - Attention reads keys [0, L) of slots [0, S) as a plain view of the cache (no per-step gather
   of the running slots, unlike the eager batched decode), where L is a context bucket (128, 256,
   ..., max_len) above the longest context, with a mask built on the device from the positions.
