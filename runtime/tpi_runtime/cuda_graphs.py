@@ -123,6 +123,9 @@ class DecodeGraphRunner:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.failed: set[tuple[int, int]] = set()  # buckets that run eagerly (capture failed)
         self.pool = torch.cuda.graph_pool_handle() if capture else None  # one pool for all graphs
+        # One warm-up stream for every capture: the caching allocator keeps freed blocks per stream,
+        # so a fresh stream per capture would strand a step's activations each time.
+        self.side = torch.cuda.Stream(model.device) if capture else None
         self.replays = 0
 
     def bucket(self, seqs: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
@@ -163,7 +166,8 @@ class DecodeGraphRunner:
             # Warm up on a side stream first (cuBLAS workspaces, SDPA kernel choice), as the
             # PyTorch docs require. The warm-up writes this step's K/V for real; the replay below
             # writes the same values to the same places, so running it twice is harmless.
-            side = torch.cuda.Stream()
+            side = self.side
+            assert side is not None
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
