@@ -31,6 +31,7 @@ from tpi_contract import env as env_names
 from tpi_contract import exitcodes
 
 from .config import ModelConfig, check_tp
+from .cuda_graphs import make_decode_runner
 from .dist import Dist, die
 from .loader import LoadReport, load_weights
 from .model import BatchMeta, Transformer
@@ -213,6 +214,7 @@ class Engine:
         idle_interval_s: float = 0.5,
         fault_injector: Callable[[int, int], None] | None = None,
         process: ProcessSettings | None = None,
+        cuda_graphs: str = "auto",
     ) -> None:
         """``process``: this rank's group, cores and test faults (``ProcessSettings.from_env``);
         None: a group of one with torch's defaults."""
@@ -277,6 +279,8 @@ class Engine:
             self.max_model_len,
             cache_bytes / 2**20,
         )
+        # Decode-only steps through static shapes (CUDA graphs on CUDA at TP=1); None: plain eager.
+        self.decode_runner = make_decode_runner(self.model, cuda_graphs, self.world_size)
 
         self.tokenizer = None
         tok_path = os.path.join(model_dir, "tokenizer.json")
@@ -332,6 +336,7 @@ class Engine:
             served_model_name=settings.served_model_name,
             device=settings.device,
             process=settings.process,
+            cuda_graphs=settings.cuda_graphs,
         )
 
     # --- public API -------------------------------------------------------------------------
@@ -461,6 +466,9 @@ class Engine:
             self._running.remove(r)
         if r._slot is not None:
             self._free_slots.append(r._slot)
+            # Lowest free slot first (pop() takes the end): running slots stay packed at the bottom,
+            # so the slot-major decode graphs (cuda_graphs.py) use the smallest bucket that fits.
+            self._free_slots.sort(reverse=True)
             r._slot = None
         r._num_cached = 0
 
@@ -569,8 +577,10 @@ class Engine:
             oom = int(self.dist.all_reduce(flag, name="oom_flag").item())  # > 0: some rank is out
         if oom:
             return None
-        meta = BatchMeta.build(seqs, self.device)
         try:
+            if self.decode_runner is not None and all(n == 1 for _, _, n in seqs):
+                return self.decode_runner(ids, seqs)
+            meta = BatchMeta.build(seqs, self.device)
             return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), meta)
         except torch.cuda.OutOfMemoryError as e:
             # The preflight reserves a step's activations, so this is rare (fragmentation, a

@@ -127,7 +127,11 @@ def rotate_half_matrix(d: int, *, dtype: torch.dtype, device: torch.device) -> t
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, for x [N, heads, d] and cos/sin [N, 1, d]."""
-    return torch.addcmul(x * cos, x @ rot, sin)
+    if x.dtype == torch.float32:
+        return torch.addcmul(x * cos, x @ rot, sin)
+    # bf16/fp16: round both products to the model dtype before the sum, as transformers does;
+    # addcmul would keep rotate_half(x) * sin unrounded and drift from it by up to an ulp.
+    return x * cos + (x @ rot) * sin
 
 
 class Attention(nn.Module):

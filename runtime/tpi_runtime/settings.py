@@ -83,6 +83,13 @@ _COMMON = (
     ),
     _Flag("--served-model-name", str, None),
     _Flag("--device", str, "auto", ("auto", "cpu", "cuda")),
+    _Flag(
+        "--cuda-graphs",
+        str,
+        "auto",
+        ("auto", "on", "off"),
+        "decode through captured CUDA graphs (auto: on for CUDA at TP=1; on with CPU: the static path, eager)",
+    ),
     _Flag("--log-level", str, "INFO"),
 )
 _SERVE = (
@@ -272,6 +279,7 @@ class RuntimeSettings:
     dist_timeout_seconds: float = 120.0
     served_model_name: str | None = None
     device: str = "auto"
+    cuda_graphs: str = "auto"
     log_level: str = "INFO"
     # serve
     host: str = "0.0.0.0"

@@ -237,6 +237,7 @@ def engine_mode(model_dir: str, scenario: str) -> None:
         dist_timeout_s=60,
         device="cpu",
         process=PROCESS,
+        cuda_graphs=os.environ.get("T_CUDA_GRAPHS", "auto"),  # "on": the static decode path, eager on CPU
     )
     stop = threading.Event()
     result: dict[str, Any] = {}
@@ -256,6 +257,7 @@ def engine_mode(model_dir: str, scenario: str) -> None:
     engine.run_forever(stop)
     if engine.rank == 0:
         result["steps"] = [s.__dict__ for s in steps]
+        result["static_decode"] = engine.decode_runner is not None
         emit(result)
     else:
         emit({"rank": engine.rank, "stats": engine.stats().__dict__})
