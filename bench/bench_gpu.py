@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "runtime"))
+sys.path[:0] = [str(REPO / "runtime"), str(REPO / "contract")]  # the device runs it from a bare checkout
 
 import torch  # noqa: E402
 
