@@ -1,4 +1,5 @@
-"""Tiny random Llama checkpoints for tests, demos and e2e runs (no network, no hub).
+"""Tiny random checkpoints (Llama, Mistral, Qwen2, Qwen3) for tests, demos and e2e runs (no
+network, no hub).
 
 `make_tiny_checkpoint(dir, **config_overrides)` writes a Hugging Face style directory:
 config.json, sharded model-0000x-of-0000y.safetensors + model.safetensors.index.json (or a single
@@ -39,6 +40,17 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
+# Per-family overrides of TINY_CONFIG exercising what sets each family apart, at odd shapes.
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    # A window much shorter than the test prompts: keys outside it must never be attended.
+    "mistral": {"sliding_window": 7},
+    "qwen2": {},  # q/k/v biases are implicit in the architecture
+    # head_dim 24 != hidden 64 / 4 heads; per-head q/k norms.
+    "qwen3": {"head_dim": 24, "intermediate_size": 132},
+}
+
+
 def tiny_vocab(vocab_size: int) -> list[str]:
     words = list(SPECIAL_TOKENS) + list(_WORDS)
     words += [f"tok{i}" for i in range(len(words), vocab_size)]
@@ -65,23 +77,30 @@ def make_tiny_checkpoint(
     max_shard_size: str | int = "100KB",
     tokenizer: bool = True,
     init_std: float = 0.2,
+    family: str = "llama",
     **config_overrides: Any,
 ) -> str:
-    """Build a random `LlamaForCausalLM` from TINY_CONFIG + overrides and save it as safetensors."""
+    """Build a random model of `family` (a FAMILY_CONFIGS key) from TINY_CONFIG + the family's
+    overrides + `config_overrides`, and save it as safetensors."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = os.fspath(model_dir)
     os.makedirs(model_dir, exist_ok=True)
-    cfg = LlamaConfig(**{**TINY_CONFIG, **config_overrides})
+    cfg = AutoConfig.for_model(family, **{**TINY_CONFIG, **FAMILY_CONFIGS[family], **config_overrides})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype)).eval()
     with torch.no_grad():
         # The default init (std 0.02) makes every logit nearly equal, so greedy ties would be
-        # decided by rounding noise; a wider spread keeps argmax comparisons meaningful.
-        for p in model.parameters():
+        # decided by rounding noise; a wider spread keeps argmax comparisons meaningful. Biases
+        # (zero at init) and norm weights (one) get noise too, so a dropped one shows.
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, init_std)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif "q_norm" in name or "k_norm" in name:
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(model_dir, safe_serialization=True, max_shard_size=max_shard_size)
     if tokenizer:
         write_tokenizer(model_dir, cfg.vocab_size)
@@ -89,11 +108,11 @@ def make_tiny_checkpoint(
 
 
 def load_hf_model(model_dir: str):  # type: ignore[no-untyped-def]
-    """The reference implementation: transformers' own LlamaForCausalLM on the same files."""
+    """The reference implementation: transformers' own model class on the same files."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def read_config(model_dir: str) -> dict[str, Any]:

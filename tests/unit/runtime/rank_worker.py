@@ -62,14 +62,33 @@ def parity(out_dir: str, steps: int, prompt: list[int], models: list[str]) -> No
                 {"prefill": prefill.contiguous(), "decode": torch.stack(decode)},
                 os.path.join(out_dir, f"{i}.safetensors"),
             )
+        batched = _batched_greedy(model, prompt, steps) if os.environ.get("T_PARITY_BATCHED") else None
         result[model_dir] = {
             "tokens": tokens,
+            "batched": batched,
             "collectives": dist.collectives,
             "shm": dist.shm is not None,
             "weight_blocks": model.layers[0].attn.qkv.weight.shape[0],  # CPU layout: one per thread
         }
     dist.close()
     emit(result)
+
+
+def _batched_greedy(model: Transformer, prompt: list[int], steps: int) -> list[list[int]]:
+    """Greedy tokens for `prompt` (slot 0) and `prompt[5:]` (slot 1) run together through the
+    batched paths: a mixed prefill, a prefill continuing a cached prefix, batched decodes of
+    sequences of different lengths."""
+    a, b, cut = prompt, prompt[5:], 17
+    meta = BatchMeta.build([(0, 0, cut), (1, 0, len(b))], CPU)
+    first_b = int(model(torch.tensor(a[:cut] + b), meta)[1].argmax())
+    meta = BatchMeta.build([(0, cut, len(a) - cut)], CPU)
+    out = [[int(model(torch.tensor(a[cut:]), meta)[0].argmax())], [first_b]]
+    for s in range(steps - 1):
+        meta = BatchMeta.build([(0, len(a) + s, 1), (1, len(b) + s, 1)], CPU)
+        logits = model(torch.tensor([out[0][-1], out[1][-1]]), meta)
+        for i in range(2):
+            out[i].append(int(logits[i].argmax()))
+    return out
 
 
 def _status_kib(field: str) -> int:
