@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tpi_runtime.checkpoint import Checkpoint
 from tpi_runtime.config import ModelConfig, check_tp
 from tpi_runtime.dist import Dist
 from tpi_runtime.engine import Engine, RequestError, SamplingParams
@@ -41,10 +42,11 @@ def parity(out_dir: str, steps: int, prompt: list[int], models: list[str]) -> No
     dist = Dist(env, backend="gloo", timeout_s=60, shm=PROCESS.shm_collectives)
     result = {}
     for i, model_dir in enumerate(models):
-        cfg = ModelConfig.from_pretrained(model_dir)
+        ckpt = Checkpoint.open(model_dir)  # a HF directory or a GGUF file
+        cfg = ckpt.config
         check_tp(cfg, env.world_size)
         model = Transformer(cfg, dist, dtype=torch.float32, device=CPU)
-        load_weights(model, model_dir, cfg, env.rank, env.world_size)
+        ckpt.load_weights(model, env.rank, env.world_size)
         model.setup_cache(num_slots=3, max_len=128)
         slot = 2  # not slot 0: slot indexing must be right too
         meta = BatchMeta.build([(slot, 0, len(prompt))], CPU)
@@ -78,7 +80,7 @@ def _batched_greedy(model: Transformer, prompt: list[int], steps: int) -> list[l
     """Greedy tokens for `prompt` (slot 0) and `prompt[5:]` (slot 1) run together through the
     batched paths: a mixed prefill, a prefill continuing a cached prefix, batched decodes of
     sequences of different lengths."""
-    a, b, cut = prompt, prompt[5:], 17
+    a, b, cut = prompt, prompt[5:], min(17, len(prompt) - 2)
     meta = BatchMeta.build([(0, 0, cut), (1, 0, len(b))], CPU)
     first_b = int(model(torch.tensor(a[:cut] + b), meta)[1].argmax())
     meta = BatchMeta.build([(0, cut, len(a) - cut)], CPU)
