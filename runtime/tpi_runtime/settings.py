@@ -53,7 +53,13 @@ class _Flag:
 
 # The configuration flags: each falls back to TPI_<FLAG> (tpi_contract.env.for_flag).
 _COMMON = (
-    _Flag("--model", str, None, help="directory with config.json, *.safetensors and optionally tokenizer.json"),
+    _Flag(
+        "--model",
+        str,
+        None,
+        help="directory with config.json, *.safetensors and optionally tokenizer.json; "
+        "or a .gguf file (or a directory holding exactly one)",
+    ),
     _Flag(
         "--dtype",
         str,

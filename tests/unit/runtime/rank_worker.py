@@ -46,7 +46,7 @@ def parity(out_dir: str, steps: int, prompt: list[int], models: list[str]) -> No
         cfg = ckpt.config
         check_tp(cfg, env.world_size)
         model = Transformer(cfg, dist, dtype=torch.float32, device=CPU)
-        ckpt.load_weights(model, env.rank, env.world_size)
+        report = ckpt.load_weights(model, env.rank, env.world_size)
         model.setup_cache(num_slots=3, max_len=128)
         slot = 2  # not slot 0: slot indexing must be right too
         meta = BatchMeta.build([(slot, 0, len(prompt))], CPU)
@@ -68,6 +68,7 @@ def parity(out_dir: str, steps: int, prompt: list[int], models: list[str]) -> No
         result[model_dir] = {
             "tokens": tokens,
             "batched": batched,
+            "bytes_read": report.bytes_read,
             "collectives": dist.collectives,
             "shm": dist.shm is not None,
             "weight_blocks": model.layers[0].attn.qkv.weight.shape[0],  # CPU layout: one per thread

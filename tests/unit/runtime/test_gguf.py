@@ -126,6 +126,11 @@ def test_smollm2_matches_transformers(
     assert len(expected) >= 6 and expected[-1] == 2  # transformers stops at <|im_end|>; we run on
     for r in results:
         assert r.json()[smollm2]["tokens"][: len(expected)] == expected
+    # Each rank dequantized and kept only its own slice: a third of the float32 weights at TP=3
+    # (the norms, replicated, are 0.03% of them).
+    total = sum(p.numel() for p in smol_hf.parameters()) * 4
+    for r in results:
+        assert abs(r.json()[smollm2]["bytes_read"] - total / tp) < 0.01 * total / tp
 
 
 def test_smollm2_generate_tp3_answers_the_question(smollm2: str, smol_prompt: list[int], tmp_path: Path) -> None:
