@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, _COMMON)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
-    src.add_argument("--prompt", help="text (needs tokenizer.json in --model)")
+    src.add_argument("--prompt", help="text (needs tokenizer.json in --model, or a GGUF file)")
     g.add_argument("--max-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
