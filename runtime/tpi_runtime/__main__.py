@@ -31,7 +31,7 @@ def _generate(settings: RuntimeSettings) -> int:
         ids = list(settings.prompt_ids)
     else:
         if engine.tokenizer is None:
-            raise SystemExit(f"--prompt needs {settings.model}/tokenizer.json; use --prompt-ids instead")
+            raise SystemExit(f"--prompt needs a tokenizer ({settings.model} has no tokenizer.json); use --prompt-ids")
         ids = engine.tokenizer.encode(settings.prompt).ids
     params = SamplingParams(
         max_tokens=settings.max_tokens,

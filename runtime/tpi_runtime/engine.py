@@ -16,9 +16,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import itertools
-import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -30,10 +28,11 @@ import torch
 from tpi_contract import env as env_names
 from tpi_contract import exitcodes
 
-from .config import ModelConfig, check_tp
+from .checkpoint import Checkpoint
+from .config import check_tp
 from .cuda_graphs import make_decode_runner
 from .dist import Dist, die
-from .loader import LoadReport, load_weights
+from .loader import LoadReport
 from .model import BatchMeta, Transformer
 from .sampling import sample
 from .settings import FaultInjection, ProcessSettings, RuntimeSettings
@@ -222,7 +221,8 @@ class Engine:
         process = process or ProcessSettings()
         env = process.dist
         self.rank, self.world_size = env.rank, env.world_size
-        self.config = cfg = ModelConfig.from_pretrained(model_dir)
+        self.checkpoint = ckpt = Checkpoint.open(model_dir)  # a HF directory or a GGUF file
+        self.config = cfg = ckpt.config
         check_tp(cfg, self.world_size)  # fail before joining the group: every rank raises the same
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -236,7 +236,7 @@ class Engine:
                 f"max_model_len={self.max_model_len} exceeds the model's "
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
-        self.model_name = served_model_name or os.path.basename(os.path.normpath(model_dir))
+        self.model_name = served_model_name or ckpt.name
         self.idle_interval_s = idle_interval_s
         mid_forward_fault: Callable[[int, int], None] | None = None
         if fault_injector is None:
@@ -265,7 +265,7 @@ class Engine:
         )
         self.comm_device = self.device if self.dist.backend == "nccl" else torch.device("cpu")
         self.model = Transformer(cfg, self.dist, dtype=self.dtype, device=self.device)
-        self.load_report: LoadReport = load_weights(self.model, model_dir, cfg, self.rank, self.world_size)
+        self.load_report: LoadReport = ckpt.load_weights(self.model, self.rank, self.world_size)
         if mid_forward_fault is not None:
             fault = mid_forward_fault  # after layer 0 ran: at TP > 1 its all-reduces are done
             self.model.layers[0].register_forward_hook(
@@ -282,18 +282,10 @@ class Engine:
         # Decode-only steps through static shapes (CUDA graphs on CUDA at TP=1); None: plain eager.
         self.decode_runner = make_decode_runner(self.model, cuda_graphs, self.world_size)
 
-        self.tokenizer = None
-        tok_path = os.path.join(model_dir, "tokenizer.json")
-        if os.path.exists(tok_path):
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(tok_path)
-        eos = list(cfg.eos_token_ids)
-        gen_cfg = os.path.join(model_dir, "generation_config.json")
-        if os.path.exists(gen_cfg):
-            with open(gen_cfg) as f:
-                g = json.load(f).get("eos_token_id")
-            eos += g if isinstance(g, list) else ([] if g is None else [g])
+        self.tokenizer = ckpt.tokenizer()
+        self.chat_template: str | None = ckpt.chat_template()  # Jinja, for /v1/chat/completions
+        ckpt.gguf = None  # drop the file's mapping: the weights are copied out
+        eos = list(cfg.eos_token_ids) + ckpt.extra_eos_ids()
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(e) for e in eos))
 
         # Scheduler state (rank 0); `_cv` guards it against submit()/cancel() from other threads.

@@ -53,7 +53,13 @@ class _Flag:
 
 # The configuration flags: each falls back to TPI_<FLAG> (tpi_contract.env.for_flag).
 _COMMON = (
-    _Flag("--model", str, None, help="directory with config.json, *.safetensors and optionally tokenizer.json"),
+    _Flag(
+        "--model",
+        str,
+        None,
+        help="directory with config.json, *.safetensors and optionally tokenizer.json; "
+        "or a .gguf file (or a directory holding exactly one)",
+    ),
     _Flag(
         "--dtype",
         str,
@@ -120,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, _COMMON)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
-    src.add_argument("--prompt", help="text (needs tokenizer.json in --model)")
+    src.add_argument("--prompt", help="text (needs tokenizer.json in --model, or a GGUF file)")
     g.add_argument("--max-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)

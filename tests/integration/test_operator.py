@@ -458,6 +458,42 @@ def test_unworkable_clusters_are_explained_without_hot_looping(
     assert operator.metric("tpi_operator_reconciles_total", result="error") == 0
 
 
+def test_tensor_parallel_size_is_checked_against_a_gguf_header(
+    operator: Operator, namespace: str, tmp_path: Path
+) -> None:
+    """A hostPath directory holding one GGUF file (no config.json): the operator reads the head
+    counts from the GGUF header (tpi_contract.gguf_header) and refuses a size they cannot split."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    ckpt = tmp_path / "gguf"
+    ckpt.mkdir()
+    w = GGUFWriter(str(ckpt / "model.gguf"), "llama")
+    w.add_head_count(9)
+    w.add_head_count_kv(3)
+    w.add_feed_forward_length(1536)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    source = {"source": {"hostPath": {"path": str(ckpt)}}}
+    apply(namespace, cluster_yaml("gguf-tp2", tensorParallelSize=2, model=source))
+    apply(namespace, cluster_yaml("gguf-tp3", tensorParallelSize=3, model=source))
+
+    def condition(name: str) -> dict:
+        return next((c for c in status(namespace, name).get("conditions", []) if c["type"] == "Degraded"), {})
+
+    wait_until(lambda: condition("gguf-tp2").get("reason") == "InvalidTensorParallelSize", timeout=60,
+               what="gguf-tp2: InvalidTensorParallelSize")  # fmt: skip
+    assert "num_attention_heads=9 is not divisible by 2" in condition("gguf-tp2")["message"]
+    assert "valid sizes: [1, 3]" in condition("gguf-tp2")["message"]
+    # TP=3 splits 9 heads / 3 KV heads: the operator renders the 3-rank group.
+    sts = wait_until(lambda: get(namespace, "statefulset", "gguf-tp3-g0"), timeout=60, what="gguf-tp3 StatefulSet")
+    assert sts["spec"]["replicas"] == 3
+    assert condition("gguf-tp3").get("reason") != "InvalidTensorParallelSize"
+
+
 def test_peering_with_the_generated_peering_crds(crd: None, kubeconfig: str, namespace: str, tmp_path: Path) -> None:
     """crds/ holds kopf's peering CRDs: with them and a KopfPeering, --peering works (chart: peering.enabled)."""
     for name in ("zalando.org_clusterkopfpeerings.yaml", "zalando.org_kopfpeerings.yaml"):

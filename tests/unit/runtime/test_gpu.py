@@ -25,9 +25,11 @@ from tpi_runtime.cuda_graphs import DecodeGraphRunner
 from tpi_runtime.dist import Dist, DistEnv
 from tpi_runtime.loader import load_weights
 from tpi_runtime.model import BatchMeta, Transformer
-from tpi_runtime.testing import make_tiny_checkpoint
+from tpi_runtime.testing import load_hf_model, make_tiny_checkpoint
 
 from .conftest import free_port
+from .test_families import PROMPT as FPROMPT
+from .test_families import hf_greedy
 from .test_parity import PROMPT, STEPS, TOL, hf_reference
 
 pytestmark = pytest.mark.gpu
@@ -310,3 +312,21 @@ def test_pynvml_series_in_metrics() -> None:
         "tpi_gpu_power_watts",
     ):
         assert f"{name}{{" in text, f"{name} missing from /metrics"
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_cuda_families_match_transformers(family: str, ckpt_families: dict[str, str]) -> None:
+    model_dir = ckpt_families[family]
+    ref = hf_greedy(load_hf_model(model_dir), FPROMPT)
+    cuda = torch.device("cuda:0")
+    cfg = ModelConfig.from_pretrained(model_dir)
+    model = Transformer(cfg, Dist(DistEnv(0, 1, 0, "127.0.0.1", 0)), dtype=torch.float32, device=cuda)
+    load_weights(model, model_dir, cfg, 0, 1)
+    model.setup_cache(num_slots=1, max_len=128)
+    meta = BatchMeta.build([(0, 0, len(FPROMPT))], cuda)
+    meta.last_token_idx = torch.arange(len(FPROMPT), device=cuda)
+    prefill = model(torch.tensor(FPROMPT, device=cuda), meta).cpu()
+    assert (prefill - ref["prefill"]).abs().max().item() < TOL, family
+    tokens = [int(prefill[-1].argmax())]
+    for s in range(len(ref["tokens"]) - 1):
+        meta = BatchMeta.build([(0, len(FPROMPT) + s, 1)], cuda)
+        tokens.append(int(model(torch.tensor([tokens[-1]], device=cuda), meta)[0].argmax()))
+    assert tokens == ref["tokens"], family
