@@ -1,0 +1,176 @@
+"""What completions and chat share: turning validated fields into engine parameters, running the
+generation (streamed as SSE or collected), the server-side deadline, disconnects and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+
+from tpi_runtime.engine import RequestError, SamplingParams
+
+from .errors import ApiError, bad_request
+from .generation import Event, Generation
+from .protocol import SamplingFields, Usage
+
+if TYPE_CHECKING:
+    from .state import ServerState
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class Prepared:
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    echo_text: str = ""  # completions' echo: the prompt, in front of each choice's text
+    meta: dict[str, object] = field(default_factory=dict)
+
+
+class Formatter(Protocol):
+    def first_chunks(self, prep: Prepared) -> list[bytes]: ...
+    def chunk(self, prep: Prepared, ev: Event) -> bytes: ...
+    def usage_chunk(self, prep: Prepared, usage: Usage) -> bytes: ...
+    def response(self, prep: Prepared, gen: Generation, texts: list[str], usage: Usage) -> bytes: ...
+
+
+def sampling_params(
+    req: SamplingFields, max_tokens: int | None, extra_stop_ids: tuple[int, ...] = ()
+) -> SamplingParams:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) not in (None, 0, 0.0):
+            raise bad_request(f"'{name}' other than 0 is not supported yet", name, "unsupported")
+    if req.repetition_penalty not in (None, 1, 1.0):
+        raise bad_request("'repetition_penalty' other than 1 is not supported yet", "repetition_penalty", "unsupported")
+    return SamplingParams(
+        max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k or 0, 0),
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+def check_context(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
+    total = prompt_len + max_tokens
+    if total > max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested {total} "
+            f"tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
+            "Please reduce the prompt or the completion length.",
+            "prompt" if prompt_len >= max_model_len else "max_tokens",
+            "context_length_exceeded",
+        )
+
+
+def new_meta(prefix: str, model: str) -> dict[str, object]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+
+
+def _sse(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+async def run(request: web.Request, state: ServerState, prep: Prepared, fmt: Formatter) -> web.StreamResponse:
+    engine = state.require_engine()
+    if prep.include_usage and not prep.stream:
+        raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
+    gen = Generation(engine, prep.prompt_ids, prep.params, prep.n, prep.stop)
+    state.metrics.prompt_tokens.inc(len(prep.prompt_ids))
+    status, reason = 499, "abort"
+    try:
+        async with asyncio.timeout(state.request_timeout_s):
+            if prep.stream:
+                resp, failed = await _stream(request, prep, fmt, gen, state)
+            else:
+                resp, failed = await _collect(prep, fmt, gen), None
+        status, reason = (200, gen.choices[0].finish_reason or "length") if failed is None else (failed, "error")
+        return resp
+    except TimeoutError:
+        status, reason = 504, "timeout"
+        raise ApiError(
+            HTTPStatus.GATEWAY_TIMEOUT,
+            f"the request ran past the server's {state.request_timeout_s:g}s deadline",
+            code="deadline_exceeded",
+            type_="timeout_error",
+        ) from None
+    except RequestError as e:
+        err = state.generation_error(e)
+        status, reason = err.status, "error"
+        raise err from None
+    except (asyncio.CancelledError, ConnectionResetError):
+        state.metrics.disconnects.inc()
+        raise
+    finally:
+        gen.abort()
+        _record(state, gen, status, reason)
+
+
+async def _collect(prep: Prepared, fmt: Formatter, gen: Generation) -> web.Response:
+    texts = [prep.echo_text] * prep.n
+    async for ev in gen.events():
+        texts[ev.index] += ev.text
+    usage = Usage(
+        prompt_tokens=len(prep.prompt_ids),
+        completion_tokens=gen.completion_tokens,
+        total_tokens=len(prep.prompt_ids) + gen.completion_tokens,
+    )
+    return web.Response(body=fmt.response(prep, gen, texts, usage), content_type="application/json")
+
+
+async def _stream(
+    request: web.Request, prep: Prepared, fmt: Formatter, gen: Generation, state: ServerState
+) -> tuple[web.StreamResponse, int | None]:
+    """The SSE response, and the error status if the engine failed the request mid-stream."""
+    # Headers go out with the first event, so an engine error before any token is still a JSON 4xx/5xx.
+    events = gen.events()
+    first = await anext(events, None)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    for data in fmt.first_chunks(prep):
+        await resp.write(_sse(data))
+    try:
+        if first is not None:
+            await resp.write(_sse(fmt.chunk(prep, first)))
+        async for ev in events:
+            await resp.write(_sse(fmt.chunk(prep, ev)))
+    except RequestError as e:  # mid-stream: the error as an event, then the end of the stream
+        err = state.generation_error(e)
+        await resp.write(_sse(err.body()))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp, err.status
+    if prep.include_usage:
+        n_gen = gen.completion_tokens
+        usage = Usage(
+            prompt_tokens=len(prep.prompt_ids), completion_tokens=n_gen, total_tokens=len(prep.prompt_ids) + n_gen
+        )
+        await resp.write(_sse(fmt.usage_chunk(prep, usage)))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp, None
+
+
+def _record(state: ServerState, gen: Generation, status: int, reason: str) -> None:
+    m = state.metrics
+    now = time.monotonic()
+    m.observe_request(status, reason if status in (200, 499) else None)
+    m.request_latency.observe(now - gen.t0)
+    n = gen.completion_tokens
+    m.completion_tokens.inc(n)
+    if gen.t_first is not None:
+        m.time_to_first_token.observe(gen.t_first - gen.t0)
+        if n > 1:
+            m.time_per_output_token.observe((now - gen.t_first) / (n - 1))
