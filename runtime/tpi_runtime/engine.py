@@ -35,7 +35,7 @@ from .cuda_graphs import make_decode_runner
 from .dist import Dist, die
 from .loader import LoadReport, load_weights
 from .model import BatchMeta, Transformer
-from .sampling import RowParams, sample
+from .sampling import RowHistory, RowParams, sample
 from .settings import FaultInjection, ProcessSettings, RuntimeSettings
 
 log = logging.getLogger("tpi_runtime.engine")
@@ -58,6 +58,19 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # the engine adds the checkpoint's eos ids (unless ignore_eos)
     min_p: float = 0.0
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # k: each token is pushed as TokenLogprobs (top k alternatives)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """What a request with ``logprobs`` set receives instead of a bare token id."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 class RequestError(Exception):
@@ -142,7 +155,7 @@ class Request:
                 return
             if isinstance(item, RequestError):
                 raise item
-            yield item
+            yield item.token if isinstance(item, TokenLogprobs) else item
 
     def cancel(self, reason: str = "abort") -> None:
         """Stop generating; iteration ends with finish_reason `reason` ("abort" or "stop")."""
@@ -172,6 +185,19 @@ class Request:
         if error is not None:
             self._push(error)
         self._push(_END)
+
+
+def _row_params(p: SamplingParams) -> RowParams:
+    return RowParams(
+        p.temperature,
+        p.top_p,
+        p.top_k,
+        p.min_p,
+        p.presence_penalty,
+        p.frequency_penalty,
+        p.repetition_penalty,
+        p.logprobs,
+    )
 
 
 def fake_oom_hooks(
@@ -512,18 +538,22 @@ class Engine:
         if logits is None:
             self._handle_oom(batch)
             return
-        params = [RowParams(r.params.temperature, r.params.top_p, r.params.top_k, r.params.min_p) for r in batch]
+        params = [_row_params(r.params) for r in batch]
+        history = None
+        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+            history = [RowHistory(r.output_ids, r._tokens) for r in batch]
         try:
-            new = sample(logits, params, [r._generator for r in batch])
+            sampled = sample(logits, params, [r._generator for r in batch], history)
         except Exception as e:  # never let one request's sampling take the group down
             log.exception("sampling failed; failing this step's requests")
-            new = [-1] * len(batch)
+            sampled = []
             self._last_error = f"sampling failed: {type(e).__name__}: {e}"
+        new = [s.token for s in sampled] or [-1] * len(batch)
         n_prefill = sum(n for _, _, n in seqs if n > 1)
         now = time.monotonic()
         with self._cv:
             self._step += 1
-            for r, t in zip(batch, new, strict=True):
+            for i, (r, t) in enumerate(zip(batch, new, strict=True)):
                 r._num_cached = len(r._tokens)
                 if t < 0:  # non-finite logits (or a sampler failure): only this request fails
                     self._release(r)
@@ -538,7 +568,11 @@ class Engine:
                 if r.first_token_time is None:
                     r.first_token_time = now
                 self._tokens_generated += 1
-                r._push(t)
+                s = sampled[i] if sampled else None
+                if s is not None and s.logprob is not None:
+                    r._push(TokenLogprobs(t, s.logprob, s.top))
+                else:
+                    r._push(t)
                 if len(r.output_ids) >= r.params.max_tokens or len(r._tokens) >= self.max_model_len:
                     self._release(r)
                     r._finish("length")

@@ -4,6 +4,7 @@ same generation as completions, formatted as chat.completion / chat.completion.c
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
@@ -12,6 +13,7 @@ from .chat_template import TemplateError
 from .endpoint import Prepared
 from .errors import ApiError, bad_request
 from .generation import Event, Generation
+from .logprobs import chat_logprobs
 from .protocol import ChatChoice, ChatCompletionRequest, ChatMessageOut, ChatResponse, Usage
 from .state import ServerState
 
@@ -20,8 +22,8 @@ def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
     engine = state.require_engine()
     if req.model is not None and req.model != state.model_name:
         raise ApiError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
-    if req.logprobs or req.top_logprobs:
-        raise bad_request("'logprobs' is not supported yet", "logprobs", "unsupported")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     template = state.chat_template
     if template is None or engine.tokenizer is None:
         raise bad_request(state.chat_template_error, "messages", "chat_template_missing")
@@ -35,7 +37,8 @@ def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
     max_tokens = req.max_completion_tokens or req.max_tokens or (engine.max_model_len - len(ids))
     if max_tokens < 1:
         endpoint.check_context(len(ids), 1, engine.max_model_len)
-    params = endpoint.sampling_params(req, max_tokens, template.stop_token_ids(engine.tokenizer))
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = endpoint.sampling_params(req, max_tokens, template.stop_token_ids(engine.tokenizer), logprobs)
     endpoint.check_context(len(ids), params.max_tokens, engine.max_model_len)
     return Prepared(
         prompt_ids=ids,
@@ -49,6 +52,9 @@ def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
 
 
 class ChatFormatter:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
     def first_chunks(self, prep: Prepared) -> list[bytes]:
         return [
             self._dump(
@@ -66,7 +72,7 @@ class ChatFormatter:
             "index": ev.index,
             "delta": delta,
             "finish_reason": ev.finish_reason,
-            "logprobs": None,
+            "logprobs": chat_logprobs(self.tokenizer, ev.logprobs) if ev.logprobs else None,
             "token_ids": ev.token_ids,
         }
         return self._dump(prep, [choice])
@@ -81,6 +87,7 @@ class ChatFormatter:
                 message=ChatMessageOut(content=texts[c.index]),
                 finish_reason=c.finish_reason,
                 token_ids=c.detok.ids,
+                logprobs=chat_logprobs(self.tokenizer, c.logprobs) if prep.params.logprobs is not None else None,
             )
             for c in gen.choices
         ]
@@ -105,4 +112,6 @@ class ChatFormatter:
 
 
 async def handle(request: web.Request, req: ChatCompletionRequest, state: ServerState) -> web.StreamResponse:
-    return await endpoint.run(request, state, prepare(req, state), ChatFormatter())
+    return await endpoint.run(
+        request, state, prepare(req, state), ChatFormatter(state.engine.tokenizer if state.engine else None)
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
@@ -10,6 +11,7 @@ from . import endpoint
 from .endpoint import Prepared
 from .errors import ApiError, bad_request
 from .generation import Event, Generation
+from .logprobs import completion_logprobs
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from .state import ServerState
 
@@ -33,15 +35,13 @@ def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
     engine = state.require_engine()
     if req.model is not None and req.model != state.model_name:
         raise ApiError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
-    if req.logprobs is not None:
-        raise bad_request("'logprobs' is not supported yet", "logprobs", "unsupported")
     stop = req.stop_list()
     if stop and engine.tokenizer is None:
         raise bad_request("stop strings need a tokenizer; this checkpoint has none", "stop", "tokenizer_missing")
     ids = _prompt_ids(req, engine.tokenizer)
     if not ids:
         raise bad_request("the prompt is empty", "prompt")
-    params = endpoint.sampling_params(req, req.max_tokens)
+    params = endpoint.sampling_params(req, req.max_tokens, logprobs=req.logprobs)
     endpoint.check_context(len(ids), params.max_tokens, engine.max_model_len)
     echo = ""
     if req.echo:
@@ -63,6 +63,9 @@ def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
 
 
 class CompletionFormatter:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
     def first_chunks(self, prep: Prepared) -> list[bytes]:
         if not prep.echo_text:
             return []
@@ -82,7 +85,7 @@ class CompletionFormatter:
             "text": ev.text,
             "token_ids": ev.token_ids,
             "finish_reason": ev.finish_reason,
-            "logprobs": None,
+            "logprobs": completion_logprobs(self.tokenizer, ev.logprobs) if ev.logprobs else None,
         }
         return self._dump(prep, [choice])
 
@@ -91,7 +94,15 @@ class CompletionFormatter:
 
     def response(self, prep: Prepared, gen: Generation, texts: list[str], usage: Usage) -> bytes:
         choices = [
-            CompletionChoice(index=c.index, text=texts[c.index], token_ids=c.detok.ids, finish_reason=c.finish_reason)
+            CompletionChoice(
+                index=c.index,
+                text=texts[c.index],
+                token_ids=c.detok.ids,
+                finish_reason=c.finish_reason,
+                logprobs=completion_logprobs(self.tokenizer, c.logprobs, len(prep.echo_text))
+                if prep.params.logprobs is not None
+                else None,
+            )
             for c in gen.choices
         ]
         return (
@@ -115,4 +126,6 @@ class CompletionFormatter:
 
 
 async def handle(request: web.Request, req: CompletionRequest, state: ServerState) -> web.StreamResponse:
-    return await endpoint.run(request, state, prepare(req, state), CompletionFormatter())
+    return await endpoint.run(
+        request, state, prepare(req, state), CompletionFormatter(state.engine.tokenizer if state.engine else None)
+    )

@@ -44,13 +44,8 @@ class Formatter(Protocol):
 
 
 def sampling_params(
-    req: SamplingFields, max_tokens: int | None, extra_stop_ids: tuple[int, ...] = ()
+    req: SamplingFields, max_tokens: int | None, extra_stop_ids: tuple[int, ...] = (), logprobs: int | None = None
 ) -> SamplingParams:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0, 0.0):
-            raise bad_request(f"'{name}' other than 0 is not supported yet", name, "unsupported")
-    if req.repetition_penalty not in (None, 1, 1.0):
-        raise bad_request("'repetition_penalty' other than 1 is not supported yet", "repetition_penalty", "unsupported")
     return SamplingParams(
         max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -60,6 +55,10 @@ def sampling_params(
         seed=req.seed,
         stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids,
         ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logprobs=logprobs,
     )
 
 
@@ -83,29 +82,34 @@ def _sse(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
+def _deadline_error(state: ServerState) -> ApiError:
+    return ApiError(
+        HTTPStatus.GATEWAY_TIMEOUT,
+        f"the request ran past the server's {state.request_timeout_s:g}s deadline",
+        code="deadline_exceeded",
+        type_="timeout_error",
+    )
+
+
 async def run(request: web.Request, state: ServerState, prep: Prepared, fmt: Formatter) -> web.StreamResponse:
     engine = state.require_engine()
     if prep.include_usage and not prep.stream:
         raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
     gen = Generation(engine, prep.prompt_ids, prep.params, prep.n, prep.stop)
     state.metrics.prompt_tokens.inc(len(prep.prompt_ids))
+    deadline = asyncio.get_running_loop().time() + state.request_timeout_s
     status, reason = 499, "abort"
     try:
-        async with asyncio.timeout(state.request_timeout_s):
-            if prep.stream:
-                resp, failed = await _stream(request, prep, fmt, gen, state)
-            else:
+        if prep.stream:
+            resp, failed = await _stream(request, prep, fmt, gen, state, deadline)
+        else:
+            async with asyncio.timeout_at(deadline):
                 resp, failed = await _collect(prep, fmt, gen), None
         status, reason = (200, gen.choices[0].finish_reason or "length") if failed is None else (failed, "error")
         return resp
     except TimeoutError:
         status, reason = 504, "timeout"
-        raise ApiError(
-            HTTPStatus.GATEWAY_TIMEOUT,
-            f"the request ran past the server's {state.request_timeout_s:g}s deadline",
-            code="deadline_exceeded",
-            type_="timeout_error",
-        ) from None
+        raise _deadline_error(state) from None
     except RequestError as e:
         err = state.generation_error(e)
         status, reason = err.status, "error"
@@ -114,7 +118,7 @@ async def run(request: web.Request, state: ServerState, prep: Prepared, fmt: For
         state.metrics.disconnects.inc()
         raise
     finally:
-        gen.abort()
+        gen.abort()  # frees the slots of whatever has not finished (deadline, disconnect, error)
         _record(state, gen, status, reason)
 
 
@@ -131,28 +135,32 @@ async def _collect(prep: Prepared, fmt: Formatter, gen: Generation) -> web.Respo
 
 
 async def _stream(
-    request: web.Request, prep: Prepared, fmt: Formatter, gen: Generation, state: ServerState
+    request: web.Request, prep: Prepared, fmt: Formatter, gen: Generation, state: ServerState, deadline: float
 ) -> tuple[web.StreamResponse, int | None]:
-    """The SSE response, and the error status if the engine failed the request mid-stream."""
-    # Headers go out with the first event, so an engine error before any token is still a JSON 4xx/5xx.
+    """The SSE response, and the error status if the request failed after the headers went out
+    (then the error is the last event before [DONE])."""
     events = gen.events()
-    first = await anext(events, None)
+    # Headers go out with the first event, so a failure before any token is still a JSON error response.
+    async with asyncio.timeout_at(deadline):
+        first = await anext(events, None)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     for data in fmt.first_chunks(prep):
         await resp.write(_sse(data))
+    err: ApiError | None = None
     try:
-        if first is not None:
-            await resp.write(_sse(fmt.chunk(prep, first)))
-        async for ev in events:
-            await resp.write(_sse(fmt.chunk(prep, ev)))
-    except RequestError as e:  # mid-stream: the error as an event, then the end of the stream
+        async with asyncio.timeout_at(deadline):
+            if first is not None:
+                await resp.write(_sse(fmt.chunk(prep, first)))
+            async for ev in events:
+                await resp.write(_sse(fmt.chunk(prep, ev)))
+    except RequestError as e:
         err = state.generation_error(e)
+    except TimeoutError:
+        err = _deadline_error(state)
+    if err is not None:
         await resp.write(_sse(err.body()))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp, err.status
-    if prep.include_usage:
+    elif prep.include_usage:
         n_gen = gen.completion_tokens
         usage = Usage(
             prompt_tokens=len(prep.prompt_ids), completion_tokens=n_gen, total_tokens=len(prep.prompt_ids) + n_gen
@@ -160,7 +168,7 @@ async def _stream(
         await resp.write(_sse(fmt.usage_chunk(prep, usage)))
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
-    return resp, None
+    return resp, (err.status if err is not None else None)
 
 
 def _record(state: ServerState, gen: Generation, status: int, reason: str) -> None:

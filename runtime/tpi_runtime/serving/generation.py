@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
 
-from tpi_runtime.engine import END, Engine, QueueFullError, Request, RequestError, SamplingParams
+from tpi_runtime.engine import END, Engine, QueueFullError, Request, RequestError, SamplingParams, TokenLogprobs
 
 from .detokenizer import IncrementalDetokenizer
 from .errors import ApiError, bad_request, unavailable
@@ -30,6 +30,7 @@ class Choice:
     request: Request | None = None
     finish_reason: str | None = None
     done: bool = False
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Event:
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 class Generation:
@@ -88,15 +90,20 @@ class Generation:
                 raise item
             if self.t_first is None:
                 self.t_first = time.monotonic()
+            lps = []
+            if isinstance(item, TokenLogprobs):
+                lps = [item]
+                c.logprobs.append(item)
+                item = item.token
             delta = c.detok.add(int(item))
             if c.detok.stopped:
                 if c.request is not None:
                     c.request.cancel("stop")
                 c.done, pending, c.finish_reason = True, pending - 1, "stop"
-                yield Event(index, delta, [int(item)], None)
+                yield Event(index, delta, [int(item)], None, lps)
                 yield Event(index, "", [], "stop")
                 continue
-            yield Event(index, delta, [int(item)])
+            yield Event(index, delta, [int(item)], None, lps)
 
     def abort(self) -> None:
         """Free every slot (the engine applies cancellations before its next step)."""

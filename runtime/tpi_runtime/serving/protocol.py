@@ -113,7 +113,7 @@ class CompletionChoice(BaseModel):
     text: str
     token_ids: list[int]  # extension: the generated ids (the e2e tier reads them)
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -134,7 +134,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     token_ids: list[int]
 
 
@@ -156,7 +156,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     token_ids: list[int]
 
 
