@@ -669,3 +669,10 @@ def test_group_probes_before_the_group_forms_and_peer_death_exits_nonzero(ckpt: 
                 if srv.proc.poll() is None:
                     srv.proc.kill()
                 srv.stop(sig=None)
+
+
+def test_chat_without_a_template_is_400_naming_the_files(server: Server) -> None:
+    r = server.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "the cat"}]})
+    err = error_of(r, 400)
+    assert err["code"] == "chat_template_missing" and err["param"] == "messages"
+    assert "chat_template.jinja" in err["message"] and "tokenizer_config.json" in err["message"]
