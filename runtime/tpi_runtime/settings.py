@@ -12,7 +12,6 @@ Where each setting comes from (names in ``tpi_contract.env``):
   divided by ``LOCAL_WORLD_SIZE``; ``TPI_SHM_COLLECTIVES=0`` turns the shared-memory transport off;
 * the heartbeat: ``TPI_LEASE_NAME`` (unset or empty: off), ``POD_NAME``, ``POD_NAMESPACE``,
   ``TPI_HEARTBEAT_INTERVAL_SECONDS``, ``TPI_HEARTBEAT_STALL_SECONDS``, ``KUBECONFIG``;
-* ``TPI_DRAIN_SECONDS``: how long rank 0 drains after SIGTERM;
 * fault injection for tests: ``TPI_FAKE_OOM_AT_BATCH``, ``TPI_FAKE_OOM_MID_FORWARD``.
 """
 
@@ -98,7 +97,7 @@ _SERVE = (
     _Flag(
         "--drain-seconds",
         float,
-        10.0,
+        DEFAULT_DRAIN_SECONDS,
         help="after SIGTERM, finish in-flight requests for up to this long (match the pod's grace period)",
     ),
     _Flag("--max-queue", int, 256, help="requests waiting for a batch slot; past it a request gets 429"),
