@@ -49,11 +49,10 @@ async def _errors(
     try:
         return await handler(request)
     except ApiError as e:
-        if request.path in _API_PATHS and e.status >= 400:
+        if request.path in _API_PATHS and not e.counted:  # refused before generation started
             if e.status in (429, 503):
                 state.metrics.rejections.labels(rank=state.metrics.rank, reason=e.code or "other").inc()
-            if e.status not in (499, 504) and e.status != 500:
-                state.metrics.observe_request(e.status, None)
+            state.metrics.observe_request(e.status, None)
         return _error_response(e)
     except web.HTTPException as e:  # routing and body-size errors from aiohttp itself
         headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None

@@ -109,9 +109,12 @@ async def run(request: web.Request, state: ServerState, prep: Prepared, fmt: For
         return resp
     except TimeoutError:
         status, reason = 504, "timeout"
-        raise _deadline_error(state) from None
+        err = _deadline_error(state)
+        err.counted = True
+        raise err from None
     except RequestError as e:
         err = state.generation_error(e)
+        err.counted = True
         status, reason = err.status, "error"
         raise err from None
     except (asyncio.CancelledError, ConnectionResetError):

@@ -26,6 +26,7 @@ class ApiError(Exception):
         self.code = code
         self.type = type_
         self.headers = headers or {}
+        self.counted = False  # True once tpi_requests_total has this request (the endpoint did it)
 
     def body(self) -> bytes:
         err = ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
