@@ -171,7 +171,10 @@ class Request:
     # --- engine side ---
     def _push(self, item: Any) -> None:
         if self._listener is not None:
-            self._listener(item)
+            try:
+                self._listener(item)
+            except Exception:  # a consumer's bug must not stop the engine loop (and the group)
+                log.exception("listener of %s failed", self.id)
             return
         with self._ready:
             self._q.append(item)
@@ -557,7 +560,8 @@ class Engine:
                 r._num_cached = len(r._tokens)
                 if t < 0:  # non-finite logits (or a sampler failure): only this request fails
                     self._release(r)
-                    r._finish(None, RequestError("the model produced non-finite logits for this request"))
+                    why = "the model produced non-finite logits" if sampled else self._last_error
+                    r._finish(None, RequestError(f"{why} for this request"))
                     continue
                 if t in r._stop_ids:
                     self._release(r)

@@ -365,7 +365,7 @@ BAD_BODIES: list[tuple[str, Any, int, str | None]] = [
     ("stream-not-bool", {"prompt": "a", "stream": "yes"}, 400, "stream"),
     ("stop-wrong-type", {"prompt": "a", "stop": 5}, 400, "stop"),
     ("stop-empty-string", {"prompt": "a", "stop": [""]}, 400, "stop"),
-    ("logprobs-unsupported", {"prompt": "a", "logprobs": 5}, 400, "logprobs"),
+    ("logprobs-too-many", {"prompt": "a", "logprobs": 21}, 400, "logprobs"),
     ("context-exceeded", {"prompt": list(range(3, 100)), "max_tokens": 40}, 400, "max_tokens"),
     ("prompt-longer-than-context", {"prompt": [5] * (MAX_MODEL_LEN + 1), "max_tokens": 1}, 400, "prompt"),
     ("unknown-model", {"prompt": "a", "model": "gpt-9"}, 404, "model"),
