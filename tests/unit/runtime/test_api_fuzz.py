@@ -99,7 +99,7 @@ def check_response(srv: Server, path: str, body: Any) -> None:
         assert r.json()["usage"]["total_tokens"] <= MAX_MODEL_LEN * max(1, len(r.json()["choices"]))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), data=st.data())
 def test_fuzz_requests_never_hurt_the_group(group: list[Server], path: str, data: st.DataObject) -> None:
     pids = [srv.proc.pid for srv in group]
