@@ -98,7 +98,6 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
-    echo: bool = False  # vLLM: prefix the reply with the last message's content
 
 
 # ------------------------------------------------------------------------------ responses
