@@ -487,14 +487,15 @@ def server_checks(
     """OOM recovery under a burst of HTTP requests, and the /metrics series (GPU ones included)."""
     from tpi_runtime.engine import FakeOOM, RequestError, SamplingParams
     from tpi_runtime.metrics import RuntimeMetrics
-    from tpi_runtime.server import ServerState, start_http_server
+    from tpi_runtime.serving.lifecycle import HttpServer
+    from tpi_runtime.serving.state import ServerState
 
     cuda = device.type == "cuda"
     metrics = RuntimeMetrics(0, engine_fn=lambda: engine)
     steps.forward = metrics.on_step
     state = ServerState(0, engine.model_name, metrics, engine=engine)
-    httpd = start_http_server(state, "127.0.0.1", 0)
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd = HttpServer(state, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{httpd.port}"
     ballast = None
     try:
         before = metric(scrape(base + "/metrics"), "tpi_oom_recoveries_total") or 0.0
@@ -570,8 +571,7 @@ def server_checks(
         del ballast
         if cuda:
             torch.cuda.empty_cache()
-        httpd.shutdown()
-        httpd.server_close()
+        httpd.stop()
         steps.forward = None
 
 

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if settings.command == "generate":
             return _generate(settings)
-        from .server import serve_main  # the HTTP layer; imported lazily so `generate` needs none of it
+        from .serving.lifecycle import serve_main  # the HTTP layer; imported lazily so `generate` needs none of it
 
         return int(serve_main(settings) or 0)
     except (ValueError, CheckpointError) as e:  # bad tp, dtype, lengths, checkpoint: config, not a crash

@@ -30,6 +30,11 @@ class Checkpoint:
         return cls(model, ModelConfig.from_dict(f.config_dict()), f)
 
     @property
+    def gguf_path(self) -> str | None:
+        """The .gguf file this checkpoint was read from (None: a Hugging Face directory)."""
+        return gguf_path(self.path)
+
+    @property
     def name(self) -> str:
         """The default served model name: the directory's or the file's, without .gguf."""
         base = os.path.basename(os.path.normpath(self.path))

@@ -34,7 +34,7 @@ from .cuda_graphs import make_decode_runner
 from .dist import Dist, die
 from .loader import LoadReport
 from .model import BatchMeta, Transformer
-from .sampling import sample
+from .sampling import RowHistory, RowParams, sample
 from .settings import FaultInjection, ProcessSettings, RuntimeSettings
 
 log = logging.getLogger("tpi_runtime.engine")
@@ -54,11 +54,30 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 -> off
     seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()  # the engine always adds the checkpoint's eos ids
+    stop_token_ids: tuple[int, ...] = ()  # the engine adds the checkpoint's eos ids (unless ignore_eos)
+    min_p: float = 0.0
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # k: each token is pushed as TokenLogprobs (top k alternatives)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """What a request with ``logprobs`` set receives instead of a bare token id."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 class RequestError(Exception):
     """Raised to the consumer of a request the engine could not complete."""
+
+
+class QueueFullError(RequestError):
+    """The admission queue is at its bound (``Engine.max_waiting``): retry later."""
 
 
 @dataclass
@@ -83,6 +102,7 @@ class StepInfo:
 
 
 _END = object()
+END = _END  # what a request listener receives after the last token (or after a RequestError)
 
 
 class Request:
@@ -98,7 +118,10 @@ class Request:
         params: SamplingParams,
         stop_ids: frozenset[int] = frozenset(),
         wake: Callable[[], None] | None = None,
+        listener: Callable[[Any], None] | None = None,
     ) -> None:
+        """``listener``: called on the engine thread with each token id, then a RequestError or END
+        (instead of queueing them for iteration); it must not block (e.g. loop.call_soon_threadsafe)."""
         self.id = req_id
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -111,14 +134,15 @@ class Request:
         self._ready = threading.Condition()
         self._cancel: str | None = None
         self._wake = wake
+        self._listener = listener
         # Engine-side state (rank 0 scheduler only).
         self._stop_ids = stop_ids
         self._tokens = list(prompt_ids)  # prompt + generated so far
         self._num_cached = 0  # tokens whose K/V are in the cache slot
         self._slot: int | None = None
         self._generator = torch.Generator().manual_seed(
-            params.seed if params.seed is not None else secrets.randbits(63)
-        )
+            params.seed & (2**64 - 1) if params.seed is not None else secrets.randbits(63)
+        )  # any int seed: manual_seed takes [0, 2^64)
 
     def __iter__(self) -> Iterator[int]:
         while True:
@@ -130,7 +154,7 @@ class Request:
                 return
             if isinstance(item, RequestError):
                 raise item
-            yield item
+            yield item.token if isinstance(item, TokenLogprobs) else item
 
     def cancel(self, reason: str = "abort") -> None:
         """Stop generating; iteration ends with finish_reason `reason` ("abort" or "stop")."""
@@ -145,6 +169,12 @@ class Request:
 
     # --- engine side ---
     def _push(self, item: Any) -> None:
+        if self._listener is not None:
+            try:
+                self._listener(item)
+            except Exception:  # a consumer's bug must not stop the engine loop (and the group)
+                log.exception("listener of %s failed", self.id)
+            return
         with self._ready:
             self._q.append(item)
             self._ready.notify_all()
@@ -157,6 +187,19 @@ class Request:
         if error is not None:
             self._push(error)
         self._push(_END)
+
+
+def _row_params(p: SamplingParams) -> RowParams:
+    return RowParams(
+        p.temperature,
+        p.top_p,
+        p.top_k,
+        p.min_p,
+        p.presence_penalty,
+        p.frequency_penalty,
+        p.repetition_penalty,
+        p.logprobs,
+    )
 
 
 def fake_oom_hooks(
@@ -300,6 +343,7 @@ class Engine:
         self._last_error = ""
         self._tokens_generated = 0
         self.max_prefill_tokens = max(2048, self.max_model_len)
+        self.max_waiting: int | None = None  # admission queue bound (None: unbounded); see submit()
 
         self.dist.barrier("ready")  # every rank has its weights: the group can serve
         self.is_ready = True
@@ -332,7 +376,14 @@ class Engine:
         )
 
     # --- public API -------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        listener: Callable[[Any], None] | None = None,
+    ) -> Request:
+        """Queue a request (thread-safe). Raises ValueError on invalid input, QueueFullError when
+        ``max_waiting`` requests already wait, RuntimeError once the engine has stopped."""
         if self.rank != 0:
             raise RuntimeError("submit() is only valid on rank 0")
         prompt_ids = [int(t) for t in prompt_ids]
@@ -348,18 +399,22 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len {self.max_model_len}"
             )
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if (
+            not params.temperature >= 0
+            or not 0 < params.top_p <= 1
+            or params.top_k < 0
+            or not 0 <= params.min_p <= 1
+        ):
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= min_p <= 1")
+        eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
         req = Request(
-            f"req-{next(self._ids)}",
-            prompt_ids,
-            params,
-            frozenset(params.stop_token_ids) | frozenset(self.eos_token_ids),
-            self._wake,
+            f"req-{next(self._ids)}", prompt_ids, params, frozenset(params.stop_token_ids) | eos, self._wake, listener
         )
         with self._cv:
             if self._stopped:
                 raise RuntimeError("engine is stopped")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(req)
             self._cv.notify_all()
         return req
@@ -478,14 +533,28 @@ class Engine:
         if logits is None:
             self._handle_oom(batch)
             return
-        params = [(r.params.temperature, r.params.top_p, r.params.top_k) for r in batch]
-        new = sample(logits, params, [r._generator for r in batch])
+        params = [_row_params(r.params) for r in batch]
+        history = None
+        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+            history = [RowHistory(r.output_ids, r._tokens) for r in batch]
+        try:
+            sampled = sample(logits, params, [r._generator for r in batch], history)
+        except Exception as e:  # never let one request's sampling take the group down
+            log.exception("sampling failed; failing this step's requests")
+            sampled = []
+            self._last_error = f"sampling failed: {type(e).__name__}: {e}"
+        new = [s.token for s in sampled] or [-1] * len(batch)
         n_prefill = sum(n for _, _, n in seqs if n > 1)
         now = time.monotonic()
         with self._cv:
             self._step += 1
-            for r, t in zip(batch, new, strict=True):
+            for i, (r, t) in enumerate(zip(batch, new, strict=True)):
                 r._num_cached = len(r._tokens)
+                if t < 0:  # non-finite logits (or a sampler failure): only this request fails
+                    self._release(r)
+                    why = "the model produced non-finite logits" if sampled else self._last_error
+                    r._finish(None, RequestError(f"{why} for this request"))
+                    continue
                 if t in r._stop_ids:
                     self._release(r)
                     r._finish("stop")
@@ -495,7 +564,11 @@ class Engine:
                 if r.first_token_time is None:
                     r.first_token_time = now
                 self._tokens_generated += 1
-                r._push(t)
+                s = sampled[i] if sampled else None
+                if s is not None and s.logprob is not None:
+                    r._push(TokenLogprobs(t, s.logprob, s.top))
+                else:
+                    r._push(t)
                 if len(r.output_ids) >= r.params.max_tokens or len(r._tokens) >= self.max_model_len:
                     self._release(r)
                     r._finish("length")

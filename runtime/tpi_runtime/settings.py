@@ -12,7 +12,6 @@ Where each setting comes from (names in ``tpi_contract.env``):
   divided by ``LOCAL_WORLD_SIZE``; ``TPI_SHM_COLLECTIVES=0`` turns the shared-memory transport off;
 * the heartbeat: ``TPI_LEASE_NAME`` (unset or empty: off), ``POD_NAME``, ``POD_NAMESPACE``,
   ``TPI_HEARTBEAT_INTERVAL_SECONDS``, ``TPI_HEARTBEAT_STALL_SECONDS``, ``KUBECONFIG``;
-* ``TPI_DRAIN_SECONDS``: how long rank 0 drains after SIGTERM;
 * fault injection for tests: ``TPI_FAKE_OOM_AT_BATCH``, ``TPI_FAKE_OOM_MID_FORWARD``.
 """
 
@@ -101,6 +100,19 @@ _COMMON = (
 _SERVE = (
     _Flag("--port", int, defaults.HTTP_PORT),
     _Flag("--host", str, "0.0.0.0"),
+    _Flag(
+        "--drain-seconds",
+        float,
+        DEFAULT_DRAIN_SECONDS,
+        help="after SIGTERM, finish in-flight requests for up to this long (match the pod's grace period)",
+    ),
+    _Flag("--max-queue", int, 256, help="requests waiting for a batch slot; past it a request gets 429"),
+    _Flag(
+        "--request-timeout-seconds",
+        float,
+        600.0,
+        help="server-side deadline per request; past it the request ends with 504 and frees its slot",
+    ),
 )
 
 
@@ -291,6 +303,8 @@ class RuntimeSettings:
     host: str = "0.0.0.0"
     port: int = defaults.HTTP_PORT
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    max_queue: int = 256
+    request_timeout_seconds: float = 600.0
     heartbeat: HeartbeatSettings | None = None
     # generate
     prompt_ids: tuple[int, ...] | None = None
@@ -335,7 +349,6 @@ class RuntimeSettings:
             )
         else:
             values.update(
-                drain_seconds=_number(environ, names.DRAIN_SECONDS, float, DEFAULT_DRAIN_SECONDS),
                 heartbeat=HeartbeatSettings.from_env(environ),
             )
         return cls(command=args.command, process=ProcessSettings.from_env(environ), **values)

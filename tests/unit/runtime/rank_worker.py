@@ -241,7 +241,34 @@ def scenario_oom(engine: Engine) -> dict[str, Any]:
     return {"concurrent": conc, "sequential": seq, "stats": after}
 
 
+def scenario_nonfinite(engine: Engine) -> dict[str, Any]:
+    """One request's logits turn NaN after two tokens: only it fails; its batch-mates finish and the
+    group keeps serving (at TP=2 the follower keeps following)."""
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = [_collect(engine.submit(p, greedy)) for p in PROMPTS[:2]]
+    orig = engine._execute
+    victim: list[Any] = []
+
+    def poisoned(ids: list[int], seqs: list[tuple[int, int, int]]) -> Any:
+        logits = orig(ids, seqs)
+        if logits is not None and victim:
+            logits = logits.clone()  # an inference tensor: edit a copy
+            for i, r in enumerate(engine._running):
+                if r is victim[0] and len(r.output_ids) >= 2:
+                    logits[i] = float("nan")
+        return logits
+
+    engine._execute = poisoned  # type: ignore[method-assign]
+    victim.append(engine.submit(PROMPTS[2], SamplingParams(max_tokens=12, temperature=0.7, seed=1)))
+    mates = [engine.submit(p, greedy) for p in PROMPTS[:2]]
+    bad = _collect(victim[0])
+    together = [_collect(r) for r in mates]
+    after = _collect(engine.submit(PROMPTS[0], greedy))
+    return {"alone": alone, "together": together, "victim": bad, "after": after}
+
+
 SCENARIOS = {
+    "nonfinite": scenario_nonfinite,
     "batching": scenario_batching,
     "sampling": scenario_sampling,
     "controls": scenario_controls,
