@@ -85,9 +85,10 @@ containerd_ref() { # docker's short name -> containerd's full reference
 in_containerd() { ctr -n k8s.io images ls -q "name==$1" | grep -x "$1" >/dev/null; }
 
 load_images_local() {
-  local docker t image id ref pass missing node_env base
+  local docker t image id old_id ref pass missing node_env base pause
   docker="$(docker_bin)"
   base="$("$HACK/base-image.sh" name)"
+  pause="$("$HACK/pause/build.sh" name)"
   # Not `eval "$(node.sh env)"`: eval would hide node.sh's exit status.
   node_env="$("$HACK/node.sh" env)"
   eval "$node_env"
@@ -107,12 +108,22 @@ load_images_local() {
       missing+=" $image"
       local t0; t0=$(date +%s)
       # Drop the previous build first: containerd then collects its ~12 GB (content + unpacked
-      # snapshot) before the new one is written, instead of holding both at the peak.
-      ctr -n k8s.io images rm --sync "$ref" >/dev/null 2>&1 || true
+      # snapshot) before the new one is written, instead of holding both at the peak. The import
+      # also names each image by its config digest: drop the previous one's too, or every rebuild
+      # leaks a whole image (seen: 5.6 GiB each) until the kubelet starts reclaiming under pressure.
+      old_id="$(cat "$STAMPS/loaded-$t" 2>/dev/null || true)"
+      ctr -n k8s.io images rm --sync "$ref" ${old_id:+"$old_id"} >/dev/null 2>&1 || true
       "$docker" save "$image" | ctr -n k8s.io images import - >/dev/null
       echo "$id" >"$STAMPS/loaded-$t"
       log "$image imported into containerd in $(( $(date +%s) - t0 ))s"
     done
+    # The sandbox image too: containerd 1.6 does not pin it, so a kubelet reclaiming disk space
+    # may delete it, and no registry can give it back (every new pod then fails to start).
+    if ! in_containerd "$pause"; then
+      log "the pause image $pause is gone from containerd (kubelet image reclaim?): importing it again"
+      ctr -n k8s.io images import "$("$HACK/pause/build.sh")" >/dev/null
+      missing+=" $pause"
+    fi
     [[ -n "$missing" ]] || return 0
   done
   for image in $missing; do
