@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    handlers.CONFIG = handlers.OperatorConfig(
+    config = handlers.OperatorConfig(
         workers=args.workers,
         idle_seconds=args.idle_seconds,
         busy_seconds=args.busy_seconds,
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         namespaces=args.namespace,
         standalone=not args.peering,
         peering_name=args.peering,
+        memo=kopf.Memo(shared=handlers.Shared(config=config)),
         priority=args.priority,
         liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
     )

@@ -26,6 +26,8 @@ NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
     ("tpi.dev", "tpinferenceclusters"): {"get", "list", "watch", "patch", "update"},
     ("tpi.dev", "tpinferenceclusters/status"): {"get", "patch", "update"},
     ("tpi.dev", "tpinferenceclusters/scale"): {"get", "patch", "update"},
+    # OwnerReferencesPermissionEnforcement: blockOwnerDeletion needs update on the finalizers
+    ("tpi.dev", "tpinferenceclusters/finalizers"): {"update"},
     ("apps", "statefulsets"): set(ALL_VERBS),
     ("", "services"): set(ALL_VERBS),
     ("", "configmaps"): set(ALL_VERBS),
@@ -41,7 +43,7 @@ NAMESPACED_PEERING = {("zalando.org", "kopfpeerings"): {"get", "list", "watch", 
 CLUSTER_SCOPED_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("", "namespaces"): {"list", "watch"},
-    ("", "nodes"): {"list"},
+    ("", "nodes"): {"get", "list"},  # get: is a rank's node lost?
 }
 CLUSTER_PEERING = {("zalando.org", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}}
 

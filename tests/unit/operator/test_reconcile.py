@@ -37,7 +37,10 @@ def test_recreate_deletes_every_pod_of_the_group():
                                       groups=[GroupStatus(group=0)])  # fmt: skip
     d = reconcile.decide(spec, IDENT, dataclasses.replace(base, pods=pods, statefulsets=sts, status=status))
     assert [a.kind for a in d.actions if a.kind != "Wait"] == ["RecreateGroup"]
-    assert sorted(d.delete_pods) == [f"demo-g0-{r}" for r in range(4)]
+    assert sorted(d.delete_pods, key=lambda x: x.name) == [
+        reconcile.PodDelete(f"demo-g0-{r}", f"u0-{r}-0", reconcile.BROKEN_GROUP_GRACE_SECONDS) for r in range(4)
+    ]  # a broken group serves nothing: short grace; uid preconditions guard replacements
+    assert [e.reason for e in d.events] == ["RecreateGroup"] and d.events[0].type == "Normal"
     applied = next(o for o in d.apply if o["kind"] == "StatefulSet")
     assert applied["spec"]["template"]["metadata"]["labels"][render.L_INCARNATION] == "1"
     assert d.status.phase == "Recovering" and d.status.restarts == 1
