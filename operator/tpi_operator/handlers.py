@@ -33,7 +33,7 @@ import pydantic
 
 from tpi_operator import checkpoint, metrics
 from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, TPInferenceClusterSpec, TPInferenceClusterStatus
-from tpi_operator.core import capacity, heartbeat, reconcile, recovery, render, sizing
+from tpi_operator.core import admission, capacity, heartbeat, reconcile, recovery, render, sizing
 from tpi_operator.core import status as status_core
 from tpi_operator.core.observe import NodeObs, Observation, lease_obs, node_obs, pod_obs, sts_obs
 from tpi_operator.kube import Kube, KubeError, load_configuration
@@ -61,6 +61,8 @@ class OperatorConfig:
     peering: str | None = None
     priority: int = 0
     kubeconfig: str | None = None
+    #: hostPath model sources are refused outside these prefixes (none: every hostPath is refused).
+    allowed_host_paths: tuple[str, ...] = ()
 
 
 @dataclass
@@ -343,6 +345,14 @@ def reconcile_once(
         st = status_core.invalid(prev, generation, "InvalidSpec", msg, now, phase="Failed")
         _write_status(kube, mem, name, namespace, st)
         events = [] if prev.last_failure == st.last_failure else [reconcile.Event("Warning", "InvalidSpec", msg)]
+        return Outcome(config.idle_seconds * 10, "invalid", events)
+
+    refused = admission.host_path_refusal(spec, config.allowed_host_paths)
+    if refused is not None:  # before anything reads or mounts the path
+        st = status_core.invalid(prev, generation, "HostPathNotAllowed", refused, now, phase="Failed")
+        _write_status(kube, mem, name, namespace, st)
+        event = reconcile.Event("Warning", "HostPathNotAllowed", refused)
+        events = [] if prev.last_failure == st.last_failure else [event]
         return Outcome(config.idle_seconds * 10, "invalid", events)
 
     info = _model_info(mem, spec, config.models_root)

@@ -151,6 +151,9 @@ means cluster-wide.
 {{- if .Values.peering.enabled }}
 - --peering={{ .Values.peering.name }}
 {{- end }}
+{{- range .Values.allowedHostPaths }}
+- --allowed-host-path={{ . }}
+{{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
 {{- end }}

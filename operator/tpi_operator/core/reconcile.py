@@ -92,7 +92,7 @@ def decide(
         decision.wake_after = idle_seconds * 4  # nothing to do; pods kept for debugging
         return decision
 
-    decision.apply.extend(render.shared_objects(spec, ident))
+    shared_at = len(decision.apply)
     touched = {a.group: a for a in actions if isinstance(a, recovery.RecreateGroup | recovery.RollGroup)}
     broken = {a.group for a in actions if isinstance(a, recovery.RecreateGroup)}
     forced: dict[str, str] = {}
@@ -132,6 +132,8 @@ def decide(
             if have is None or have.annotations.get(render.A_OBJECT_HASH) != _hash(lease):
                 decision.apply.append(lease)
     decision.delete_leases = sorted(set(obs.leases) - wanted_leases)
+    # first in order: the runtime's Role must name a Lease before its rank renews it
+    decision.apply[shared_at:shared_at] = render.shared_objects(spec, ident, sorted(wanted_leases))
     decision.delete_statefulsets = [
         render.sts_name(ident.name, a.group) for a in actions if isinstance(a, recovery.RemoveGroup)
     ]

@@ -22,6 +22,10 @@ def test_fresh_cluster_creates_everything():
     kinds = [o["kind"] for o in d.apply]
     assert kinds.count("StatefulSet") == 2 and kinds.count("Lease") == 8
     assert {"ServiceAccount", "Role", "RoleBinding", "Service"} <= set(kinds)
+    role = next(o for o in d.apply if o["kind"] == "Role")
+    leases = sorted(o["metadata"]["name"] for o in d.apply if o["kind"] == "Lease")
+    assert role["rules"][0]["resourceNames"] == leases  # exactly this cluster's Leases
+    assert kinds.index("Role") < kinds.index("StatefulSet")  # granted before any rank starts
     assert d.delete_pods == [] and d.status.phase == "Pending"
     assert d.wake_after <= 2.0  # busy while starting
 
