@@ -35,7 +35,7 @@ from tpi_operator import checkpoint, metrics
 from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, TPInferenceClusterSpec, TPInferenceClusterStatus
 from tpi_operator.core import admission, capacity, heartbeat, reconcile, recovery, render, sizing
 from tpi_operator.core import status as status_core
-from tpi_operator.core.observe import NodeObs, Observation, lease_obs, node_obs, pod_obs, sts_obs
+from tpi_operator.core.observe import NodeObs, Observation, foreign_owner, lease_obs, node_obs, pod_obs, sts_obs
 from tpi_operator.kube import Kube, KubeError, load_configuration
 
 log = logging.getLogger("tpi_operator")
@@ -75,6 +75,8 @@ class Memory:
     model_key: str | None = None
     model_info: sizing.ModelInfo | None = None
     leases_seen: dict[str, heartbeat.Seen] = field(default_factory=dict)
+    #: (kind, name) -> (monotonic time read, who else has it, or None when it is ours or absent)
+    owners: dict[tuple[str, str], tuple[float, str | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -387,6 +389,7 @@ def reconcile_once(
         restarted_at=restarted_at,
         free_rank_slots=_free_slots(state, kube, spec, prev, pod_list),
         nodes=_nodes(state, kube, {p.node for p in pod_list if p.node}, now),
+        foreign=_foreign(kube, mem, spec, ident),
         hash_for=reconcile.hash_function(spec, ident, restarted_at),
     )
     decision = reconcile.decide(
@@ -408,7 +411,7 @@ def reconcile_once(
     _write_status(kube, mem, name, namespace, decision.status)
 
     for a in decision.actions:
-        if isinstance(a, recovery.RECORDED | recovery.ForceDelete) or (
+        if isinstance(a, (*recovery.RECORDED, recovery.ForceDelete)) or (
             isinstance(a, recovery.RollGroup) and a.reason != "Create"
         ):
             metrics.ACTIONS.labels(a.kind, a.reason).inc()
@@ -478,4 +481,26 @@ def _nodes(state: Shared, kube: Kube, names: set[str], now: dt.datetime) -> dict
             state.node_missing_since.pop(node_name, None)
             missing = None
         out[node_name] = node_obs(node_name, cached[1], missing)
+    return out
+
+
+def _foreign(
+    kube: Kube, mem: Memory, spec: TPInferenceClusterSpec, ident: render.Identity
+) -> dict[tuple[str, str], str]:
+    """Shared objects of our names that someone else has (one GET each, every RESYNC_SECONDS)."""
+    out = {}
+    for obj in render.shared_objects(spec, ident, []):
+        key = (obj["kind"], obj["metadata"]["name"])
+        seen = mem.owners.get(key)
+        if seen is None or time.monotonic() - seen[0] > RESYNC_SECONDS or seen[1] is not None:
+            try:
+                live = kube.request("GET", kube.path(key[0], ident.namespace, key[1]))
+                owner = foreign_owner(live, ident.uid)
+            except KubeError as e:
+                if e.status != 404:
+                    raise
+                owner = None
+            seen = mem.owners[key] = (time.monotonic(), owner)
+        if seen[1] is not None:
+            out[key] = seen[1]
     return out

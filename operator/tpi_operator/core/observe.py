@@ -131,6 +131,8 @@ class Observation:
     free_rank_slots: int | None = None  # None: capacity unknown
     #: Nodes of the rank pods (only those; a node not listed is taken as healthy).
     nodes: Mapping[str, NodeObs] = field(default_factory=dict)
+    #: (kind, name) of shared objects that exist but are not this cluster's -> who has them.
+    foreign: Mapping[tuple[str, str], str] = field(default_factory=dict)
     #: Template hash a group would get at (tp, batch); closes over spec and identity.
     hash_for: Callable[[int, int], str] = lambda tp, batch: f"{tp}-{batch}"
 
@@ -218,3 +220,12 @@ def node_obs(name: str, node: Mapping[str, Any] | None, missing_since: dt.dateti
     state = "NotReady" if ready.get("status") == "False" else "unreachable (Ready Unknown)"
     reason = f": {ready['reason']}" if ready.get("reason") else ""
     return NodeObs(name, lost_since=parse_time(ready.get("lastTransitionTime")), why=f"is {state}{reason}")
+
+
+def foreign_owner(obj: Mapping[str, Any], uid: str) -> str | None:
+    """Why an existing object of our name is not ours (None: controlled by the cluster ``uid``)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    if any(ref.get("uid") == uid for ref in refs):
+        return None
+    owner = next((ref for ref in refs if ref.get("controller")), None)
+    return f"(owned by {owner.get('kind')} {owner.get('name')})" if owner else "(not owned by this cluster)"

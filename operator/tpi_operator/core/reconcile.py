@@ -83,11 +83,16 @@ def decide(
 ) -> Decision:
     """Plan, move the bookkeeping forward, and list what the shell must do."""
     actions = recovery.plan(spec, obs)
+    conflict = conflict_action(obs)
+    if conflict is not None:
+        actions.insert(0, conflict)  # the Degraded condition reports the first Blocked
     st = recovery.transition(spec, obs, actions)
     new_status, recovered = status.compute(spec, ident, obs, st, actions)
     decision = Decision(
         actions=actions, status=new_status, recovered=recovered, events=events_for(obs, actions, recovered)
     )
+    if conflict is not None and not _reported(obs.status, conflict):
+        decision.events.append(Event("Warning", "Conflict", conflict.message))
     if new_status.phase == "Failed":
         decision.wake_after = idle_seconds * 4  # nothing to do; pods kept for debugging
         return decision
@@ -133,7 +138,13 @@ def decide(
                 decision.apply.append(lease)
     decision.delete_leases = sorted(set(obs.leases) - wanted_leases)
     # first in order: the runtime's Role must name a Lease before its rank renews it
-    decision.apply[shared_at:shared_at] = render.shared_objects(spec, ident, sorted(wanted_leases))
+    # Objects of our names that this cluster does not own are left untouched: never adopted (and so
+    # never garbage-collected with the cluster).
+    shared = [
+        o for o in render.shared_objects(spec, ident, sorted(wanted_leases))
+        if (o["kind"], o["metadata"]["name"]) not in obs.foreign
+    ]  # fmt: skip
+    decision.apply[shared_at:shared_at] = shared
     decision.delete_statefulsets = [
         render.sts_name(ident.name, a.group) for a in actions if isinstance(a, recovery.RemoveGroup)
     ]
@@ -144,6 +155,19 @@ def decide(
     busy = bool(changed or decision.delete_pods or decision.delete_statefulsets or decision.delete_leases)
     decision.wake_after = recovery.next_wake(actions, obs.now, busy_seconds if busy else idle_seconds)
     return decision
+
+
+def conflict_action(obs: Observation) -> recovery.Blocked | None:
+    """A Blocked action naming the objects of our names that belong to someone else."""
+    if not obs.foreign:
+        return None
+    what = "; ".join(f"{kind} {name} {owner}" for (kind, name), owner in sorted(obs.foreign.items()))
+    return recovery.Blocked("Conflict", f"existing objects are not this cluster's and are left untouched: {what}")
+
+
+def _reported(prev: TPInferenceClusterStatus, conflict: recovery.Blocked) -> bool:
+    cond = next((c for c in prev.conditions if c.type == "Degraded"), None)
+    return cond is not None and cond.reason == "Conflict" and cond.message == conflict.message
 
 
 def events_for(obs: Observation, actions: list[recovery.Action], recovered: list[Recovered]) -> list[Event]:

@@ -100,3 +100,18 @@ def test_changing_something_rechecks_soon():
     spec = make_spec()
     obs = dataclasses.replace(real_obs(spec), pods=[], statefulsets={})
     assert reconcile.decide(spec, IDENT, obs, idle_seconds=30, busy_seconds=2).wake_after == 2
+
+
+def test_objects_of_our_names_owned_by_others_are_left_alone_and_reported():
+    spec = make_spec()
+    obs = dataclasses.replace(real_obs(spec), pods=[], statefulsets={},
+                              foreign={("Service", "demo"): "(not owned by this cluster)"})  # fmt: skip
+    d = reconcile.decide(spec, IDENT, obs)
+    assert ("Service", "demo") not in {(o["kind"], o["metadata"]["name"]) for o in d.apply}  # never adopted
+    assert ("Service", "demo-ranks") in {(o["kind"], o["metadata"]["name"]) for o in d.apply}
+    degraded = next(c for c in d.status.conditions if c.type == "Degraded")
+    assert degraded.reason == "Conflict" and "Service demo (not owned by this cluster)" in degraded.message
+    assert [e.reason for e in d.events if e.type == "Warning"] == ["Conflict"]
+    # reported once: the next pass (same conflict, already in status) posts no new Event
+    again = reconcile.decide(spec, IDENT, dataclasses.replace(obs, status=d.status))
+    assert "Conflict" not in [e.reason for e in again.events]
