@@ -396,6 +396,9 @@ def reconcile_once(
         spec, ident, obs, idle_seconds=config.idle_seconds, busy_seconds=config.busy_seconds
     )
 
+    # Bookkeeping first (new incarnations, restart times): if it cannot be written, nothing is
+    # done, rather than acting again on the next pass from a status that never recorded it.
+    _write_status(kube, mem, name, namespace, decision.status)
     for obj in decision.apply:
         _apply(kube, mem, obj)
     if decision.delete_pods:
@@ -408,7 +411,6 @@ def reconcile_once(
         kube.delete("StatefulSet", namespace, sts)
     for lease in decision.delete_leases:
         kube.delete("Lease", namespace, lease)
-    _write_status(kube, mem, name, namespace, decision.status)
 
     for a in decision.actions:
         if isinstance(a, (*recovery.RECORDED, recovery.ForceDelete)) or (

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from tpi_operator.core.observe import LeaseObs, PodObs
 
-#: A Lease renewed at most this much before its container started still counts for it (both
-#: times come from the same node's clock, so no skew between them).
+#: Container start times have whole seconds: a renewal counts as this container's on first sight
+#: only when it is this much later than the (truncated) start (both times are the node's clock).
 CLOCK_SLACK = dt.timedelta(seconds=1)
 
 
@@ -31,10 +31,10 @@ class Seen:
 
 
 def _renewed_by(pod: PodObs, lease: LeaseObs) -> bool:
-    """On first sight of a pod: was this renewTime written by its own container?"""
-    if lease.renew_time is None:
+    """On the operator's first sight of a Lease: was this renewTime written by the pod's container?"""
+    if lease.renew_time is None or pod.started_at is None:
         return False
-    return pod.started_at is None or lease.renew_time >= pod.started_at - CLOCK_SLACK
+    return lease.renew_time > pod.started_at + CLOCK_SLACK
 
 
 def track(
@@ -50,10 +50,12 @@ def track(
                 out[name] = old  # between incarnations: keep what the old pod's Lease said
             continue
         seen_at = lease.observed_at or now
-        if old is None or old.pod_uid != pod.uid:
-            # First sight of this pod (new incarnation, or an operator restart): the Lease counts
-            # only if its own container wrote it; a leftover from the previous pod does not.
+        if old is None:
+            # First sight (the operator restarted): the Lease counts, from now, only if this pod's
+            # own container wrote it; a leftover from the previous pod does not.
             since = now if _renewed_by(pod, lease) else None
+        elif old.pod_uid != pod.uid:
+            since = None  # a new pod: nothing counts until the operator sees its Lease renewed
         elif lease.renew_time != old.renew_time:
             since = seen_at
         else:

@@ -552,7 +552,7 @@ def test_dashboard_metrics_exist_in_the_code(package: str, owns) -> None:
         (["allowedHostPaths={relative/path}"], r"allowedHostPaths/0"),
     ],
     ids=["negative-replicas", "unknown-top-level-key", "bad-pull-policy", "bad-namespace", "typo-nested",
-         "relative-host-path"],  # fmt: skip
+         "relative-host-path"],
 )
 def test_schema_rejects_bad_values(helm: Path, sets: list[str], message: str) -> None:
     args = ["template", RELEASE, str(CHART)]

@@ -161,12 +161,16 @@ S = dt.timedelta(seconds=1)
         # first sight (operator restart): counts from now only if this container renewed it
         (None, NOW - 3 * S, NOW - 60 * S, NOW),
         (None, NOW - 300 * S, NOW - 60 * S, None),  # a leftover
+        (None, NOW - 59.5 * S, NOW - 60 * S, None),  # within the start's whole-second truncation
+        (None, NOW - 3 * S, None, None),  # no start time: cannot tell
         # same pod, renewTime moved: the operator's time of seeing it
         (heartbeat.Seen("u0-0-0", NOW - 9 * S, T0), NOW - 7 * S, None, T0 + 50 * S),
         # same pod, renewTime unchanged: the clock keeps running from the last change
         (heartbeat.Seen("u0-0-0", NOW - 9 * S, T0), NOW - 9 * S, None, T0),
         # a new pod of the same name with the old pod's Lease: does not count (no deadline, no spin)
         (heartbeat.Seen("old-uid", NOW - 9 * S, T0), NOW - 9 * S, NOW - 2 * S, None),
+        # ...even when renewed just before the new container started (whole-second start times)
+        (heartbeat.Seen("old-uid", NOW - 9 * S, T0), NOW - 1.5 * S, NOW - 2 * S, None),
     ],
 )
 def test_heartbeat_track(prev, renew, started, expected):
