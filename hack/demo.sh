@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: local control plane + a real kubelet node + images (hack/e2e.sh up), then
-# hack/demo.py: helm install, a 2-rank TPInferenceCluster of a small checkpoint, one completion.
+# hack/demo.py: helm install, a 3-rank TPInferenceCluster serving SmolLM2-135M-Instruct (GGUF), one
+# chat answer.
 set -euo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" demo # HACK, ROOT, ...; logs as [demo]

@@ -140,7 +140,7 @@ def one():
             out = json.loads(r.read())
             c = out["choices"][0]
             return {"ok": True, "status": r.status, "token_ids": c.get("token_ids"), "text": c.get("text"),
-                    "t": t, "s": time.time() - t}
+                    "content": (c.get("message") or {}).get("content"), "t": t, "s": time.time() - t}
     except urllib.error.HTTPError as e:
         return {"ok": False, "status": e.code, "error": e.read().decode(errors="replace")[:300], "t": t}
     except Exception as e:
@@ -296,3 +296,8 @@ def wait_serving(k: Kube, name: str, timeout: float = 300, groups: int = 1) -> d
 def endpoint_url(st: dict[str, Any], name: str, namespace: str, port: int = 8000) -> str:
     base = st.get("endpoint") or f"http://{name}.{namespace}.svc.cluster.local:{port}"
     return base.rstrip("/") + "/v1/completions"
+
+
+def chat_url(st: dict[str, Any], name: str, namespace: str, port: int = 8000) -> str:
+    """The OpenAI chat endpoint next to endpoint_url's completions."""
+    return endpoint_url(st, name, namespace, port).removesuffix("/v1/completions") + "/v1/chat/completions"

@@ -1,7 +1,8 @@
 """Reading a checkpoint the operator can see (shell: file I/O), for ``core.sizing``.
 
-Only ``config.json`` and the safetensors *headers* are read (``tpi_contract.safetensors_header``):
-weights are never loaded.
+Only ``config.json`` and the safetensors *headers* are read (``tpi_contract.safetensors_header``),
+or, for a directory holding one GGUF file and no config.json, the GGUF header
+(``tpi_contract.gguf_header``): weights are never loaded.
 """
 
 from __future__ import annotations
@@ -10,14 +11,41 @@ import json
 import struct
 from pathlib import Path
 
+from tpi_contract import gguf_header
 from tpi_contract.safetensors_header import read_header
 
 from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec
 from tpi_operator.core.sizing import ModelInfo, weight_bytes_from_headers
 
+#: Bytes per element of the dtypes a GGUF file is dequantized to.
+_SERVED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def read_gguf_info(path: Path, served_dtype: str) -> ModelInfo:
+    """Head counts and dequantized size from a GGUF header; unknown if unreadable."""
+    try:
+        header = gguf_header.read_header(path, max_array=0)
+    except (OSError, ValueError, struct.error):
+        return ModelInfo()
+    arch = header.metadata.get("general.architecture")
+    heads = header.metadata.get(f"{arch}.attention.head_count")
+    kv = header.metadata.get(f"{arch}.attention.head_count_kv", heads)
+    inter = header.metadata.get(f"{arch}.feed_forward_length")
+    size = sum(t.numel for t in header.tensors.values()) * _SERVED_BYTES.get(served_dtype, 4)
+    return ModelInfo(heads, kv, inter, size, origin="checkpoint")
+
 
 def read_model_info(directory: Path, served_dtype: str) -> ModelInfo:
-    """config.json head counts and safetensors sizes of a checkpoint directory; unknown if unreadable."""
+    """config.json head counts and safetensors sizes of a checkpoint directory (or the header of its
+    one GGUF file, or of a GGUF file itself); unknown if unreadable."""
+    if directory.suffix == ".gguf":
+        return read_gguf_info(directory, served_dtype)
+    try:
+        ggufs = [] if (directory / "config.json").exists() else sorted(directory.glob("*.gguf"))
+    except OSError:
+        ggufs = []
+    if len(ggufs) == 1:
+        return read_gguf_info(ggufs[0], served_dtype)
     heads = kv = inter = size = None
     try:
         config = json.loads((directory / "config.json").read_text())

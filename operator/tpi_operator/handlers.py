@@ -298,7 +298,7 @@ def _model_info(mem: Memory, spec: TPInferenceClusterSpec, models_root: str | No
     if mem.model_key != key:
         read = None
         path = checkpoint.local_model_dir(spec, models_root)
-        if path is not None and path.is_dir():
+        if path is not None and (path.is_dir() or (path.suffix == ".gguf" and path.is_file())):
             read = checkpoint.read_model_info(path, spec.runtime.dtype)
         mem.model_key, mem.model_info = key, sizing.model_info_from_spec(spec, read)
     assert mem.model_info is not None

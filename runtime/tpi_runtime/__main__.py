@@ -31,7 +31,7 @@ def _generate(settings: RuntimeSettings) -> int:
         ids = list(settings.prompt_ids)
     else:
         if engine.tokenizer is None:
-            raise SystemExit(f"--prompt needs {settings.model}/tokenizer.json; use --prompt-ids instead")
+            raise SystemExit(f"--prompt needs a tokenizer ({settings.model} has no tokenizer.json); use --prompt-ids")
         ids = engine.tokenizer.encode(settings.prompt).ids
     params = SamplingParams(
         max_tokens=settings.max_tokens,
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if settings.command == "generate":
             return _generate(settings)
-        from .server import serve_main  # the HTTP layer; imported lazily so `generate` needs none of it
+        from .serving.lifecycle import serve_main  # the HTTP layer; imported lazily so `generate` needs none of it
 
         return int(serve_main(settings) or 0)
     except (ValueError, CheckpointError) as e:  # bad tp, dtype, lengths, checkpoint: config, not a crash

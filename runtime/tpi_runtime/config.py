@@ -1,5 +1,8 @@
-"""Llama-family model configuration read from a Hugging Face `config.json`, and the tensor-parallel
-sizes it can be split into.
+"""Decoder-only model configuration (Llama, Mistral, Qwen2/2.5, Qwen3) read from a Hugging Face
+`config.json`, and the tensor-parallel sizes it can be split into.
+
+The families differ only in a few switches (`qkv_bias`, `qk_norm`, `sliding_window`); anything
+that would change the maths beyond them is refused here, naming the config field.
 
 Pure Python (no torch import). The rule itself lives in ``tpi_contract.tp_rule``, which the
 operator applies too, so both sides accept and refuse the same sizes.
@@ -14,7 +17,7 @@ from typing import Any
 
 from tpi_contract import tp_rule
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -36,6 +39,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     torch_dtype: str = "float32"
     architecture: str = "LlamaForCausalLM"
+    qkv_bias: bool = False  # Qwen2: q/k/v projections carry biases
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before RoPE
+    sliding_window: int | None = None  # Mistral: a query sees at most this many keys (itself included)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -51,9 +57,7 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        # Bias terms, sliding windows etc. would silently change the maths: refuse them up front.
-        if d.get("attention_bias") or d.get("mlp_bias"):
-            raise ValueError("attention_bias/mlp_bias checkpoints are not supported")
+        family = _family_switches(arch, d)
         heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
         eos = d.get("eos_token_id")
@@ -82,6 +86,7 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
             architecture=arch,
+            **family,
             raw=dict(d),
         )
         if cfg.rope_type not in SUPPORTED_ROPE_TYPES:
@@ -107,6 +112,33 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON: {e}") from None
         return cls.from_dict(d)
+
+
+def _family_switches(arch: str, d: dict[str, Any]) -> dict[str, Any]:
+    """The per-family switches; raises ValueError naming the first field we cannot honour."""
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"unsupported hidden_act {act!r}: only 'silu' (SwiGLU) is implemented")
+    if d.get("mlp_bias"):
+        raise ValueError("unsupported mlp_bias=true: no supported family has MLP biases")
+    if d.get("attention_bias"):
+        # Llama/Qwen3 attention_bias also puts a bias on o_proj, which no checkpoint we know uses.
+        raise ValueError(f"unsupported attention_bias=true for {arch}")
+    window = d.get("sliding_window")
+    if arch == "MistralForCausalLM":
+        if window is not None and int(window) < 1:
+            raise ValueError(f"invalid sliding_window {window!r}: must be a positive integer or null")
+        return {"sliding_window": None if window is None else int(window)}
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        sliding = [t for t in d.get("layer_types") or [] if t != "full_attention"]
+        if d.get("use_sliding_window") or sliding:
+            raise ValueError(
+                f"unsupported use_sliding_window/layer_types for {arch}: only full attention is implemented"
+            )
+        return {"qkv_bias": arch == "Qwen2ForCausalLM", "qk_norm": arch == "Qwen3ForCausalLM"}
+    if arch == "LlamaForCausalLM" and window is not None:
+        raise ValueError(f"unsupported sliding_window={window!r} for LlamaForCausalLM")
+    return {}
 
 
 def _tp_problems(cfg: ModelConfig, tp: int) -> list[str]:

@@ -55,6 +55,7 @@ class Dist:
         timeout_s: float = 120.0,
         device: torch.device | None = None,
         shm: bool = True,
+        force_group: bool = False,
     ) -> None:
         """``shm``: small collectives between ranks of one host (gloo on CPU) use shared memory."""
         self.rank = env.rank
@@ -71,7 +72,10 @@ class Dist:
         self._op: tuple[str, float] | None = None
         self.collectives = 0
         self.shm: ShmTransport | None = None
-        if self.world_size == 1:
+        # force_group: a real process group even for one rank, so the GPU tier and bench can check
+        # NCCL initialisation and run the TP=1 model's collectives through it.
+        self.grouped = self.world_size > 1 or force_group
+        if not self.grouped:
             return
         log.info(
             "rank %d/%d joining process group at %s:%d (backend=%s, timeout=%.0fs)",
@@ -166,7 +170,7 @@ class Dist:
     def all_reduce(
         self, t: torch.Tensor, name: str = "all_reduce", op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
     ) -> torch.Tensor:
-        if self.world_size > 1:
+        if self.grouped:
             if op == dist.ReduceOp.SUM and self._use_shm(t):
                 self._run(f"all_reduce/{name}", self.shm.all_reduce, t)  # type: ignore[union-attr]
             else:
@@ -175,7 +179,7 @@ class Dist:
 
     def all_gather(self, t: torch.Tensor, name: str = "all_gather") -> torch.Tensor:
         """Concatenate each rank's `t` along the last dimension (rank order)."""
-        if self.world_size == 1:
+        if not self.grouped:
             return t
         t = t.contiguous()
         if self._use_shm(t):
@@ -190,7 +194,7 @@ class Dist:
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, t: torch.Tensor, src: int = 0, name: str = "broadcast") -> torch.Tensor:
-        if self.world_size > 1:
+        if self.grouped:
             if self._use_shm(t):
                 self._run(f"broadcast/{name}", self.shm.broadcast, t, src)  # type: ignore[union-attr]
             else:
@@ -198,10 +202,10 @@ class Dist:
         return t
 
     def barrier(self, name: str = "barrier") -> None:
-        if self.world_size > 1:
+        if self.grouped:
             # An all_reduce rather than dist.barrier(): NCCL barrier needs a device guess.
             self.all_reduce(torch.zeros(1, device=self.device), name=name)
 
     def close(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
+        if self.grouped and dist.is_initialized():
             dist.destroy_process_group()

@@ -16,9 +16,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import itertools
-import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -30,11 +28,13 @@ import torch
 from tpi_contract import env as env_names
 from tpi_contract import exitcodes
 
-from .config import ModelConfig, check_tp
+from .checkpoint import Checkpoint
+from .config import check_tp
+from .cuda_graphs import make_decode_runner
 from .dist import Dist, die
-from .loader import LoadReport, load_weights
+from .loader import LoadReport
 from .model import BatchMeta, Transformer
-from .sampling import sample
+from .sampling import RowHistory, RowParams, sample
 from .settings import FaultInjection, ProcessSettings, RuntimeSettings
 
 log = logging.getLogger("tpi_runtime.engine")
@@ -54,11 +54,30 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 -> off
     seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()  # the engine always adds the checkpoint's eos ids
+    stop_token_ids: tuple[int, ...] = ()  # the engine adds the checkpoint's eos ids (unless ignore_eos)
+    min_p: float = 0.0
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # k: each token is pushed as TokenLogprobs (top k alternatives)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """What a request with ``logprobs`` set receives instead of a bare token id."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 class RequestError(Exception):
     """Raised to the consumer of a request the engine could not complete."""
+
+
+class QueueFullError(RequestError):
+    """The admission queue is at its bound (``Engine.max_waiting``): retry later."""
 
 
 @dataclass
@@ -83,6 +102,7 @@ class StepInfo:
 
 
 _END = object()
+END = _END  # what a request listener receives after the last token (or after a RequestError)
 
 
 class Request:
@@ -98,7 +118,10 @@ class Request:
         params: SamplingParams,
         stop_ids: frozenset[int] = frozenset(),
         wake: Callable[[], None] | None = None,
+        listener: Callable[[Any], None] | None = None,
     ) -> None:
+        """``listener``: called on the engine thread with each token id, then a RequestError or END
+        (instead of queueing them for iteration); it must not block (e.g. loop.call_soon_threadsafe)."""
         self.id = req_id
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -111,14 +134,15 @@ class Request:
         self._ready = threading.Condition()
         self._cancel: str | None = None
         self._wake = wake
+        self._listener = listener
         # Engine-side state (rank 0 scheduler only).
         self._stop_ids = stop_ids
         self._tokens = list(prompt_ids)  # prompt + generated so far
         self._num_cached = 0  # tokens whose K/V are in the cache slot
         self._slot: int | None = None
         self._generator = torch.Generator().manual_seed(
-            params.seed if params.seed is not None else secrets.randbits(63)
-        )
+            params.seed & (2**64 - 1) if params.seed is not None else secrets.randbits(63)
+        )  # any int seed: manual_seed takes [0, 2^64)
 
     def __iter__(self) -> Iterator[int]:
         while True:
@@ -130,7 +154,7 @@ class Request:
                 return
             if isinstance(item, RequestError):
                 raise item
-            yield item
+            yield item.token if isinstance(item, TokenLogprobs) else item
 
     def cancel(self, reason: str = "abort") -> None:
         """Stop generating; iteration ends with finish_reason `reason` ("abort" or "stop")."""
@@ -145,6 +169,12 @@ class Request:
 
     # --- engine side ---
     def _push(self, item: Any) -> None:
+        if self._listener is not None:
+            try:
+                self._listener(item)
+            except Exception:  # a consumer's bug must not stop the engine loop (and the group)
+                log.exception("listener of %s failed", self.id)
+            return
         with self._ready:
             self._q.append(item)
             self._ready.notify_all()
@@ -157,6 +187,19 @@ class Request:
         if error is not None:
             self._push(error)
         self._push(_END)
+
+
+def _row_params(p: SamplingParams) -> RowParams:
+    return RowParams(
+        p.temperature,
+        p.top_p,
+        p.top_k,
+        p.min_p,
+        p.presence_penalty,
+        p.frequency_penalty,
+        p.repetition_penalty,
+        p.logprobs,
+    )
 
 
 def fake_oom_hooks(
@@ -213,6 +256,7 @@ class Engine:
         idle_interval_s: float = 0.5,
         fault_injector: Callable[[int, int], None] | None = None,
         process: ProcessSettings | None = None,
+        cuda_graphs: str = "auto",
     ) -> None:
         """``process``: this rank's group, cores and test faults (``ProcessSettings.from_env``);
         None: a group of one with torch's defaults."""
@@ -220,7 +264,8 @@ class Engine:
         process = process or ProcessSettings()
         env = process.dist
         self.rank, self.world_size = env.rank, env.world_size
-        self.config = cfg = ModelConfig.from_pretrained(model_dir)
+        self.checkpoint = ckpt = Checkpoint.open(model_dir)  # a HF directory or a GGUF file
+        self.config = cfg = ckpt.config
         check_tp(cfg, self.world_size)  # fail before joining the group: every rank raises the same
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -234,7 +279,7 @@ class Engine:
                 f"max_model_len={self.max_model_len} exceeds the model's "
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
-        self.model_name = served_model_name or os.path.basename(os.path.normpath(model_dir))
+        self.model_name = served_model_name or ckpt.name
         self.idle_interval_s = idle_interval_s
         mid_forward_fault: Callable[[int, int], None] | None = None
         if fault_injector is None:
@@ -263,7 +308,7 @@ class Engine:
         )
         self.comm_device = self.device if self.dist.backend == "nccl" else torch.device("cpu")
         self.model = Transformer(cfg, self.dist, dtype=self.dtype, device=self.device)
-        self.load_report: LoadReport = load_weights(self.model, model_dir, cfg, self.rank, self.world_size)
+        self.load_report: LoadReport = ckpt.load_weights(self.model, self.rank, self.world_size)
         if mid_forward_fault is not None:
             fault = mid_forward_fault  # after layer 0 ran: at TP > 1 its all-reduces are done
             self.model.layers[0].register_forward_hook(
@@ -277,19 +322,13 @@ class Engine:
             self.max_model_len,
             cache_bytes / 2**20,
         )
+        # Decode-only steps through static shapes (CUDA graphs on CUDA at TP=1); None: plain eager.
+        self.decode_runner = make_decode_runner(self.model, cuda_graphs, self.world_size)
 
-        self.tokenizer = None
-        tok_path = os.path.join(model_dir, "tokenizer.json")
-        if os.path.exists(tok_path):
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(tok_path)
-        eos = list(cfg.eos_token_ids)
-        gen_cfg = os.path.join(model_dir, "generation_config.json")
-        if os.path.exists(gen_cfg):
-            with open(gen_cfg) as f:
-                g = json.load(f).get("eos_token_id")
-            eos += g if isinstance(g, list) else ([] if g is None else [g])
+        self.tokenizer = ckpt.tokenizer()
+        self.chat_template: str | None = ckpt.chat_template()  # Jinja, for /v1/chat/completions
+        ckpt.gguf = None  # drop the file's mapping: the weights are copied out
+        eos = list(cfg.eos_token_ids) + ckpt.extra_eos_ids()
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(e) for e in eos))
 
         # Scheduler state (rank 0); `_cv` guards it against submit()/cancel() from other threads.
@@ -304,6 +343,7 @@ class Engine:
         self._last_error = ""
         self._tokens_generated = 0
         self.max_prefill_tokens = max(2048, self.max_model_len)
+        self.max_waiting: int | None = None  # admission queue bound (None: unbounded); see submit()
 
         self.dist.barrier("ready")  # every rank has its weights: the group can serve
         self.is_ready = True
@@ -332,10 +372,18 @@ class Engine:
             served_model_name=settings.served_model_name,
             device=settings.device,
             process=settings.process,
+            cuda_graphs=settings.cuda_graphs,
         )
 
     # --- public API -------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        listener: Callable[[Any], None] | None = None,
+    ) -> Request:
+        """Queue a request (thread-safe). Raises ValueError on invalid input, QueueFullError when
+        ``max_waiting`` requests already wait, RuntimeError once the engine has stopped."""
         if self.rank != 0:
             raise RuntimeError("submit() is only valid on rank 0")
         prompt_ids = [int(t) for t in prompt_ids]
@@ -351,18 +399,22 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len {self.max_model_len}"
             )
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if (
+            not params.temperature >= 0
+            or not 0 < params.top_p <= 1
+            or params.top_k < 0
+            or not 0 <= params.min_p <= 1
+        ):
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= min_p <= 1")
+        eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
         req = Request(
-            f"req-{next(self._ids)}",
-            prompt_ids,
-            params,
-            frozenset(params.stop_token_ids) | frozenset(self.eos_token_ids),
-            self._wake,
+            f"req-{next(self._ids)}", prompt_ids, params, frozenset(params.stop_token_ids) | eos, self._wake, listener
         )
         with self._cv:
             if self._stopped:
                 raise RuntimeError("engine is stopped")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(req)
             self._cv.notify_all()
         return req
@@ -461,6 +513,9 @@ class Engine:
             self._running.remove(r)
         if r._slot is not None:
             self._free_slots.append(r._slot)
+            # Lowest free slot first (pop() takes the end): running slots stay packed at the bottom,
+            # so the slot-major decode graphs (cuda_graphs.py) use the smallest bucket that fits.
+            self._free_slots.sort(reverse=True)
             r._slot = None
         r._num_cached = 0
 
@@ -478,14 +533,28 @@ class Engine:
         if logits is None:
             self._handle_oom(batch)
             return
-        params = [(r.params.temperature, r.params.top_p, r.params.top_k) for r in batch]
-        new = sample(logits, params, [r._generator for r in batch])
+        params = [_row_params(r.params) for r in batch]
+        history = None
+        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+            history = [RowHistory(r.output_ids, r._tokens) for r in batch]
+        try:
+            sampled = sample(logits, params, [r._generator for r in batch], history)
+        except Exception as e:  # never let one request's sampling take the group down
+            log.exception("sampling failed; failing this step's requests")
+            sampled = []
+            self._last_error = f"sampling failed: {type(e).__name__}: {e}"
+        new = [s.token for s in sampled] or [-1] * len(batch)
         n_prefill = sum(n for _, _, n in seqs if n > 1)
         now = time.monotonic()
         with self._cv:
             self._step += 1
-            for r, t in zip(batch, new, strict=True):
+            for i, (r, t) in enumerate(zip(batch, new, strict=True)):
                 r._num_cached = len(r._tokens)
+                if t < 0:  # non-finite logits (or a sampler failure): only this request fails
+                    self._release(r)
+                    why = "the model produced non-finite logits" if sampled else self._last_error
+                    r._finish(None, RequestError(f"{why} for this request"))
+                    continue
                 if t in r._stop_ids:
                     self._release(r)
                     r._finish("stop")
@@ -495,7 +564,11 @@ class Engine:
                 if r.first_token_time is None:
                     r.first_token_time = now
                 self._tokens_generated += 1
-                r._push(t)
+                s = sampled[i] if sampled else None
+                if s is not None and s.logprob is not None:
+                    r._push(TokenLogprobs(t, s.logprob, s.top))
+                else:
+                    r._push(t)
                 if len(r.output_ids) >= r.params.max_tokens or len(r._tokens) >= self.max_model_len:
                     self._release(r)
                     r._finish("length")
@@ -569,8 +642,10 @@ class Engine:
             oom = int(self.dist.all_reduce(flag, name="oom_flag").item())  # > 0: some rank is out
         if oom:
             return None
-        meta = BatchMeta.build(seqs, self.device)
         try:
+            if self.decode_runner is not None and all(n == 1 for _, _, n in seqs):
+                return self.decode_runner(ids, seqs)
+            meta = BatchMeta.build(seqs, self.device)
             return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), meta)
         except torch.cuda.OutOfMemoryError as e:
             # The preflight reserves a step's activations, so this is rare (fragmentation, a

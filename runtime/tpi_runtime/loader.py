@@ -172,8 +172,9 @@ class _Chunk:
 
 def _chunks(s: TensorSlice, dest: torch.Tensor, dest_row: int, elem: int) -> list[_Chunk]:
     """Split a slice into row chunks of at most _CHUNK_BYTES of file span each."""
-    if len(s.shape) == 1:
-        return [_Chunk(s, dest, dest_row, 0, s.shape[0], s.shape[0] * elem)]
+    if len(s.shape) == 1:  # a norm weight (whole) or a bias (its rows, like its weight's)
+        rows = s.local_shape[0]
+        return [_Chunk(s, dest, dest_row, 0, rows, rows * elem)]
     rows = s.local_shape[0]
     row_bytes = _numel(s.shape[1:]) * elem
     step = max(1, _CHUNK_BYTES // row_bytes)
@@ -189,7 +190,7 @@ def _read_chunk(f: Any, c: _Chunk) -> torch.Tensor:
     sl = f.get_slice(s.name)
     out: torch.Tensor
     if len(s.shape) == 1:
-        out = sl[:]
+        out = sl[s.start : s.stop] if s.dim == 0 else sl[:]
     elif s.dim == 1:  # column slice (row-parallel weight): all rows, our columns
         out = sl[c.r0 : c.r1, s.start : s.stop]
     else:

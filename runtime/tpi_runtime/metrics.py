@@ -232,6 +232,18 @@ class RuntimeMetrics:
             ["rank", "status", "finish_reason"],
             registry=self.registry,
         )
+        self.rejections = Counter(
+            "tpi_requests_rejected",
+            "API requests refused before generation (queue full: 429; not ready or draining: 503)",
+            ["rank", "reason"],
+            registry=self.registry,
+        )
+        self.disconnects = Counter(
+            "tpi_client_disconnects",
+            "API requests whose client went away before the response ended (slot freed)",
+            lab,
+            registry=self.registry,
+        ).labels(rank=self.rank)
         self.step_duration = Histogram(
             "tpi_step_duration_seconds",
             "Duration of one engine step (rank 0)",

@@ -1,4 +1,6 @@
-"""Llama-family decoder with tensor-parallel layers and a slot-based KV cache.
+"""Llama-family decoder (Llama, Mistral, Qwen2/2.5, Qwen3) with tensor-parallel layers and a
+slot-based KV cache. The families differ in three switches of ModelConfig: q/k/v biases (Qwen2),
+per-head q/k RMSNorm (Qwen3) and a sliding attention window (Mistral).
 
 The forward pass works on a flat, packed batch: N tokens from B sequences (prefills of any length
 and single-token decodes mixed), each token carrying its position and its sequence's cache slot.
@@ -39,6 +41,8 @@ class BatchMeta:
     # Decode fast path only: [B] slots and [B, 1, 1, max_ctx] attention mask (None when B == 1).
     slots_t: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
+    # decode_mask restricted to each sequence's last `window` keys (set by Transformer.forward).
+    window_mask: torch.Tensor | None = None
 
     @classmethod
     def build(cls, seqs: list[tuple[int, int, int]], device: torch.device) -> BatchMeta:
@@ -127,7 +131,11 @@ def rotate_half_matrix(d: int, *, dtype: torch.dtype, device: torch.device) -> t
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, for x [N, heads, d] and cos/sin [N, 1, d]."""
-    return torch.addcmul(x * cos, x @ rot, sin)
+    if x.dtype == torch.float32:
+        return torch.addcmul(x * cos, x @ rot, sin)
+    # bf16/fp16: round both products to the model dtype before the sum, as transformers does;
+    # addcmul would keep rotate_half(x) * sin unrounded and drift from it by up to an ulp.
+    return x * cos + (x @ rot) * sin
 
 
 class Attention(nn.Module):
@@ -143,6 +151,15 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(
             self.hq * self.d, cfg.hidden_size, dist, f"o_proj.{layer}", dtype=dtype, device=device
         )
+        n_qkv = (self.hq + 2 * self.hkv) * self.d
+        self.qkv_bias = (
+            nn.Parameter(torch.empty(n_qkv, dtype=dtype, device=device), requires_grad=False)
+            if cfg.qkv_bias
+            else None
+        )
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype=dtype, device=device) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype=dtype, device=device) if cfg.qk_norm else None
+        self.window = cfg.sliding_window
         self.k_cache: torch.Tensor | None = None  # [slots, hkv, max_len, d]
         self.v_cache: torch.Tensor | None = None
 
@@ -151,9 +168,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv(x)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
         n_qk = (self.hq + self.hkv) * self.d
+        qk = qkv[:, :n_qk].view(n, self.hq + self.hkv, self.d)
+        if self.q_norm is not None and self.k_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, : self.hq]), self.k_norm(qk[:, self.hq :])), dim=1)
         # RoPE on the q and k heads at once: they are adjacent in the fused qkv output.
-        qk = apply_rope(qkv[:, :n_qk].view(n, self.hq + self.hkv, self.d), cos, sin, rot)
+        qk = apply_rope(qk, cos, sin, rot)
         q, k = qk[:, : self.hq], qk[:, self.hq :]
         v = qkv[:, n_qk:].view(n, self.hkv, self.d)
         kc, vc = self.k_cache, self.v_cache
@@ -165,10 +187,11 @@ class Attention(nn.Module):
             slot, ctx = meta.seq_slots[0], meta.ctx_lens[0]
             kc[slot, :, ctx - 1] = k[0]
             vc[slot, :, ctx - 1] = v[0]
+            lo = self._first_key(ctx - 1)
             o = F.scaled_dot_product_attention(
                 q.view(1, self.hq, 1, self.d),
-                kc[slot : slot + 1, :, :ctx],
-                vc[slot : slot + 1, :, :ctx],
+                kc[slot : slot + 1, :, lo:ctx],
+                vc[slot : slot + 1, :, lo:ctx],
                 enable_gqa=gqa,
             )
             out: torch.Tensor = self.o_proj(o.view(1, self.hq * self.d))
@@ -180,7 +203,11 @@ class Attention(nn.Module):
             L = max(meta.ctx_lens)
             keys, vals = kc[meta.slots_t, :, :L], vc[meta.slots_t, :, :L]
             o = F.scaled_dot_product_attention(
-                q.unsqueeze(2), keys, vals, attn_mask=meta.decode_mask, enable_gqa=gqa
+                q.unsqueeze(2),
+                keys,
+                vals,
+                attn_mask=meta.window_mask if self.window else meta.decode_mask,
+                enable_gqa=gqa,
             )
             o = o.reshape(n, self.hq * self.d)
         else:
@@ -189,19 +216,27 @@ class Attention(nn.Module):
                 meta.seq_slots, meta.seq_starts, meta.seq_lens, meta.ctx_lens, strict=True
             ):
                 qi = q[s : s + t].transpose(0, 1).unsqueeze(0)  # [1, hq, t, d]
-                keys, vals = kc[slot, :, :ctx].unsqueeze(0), vc[slot, :, :ctx].unsqueeze(0)  # views
+                lo = self._first_key(ctx - t)  # keys before lo are outside every query's window
+                keys, vals = kc[slot, :, lo:ctx].unsqueeze(0), vc[slot, :, lo:ctx].unsqueeze(0)  # views
                 if t == 1:
                     oi = F.scaled_dot_product_attention(qi, keys, vals, enable_gqa=gqa)
-                elif t == ctx:
+                elif t == ctx and (self.window is None or ctx <= self.window):
                     oi = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=gqa)
-                else:  # prefill continuing a cached prefix: query i sees keys up to its position
+                else:  # query i sees keys up to its position (and, windowed, its last `window`)
                     pos = meta.positions[s : s + t]
-                    mask = torch.arange(ctx, device=x.device)[None, :] <= pos[:, None]
+                    key_pos = torch.arange(lo, ctx, device=x.device)[None, :]
+                    mask = key_pos <= pos[:, None]
+                    if self.window is not None:
+                        mask &= key_pos > pos[:, None] - self.window
                     oi = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
                 outs.append(oi[0].transpose(0, 1).reshape(t, self.hq * self.d))
             o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         out = self.o_proj(o)
         return out
+
+    def _first_key(self, pos: int) -> int:
+        """The first cached position a query at `pos` attends to (0 without a sliding window)."""
+        return 0 if self.window is None else max(0, pos - self.window + 1)
 
 
 class MLP(nn.Module):
@@ -285,6 +320,12 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """input_ids: [N] packed tokens. Returns float32 logits [B, vocab] for each sequence's last token."""
         assert self.cos is not None and self.sin is not None, "call setup_cache first"
+        window = self.cfg.sliding_window
+        if window is not None and meta.decode_mask is not None and meta.window_mask is None:
+            # Batched decode: the query at ctx - 1 sees keys ctx - window .. ctx - 1 only.
+            ctx = torch.tensor(meta.ctx_lens, device=self.device)
+            recent = torch.arange(meta.decode_mask.shape[-1], device=self.device)[None, :] >= (ctx - window)[:, None]
+            meta.window_mask = meta.decode_mask & recent[:, None, None, :]
         cos = self.cos[meta.positions].unsqueeze(1)  # [N, 1, d], broadcast over heads
         sin = self.sin[meta.positions].unsqueeze(1)
         x = self.embed(input_ids)

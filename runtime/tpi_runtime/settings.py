@@ -12,7 +12,6 @@ Where each setting comes from (names in ``tpi_contract.env``):
   divided by ``LOCAL_WORLD_SIZE``; ``TPI_SHM_COLLECTIVES=0`` turns the shared-memory transport off;
 * the heartbeat: ``TPI_LEASE_NAME`` (unset or empty: off), ``POD_NAME``, ``POD_NAMESPACE``,
   ``TPI_HEARTBEAT_INTERVAL_SECONDS``, ``TPI_HEARTBEAT_STALL_SECONDS``, ``KUBECONFIG``;
-* ``TPI_DRAIN_SECONDS``: how long rank 0 drains after SIGTERM;
 * fault injection for tests: ``TPI_FAKE_OOM_AT_BATCH``, ``TPI_FAKE_OOM_MID_FORWARD``.
 """
 
@@ -53,7 +52,13 @@ class _Flag:
 
 # The configuration flags: each falls back to TPI_<FLAG> (tpi_contract.env.for_flag).
 _COMMON = (
-    _Flag("--model", str, None, help="directory with config.json, *.safetensors and optionally tokenizer.json"),
+    _Flag(
+        "--model",
+        str,
+        None,
+        help="directory with config.json, *.safetensors and optionally tokenizer.json; "
+        "or a .gguf file (or a directory holding exactly one)",
+    ),
     _Flag(
         "--dtype",
         str,
@@ -83,11 +88,31 @@ _COMMON = (
     ),
     _Flag("--served-model-name", str, None),
     _Flag("--device", str, "auto", ("auto", "cpu", "cuda")),
+    _Flag(
+        "--cuda-graphs",
+        str,
+        "auto",
+        ("auto", "on", "off"),
+        "decode through captured CUDA graphs (auto: on for CUDA at TP=1; on with CPU: the static path, eager)",
+    ),
     _Flag("--log-level", str, "INFO"),
 )
 _SERVE = (
     _Flag("--port", int, defaults.HTTP_PORT),
     _Flag("--host", str, "0.0.0.0"),
+    _Flag(
+        "--drain-seconds",
+        float,
+        DEFAULT_DRAIN_SECONDS,
+        help="after SIGTERM, finish in-flight requests for up to this long (match the pod's grace period)",
+    ),
+    _Flag("--max-queue", int, 256, help="requests waiting for a batch slot; past it a request gets 429"),
+    _Flag(
+        "--request-timeout-seconds",
+        float,
+        600.0,
+        help="server-side deadline per request; past it the request ends with 504 and frees its slot",
+    ),
 )
 
 
@@ -113,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, _COMMON)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
-    src.add_argument("--prompt", help="text (needs tokenizer.json in --model)")
+    src.add_argument("--prompt", help="text (needs tokenizer.json in --model, or a GGUF file)")
     g.add_argument("--max-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -272,11 +297,14 @@ class RuntimeSettings:
     dist_timeout_seconds: float = 120.0
     served_model_name: str | None = None
     device: str = "auto"
+    cuda_graphs: str = "auto"
     log_level: str = "INFO"
     # serve
     host: str = "0.0.0.0"
     port: int = defaults.HTTP_PORT
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    max_queue: int = 256
+    request_timeout_seconds: float = 600.0
     heartbeat: HeartbeatSettings | None = None
     # generate
     prompt_ids: tuple[int, ...] | None = None
@@ -321,7 +349,6 @@ class RuntimeSettings:
             )
         else:
             values.update(
-                drain_seconds=_number(environ, names.DRAIN_SECONDS, float, DEFAULT_DRAIN_SECONDS),
                 heartbeat=HeartbeatSettings.from_env(environ),
             )
         return cls(command=args.command, process=ProcessSettings.from_env(environ), **values)

@@ -1,4 +1,5 @@
-"""Tiny random Llama checkpoints for tests, demos and e2e runs (no network, no hub).
+"""Tiny random checkpoints (Llama, Mistral, Qwen2, Qwen3) for tests, demos and e2e runs (no
+network, no hub).
 
 `make_tiny_checkpoint(dir, **config_overrides)` writes a Hugging Face style directory:
 config.json, sharded model-0000x-of-0000y.safetensors + model.safetensors.index.json (or a single
@@ -39,6 +40,17 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
+# Per-family overrides of TINY_CONFIG exercising what sets each family apart, at odd shapes.
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    # A window much shorter than the test prompts: keys outside it must never be attended.
+    "mistral": {"sliding_window": 7},
+    "qwen2": {},  # q/k/v biases are implicit in the architecture
+    # head_dim 24 != hidden 64 / 4 heads; per-head q/k norms.
+    "qwen3": {"head_dim": 24, "intermediate_size": 132},
+}
+
+
 def tiny_vocab(vocab_size: int) -> list[str]:
     words = list(SPECIAL_TOKENS) + list(_WORDS)
     words += [f"tok{i}" for i in range(len(words), vocab_size)]
@@ -65,23 +77,30 @@ def make_tiny_checkpoint(
     max_shard_size: str | int = "100KB",
     tokenizer: bool = True,
     init_std: float = 0.2,
+    family: str = "llama",
     **config_overrides: Any,
 ) -> str:
-    """Build a random `LlamaForCausalLM` from TINY_CONFIG + overrides and save it as safetensors."""
+    """Build a random model of `family` (a FAMILY_CONFIGS key) from TINY_CONFIG + the family's
+    overrides + `config_overrides`, and save it as safetensors."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = os.fspath(model_dir)
     os.makedirs(model_dir, exist_ok=True)
-    cfg = LlamaConfig(**{**TINY_CONFIG, **config_overrides})
+    cfg = AutoConfig.for_model(family, **{**TINY_CONFIG, **FAMILY_CONFIGS[family], **config_overrides})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype)).eval()
     with torch.no_grad():
         # The default init (std 0.02) makes every logit nearly equal, so greedy ties would be
-        # decided by rounding noise; a wider spread keeps argmax comparisons meaningful.
-        for p in model.parameters():
+        # decided by rounding noise; a wider spread keeps argmax comparisons meaningful. Biases
+        # (zero at init) and norm weights (one) get noise too, so a dropped one shows.
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, init_std)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif "q_norm" in name or "k_norm" in name:
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(model_dir, safe_serialization=True, max_shard_size=max_shard_size)
     if tokenizer:
         write_tokenizer(model_dir, cfg.vocab_size)
@@ -89,13 +108,177 @@ def make_tiny_checkpoint(
 
 
 def load_hf_model(model_dir: str):  # type: ignore[no-untyped-def]
-    """The reference implementation: transformers' own LlamaForCausalLM on the same files."""
+    """The reference implementation: transformers' own model class on the same files."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def read_config(model_dir: str) -> dict[str, Any]:
     with open(os.path.join(model_dir, "config.json")) as f:
         return json.load(f)
+
+
+# --- tiny GGUF files -----------------------------------------------------------------------------
+
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# Every type the runtime dequantizes, cycled over the 2-D tensors of a tiny GGUF file.
+GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F32")
+# K-quant types have no Python quantizer: random blocks, with each block's scale field(s) set to a
+# small float16 so the weights stay in a sane range. (byte offset of d, of dmin or None)
+_K_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None)}
+_GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _gguf_name(hf: str) -> str:
+    glob = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if hf in glob:
+        return glob[hf]
+    if hf == "lm_head.weight":
+        return "output.weight"
+    parts = hf.split(".")
+    return f"blk.{parts[2]}.{_GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
+def _llamacpp_permute(w: Any, n_head: int) -> Any:
+    """convert_hf_to_gguf's q/k row permutation for llama-arch files."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _byte_level_vocab() -> tuple[list[str], list[str], list[int]]:
+    """A tiny GPT-2 style vocabulary: the 256 byte symbols, two merges, three control tokens."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    sym, n = [], 0
+    for b in range(256):
+        if b in printable:
+            sym.append(chr(b))
+        else:
+            sym.append(chr(256 + n))
+            n += 1
+    merges = ["Ġ t", "h e"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sym, "Ġt", "he"]
+    types = [3, 3, 3] + [1] * (len(tokens) - 3)
+    return tokens, merges, types
+
+
+def make_tiny_gguf(
+    path: str | os.PathLike[str], *, family: str = "llama", seed: int = 0, types: tuple[str, ...] = GGUF_TYPES
+) -> str:
+    """A tiny random GGUF file of `family` (llama/qwen2/qwen3) whose 2-D tensors cycle through
+    `types`, written the way llama.cpp's converter writes them (q/k rows permuted for llama)."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokens, merges, token_types = _byte_level_vocab()
+    overrides = {
+        "vocab_size": len(tokens),
+        "hidden_size": 256,  # K-quant rows are 256-element super-blocks
+        "intermediate_size": 512,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    cfg = AutoConfig.for_model(family, **{**TINY_CONFIG, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    rng = np.random.default_rng(seed)
+    arch = GGUF_ARCH[family]
+    w = GGUFWriter(os.fspath(path), arch)
+    w.add_name(f"tiny-{family}")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(64)
+    w.add_value_length(64)
+    w.add_rope_dimension_count(64)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(token_types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    i = 0
+    for name, p in model.state_dict().items():
+        data = p.detach().numpy().astype(np.float32)
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        gname = _gguf_name(name)
+        if data.ndim == 1:
+            if "norm" in name:
+                data = rng.uniform(0.5, 1.5, data.shape).astype(np.float32)
+            else:
+                data = rng.normal(0.0, 0.5, data.shape).astype(np.float32)  # q/k/v biases
+            w.add_tensor(gname, data, raw_dtype=GGMLQuantizationType.F32)
+            continue
+        qtype = types[i % len(types)]
+        i += 1
+        data = rng.normal(0.0, 0.08, data.shape).astype(np.float32)
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            data = _llamacpp_permute(data, heads)
+        t = GGMLQuantizationType[qtype]
+        if qtype in _K_SCALES:
+            block, size = quants.GGML_QUANT_SIZES[t]
+            raw = rng.integers(0, 256, (data.shape[0], data.shape[1] // block, size), dtype=np.uint8)
+            d_at, dmin_at = _K_SCALES[qtype]
+            raw[:, :, d_at : d_at + 2] = np.full(raw.shape[:2], 1e-4, np.float16)[..., None].view(np.uint8)
+            if dmin_at is not None:
+                raw[:, :, dmin_at : dmin_at + 2] = np.full(raw.shape[:2], 1e-4, np.float16)[..., None].view(np.uint8)
+            w.add_tensor(gname, raw.reshape(data.shape[0], -1), raw_dtype=t)
+        elif qtype == "F32":
+            w.add_tensor(gname, data, raw_dtype=t)
+        elif qtype == "F16":
+            w.add_tensor(gname, data.astype(np.float16), raw_dtype=t)
+        else:
+            w.add_tensor(gname, quants.quantize(data, t), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return os.fspath(path)
+
+
+def load_hf_gguf_model(path: str):  # type: ignore[no-untyped-def]
+    """The reference: transformers' own GGUF loading (dequantize, un-permute) of the same file.
+
+    transformers does not read `<arch>.attention.key_length` for qwen3 files (it keeps
+    Qwen3Config's default head_dim of 128), so the file's value is passed for it."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    fields = GGUFReader(path).fields
+    extra = {}
+    if fields["general.architecture"].contents() == "qwen3":
+        extra["head_dim"] = int(fields["qwen3.attention.key_length"].contents())
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), dtype=torch.float32, **extra
+    ).eval()

@@ -227,6 +227,24 @@ def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> list[ParamPlan]:
                     rows(p + "self_attn.v_proj.weight", (kv_rows, H), kv0 * D, (kv0 + hkv) * D),
                 ),
             ),
+        ]
+        if cfg.qkv_bias:  # biases are cut exactly like their weights' rows
+            plan.append(
+                ParamPlan(
+                    f"layers.{i}.attn.qkv_bias",
+                    (
+                        rows(p + "self_attn.q_proj.bias", (q_rows,), q0, q0 + hq * D),
+                        rows(p + "self_attn.k_proj.bias", (kv_rows,), kv0 * D, (kv0 + hkv) * D),
+                        rows(p + "self_attn.v_proj.bias", (kv_rows,), kv0 * D, (kv0 + hkv) * D),
+                    ),
+                )
+            )
+        if cfg.qk_norm:  # per-head norms: one [head_dim] weight shared by every head, replicated
+            plan += [
+                ParamPlan(f"layers.{i}.attn.q_norm.weight", (TensorSlice(p + "self_attn.q_norm.weight", (D,)),)),
+                ParamPlan(f"layers.{i}.attn.k_norm.weight", (TensorSlice(p + "self_attn.k_norm.weight", (D,)),)),
+            ]
+        plan += [
             ParamPlan(
                 f"layers.{i}.attn.o_proj.weight",
                 (cols(p + "self_attn.o_proj.weight", (H, q_rows), q0, q0 + hq * D),),

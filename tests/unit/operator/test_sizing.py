@@ -93,3 +93,16 @@ def test_parse_quantity():
     assert sizing.parse_quantity("500m") == 0.5
     assert sizing.parse_quantity("1e3") == 1000
     assert sizing.parse_quantity("2") == 2
+
+
+def test_read_model_info_from_a_gguf_header(tmp_path):
+    from tests.unit.contract.test_gguf_header import write_file
+
+    write_file(tmp_path / "model.gguf")  # a directory holding one GGUF file and no config.json
+    info = checkpoint.read_model_info(tmp_path, "float32")
+    assert (info.num_attention_heads, info.num_key_value_heads) == (9, 3)
+    assert info.weight_bytes == (6 * 64 + 4 * 64 + 3 * 32) * 4  # dequantized to the served dtype
+    as_bf16 = checkpoint.read_model_info(tmp_path / "model.gguf", "bfloat16")  # the file itself
+    assert as_bf16.weight_bytes == (6 * 64 + 4 * 64 + 3 * 32) * 2
+    (tmp_path / "model.gguf").write_bytes(b"GGUF broken")
+    assert checkpoint.read_model_info(tmp_path, "float32") == ModelInfo()

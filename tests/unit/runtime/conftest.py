@@ -60,6 +60,18 @@ def ckpt_tied(tmp_path_factory: pytest.TempPathFactory) -> str:
     return d
 
 
+@pytest.fixture(scope="session")
+def ckpt_families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One tiny checkpoint per non-Llama family (testing.FAMILY_CONFIGS): Mistral with a sliding
+    window of 7 (shorter than the test prompts), Qwen2 with q/k/v biases, Qwen3 with q/k norms and
+    head_dim 24 != 64 / 4; 4 q heads / 2 kv heads, vocab 257."""
+    root = tmp_path_factory.mktemp("families")
+    return {
+        f: make_tiny_checkpoint(root / f, family=f, seed=3, max_shard_size="100MB")
+        for f in ("mistral", "qwen2", "qwen3")
+    }
+
+
 @dataclass
 class RankResult:
     rank: int

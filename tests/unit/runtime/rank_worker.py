@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tpi_runtime.checkpoint import Checkpoint
 from tpi_runtime.config import ModelConfig, check_tp
 from tpi_runtime.dist import Dist
 from tpi_runtime.engine import Engine, RequestError, SamplingParams
@@ -41,10 +42,11 @@ def parity(out_dir: str, steps: int, prompt: list[int], models: list[str]) -> No
     dist = Dist(env, backend="gloo", timeout_s=60, shm=PROCESS.shm_collectives)
     result = {}
     for i, model_dir in enumerate(models):
-        cfg = ModelConfig.from_pretrained(model_dir)
+        ckpt = Checkpoint.open(model_dir)  # a HF directory or a GGUF file
+        cfg = ckpt.config
         check_tp(cfg, env.world_size)
         model = Transformer(cfg, dist, dtype=torch.float32, device=CPU)
-        load_weights(model, model_dir, cfg, env.rank, env.world_size)
+        report = ckpt.load_weights(model, env.rank, env.world_size)
         model.setup_cache(num_slots=3, max_len=128)
         slot = 2  # not slot 0: slot indexing must be right too
         meta = BatchMeta.build([(slot, 0, len(prompt))], CPU)
@@ -62,14 +64,34 @@ def parity(out_dir: str, steps: int, prompt: list[int], models: list[str]) -> No
                 {"prefill": prefill.contiguous(), "decode": torch.stack(decode)},
                 os.path.join(out_dir, f"{i}.safetensors"),
             )
+        batched = _batched_greedy(model, prompt, steps) if os.environ.get("T_PARITY_BATCHED") else None
         result[model_dir] = {
             "tokens": tokens,
+            "batched": batched,
+            "bytes_read": report.bytes_read,
             "collectives": dist.collectives,
             "shm": dist.shm is not None,
             "weight_blocks": model.layers[0].attn.qkv.weight.shape[0],  # CPU layout: one per thread
         }
     dist.close()
     emit(result)
+
+
+def _batched_greedy(model: Transformer, prompt: list[int], steps: int) -> list[list[int]]:
+    """Greedy tokens for `prompt` (slot 0) and `prompt[5:]` (slot 1) run together through the
+    batched paths: a mixed prefill, a prefill continuing a cached prefix, batched decodes of
+    sequences of different lengths."""
+    a, b, cut = prompt, prompt[5:], min(17, len(prompt) - 2)
+    meta = BatchMeta.build([(0, 0, cut), (1, 0, len(b))], CPU)
+    first_b = int(model(torch.tensor(a[:cut] + b), meta)[1].argmax())
+    meta = BatchMeta.build([(0, cut, len(a) - cut)], CPU)
+    out = [[int(model(torch.tensor(a[cut:]), meta)[0].argmax())], [first_b]]
+    for s in range(steps - 1):
+        meta = BatchMeta.build([(0, len(a) + s, 1), (1, len(b) + s, 1)], CPU)
+        logits = model(torch.tensor([out[0][-1], out[1][-1]]), meta)
+        for i in range(2):
+            out[i].append(int(logits[i].argmax()))
+    return out
 
 
 def _status_kib(field: str) -> int:
@@ -219,7 +241,34 @@ def scenario_oom(engine: Engine) -> dict[str, Any]:
     return {"concurrent": conc, "sequential": seq, "stats": after}
 
 
+def scenario_nonfinite(engine: Engine) -> dict[str, Any]:
+    """One request's logits turn NaN after two tokens: only it fails; its batch-mates finish and the
+    group keeps serving (at TP=2 the follower keeps following)."""
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = [_collect(engine.submit(p, greedy)) for p in PROMPTS[:2]]
+    orig = engine._execute
+    victim: list[Any] = []
+
+    def poisoned(ids: list[int], seqs: list[tuple[int, int, int]]) -> Any:
+        logits = orig(ids, seqs)
+        if logits is not None and victim:
+            logits = logits.clone()  # an inference tensor: edit a copy
+            for i, r in enumerate(engine._running):
+                if r is victim[0] and len(r.output_ids) >= 2:
+                    logits[i] = float("nan")
+        return logits
+
+    engine._execute = poisoned  # type: ignore[method-assign]
+    victim.append(engine.submit(PROMPTS[2], SamplingParams(max_tokens=12, temperature=0.7, seed=1)))
+    mates = [engine.submit(p, greedy) for p in PROMPTS[:2]]
+    bad = _collect(victim[0])
+    together = [_collect(r) for r in mates]
+    after = _collect(engine.submit(PROMPTS[0], greedy))
+    return {"alone": alone, "together": together, "victim": bad, "after": after}
+
+
 SCENARIOS = {
+    "nonfinite": scenario_nonfinite,
     "batching": scenario_batching,
     "sampling": scenario_sampling,
     "controls": scenario_controls,
@@ -237,6 +286,7 @@ def engine_mode(model_dir: str, scenario: str) -> None:
         dist_timeout_s=60,
         device="cpu",
         process=PROCESS,
+        cuda_graphs=os.environ.get("T_CUDA_GRAPHS", "auto"),  # "on": the static decode path, eager on CPU
     )
     stop = threading.Event()
     result: dict[str, Any] = {}
@@ -256,6 +306,7 @@ def engine_mode(model_dir: str, scenario: str) -> None:
     engine.run_forever(stop)
     if engine.rank == 0:
         result["steps"] = [s.__dict__ for s in steps]
+        result["static_decode"] = engine.decode_runner is not None
         emit(result)
     else:
         emit({"rank": engine.rank, "stats": engine.stats().__dict__})

@@ -135,3 +135,11 @@ def test_oom_at_batch_one_fails_the_request_instead_of_looping(ckpt_main: str) -
         assert "out of memory" in r["error"]
     assert res["stats"]["effective_batch_size"] == 1
     assert res["stats"]["oom_count"] >= 6
+
+
+def test_non_finite_logits_fail_only_their_request(ckpt_main: str) -> None:
+    res = run_scenario(ckpt_main, "nonfinite")[0]
+    assert "non-finite" in res["victim"]["error"] and len(res["victim"].get("tokens", [])) == 0
+    # Its batch-mates finish exactly as they do alone, and the group serves the next request.
+    assert res["together"] == res["alone"]
+    assert res["after"] == res["alone"][0]

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from tpi_runtime.server import TextAssembler
+from tpi_runtime.serving.detokenizer import IncrementalDetokenizer
 from tpi_runtime.testing import TINY_CONFIG, load_hf_model, make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[3]
@@ -345,7 +345,6 @@ def test_concurrent_requests_match_sequential(server: Server) -> None:
 # ---------------------------------------------------------------------------------------------
 BAD_BODIES: list[tuple[str, Any, int, str | None]] = [
     ("not-an-object", [1, 2, 3], 400, None),
-    ("unknown-param", {"prompt": "a", "frobnicate": 1}, 400, "frobnicate"),
     ("missing-prompt", {"max_tokens": 3}, 400, "prompt"),
     ("empty-prompt", {"prompt": []}, 400, "prompt"),
     ("prompt-wrong-type", {"prompt": 42}, 400, "prompt"),
@@ -362,11 +361,11 @@ BAD_BODIES: list[tuple[str, Any, int, str | None]] = [
     ("top-p-above-one", {"prompt": "a", "top_p": 1.5}, 400, "top_p"),
     ("top-k-negative", {"prompt": "a", "top_k": -5}, 400, "top_k"),
     ("seed-float", {"prompt": "a", "seed": 1.5}, 400, "seed"),
-    ("n-two", {"prompt": "a", "n": 2}, 400, "n"),
+    ("n-too-many", {"prompt": "a", "n": 17}, 400, "n"),
     ("stream-not-bool", {"prompt": "a", "stream": "yes"}, 400, "stream"),
     ("stop-wrong-type", {"prompt": "a", "stop": 5}, 400, "stop"),
     ("stop-empty-string", {"prompt": "a", "stop": [""]}, 400, "stop"),
-    ("logprobs-unsupported", {"prompt": "a", "logprobs": 5}, 400, "logprobs"),
+    ("logprobs-too-many", {"prompt": "a", "logprobs": 21}, 400, "logprobs"),
     ("context-exceeded", {"prompt": list(range(3, 100)), "max_tokens": 40}, 400, "max_tokens"),
     ("prompt-longer-than-context", {"prompt": [5] * (MAX_MODEL_LEN + 1), "max_tokens": 1}, 400, "prompt"),
     ("unknown-model", {"prompt": "a", "model": "gpt-9"}, 404, "model"),
@@ -510,7 +509,7 @@ def byte_bpe() -> Any:
 
 
 def assemble(tok: Any, text: str, stop: list[str]) -> tuple[list[str], str, bool]:
-    asm = TextAssembler(tok, tok.encode("say:").ids, stop)
+    asm = IncrementalDetokenizer(tok, tok.encode("say:").ids, stop)
     deltas = []
     for t in tok.encode(text).ids:
         deltas.append(asm.add(t))
@@ -670,3 +669,10 @@ def test_group_probes_before_the_group_forms_and_peer_death_exits_nonzero(ckpt: 
                 if srv.proc.poll() is None:
                     srv.proc.kill()
                 srv.stop(sig=None)
+
+
+def test_chat_without_a_template_is_400_naming_the_files(server: Server) -> None:
+    r = server.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "the cat"}]})
+    err = error_of(r, 400)
+    assert err["code"] == "chat_template_missing" and err["param"] == "messages"
+    assert "chat_template.jinja" in err["message"] and "tokenizer_config.json" in err["message"]

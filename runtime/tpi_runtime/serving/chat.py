@@ -1,0 +1,117 @@
+"""``POST /v1/chat/completions``: messages rendered with the checkpoint's chat template, then the
+same generation as completions, formatted as chat.completion / chat.completion.chunk objects."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from . import endpoint
+from .chat_template import TemplateError
+from .endpoint import Prepared
+from .errors import ApiError, bad_request
+from .generation import Event, Generation
+from .logprobs import chat_logprobs
+from .protocol import ChatChoice, ChatCompletionRequest, ChatMessageOut, ChatResponse, Usage
+from .state import ServerState
+
+
+def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
+    engine = state.require_engine()
+    if req.model is not None and req.model != state.model_name:
+        raise ApiError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    template = state.chat_template
+    if template is None or engine.tokenizer is None:
+        raise bad_request(state.chat_template_error, "messages", "chat_template_missing")
+    try:
+        text = template.render([m.as_template_dict() for m in req.messages], req.add_generation_prompt)
+    except TemplateError as e:
+        raise bad_request(str(e), "messages", "chat_template_error") from None
+    ids = list(engine.tokenizer.encode(text, add_special_tokens=False).ids)
+    if not ids:
+        raise bad_request("the rendered conversation is empty", "messages")
+    max_tokens = req.max_completion_tokens or req.max_tokens or (engine.max_model_len - len(ids))
+    if max_tokens < 1:
+        endpoint.check_context(len(ids), 1, engine.max_model_len)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = endpoint.sampling_params(req, max_tokens, template.stop_token_ids(engine.tokenizer), logprobs)
+    endpoint.check_context(len(ids), params.max_tokens, engine.max_model_len)
+    return Prepared(
+        prompt_ids=ids,
+        params=params,
+        n=req.n or 1,
+        stop=req.stop_list(),
+        stream=bool(req.stream),
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        meta=endpoint.new_meta("chatcmpl", state.model_name),
+    )
+
+
+class ChatFormatter:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def first_chunks(self, prep: Prepared) -> list[bytes]:
+        return [
+            self._dump(
+                prep,
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+                    for i in range(prep.n)
+                ],
+            )
+        ]
+
+    def chunk(self, prep: Prepared, ev: Event) -> bytes:
+        delta = {"content": ev.text} if ev.text or ev.finish_reason is None else {}
+        choice = {
+            "index": ev.index,
+            "delta": delta,
+            "finish_reason": ev.finish_reason,
+            "logprobs": chat_logprobs(self.tokenizer, ev.logprobs) if ev.logprobs else None,
+            "token_ids": ev.token_ids,
+        }
+        return self._dump(prep, [choice])
+
+    def usage_chunk(self, prep: Prepared, usage: Usage) -> bytes:
+        return self._dump(prep, [], usage.model_dump())
+
+    def response(self, prep: Prepared, gen: Generation, texts: list[str], usage: Usage) -> bytes:
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=ChatMessageOut(content=texts[c.index]),
+                finish_reason=c.finish_reason,
+                token_ids=c.detok.ids,
+                logprobs=chat_logprobs(self.tokenizer, c.logprobs) if prep.params.logprobs is not None else None,
+            )
+            for c in gen.choices
+        ]
+        return (
+            ChatResponse(
+                id=str(prep.meta["id"]),
+                created=int(prep.meta["created"]),  # type: ignore[call-overload]
+                model=str(prep.meta["model"]),
+                choices=choices,
+                usage=usage,
+            )
+            .model_dump_json()
+            .encode()
+        )
+
+    @staticmethod
+    def _dump(prep: Prepared, choices: list[dict[str, object]], usage: object = None) -> bytes:
+        body: dict[str, object] = {**prep.meta, "object": "chat.completion.chunk", "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return json.dumps(body).encode()
+
+
+async def handle(request: web.Request, req: ChatCompletionRequest, state: ServerState) -> web.StreamResponse:
+    return await endpoint.run(
+        request, state, prepare(req, state), ChatFormatter(state.engine.tokenizer if state.engine else None)
+    )

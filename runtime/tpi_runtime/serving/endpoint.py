@@ -1,0 +1,187 @@
+"""What completions and chat share: turning validated fields into engine parameters, running the
+generation (streamed as SSE or collected), the server-side deadline, disconnects and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+
+from tpi_runtime.engine import RequestError, SamplingParams
+
+from .errors import ApiError, bad_request
+from .generation import Event, Generation
+from .protocol import SamplingFields, Usage
+
+if TYPE_CHECKING:
+    from .state import ServerState
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class Prepared:
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    echo_text: str = ""  # completions' echo: the prompt, in front of each choice's text
+    meta: dict[str, object] = field(default_factory=dict)
+
+
+class Formatter(Protocol):
+    def first_chunks(self, prep: Prepared) -> list[bytes]: ...
+    def chunk(self, prep: Prepared, ev: Event) -> bytes: ...
+    def usage_chunk(self, prep: Prepared, usage: Usage) -> bytes: ...
+    def response(self, prep: Prepared, gen: Generation, texts: list[str], usage: Usage) -> bytes: ...
+
+
+def sampling_params(
+    req: SamplingFields, max_tokens: int | None, extra_stop_ids: tuple[int, ...] = (), logprobs: int | None = None
+) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k or 0, 0),
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids,
+        ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logprobs=logprobs,
+    )
+
+
+def check_context(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
+    total = prompt_len + max_tokens
+    if total > max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested {total} "
+            f"tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
+            "Please reduce the prompt or the completion length.",
+            "prompt" if prompt_len >= max_model_len else "max_tokens",
+            "context_length_exceeded",
+        )
+
+
+def new_meta(prefix: str, model: str) -> dict[str, object]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+
+
+def _sse(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+def _deadline_error(state: ServerState) -> ApiError:
+    return ApiError(
+        HTTPStatus.GATEWAY_TIMEOUT,
+        f"the request ran past the server's {state.request_timeout_s:g}s deadline",
+        code="deadline_exceeded",
+        type_="timeout_error",
+    )
+
+
+async def run(request: web.Request, state: ServerState, prep: Prepared, fmt: Formatter) -> web.StreamResponse:
+    engine = state.require_engine()
+    if prep.include_usage and not prep.stream:
+        raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
+    gen = Generation(engine, prep.prompt_ids, prep.params, prep.n, prep.stop)
+    state.metrics.prompt_tokens.inc(len(prep.prompt_ids))
+    deadline = asyncio.get_running_loop().time() + state.request_timeout_s
+    status, reason = 499, "abort"
+    try:
+        if prep.stream:
+            resp, failed = await _stream(request, prep, fmt, gen, state, deadline)
+        else:
+            async with asyncio.timeout_at(deadline):
+                resp, failed = await _collect(prep, fmt, gen), None
+        status, reason = (200, gen.choices[0].finish_reason or "length") if failed is None else (failed, "error")
+        return resp
+    except TimeoutError:
+        status, reason = 504, "timeout"
+        err = _deadline_error(state)
+        err.counted = True
+        raise err from None
+    except RequestError as e:
+        err = state.generation_error(e)
+        err.counted = True
+        status, reason = err.status, "error"
+        raise err from None
+    except (asyncio.CancelledError, ConnectionResetError):
+        state.metrics.disconnects.inc()
+        raise
+    finally:
+        gen.abort()  # frees the slots of whatever has not finished (deadline, disconnect, error)
+        _record(state, gen, status, reason)
+
+
+async def _collect(prep: Prepared, fmt: Formatter, gen: Generation) -> web.Response:
+    texts = [prep.echo_text] * prep.n
+    async for ev in gen.events():
+        texts[ev.index] += ev.text
+    usage = Usage(
+        prompt_tokens=len(prep.prompt_ids),
+        completion_tokens=gen.completion_tokens,
+        total_tokens=len(prep.prompt_ids) + gen.completion_tokens,
+    )
+    return web.Response(body=fmt.response(prep, gen, texts, usage), content_type="application/json")
+
+
+async def _stream(
+    request: web.Request, prep: Prepared, fmt: Formatter, gen: Generation, state: ServerState, deadline: float
+) -> tuple[web.StreamResponse, int | None]:
+    """The SSE response, and the error status if the request failed after the headers went out
+    (then the error is the last event before [DONE])."""
+    events = gen.events()
+    # Headers go out with the first event, so a failure before any token is still a JSON error response.
+    async with asyncio.timeout_at(deadline):
+        first = await anext(events, None)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    for data in fmt.first_chunks(prep):
+        await resp.write(_sse(data))
+    err: ApiError | None = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            if first is not None:
+                await resp.write(_sse(fmt.chunk(prep, first)))
+            async for ev in events:
+                await resp.write(_sse(fmt.chunk(prep, ev)))
+    except RequestError as e:
+        err = state.generation_error(e)
+    except TimeoutError:
+        err = _deadline_error(state)
+    if err is not None:
+        await resp.write(_sse(err.body()))
+    elif prep.include_usage:
+        n_gen = gen.completion_tokens
+        usage = Usage(
+            prompt_tokens=len(prep.prompt_ids), completion_tokens=n_gen, total_tokens=len(prep.prompt_ids) + n_gen
+        )
+        await resp.write(_sse(fmt.usage_chunk(prep, usage)))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp, (err.status if err is not None else None)
+
+
+def _record(state: ServerState, gen: Generation, status: int, reason: str) -> None:
+    m = state.metrics
+    now = time.monotonic()
+    m.observe_request(status, reason if status in (200, 499) else None)
+    m.request_latency.observe(now - gen.t0)
+    n = gen.completion_tokens
+    m.completion_tokens.inc(n)
+    if gen.t_first is not None:
+        m.time_to_first_token.observe(gen.t_first - gen.t0)
+        if n > 1:
+            m.time_per_output_token.observe((now - gen.t_first) / (n - 1))

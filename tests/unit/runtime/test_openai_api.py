@@ -1,0 +1,173 @@
+"""The OpenAI surface with the official ``openai`` client against a real 2-rank group (gloo).
+
+The checkpoint carries a chat template in tokenizer_config.json; the rendered prompt is checked
+against transformers' own ``apply_chat_template``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import BadRequestError, OpenAI
+from tpi_runtime.testing import make_tiny_checkpoint
+
+from tests.unit.runtime.test_server import Server, start_group
+
+PROMPT = "the cat sees a dog and the bird"
+TEMPLATE = (
+    "{{ bos_token }} {% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('no system messages here') }}{% endif %}"
+    "{% if m['role'] == 'user' %}he asks {% else %}she tells {% endif %}{{ m['content'] }} "
+    "{% endfor %}{% if add_generation_prompt %}she tells{% endif %}"
+)
+MESSAGES = [{"role": "user", "content": "the cat sees a dog"}]
+
+
+def write_chat_template(model_dir: str) -> None:
+    cfg = {
+        "chat_template": TEMPLATE,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-chat")
+    write_chat_template(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def group(chat_ckpt: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+    ranks = start_group(chat_ckpt, tmp_path_factory.mktemp("api-group"))
+    try:
+        yield ranks
+    finally:
+        for srv in ranks:
+            if srv.proc.poll() is None:
+                srv.proc.send_signal(signal.SIGTERM)
+        codes = [srv.stop(sig=None) for srv in ranks]
+    assert codes == [0, 0], "\n".join(s.logs() for s in ranks)
+
+
+@pytest.fixture(scope="module")
+def client(group: list[Server]) -> OpenAI:
+    return OpenAI(base_url=group[0].url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_completions_stream_equals_nonstream(client: OpenAI) -> None:
+    kw: dict[str, Any] = {"model": "tiny", "prompt": PROMPT, "max_tokens": 10, "temperature": 0}
+    full = client.completions.create(**kw)
+    assert full.object == "text_completion" and full.usage is not None
+    choice = full.choices[0]
+    ids = choice.model_extra["token_ids"]  # type: ignore[index]
+    assert full.usage.completion_tokens == len(ids) > 0
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert chunks[-1].usage == full.usage
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+
+
+def test_chat_uses_the_checkpoint_template_like_transformers(client: OpenAI, chat_ckpt: str) -> None:
+    from transformers import AutoTokenizer
+
+    hf_ids = AutoTokenizer.from_pretrained(chat_ckpt).apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True
+    )
+    if not isinstance(hf_ids, list):  # newer transformers return a BatchEncoding
+        hf_ids = hf_ids["input_ids"]
+    full = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    assert full.object == "chat.completion"
+    assert full.usage is not None and full.usage.prompt_tokens == len(hf_ids)
+    msg = full.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    # The same ids as a raw completion of the rendered prompt.
+    raw = client.completions.create(model="tiny", prompt=list(hf_ids), max_tokens=8, temperature=0)
+    assert full.choices[0].model_extra["token_ids"] == raw.choices[0].model_extra["token_ids"]  # type: ignore[index]
+
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=8,
+            temperature=0,
+            stream=True,  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == msg.content
+    assert chunks[-1].usage == full.usage
+
+
+def test_chat_template_errors_are_400(client: OpenAI) -> None:
+    with pytest.raises(BadRequestError, match="no system messages here"):
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "system", "content": "x"}],
+            max_tokens=2,  # type: ignore[list-item]
+        )
+
+
+def test_n_logprobs_echo(client: OpenAI) -> None:
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, n=2, logprobs=3, echo=True)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text == r.choices[1].text and r.choices[0].text.startswith(PROMPT)
+    assert r.usage is not None and r.usage.completion_tokens == sum(
+        len(c.model_extra["token_ids"])
+        for c in r.choices  # type: ignore[index]
+    )
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.token_logprobs) == len(r.choices[0].model_extra["token_ids"])  # type: ignore[index]
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) <= 3 and chosen <= 0
+        assert chosen == pytest.approx(max(top.values()))  # greedy: the chosen token is the most likely
+
+    seeded = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1.5, n=3, seed=5)
+    again = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1.5, n=3, seed=5)
+    assert [c.text for c in seeded.choices] == [c.text for c in again.choices]
+
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,  # type: ignore[arg-type]
+    )
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == chat.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+def test_penalties_min_p_and_unknown_fields_are_accepted(client: OpenAI, group: list[Server]) -> None:
+    base: dict[str, Any] = {"model": "tiny", "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    plain = client.completions.create(**base).choices[0].model_extra["token_ids"]  # type: ignore[index]
+    penalized = (
+        client.completions.create(
+            **base,
+            presence_penalty=2.0,
+            frequency_penalty=2.0,
+            extra_body={"repetition_penalty": 2.0, "min_p": 0.5, "frobnicate": {"x": 1}},
+        )
+        .choices[0]
+        .model_extra["token_ids"]
+    )  # type: ignore[index]
+    assert penalized
+    if len(set(plain)) < len(plain):  # the plain output repeats a token: penalties must change it
+        assert len(set(penalized)) / len(penalized) > len(set(plain)) / len(plain)
+    warned = "ignoring unknown request fields: frobnicate"
+    assert warned in group[0].logs() or warned in Path(group[0].log).read_text()
