@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 #: Every rank's HTTP port (/healthz, /readyz, /metrics; rank 0 also /v1/completions).
 HTTP_PORT = 8000
 #: Rank 0's rendezvous port (MASTER_PORT).
@@ -20,3 +22,11 @@ def heartbeat_stall_seconds(interval: float = HEARTBEAT_INTERVAL_SECONDS) -> flo
     slow but healthy step looks like a hang.
     """
     return HEARTBEAT_STALL_INTERVALS * interval
+
+
+def min_heartbeat_timeout_seconds(interval: float = HEARTBEAT_INTERVAL_SECONDS) -> int:
+    """The smallest heartbeat timeout the runtime's cadence allows: stall threshold plus one interval.
+
+    Below it, a healthy rank whose step takes just under the stall threshold looks hung.
+    """
+    return math.ceil(heartbeat_stall_seconds(interval) + interval)

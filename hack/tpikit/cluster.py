@@ -18,7 +18,7 @@ import uuid
 from typing import Any
 
 from tpikit.kube import DEFAULT_OPERATOR_IMAGE, DEFAULT_RUNTIME_IMAGE, REPO, wait_until
-from tpikit.provider import NODE_SELECTOR, TOLERATIONS, Provider
+from tpikit.provider import NODE_DATA_DIR, NODE_SELECTOR, TOLERATIONS, Provider
 
 RUNTIME_IMAGE = os.environ.get("TPI_E2E_RUNTIME_IMAGE", DEFAULT_RUNTIME_IMAGE)
 OPERATOR_IMAGE = os.environ.get("TPI_E2E_OPERATOR_IMAGE", DEFAULT_OPERATOR_IMAGE)
@@ -93,6 +93,7 @@ class Operator:
             "image": {"repository": repo, "tag": tag, "pullPolicy": "Never"},
             "nodeSelector": NODE_SELECTOR,
             "tolerations": TOLERATIONS,
+            "allowedHostPaths": [NODE_DATA_DIR],  # where the tier's hostPath checkpoints are staged
             "extraArgs": ["--verbose"] if os.environ.get("TPI_E2E_OPERATOR_VERBOSE") else [],
         }
 

@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--priority", type=int, default=int(os.environ.get("TPI_PRIORITY", 0)))
     p.add_argument("--models-root", default=os.environ.get("TPI_MODELS_ROOT") or None,
                    help="where PVCs are mounted as <claimName>/, to read checkpoint headers")  # fmt: skip
+    p.add_argument("--allowed-host-path", action="append", default=[], dest="allowed_host_paths",
+                   help="allow hostPath model sources under this node path (repeatable); default: none")  # fmt: skip
     p.add_argument("--workers", type=int, default=8, help="reconcile worker threads")
     p.add_argument("--idle-seconds", type=float, default=30.0, help="resync period of a steady cluster")
     p.add_argument("--busy-seconds", type=float, default=2.0, help="resync period while a cluster changes")
@@ -38,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    handlers.CONFIG = handlers.OperatorConfig(
+    config = handlers.OperatorConfig(
         workers=args.workers,
         idle_seconds=args.idle_seconds,
         busy_seconds=args.busy_seconds,
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         peering=args.peering,
         priority=args.priority,
         kubeconfig=args.kubeconfig,
+        allowed_host_paths=tuple(args.allowed_host_paths),
     )
     kopf.configure(
         verbose=args.verbose,
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         namespaces=args.namespace,
         standalone=not args.peering,
         peering_name=args.peering,
+        memo=kopf.Memo(shared=handlers.Shared(config=config)),
         priority=args.priority,
         liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
     )

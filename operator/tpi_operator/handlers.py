@@ -21,6 +21,7 @@ import copy
 import datetime as dt
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -32,9 +33,9 @@ import pydantic
 
 from tpi_operator import checkpoint, metrics
 from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, TPInferenceClusterSpec, TPInferenceClusterStatus
-from tpi_operator.core import capacity, reconcile, recovery, render, sizing
+from tpi_operator.core import admission, capacity, heartbeat, reconcile, recovery, render, sizing
 from tpi_operator.core import status as status_core
-from tpi_operator.core.observe import Observation, lease_obs, pod_obs, sts_obs
+from tpi_operator.core.observe import NodeObs, Observation, foreign_owner, lease_obs, node_obs, pod_obs, sts_obs
 from tpi_operator.kube import Kube, KubeError, load_configuration
 
 log = logging.getLogger("tpi_operator")
@@ -43,13 +44,15 @@ CLUSTER = render.L_CLUSTER
 RESYNC_SECONDS = 300.0
 #: Node capacity (two cluster-wide LISTs) is shared by all clusters for this long.
 CAPACITY_TTL_SECONDS = 5.0
+#: A node's readiness is re-read at most this often (all clusters share the reads).
+NODE_TTL_SECONDS = 5.0
 #: Status is rewritten at most this often when only heartbeat times moved.
 STATUS_REFRESH_SECONDS = 60.0
 
 
 @dataclass
 class OperatorConfig:
-    """Set by ``__main__`` before kopf starts."""
+    """Set by ``__main__`` (through kopf's memo) before kopf starts."""
 
     workers: int = 8
     idle_seconds: float = 30.0
@@ -58,9 +61,8 @@ class OperatorConfig:
     peering: str | None = None
     priority: int = 0
     kubeconfig: str | None = None
-
-
-CONFIG = OperatorConfig()
+    #: hostPath model sources are refused outside these prefixes (none: every hostPath is refused).
+    allowed_host_paths: tuple[str, ...] = ()
 
 
 @dataclass
@@ -72,28 +74,50 @@ class Memory:
     applied: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
     model_key: str | None = None
     model_info: sizing.ModelInfo | None = None
+    leases_seen: dict[str, heartbeat.Seen] = field(default_factory=dict)
+    #: (kind, name) -> (monotonic time read, who else has it, or None when it is ours or absent)
+    owners: dict[tuple[str, str], tuple[float, str | None]] = field(default_factory=dict)
 
 
-_WAKERS: dict[tuple[str, str], asyncio.Event] = {}
-_MEMORY: dict[tuple[str, str], Memory] = {}
-_STATE: dict[str, Any] = {}
+@dataclass
+class Shared:
+    """Operator-wide state.  It lives in kopf's memo: kopf shallow-copies the operator's memo into
+    every object's memo, so all handlers share this one object (and tests can build their own)."""
+
+    config: OperatorConfig = field(default_factory=OperatorConfig)
+    wakers: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+    clusters: dict[tuple[str, str], Memory] = field(default_factory=dict)
+    capacity: tuple[float, list[dict[str, Any]], list[dict[str, Any]]] | None = None
+    #: node name -> (monotonic time read, the node or None when it does not exist)
+    nodes: dict[str, tuple[float, dict[str, Any] | None]] = field(default_factory=dict)
+    node_missing_since: dict[str, dt.datetime] = field(default_factory=dict)
+    _kube: Kube | None = None
+    _executor: ThreadPoolExecutor | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def kube(self) -> Kube:
+        with self._lock:
+            if self._kube is None:
+                self._kube = Kube.connect(pool_size=self.config.workers + 2, kubeconfig=self.config.kubeconfig)
+            return self._kube
+
+    def executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.config.workers, thread_name_prefix="reconcile")
+            return self._executor
+
+    def wake(self, namespace: str | None, name: str | None) -> None:
+        if namespace and name and (event := self.wakers.get((namespace, name))) is not None:
+            event.set()
 
 
-def _kube() -> Kube:
-    if "kube" not in _STATE:
-        _STATE["kube"] = Kube.connect(pool_size=CONFIG.workers + 2, kubeconfig=CONFIG.kubeconfig)
-    return _STATE["kube"]
-
-
-def _executor() -> ThreadPoolExecutor:
-    if "executor" not in _STATE:
-        _STATE["executor"] = ThreadPoolExecutor(CONFIG.workers, thread_name_prefix="reconcile")
-    return _STATE["executor"]
-
-
-def _wake(namespace: str | None, name: str | None) -> None:
-    if namespace and name and (event := _WAKERS.get((namespace, name))) is not None:
-        event.set()
+def shared(memo: Any) -> Shared:
+    """The operator-wide state in ``memo`` (made on first use when kopf runs without ``__main__``)."""
+    found = getattr(memo, "shared", None)
+    if not isinstance(found, Shared):
+        found = memo.shared = Shared()
+    return found
 
 
 def _plain(obj: Any) -> Any:
@@ -103,13 +127,13 @@ def _plain(obj: Any) -> Any:
 
 # ------------------------------------------------------------------------------------- startup
 @kopf.on.login()
-def login(**_: Any) -> kopf.ConnectionInfo:
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """kopf talks to the API server with the same credentials as our client (--kubeconfig first).
 
     kopf's stock handler calls ``load_kube_config()`` without a path, and the client library reads
     $KUBECONFIG only when it is imported, so an explicit --kubeconfig would be ignored there.
     """
-    cfg = load_configuration(CONFIG.kubeconfig)
+    cfg = load_configuration(shared(memo).config.kubeconfig)
     header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
     parts = header.split(" ", 1) if header else []
     scheme, token = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0] if parts else None)
@@ -125,7 +149,8 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = shared(memo).config
     # Everything the reconciler needs lives in status and labels; kopf's own bookkeeping goes into
     # annotations (our status schema is strict and would prune kopf's fields anyway).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.tpi.dev")
@@ -141,9 +166,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # (the client-side label filters below then always match).
     for resource in (("v1", "pods"), ("apps/v1", "statefulsets"), ("coordination.k8s.io/v1", "leases")):
         settings.watching.label_selectors[resource] = CLUSTER
-    if CONFIG.peering:
-        settings.peering.name = CONFIG.peering
-        settings.peering.priority = CONFIG.priority
+    if config.peering:
+        settings.peering.name = config.peering
+        settings.peering.priority = config.priority
         settings.peering.standalone = False
         settings.peering.mandatory = True
     else:
@@ -176,6 +201,8 @@ def tpi_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: An
 def tpi_leases(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
     slim = _slim(body, ["renewTime", "holderIdentity"])
     slim["status"] = {}
+    # The operator's own clock: heartbeats are judged by when the operator saw them, not renewTime.
+    slim["observedAt"] = dt.datetime.now(dt.UTC).isoformat()
     return {(namespace, labels[CLUSTER]): slim}
 
 
@@ -185,22 +212,22 @@ def tpi_statefulsets(namespace: str, labels: Mapping[str, str], body: kopf.Body,
 
 
 @kopf.on.event("pods", labels={CLUSTER: kopf.PRESENT})
-async def pod_changed(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
-    _wake(namespace, labels.get(CLUSTER))
+async def pod_changed(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    shared(memo).wake(namespace, labels.get(CLUSTER))
 
 
 @kopf.on.event("statefulsets.v1.apps", labels={CLUSTER: kopf.PRESENT})
-async def statefulset_changed(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
-    _wake(namespace, labels.get(CLUSTER))
+async def statefulset_changed(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    shared(memo).wake(namespace, labels.get(CLUSTER))
 
 
 # ------------------------------------------------------------------------------ cluster events
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-async def cluster_changed(spec: kopf.Spec, name: str, namespace: str, **_: Any) -> None:
+async def cluster_changed(spec: kopf.Spec, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     """Thin: wake the cluster's reconciler; an unusable spec is reported there, in status."""
-    _wake(namespace, name)
+    shared(memo).wake(namespace, name)
     try:
         TPInferenceClusterSpec.model_validate(_plain(spec))
     except pydantic.ValidationError as e:
@@ -214,14 +241,17 @@ async def reconciler(
     namespace: str,
     body: kopf.Body,
     stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
     tpi_pods: kopf.Index,
     tpi_leases: kopf.Index,
     tpi_statefulsets: kopf.Index,
     **_: Any,
 ) -> None:
     """The one reconciler of this cluster: reconcile, then sleep until woken or due."""
+    state = shared(memo)
     key = (namespace, name)
-    wake = _WAKERS.setdefault(key, asyncio.Event())
+    wake = state.wakers.setdefault(key, asyncio.Event())
+    mem = state.clusters.setdefault(key, Memory())
     loop = asyncio.get_running_loop()
     try:
         while not stopped:
@@ -233,22 +263,22 @@ async def reconciler(
             started = time.monotonic()
             try:
                 outcome = await loop.run_in_executor(
-                    _executor(), reconcile_once, snapshot, pods, leases, stses
+                    state.executor(), reconcile_once, state, mem, snapshot, pods, leases, stses
                 )
                 metrics.RECONCILES.labels(outcome.result).inc()
             except Exception as e:  # never let one bad reconcile kill the daemon; back off instead
                 log.exception("reconcile of %s/%s failed", namespace, name)
                 metrics.RECONCILES.labels("error").inc()
-                outcome = Outcome(wake_after=min(60.0, CONFIG.busy_seconds * 5), result="error")
+                outcome = Outcome(wake_after=min(60.0, state.config.busy_seconds * 5), result="error")
                 kopf.warn(body, reason="ReconcileError", message=str(e)[:1000])
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-            for etype, reason, message in outcome.events:
-                kopf.event(body, type=etype, reason=reason, message=message[:1000])
+            for event in outcome.events:
+                kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1000])
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=outcome.wake_after)
     finally:
-        _WAKERS.pop(key, None)
-        _MEMORY.pop(key, None)
+        state.wakers.pop(key, None)
+        state.clusters.pop(key, None)
 
 
 # ------------------------------------------------------------------------------------ reconcile
@@ -256,18 +286,18 @@ async def reconciler(
 class Outcome:
     wake_after: float
     result: str = "ok"
-    events: list[tuple[str, str, str]] = field(default_factory=list)
+    events: list[reconcile.Event] = field(default_factory=list)
 
 
 def _validation_message(e: pydantic.ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
 
 
-def _model_info(mem: Memory, spec: TPInferenceClusterSpec) -> sizing.ModelInfo:
+def _model_info(mem: Memory, spec: TPInferenceClusterSpec, models_root: str | None) -> sizing.ModelInfo:
     key = json.dumps([spec.model.wire(), spec.runtime.dtype], sort_keys=True)
     if mem.model_key != key:
         read = None
-        path = checkpoint.local_model_dir(spec, CONFIG.models_root)
+        path = checkpoint.local_model_dir(spec, models_root)
         if path is not None and (path.is_dir() or (path.suffix == ".gguf" and path.is_file())):
             read = checkpoint.read_model_info(path, spec.runtime.dtype)
         mem.model_key, mem.model_info = key, sizing.model_info_from_spec(spec, read)
@@ -294,12 +324,13 @@ def _without_heartbeats(wire: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def reconcile_once(body: dict[str, Any], pods: list[dict], leases: list[dict], stses: list[dict]) -> Outcome:
-    """One level-triggered pass for one cluster (runs in a worker thread)."""
-    kube = _kube()
+def reconcile_once(
+    state: Shared, mem: Memory, body: dict[str, Any], pods: list[dict], leases: list[dict], stses: list[dict]
+) -> Outcome:
+    """One level-triggered pass for one cluster (runs in a worker thread): read, decide, apply."""
+    kube, config = state.kube(), state.config
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
-    mem = _MEMORY.setdefault((namespace, name), Memory())
     now = dt.datetime.now(dt.UTC)
     generation = int(meta.get("generation") or 1)
     # Only this operator writes status: our last write is newer than a lagging watch.
@@ -315,10 +346,18 @@ def reconcile_once(body: dict[str, Any], pods: list[dict], leases: list[dict], s
         msg = f"spec cannot be used: {_validation_message(e)}"
         st = status_core.invalid(prev, generation, "InvalidSpec", msg, now, phase="Failed")
         _write_status(kube, mem, name, namespace, st)
-        events = [] if prev.last_failure == st.last_failure else [("Warning", "InvalidSpec", msg)]
-        return Outcome(CONFIG.idle_seconds * 10, "invalid", events)
+        events = [] if prev.last_failure == st.last_failure else [reconcile.Event("Warning", "InvalidSpec", msg)]
+        return Outcome(config.idle_seconds * 10, "invalid", events)
 
-    info = _model_info(mem, spec)
+    refused = admission.host_path_refusal(spec, config.allowed_host_paths)
+    if refused is not None:  # before anything reads or mounts the path
+        st = status_core.invalid(prev, generation, "HostPathNotAllowed", refused, now, phase="Failed")
+        _write_status(kube, mem, name, namespace, st)
+        event = reconcile.Event("Warning", "HostPathNotAllowed", refused)
+        events = [] if prev.last_failure == st.last_failure else [event]
+        return Outcome(config.idle_seconds * 10, "invalid", events)
+
+    info = _model_info(mem, spec, config.models_root)
     try:
         desired = sizing.desired_tp(spec, info)
     except sizing.SizingError as e:
@@ -326,8 +365,8 @@ def reconcile_once(body: dict[str, Any], pods: list[dict], leases: list[dict], s
         st = status_core.invalid(prev, generation, e.reason, str(e), now, phase=phase)
         st.desired_tensor_parallel_size = None
         _write_status(kube, mem, name, namespace, st)
-        events = [] if prev.last_failure == st.last_failure else [("Warning", e.reason, str(e))]
-        return Outcome(CONFIG.idle_seconds * 2, "invalid", events)
+        events = [] if prev.last_failure == st.last_failure else [reconcile.Event("Warning", e.reason, str(e))]
+        return Outcome(config.idle_seconds * 2, "invalid", events)
 
     rank_bytes = sizing.rank_memory_bytes(spec)
     sizes = [s for s in sizing.valid_tp_sizes(info) if sizing.fits(info, s, rank_bytes) is not False]
@@ -336,6 +375,8 @@ def reconcile_once(body: dict[str, Any], pods: list[dict], leases: list[dict], s
     restarted_at = (meta.get("annotations") or {}).get(render.A_RESTARTED_AT)
     pod_list = [p for p in (pod_obs(x) for x in pods) if p is not None]
     sts_list = [s for s in (sts_obs(x) for x in stses) if s is not None]
+    lease_map = {lo.name: lo for lo in (lease_obs(x) for x in leases)}
+    mem.leases_seen = heartbeat.track(mem.leases_seen, pod_list, lease_map, now)
     obs = Observation(
         now=now,
         generation=generation,
@@ -343,48 +384,43 @@ def reconcile_once(body: dict[str, Any], pods: list[dict], leases: list[dict], s
         valid_sizes=sizes,
         status=prev,
         pods=pod_list,
-        leases={lo.name: lo for lo in (lease_obs(x) for x in leases)},
+        leases=heartbeat.with_since(lease_map, mem.leases_seen),
         statefulsets={s.group: s for s in sts_list},
         restarted_at=restarted_at,
-        free_rank_slots=_free_slots(kube, spec, prev, pod_list),
+        free_rank_slots=_free_slots(state, kube, spec, prev, pod_list),
+        nodes=_nodes(state, kube, {p.node for p in pod_list if p.node}, now),
+        foreign=_foreign(kube, mem, spec, ident),
         hash_for=reconcile.hash_function(spec, ident, restarted_at),
     )
     decision = reconcile.decide(
-        spec, ident, obs, idle_seconds=CONFIG.idle_seconds, busy_seconds=CONFIG.busy_seconds
+        spec, ident, obs, idle_seconds=config.idle_seconds, busy_seconds=config.busy_seconds
     )
 
-    events: list[tuple[str, str, str]] = []
-    recreate_grace = {a.group for a in decision.actions if isinstance(a, recovery.RecreateGroup)}
+    # Bookkeeping first (new incarnations, restart times): if it cannot be written, nothing is
+    # done, rather than acting again on the next pass from a status that never recorded it.
+    _write_status(kube, mem, name, namespace, decision.status)
     for obj in decision.apply:
         _apply(kube, mem, obj)
     if decision.delete_pods:
-        why = {p.name: f"{p.name}(incarnation {p.incarnation}, template {p.template_hash})" for p in pod_list}
         wanted = {g.group: g.incarnation for g in decision.status.groups}
         log.info("%s/%s: deleting pods %s; groups' incarnations %s", namespace, name,
-                 ", ".join(why.get(x, x) for x in decision.delete_pods), wanted)  # fmt: skip
-    for pod in decision.delete_pods:
-        seen = next((p for p in pod_list if p.name == pod), None)
-        # A broken group is useless: short grace. A rolled one drains (runtime handles SIGTERM).
-        grace = 5 if seen is not None and seen.group in recreate_grace else None
-        kube.delete("Pod", namespace, pod, grace_seconds=grace, uid=seen.uid if seen else None)
+                 ", ".join(f"{d.name}(grace {d.grace_seconds})" for d in decision.delete_pods), wanted)  # fmt: skip
+    for d in decision.delete_pods:
+        kube.delete("Pod", namespace, d.name, grace_seconds=d.grace_seconds, uid=d.uid or None)
     for sts in decision.delete_statefulsets:
         kube.delete("StatefulSet", namespace, sts)
     for lease in decision.delete_leases:
         kube.delete("Lease", namespace, lease)
-    _write_status(kube, mem, name, namespace, decision.status)
 
     for a in decision.actions:
-        if isinstance(a, recovery.RECORDED) or (isinstance(a, recovery.RollGroup) and a.reason != "Create"):
+        if isinstance(a, (*recovery.RECORDED, recovery.ForceDelete)) or (
+            isinstance(a, recovery.RollGroup) and a.reason != "Create"
+        ):
             metrics.ACTIONS.labels(a.kind, a.reason).inc()
             log.info("%s/%s: %s %s: %s", namespace, name, a.kind, a.reason, a.message)
-            etype = "Warning" if isinstance(a, recovery.MarkFailed | recovery.Degrade) else "Normal"
-            events.append((etype, a.kind, f"{a.reason}: {a.message}"))
     for rec in decision.recovered:
         metrics.RECOVERY_SECONDS.labels(rec.reason or "unknown").observe(rec.seconds)
-        events.append(
-            ("Normal", "Recovered", f"group {rec.group} Ready again {rec.seconds:.1f}s after {rec.reason}")
-        )
-    return Outcome(decision.wake_after, "ok", events)
+    return Outcome(decision.wake_after, "ok", decision.events)
 
 
 def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
@@ -405,14 +441,14 @@ def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
 
 
 def _free_slots(
-    kube: Kube, spec: TPInferenceClusterSpec, prev: TPInferenceClusterStatus, pods: list
+    state: Shared, kube: Kube, spec: TPInferenceClusterSpec, prev: TPInferenceClusterStatus, pods: list
 ) -> int | None:
     """Free capacity, only when a decision needs it (it costs two cluster-wide LISTs)."""
     degraded = (prev.current_tensor_parallel_size or 0) < (prev.desired_tensor_parallel_size or 0)
     stuck = any(p.unschedulable_since is not None for p in pods)
     if not (degraded or stuck):
         return None
-    cached = _STATE.get("capacity")
+    cached = state.capacity
     if cached is None or time.monotonic() - cached[0] > CAPACITY_TTL_SECONDS:
         try:
             nodes = kube.list("Node")
@@ -423,5 +459,50 @@ def _free_slots(
         # Only what capacity needs: a cluster-wide pod list is big.
         bound = [{"spec": {k: p["spec"].get(k) for k in ("nodeName", "containers")}, "status": {}} for p in bound
                  if p.get("spec", {}).get("nodeName")]  # fmt: skip
-        cached = _STATE["capacity"] = (time.monotonic(), nodes, bound)
+        cached = state.capacity = (time.monotonic(), nodes, bound)
     return capacity.free_rank_slots(spec, cached[1], cached[2])
+
+
+def _nodes(state: Shared, kube: Kube, names: set[str], now: dt.datetime) -> dict[str, NodeObs]:
+    """The rank pods' nodes (one GET per node, shared by all clusters for NODE_TTL_SECONDS)."""
+    out = {}
+    for node_name in sorted(names):
+        cached = state.nodes.get(node_name)
+        if cached is None or time.monotonic() - cached[0] > NODE_TTL_SECONDS:
+            try:
+                obj: dict[str, Any] | None = kube.request("GET", kube.path("Node", None, node_name))
+            except KubeError as e:
+                if e.status != 404:
+                    log.warning("cannot read node %s (%s); taking it as healthy", node_name, e)
+                    continue
+                obj = None
+            cached = state.nodes[node_name] = (time.monotonic(), obj)
+        if cached[1] is None:
+            missing = state.node_missing_since.setdefault(node_name, now)  # the operator's own clock
+        else:
+            state.node_missing_since.pop(node_name, None)
+            missing = None
+        out[node_name] = node_obs(node_name, cached[1], missing)
+    return out
+
+
+def _foreign(
+    kube: Kube, mem: Memory, spec: TPInferenceClusterSpec, ident: render.Identity
+) -> dict[tuple[str, str], str]:
+    """Shared objects of our names that someone else has (one GET each, every RESYNC_SECONDS)."""
+    out = {}
+    for obj in render.shared_objects(spec, ident, []):
+        key = (obj["kind"], obj["metadata"]["name"])
+        seen = mem.owners.get(key)
+        if seen is None or time.monotonic() - seen[0] > RESYNC_SECONDS or seen[1] is not None:
+            try:
+                live = kube.request("GET", kube.path(key[0], ident.namespace, key[1]))
+                owner = foreign_owner(live, ident.uid)
+            except KubeError as e:
+                if e.status != 404:
+                    raise
+                owner = None
+            seen = mem.owners[key] = (time.monotonic(), owner)
+        if seen[1] is not None:
+            out[key] = seen[1]
+    return out

@@ -75,7 +75,7 @@ class LeaseHeartbeat:
         self.stall_threshold = (
             float(stall_threshold) if stall_threshold is not None else defaults.heartbeat_stall_seconds(self.interval)
         )
-        # Only used when this thread has to create the Lease; the operator normally owns it.
+        # Kept for callers; the operator creates the Lease (with the heartbeat timeout as duration).
         self.lease_duration_seconds = lease_duration_seconds or max(
             1, math.ceil(self.stall_threshold + self.interval)
         )
@@ -139,38 +139,16 @@ class LeaseHeartbeat:
 
     # -- API -----------------------------------------------------------------------------------
     def renew_once(self) -> None:
-        """One renewal: merge-patch holder/renewTime/annotations; create the Lease on 404."""
-        from kubernetes.client import V1Lease, V1LeaseSpec, V1ObjectMeta
-        from kubernetes.client.rest import ApiException
+        """One renewal: merge-patch holder/renewTime/annotations of the Lease the operator created.
 
-        now = _now_micro()
-        annotations = self._annotations()
+        A missing Lease (404) is an error, retried next interval: the rank never creates it (its
+        Role has no ``create``, and may only touch its own cluster's Leases by name).
+        """
         patch = {
-            "metadata": {"annotations": annotations},
-            "spec": {"holderIdentity": self.holder, "renewTime": now},
+            "metadata": {"annotations": self._annotations()},
+            "spec": {"holderIdentity": self.holder, "renewTime": _now_micro()},
         }
-        try:
-            self.api.patch_namespaced_lease(self.name, self.namespace, patch, _request_timeout=self._timeout)
-            return
-        except ApiException as e:
-            if e.status != 404:
-                raise
-        # Not there yet (e.g. before the operator created it): create it ourselves.
-        body = V1Lease(
-            metadata=V1ObjectMeta(name=self.name, namespace=self.namespace, annotations=annotations),
-            spec=V1LeaseSpec(
-                holder_identity=self.holder,
-                lease_duration_seconds=self.lease_duration_seconds,
-                acquire_time=now,
-                renew_time=now,
-            ),
-        )
-        try:
-            self.api.create_namespaced_lease(self.namespace, body, _request_timeout=self._timeout)
-            log.info("created Lease %s/%s", self.namespace, self.name)
-        except ApiException as e:
-            if e.status != 409:  # someone (the operator) created it meanwhile: next tick patches it
-                raise
+        self.api.patch_namespaced_lease(self.name, self.namespace, patch, _request_timeout=self._timeout)
 
     def tick(self) -> bool:
         """Check progress and renew if progressing. Returns True when a renewal succeeded."""

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -55,7 +56,8 @@ class Operator:
         self.metrics_port = free_port()
         cmd = [sys.executable, "-m", "tpi_operator", "--namespace", self.namespace, "--kubeconfig",
                self.kubeconfig, "--metrics-port", str(self.metrics_port), "--liveness-port", "0",
-               "--log-format", "plain", "--busy-seconds", "0.5", "--idle-seconds", "3", *self.extra]  # fmt: skip
+               "--log-format", "plain", "--busy-seconds", "0.5", "--idle-seconds", "3",
+               "--allowed-host-path", tempfile.gettempdir(), *self.extra]  # tmp_path checkpoints  # fmt: skip
         out = self.log.open("ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
@@ -262,7 +264,7 @@ def test_crash_loop_degrades_then_fails(operator: Operator, namespace: str) -> N
 def test_stale_lease_recreates_group(
     operator: Operator, namespace: str, api_client: client.ApiClient
 ) -> None:
-    apply(namespace, cluster_yaml(failurePolicy={"heartbeatTimeoutSeconds": 3}))
+    apply(namespace, cluster_yaml(failurePolicy={"heartbeatTimeoutSeconds": 8}))  # the CRD minimum
     wait_phase(namespace, "Running")
     renew_leases(api_client, namespace, ["demo-g0-0", "demo-g0-1"])
     time.sleep(1.5)
@@ -277,7 +279,7 @@ def test_stale_lease_recreates_group(
             renew_leases(api_client, namespace, ["demo-g0-0"])
         return found
 
-    entry = wait_until(hung, timeout=20, interval=1, what="HeartbeatTimeout recreate")
+    entry = wait_until(hung, timeout=40, interval=1, what="HeartbeatTimeout recreate")
     assert entry["action"] == "RecreateGroup" and "demo-g0-1 hung" in entry["message"], entry
     st = wait_phase(namespace, "Running")
     assert st["restarts"] == 1

@@ -67,6 +67,11 @@ watched namespace (Role). No wildcards: every group, resource and verb is named.
 - apiGroups: ["tpi.dev"]
   resources: ["tpinferenceclusters/status", "tpinferenceclusters/scale"]
   verbs: ["get", "patch", "update"]
+# OwnerReferences with blockOwnerDeletion need update on the owner's finalizers where the
+# OwnerReferencesPermissionEnforcement admission plugin runs.
+- apiGroups: ["tpi.dev"]
+  resources: ["tpinferenceclusters/finalizers"]
+  verbs: ["update"]
 # What a TPInferenceCluster is rendered into.
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
@@ -114,10 +119,11 @@ Cluster-scoped rules, whatever the watched namespaces are.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
-# Free-GPU estimate (allocatable per node) when a cluster is degraded or a rank is unschedulable.
+# Free-GPU estimate (allocatable per node) when a cluster is degraded or a rank is unschedulable;
+# get: is a rank's node lost (NotReady, unreachable, deleted)?
 - apiGroups: [""]
   resources: ["nodes"]
-  verbs: ["list"]
+  verbs: ["get", "list"]
 {{- if and .Values.rbac.listPodsClusterWide (not (include "tpi-operator.clusterWide" .)) }}
 # Opt-in (rbac.listPodsClusterWide): count every namespace's pods in that estimate.
 - apiGroups: [""]
@@ -144,6 +150,9 @@ means cluster-wide.
 - --metrics-port={{ .Values.metrics.port }}
 {{- if .Values.peering.enabled }}
 - --peering={{ .Values.peering.name }}
+{{- end }}
+{{- range .Values.allowedHostPaths }}
+- --allowed-host-path={{ . }}
 {{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}

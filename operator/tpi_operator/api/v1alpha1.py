@@ -189,7 +189,12 @@ class FailurePolicy(_Model):
     """How the operator recovers groups, and when it gives up."""
 
     heartbeat_timeout_seconds: int = Field(
-        30, ge=2, description="A rank whose Lease is not renewed for this long while Running is hung."
+        30,
+        ge=defaults.min_heartbeat_timeout_seconds(),
+        description=(
+            "A rank whose Lease the operator has not seen renewed for this long while Running is hung; "
+            "at least the runtime's stall threshold plus one renewal interval."
+        ),
     )
     max_group_restarts: int = Field(3, ge=0, le=20, description="Group restarts allowed per window.")
     restart_window_seconds: int = Field(600, ge=1)
@@ -199,8 +204,26 @@ class FailurePolicy(_Model):
     allow_degrade: bool = Field(True, description="Shrink tensorParallelSize instead of failing.")
     min_tensor_parallel_size: int = Field(1, ge=1, description="Never degrade below this size.")
     scale_back_up: bool = Field(True, description="Grow back to the desired size when capacity returns.")
+    scale_back_up_delay_seconds: int = Field(
+        60,
+        ge=0,
+        le=86400,
+        description=(
+            "Least time at a size degraded for capacity before growing back (crash degrades wait "
+            "restartWindowSeconds); doubled for every grow-back that had to go back down."
+        ),
+    )
     unschedulable_timeout_seconds: int = Field(
         120, ge=0, description="A rank Pending-unschedulable for this long triggers a degrade."
+    )
+    node_lost_timeout_seconds: int = Field(
+        60,
+        ge=0,
+        le=86400,
+        description=(
+            "A rank on a NotReady, unreachable or deleted node for this long: its group's pods on that "
+            "node are force-deleted and the group is recreated elsewhere."
+        ),
     )
 
 
@@ -305,6 +328,14 @@ class GroupStatus(_Model):
         default_factory=list, description="UIDs of the formed group's ranks; a replaced pod breaks the group."
     )
     failure_reason: str | None = None
+    max_batch_size: int | None = Field(
+        None, description="This group's batch size after OOM halving (None: the spec's maxBatchSize)."
+    )
+    batch_basis: str | None = Field(
+        None, description="The maxBatchSize/restartedAt the halving started from; a change resets it."
+    )
+    floor_ooms: int = Field(0, description="OOMs while already at oomBatchSizeFloor.")
+    lost_node: str | None = Field(None, description="The node this group was last recreated off.")
 
 
 class HistoryEntry(_Model):
@@ -343,6 +374,9 @@ class TPInferenceClusterStatus(_Model):
     groups: list[GroupStatus] = Field(default_factory=list)
     history: list[HistoryEntry] = Field(default_factory=list, max_length=HISTORY_LIMIT)
     degraded_reason: str | None = None
+    degraded_since: Timestamp | None = Field(None, description="When the current size was degraded to.")
+    grown_back_at: Timestamp | None = Field(None, description="Last grow-back not yet confirmed Ready.")
+    failed_grow_backs: int = Field(0, description="Grow-backs that went back down; each doubles the delay.")
     failed_generation: int | None = Field(None, description="Generation that failed; a newer one retries.")
     restarted_at: str | None = Field(None, description="Last tpi.dev/restartedAt value acted upon.")
 

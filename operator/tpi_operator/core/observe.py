@@ -83,6 +83,11 @@ class LeaseObs:
     name: str
     renew_time: dt.datetime | None = None
     annotations: Mapping[str, str] = field(default_factory=dict)
+    #: Operator's clock: when its watch delivered this version of the Lease (None: unknown).
+    observed_at: dt.datetime | None = None
+    #: Operator's clock: when it last saw renewTime change for the current pod (None: not since
+    #: this pod exists, so the Lease says nothing about it yet).  Filled by ``heartbeat.track``.
+    since: dt.datetime | None = None
 
     @property
     def live_batch(self) -> int | None:
@@ -100,6 +105,17 @@ class StsObs:
 
 
 @dataclass(frozen=True)
+class NodeObs:
+    """A node hosting rank pods, as far as node loss goes."""
+
+    name: str
+    #: When the node stopped being usable (Ready False/Unknown: the node controller's transition
+    #: time; deleted: when the operator first missed it); None while it is Ready.
+    lost_since: dt.datetime | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Observation:
     """Everything ``recovery.plan`` and ``status.compute`` read, at one instant."""
 
@@ -113,6 +129,10 @@ class Observation:
     statefulsets: Mapping[int, StsObs] = field(default_factory=dict)
     restarted_at: str | None = None
     free_rank_slots: int | None = None  # None: capacity unknown
+    #: Nodes of the rank pods (only those; a node not listed is taken as healthy).
+    nodes: Mapping[str, NodeObs] = field(default_factory=dict)
+    #: (kind, name) of shared objects that exist but are not this cluster's -> who has them.
+    foreign: Mapping[tuple[str, str], str] = field(default_factory=dict)
     #: Template hash a group would get at (tp, batch); closes over spec and identity.
     hash_for: Callable[[int, int], str] = lambda tp, batch: f"{tp}-{batch}"
 
@@ -170,6 +190,7 @@ def lease_obs(lease: Mapping[str, Any]) -> LeaseObs:
         name=meta.get("name", ""),
         renew_time=parse_time(spec.get("renewTime")),
         annotations=dict(meta.get("annotations") or {}),
+        observed_at=parse_time(lease.get("observedAt")),
     )
 
 
@@ -186,3 +207,25 @@ def sts_obs(sts: Mapping[str, Any]) -> StsObs | None:
         incarnation=_int(annotations.get(r.L_INCARNATION), 0) or 0,
         object_hash=annotations.get(r.A_OBJECT_HASH),
     )
+
+
+def node_obs(name: str, node: Mapping[str, Any] | None, missing_since: dt.datetime | None) -> NodeObs:
+    """A node from its raw object (None: it does not exist, first missed at ``missing_since``)."""
+    if node is None:
+        return NodeObs(name, lost_since=missing_since, why="was deleted")
+    conditions = (node.get("status") or {}).get("conditions") or []
+    ready = next((c for c in conditions if c.get("type") == "Ready"), None)
+    if ready is None or ready.get("status") == "True":
+        return NodeObs(name)
+    state = "NotReady" if ready.get("status") == "False" else "unreachable (Ready Unknown)"
+    reason = f": {ready['reason']}" if ready.get("reason") else ""
+    return NodeObs(name, lost_since=parse_time(ready.get("lastTransitionTime")), why=f"is {state}{reason}")
+
+
+def foreign_owner(obj: Mapping[str, Any], uid: str) -> str | None:
+    """Why an existing object of our name is not ours (None: controlled by the cluster ``uid``)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    if any(ref.get("uid") == uid for ref in refs):
+        return None
+    owner = next((ref for ref in refs if ref.get("controller")), None)
+    return f"(owned by {owner.get('kind')} {owner.get('name')})" if owner else "(not owned by this cluster)"

@@ -1,7 +1,8 @@
 """The functional core's entry point: (spec, identity, observation) -> a Decision for the shell.
 
 The shell (``handlers.py``) only reads state into an ``Observation``, calls ``decide`` and carries
-the decision out: apply objects, delete pods/objects, write status, emit events.
+the decision out: apply objects, delete pods (with the grace period and uid precondition given
+here) and objects, write status, post the Events listed here.  It decides nothing itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,26 @@ from tpi_operator.core import recovery, render, status
 from tpi_operator.core.observe import Observation
 from tpi_operator.core.status import Recovered
 
+#: Grace period of the pods of a broken group: it serves nothing, so it need not drain long.
+BROKEN_GROUP_GRACE_SECONDS = 5
+
+
+@dataclass(frozen=True)
+class PodDelete:
+    """One pod to delete: ``uid`` is a precondition (a lagging cache must not delete a replacement);
+    ``grace_seconds`` None keeps the pod's own terminationGracePeriodSeconds (a rolled group drains)."""
+
+    name: str
+    uid: str = ""
+    grace_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
 
 @dataclass
 class Decision:
@@ -22,7 +43,8 @@ class Decision:
     status: TPInferenceClusterStatus
     recovered: list[Recovered]
     apply: list[dict[str, Any]] = field(default_factory=list)  # server-side apply, in order
-    delete_pods: list[str] = field(default_factory=list)
+    delete_pods: list[PodDelete] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     delete_statefulsets: list[str] = field(default_factory=list)
     delete_leases: list[str] = field(default_factory=list)
     wake_after: float = 30.0
@@ -35,7 +57,7 @@ def settings_for(
     return render.GroupSettings(
         group=group,
         tp=st.current_tensor_parallel_size or 1,
-        batch=st.effective_max_batch_size or spec.runtime.max_batch_size,
+        batch=recovery.group_batch(spec, st, group, restarted_at),
         incarnation=gs.incarnation,
         restarted_at=restarted_at,
     )
@@ -61,18 +83,31 @@ def decide(
 ) -> Decision:
     """Plan, move the bookkeeping forward, and list what the shell must do."""
     actions = recovery.plan(spec, obs)
+    conflict = conflict_action(obs)
+    if conflict is not None:
+        actions.insert(0, conflict)  # the Degraded condition reports the first Blocked
     st = recovery.transition(spec, obs, actions)
     new_status, recovered = status.compute(spec, ident, obs, st, actions)
-    decision = Decision(actions=actions, status=new_status, recovered=recovered)
+    decision = Decision(
+        actions=actions, status=new_status, recovered=recovered, events=events_for(obs, actions, recovered)
+    )
+    if conflict is not None and not _reported(obs.status, conflict):
+        decision.events.append(Event("Warning", "Conflict", conflict.message))
     if new_status.phase == "Failed":
         decision.wake_after = idle_seconds * 4  # nothing to do; pods kept for debugging
         return decision
 
-    decision.apply.extend(render.shared_objects(spec, ident))
+    shared_at = len(decision.apply)
     touched = {a.group: a for a in actions if isinstance(a, recovery.RecreateGroup | recovery.RollGroup)}
-    want = obs.hash_for(st.current_tensor_parallel_size or 1, st.effective_max_batch_size or 1)
+    broken = {a.group for a in actions if isinstance(a, recovery.RecreateGroup)}
+    forced: dict[str, str] = {}
+    for a in actions:
+        if isinstance(a, recovery.ForceDelete):
+            forced.update(a.pods)
+    decision.delete_pods.extend(PodDelete(name, uid, 0) for name, uid in sorted(forced.items()))
     for g in range(spec.replicas):
         gs = settings_for(spec, st, g, obs.restarted_at)
+        want = obs.hash_for(gs.tp, gs.batch)
         sts_obs = obs.statefulsets.get(g)
         # Untouched groups whose template is out of date keep their StatefulSet until rolled.
         if g not in touched and (sts_obs is None or sts_obs.template_hash != want):
@@ -82,10 +117,11 @@ def decide(
             decision.apply.append(desired)
         live_hash = desired["spec"]["template"]["metadata"]["labels"][render.L_TEMPLATE_HASH]
         for p in obs.pods:
-            if p.group != g or p.deleting:
+            if p.group != g or p.deleting or p.name in forced:
                 continue
             if p.incarnation < gs.incarnation or p.template_hash != live_hash:
-                decision.delete_pods.append(p.name)
+                grace = BROKEN_GROUP_GRACE_SECONDS if g in broken else None
+                decision.delete_pods.append(PodDelete(p.name, p.uid, grace))
     # Leases for every rank of every group at its (possibly not yet rolled) size.
     wanted_leases = set()
     for g in range(spec.replicas):
@@ -101,6 +137,14 @@ def decide(
             if have is None or have.annotations.get(render.A_OBJECT_HASH) != _hash(lease):
                 decision.apply.append(lease)
     decision.delete_leases = sorted(set(obs.leases) - wanted_leases)
+    # first in order: the runtime's Role must name a Lease before its rank renews it
+    # Objects of our names that this cluster does not own are left untouched: never adopted (and so
+    # never garbage-collected with the cluster).
+    shared = [
+        o for o in render.shared_objects(spec, ident, sorted(wanted_leases))
+        if (o["kind"], o["metadata"]["name"]) not in obs.foreign
+    ]  # fmt: skip
+    decision.apply[shared_at:shared_at] = shared
     decision.delete_statefulsets = [
         render.sts_name(ident.name, a.group) for a in actions if isinstance(a, recovery.RemoveGroup)
     ]
@@ -111,6 +155,36 @@ def decide(
     busy = bool(changed or decision.delete_pods or decision.delete_statefulsets or decision.delete_leases)
     decision.wake_after = recovery.next_wake(actions, obs.now, busy_seconds if busy else idle_seconds)
     return decision
+
+
+def conflict_action(obs: Observation) -> recovery.Blocked | None:
+    """A Blocked action naming the objects of our names that belong to someone else."""
+    if not obs.foreign:
+        return None
+    what = "; ".join(f"{kind} {name} {owner}" for (kind, name), owner in sorted(obs.foreign.items()))
+    return recovery.Blocked("Conflict", f"existing objects are not this cluster's and are left untouched: {what}")
+
+
+def _reported(prev: TPInferenceClusterStatus, conflict: recovery.Blocked) -> bool:
+    cond = next((c for c in prev.conditions if c.type == "Degraded"), None)
+    return cond is not None and cond.reason == "Conflict" and cond.message == conflict.message
+
+
+def events_for(obs: Observation, actions: list[recovery.Action], recovered: list[Recovered]) -> list[Event]:
+    """The Events of one pass: one per recorded action, one per group Ready again."""
+    events = []
+    for a in actions:
+        if isinstance(a, recovery.RECORDED) or (isinstance(a, recovery.RollGroup) and a.reason != "Create"):
+            warn = isinstance(a, recovery.MarkFailed | recovery.Degrade) or a.reason == "NodeLost"
+            events.append(Event("Warning" if warn else "Normal", a.kind, f"{a.reason}: {a.message}"))
+        elif isinstance(a, recovery.ForceDelete):
+            pods = ", ".join(name for name, _ in a.pods)
+            events.append(Event("Warning", "ForceDelete", f"NodeLost: node {a.node} is lost; force-deleting {pods}"))
+    for rec in recovered:
+        events.append(
+            Event("Normal", "Recovered", f"group {rec.group} Ready again {rec.seconds:.1f}s after {rec.reason}")
+        )
+    return events
 
 
 def _hash(obj: dict[str, Any]) -> str:

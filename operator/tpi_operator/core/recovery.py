@@ -1,24 +1,33 @@
 """Recovery: (spec, observation) -> actions, and actions -> the next status.  All pure.
 
-The rules, in the order ``plan`` applies them:
+The rules, one function each, in the order ``plan`` applies them:
 
-1. A Failed cluster does nothing (pods are kept for debugging) until its generation changes or
-   ``tpi.dev/restartedAt`` changes, which resets it.
-2. A group with a crashed container, an OOM-killed container, a deleted/replaced rank pod or a
-   hung rank (Lease not renewed for ``heartbeatTimeoutSeconds`` while the pod runs) is recreated
-   as a whole: every rank must re-form the process group.  OOM also halves the effective batch
-   size (never below ``oomBatchSizeFloor``).  Recreates back off exponentially
-   (``backoffSeconds * 2^(n-1)``, capped), the first one is immediate.
-3. A group recreated ``maxGroupRestarts`` times within ``restartWindowSeconds`` degrades the
-   cluster to the next smaller valid TP size >= ``minTensorParallelSize`` when ``allowDegrade``,
-   else the cluster is marked Failed with a message saying why.
-4. A rank Pending-unschedulable for ``unschedulableTimeoutSeconds`` degrades to a size that fits
-   (the group's scheduled ranks plus free capacity).
-5. A degraded cluster grows back (``scaleBackUp``) when every group is Ready and, for capacity
-   degrades, capacity is free, for crash degrades, after a quiet ``restartWindowSeconds``.
-6. Groups whose pod template is out of date (spec change, new size or batch, ``restartedAt``) are
-   rolled one at a time within ``maxUnavailable``; groups already down are rolled at once.  A
-   group counts as done only when Ready.
+1. ``rule_failed``: a Failed cluster does nothing (pods are kept for debugging) until its
+   generation changes or ``tpi.dev/restartedAt`` changes, which resets it.
+2. ``rule_node_lost``: a rank pod on a NotReady, unreachable or deleted node for
+   ``nodeLostTimeoutSeconds``: the group's pods on that node are force-deleted (grace 0, even when
+   already Terminating: no kubelet will finalize them) and the group is recreated elsewhere.  This
+   is the infrastructure's failure: no restart budget, no backoff.  Until then the group is left
+   alone by the other failure rules.
+3. ``rule_failures``: a group with a crashed container, an OOM-killed container, a
+   deleted/replaced rank pod or a hung rank (its Lease not seen renewed for
+   ``heartbeatTimeoutSeconds`` while the pod runs, see ``core.heartbeat``) is recreated as a whole:
+   every rank must re-form the process group.  Recreates back off exponentially
+   (``backoffSeconds * 2^(n-1)``, capped), the first one is immediate.  An OOM halves *that
+   group's* batch size (never below ``oomBatchSizeFloor``; a change of ``runtime.maxBatchSize``
+   or ``tpi.dev/restartedAt`` resets it); a second OOM at the floor marks the cluster Failed.
+   OOMs never shrink TP: a smaller TP puts more weights on each rank.
+4. ``_over_budget``: a group recreated ``maxGroupRestarts`` times within ``restartWindowSeconds``
+   (OOMs and lost nodes aside) degrades the cluster to the next smaller valid TP size >=
+   ``minTensorParallelSize`` when ``allowDegrade``, else the cluster is marked Failed.
+5. ``rule_unschedulable``: a rank Pending-unschedulable for ``unschedulableTimeoutSeconds``
+   degrades to a size that fits (the group's scheduled ranks plus free capacity).
+6. ``rule_grow_back``: a degraded cluster grows back (``scaleBackUp``) when every group is Ready,
+   it has spent the hysteresis at the degraded size (``grow_back_after``, kept in status) and, for
+   capacity degrades, free capacity holds what every group needs (replicas x the added ranks).
+7. ``rule_roll``: groups whose pod template is out of date (spec change, new size or batch,
+   ``restartedAt``) are rolled one at a time within ``maxUnavailable``; groups already down are
+   rolled at once.  A group counts as done only when Ready.
 """
 
 from __future__ import annotations
@@ -35,9 +44,6 @@ from tpi_operator.api.v1alpha1 import (
 )
 from tpi_operator.core.observe import Observation, PodObs, format_time, parse_time
 from tpi_operator.core.sizing import next_smaller
-
-#: A Lease renewed at most this much before the container started still counts for it.
-_CLOCK_SLACK = dt.timedelta(seconds=1)
 
 
 # ----------------------------------------------------------------------------------- actions
@@ -58,6 +64,15 @@ class RecreateGroup(Action):
     """Delete every pod of a group (new incarnation) so all ranks re-form the process group."""
 
     group: int = 0
+
+
+@dataclass(frozen=True)
+class ForceDelete(Action):
+    """Delete pods with grace period 0: their node is lost, no kubelet will ever finalize them."""
+
+    group: int = 0
+    node: str = ""
+    pods: tuple[tuple[str, str], ...] = ()  # (name, uid)
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,8 @@ class Wait(Action):
 
 #: Actions recorded in status history and emitted as Events.
 RECORDED = (RecreateGroup, HalveBatch, Degrade, ScaleUp, MarkFailed, Reset, RemoveGroup)
+#: Failures that are the infrastructure's, not the group's: no restart budget, no backoff.
+NOT_COUNTED = ("NodeLost",)
 
 
 @dataclass(frozen=True)
@@ -139,11 +156,6 @@ def current_tp(status: TPInferenceClusterStatus, desired: int) -> int:
     if status.current_tensor_parallel_size is None or status.desired_tensor_parallel_size != desired:
         return desired
     return status.current_tensor_parallel_size
-
-
-def effective_batch(spec: TPInferenceClusterSpec, status: TPInferenceClusterStatus) -> int:
-    eff = status.effective_max_batch_size or spec.runtime.max_batch_size
-    return max(1, min(eff, spec.runtime.max_batch_size))
 
 
 def group_status(status: TPInferenceClusterStatus, group: int) -> GroupStatus:
@@ -205,189 +217,315 @@ def detect_failure(
                     group, "PodDeleted", f"{pod.name} was replaced (pod uid {uid[:8]} -> {pod.uid[:8]})"
                 )
     timeout = dt.timedelta(seconds=spec.failure_policy.heartbeat_timeout_seconds)
-    for p in pods:
-        lease = obs.leases.get(p.name)
-        if p.phase != "Running" or lease is None or lease.renew_time is None:
-            continue
-        # Only a heartbeat that started in this container can go stale: one left over from a
-        # previous pod says nothing, and a runtime that never beats is the probes' business.
-        started = p.started_at is None or lease.renew_time >= p.started_at - _CLOCK_SLACK
-        if started and obs.now - lease.renew_time > timeout:
-            age = (obs.now - lease.renew_time).total_seconds()
+    for p, since in heartbeat_clocks(obs, pods):
+        if obs.now - since > timeout:
+            age = (obs.now - since).total_seconds()
             return GroupFailure(group, "HeartbeatTimeout", f"{p.name} hung: Lease not renewed for {age:.0f}s")
     return None
 
 
-def next_heartbeat_deadline(spec: TPInferenceClusterSpec, obs: Observation) -> dt.datetime | None:
+def heartbeat_clocks(obs: Observation, pods: list[PodObs]) -> list[tuple[PodObs, dt.datetime]]:
+    """Running pods whose Lease counts, with the operator time of its last observed renewal.
+
+    Only a heartbeat that this container renewed can go stale (see ``core.heartbeat``); one left
+    over from a previous pod says nothing, and a runtime that never beats is the probes' business.
+    """
+    out = []
+    for p in pods:
+        lease = obs.leases.get(p.name)
+        if p.phase == "Running" and lease is not None and lease.since is not None:
+            out.append((p, lease.since))
+    return out
+
+
+def next_heartbeat_deadline(
+    spec: TPInferenceClusterSpec, obs: Observation, incarnations: dict[int, int]
+) -> dt.datetime | None:
+    """When the first counted Lease would go stale: the same pods ``detect_failure`` checks."""
     timeout = dt.timedelta(seconds=spec.failure_policy.heartbeat_timeout_seconds)
-    deadlines = [
-        lease.renew_time + timeout + dt.timedelta(milliseconds=100)
-        for p in obs.pods
-        if p.phase == "Running" and not p.deleting
-        and (lease := obs.leases.get(p.name)) is not None and lease.renew_time is not None
-    ]  # fmt: skip
-    return min(deadlines) if deadlines else None
+    pods = [p for g, inc in incarnations.items() for p in current_pods(obs, g, inc)]
+    deadlines = [since + timeout + dt.timedelta(milliseconds=100) for _, since in heartbeat_clocks(obs, pods)]
+    # A past deadline was acted on already (recreate, or a backoff Wait with its own time):
+    # waking for it again would spin.
+    future = [d for d in deadlines if d > obs.now]
+    return min(future) if future else None
 
 
 # -------------------------------------------------------------------------------------- plan
 @dataclass
-class _Plan:
-    actions: list[Action] = field(default_factory=list)
+class _Ctx:
+    """What the rules share while planning one pass; each rule reads and narrows it."""
+
+    spec: TPInferenceClusterSpec
+    obs: Observation
+    st: TPInferenceClusterStatus
+    tp: int
+    incarnations: dict[int, int]
+    out: list[Action] = field(default_factory=list)
+    resized: bool = False
+    recreated: set[int] = field(default_factory=set)
+    held: set[int] = field(default_factory=set)  # groups waiting on a lost node: no other rule
+    unschedulable: bool = False
+
+    @property
+    def groups(self) -> range:
+        return range(self.spec.replicas)
 
     def add(self, action: Action) -> None:
-        self.actions.append(action)
+        self.out.append(action)
+
+
+def batch_basis(spec: TPInferenceClusterSpec, restarted_at: str | None) -> str:
+    """What a group's OOM-halved batch was derived from; a change of either resets the halving."""
+    return f"{spec.runtime.max_batch_size}@{restarted_at or ''}"
+
+
+def group_batch(
+    spec: TPInferenceClusterSpec, st: TPInferenceClusterStatus, group: int, restarted_at: str | None
+) -> int:
+    """The batch size a group runs with: its own OOM-halved size, else the spec's."""
+    gs = group_status(st, group)
+    if gs.max_batch_size is None or gs.batch_basis != batch_basis(spec, restarted_at):
+        return spec.runtime.max_batch_size
+    return max(1, min(gs.max_batch_size, spec.runtime.max_batch_size))
 
 
 def plan(spec: TPInferenceClusterSpec, obs: Observation) -> list[Action]:
-    """Decide what to do about the observed cluster; see the module docstring for the rules."""
-    st, now, fp = obs.status, obs.now, spec.failure_policy
-    out = _Plan()
-
-    if st.failed_generation is not None:
-        restart_requested = obs.restarted_at is not None and obs.restarted_at != st.restarted_at
-        if obs.generation <= st.failed_generation and not restart_requested:
-            return [Wait(reason="Failed", message="cluster failed; edit the spec or set tpi.dev/restartedAt")]
-        out.add(Reset("Retry", "spec changed" if not restart_requested else "restart requested"))
+    """Decide what to do about the observed cluster: the module docstring's rules, in order."""
+    st = obs.status
+    reset = rule_failed(spec, obs)
+    if reset is not None and isinstance(reset, Wait):
+        return [reset]
+    if reset is not None:
         st = st.model_copy(update={"groups": [], "current_tensor_parallel_size": None})
+    ctx = _Ctx(
+        spec=spec,
+        obs=obs,
+        st=st,
+        tp=current_tp(st, obs.desired_tp),
+        incarnations={g: group_incarnation(st, obs, g) for g in range(spec.replicas)},
+    )
+    if reset is not None:
+        ctx.add(reset)
+    rule_node_lost(ctx)
+    if not rule_failures(ctx):
+        return ctx.out  # marked Failed
+    rule_unschedulable(ctx)
+    rule_grow_back(ctx)
+    rule_roll(ctx)
+    deadline = next_heartbeat_deadline(spec, obs, ctx.incarnations)
+    if deadline is not None:
+        ctx.add(Wait(reason="Heartbeat", message="next heartbeat deadline", until=deadline))
+    return ctx.out
 
-    desired = obs.desired_tp
-    tp = current_tp(st, desired)
-    batch = effective_batch(spec, st)
-    groups = range(spec.replicas)
-    incarnations = {g: group_incarnation(st, obs, g) for g in groups}
-    resized = False
 
-    # --- failures: recreate with backoff, degrade or fail past the budget -------------------
-    recreated: set[int] = set()
-    for g in groups:
-        failure = detect_failure(spec, obs, g, incarnations[g])
+def rule_failed(spec: TPInferenceClusterSpec, obs: Observation) -> Action | None:
+    """Rule 1: a Failed cluster waits (a Wait) until a new generation or restartedAt (a Reset)."""
+    st = obs.status
+    if st.failed_generation is None:
+        return None
+    restart_requested = obs.restarted_at is not None and obs.restarted_at != st.restarted_at
+    if obs.generation <= st.failed_generation and not restart_requested:
+        return Wait(reason="Failed", message="cluster failed; edit the spec or set tpi.dev/restartedAt")
+    return Reset("Retry", "spec changed" if not restart_requested else "restart requested")
+
+
+def rule_node_lost(ctx: _Ctx) -> None:
+    """Rule 2: ranks on a lost node are force-deleted after nodeLostTimeoutSeconds, the group recreated.
+
+    Every pod of the group on that node goes, whatever its incarnation and even when already
+    Terminating: no kubelet will finalize it, and a StatefulSet never replaces a pod that exists.
+    """
+    obs, timeout = ctx.obs, dt.timedelta(seconds=ctx.spec.failure_policy.node_lost_timeout_seconds)
+    for g in ctx.groups:
+        lost = [
+            (p, node) for p in obs.pods
+            if p.group == g and p.node and (node := obs.nodes.get(p.node)) is not None
+            and node.lost_since is not None
+        ]  # fmt: skip
+        if not lost:
+            continue
+        ctx.held.add(g)
+        since = min(node.lost_since for _, node in lost if node.lost_since is not None)
+        node = min((n for _, n in lost), key=lambda n: n.lost_since or obs.now)
+        if obs.now - since < timeout:
+            ctx.add(Wait("NodeLost", f"group {g}: node {node.name} {node.why}", until=since + timeout))
+            continue
+        by_node: dict[str, list[PodObs]] = {}
+        for p, n in lost:
+            by_node.setdefault(n.name, []).append(p)
+        for name, pods in sorted(by_node.items()):
+            ctx.add(ForceDelete("NodeLost", f"group {g}: node {name} lost", g, name,
+                                tuple((p.name, p.uid) for p in pods)))  # fmt: skip
+        current = [p for p, _ in lost if p.incarnation >= ctx.incarnations[g]]
+        if current:  # not yet recreated for this loss
+            ranks = ", ".join(str(p.rank) for p in sorted(current, key=lambda p: p.rank))
+            secs = (obs.now - since).total_seconds()
+            msg = f"node {node.name} {node.why} for {secs:.0f}s; rank(s) {ranks} of group {g} were on it"
+            ctx.add(RecreateGroup("NodeLost", msg, g))
+            ctx.recreated.add(g)
+
+
+def rule_failures(ctx: _Ctx) -> bool:
+    """Rules 3-4: recreate broken groups with backoff; OOM halves that group's batch; past the
+    restart budget degrade or fail.  False when the cluster is marked Failed (stop planning)."""
+    spec, obs, fp, now = ctx.spec, ctx.obs, ctx.spec.failure_policy, ctx.obs.now
+    for g in ctx.groups:
+        if g in ctx.held:
+            continue
+        failure = detect_failure(spec, obs, g, ctx.incarnations[g])
         if failure is None:
             continue
-        recent = restarts_in_window(spec, group_status(st, g), now)
-        if len(recent) >= fp.max_group_restarts:
-            why = (
-                f"group {g} was recreated {len(recent)} times within {fp.restart_window_seconds}s "
-                f"(last: {failure.reason}: {failure.message})"
-            )
-            to = next_smaller(obs.valid_sizes, tp, fp.min_tensor_parallel_size) if fp.allow_degrade else None
-            if to is not None:
-                out.add(Degrade("CrashLoop", f"{why}; degrading tensor parallelism {tp} -> {to}", tp, to))
-                tp, resized = to, True
-                break
-            if not fp.allow_degrade:
-                cannot = "degrading is disabled (failurePolicy.allowDegrade: false)"
-            else:
-                cannot = (
-                    f"no valid tensor-parallel size below {tp} is >= "
-                    f"minTensorParallelSize={fp.min_tensor_parallel_size}"
-                )
-            out.add(MarkFailed("RestartBudgetExhausted", f"{why}; {cannot}; pods kept for debugging"))
-            return out.actions
+        gs = group_status(ctx.st, g)
+        recent = restarts_in_window(spec, gs, now)
+        oom = failure.reason == "OOMKilled"
+        batch = group_batch(spec, ctx.st, g, obs.restarted_at)
+        if oom and batch <= fp.oom_batch_size_floor and gs.floor_ooms >= 1:
+            # A smaller TP would put more weights on each rank: never the answer to an OOM.
+            ctx.add(MarkFailed("OOMAtBatchFloor", (
+                f"group {g} ran out of memory again at the batch size floor {fp.oom_batch_size_floor} "
+                f"({failure.message}); lower runtime.maxModelLen, raise memory or use larger GPUs; "
+                "pods kept for debugging")))  # fmt: skip
+            return False
+        if not oom and len(recent) >= fp.max_group_restarts:
+            if not _over_budget(ctx, g, recent, failure):
+                return False
+            break
         delay = dt.timedelta(seconds=backoff_seconds(spec, len(recent)))
         if recent and now < recent[-1] + delay:
-            out.add(
-                Wait(failure.reason, f"group {g} backing off: {failure.message}", until=recent[-1] + delay)
-            )
+            ctx.add(Wait(failure.reason, f"group {g} backing off: {failure.message}", until=recent[-1] + delay))
             continue
-        if failure.reason == "OOMKilled" and batch > fp.oom_batch_size_floor:
+        if oom and batch > fp.oom_batch_size_floor:
             new = max(fp.oom_batch_size_floor, batch // 2)
-            out.add(HalveBatch("OOMKilled", f"effective batch size {batch} -> {new}", g, batch, new))
-            batch = new
-        out.add(RecreateGroup(failure.reason, failure.message, g))
-        recreated.add(g)
+            ctx.add(HalveBatch("OOMKilled", f"group {g}: effective batch size {batch} -> {new}", g, batch, new))
+        ctx.add(RecreateGroup(failure.reason, failure.message, g))
+        ctx.recreated.add(g)
+    return True
 
-    # --- unschedulable ranks: degrade to what fits -------------------------------------------
+
+def _over_budget(ctx: _Ctx, g: int, recent: list[dt.datetime], failure: GroupFailure) -> bool:
+    """Degrade past the restart budget when allowed; else MarkFailed (returns False)."""
+    fp, tp = ctx.spec.failure_policy, ctx.tp
+    why = (
+        f"group {g} was recreated {len(recent)} times within {fp.restart_window_seconds}s "
+        f"(last: {failure.reason}: {failure.message})"
+    )
+    to = next_smaller(ctx.obs.valid_sizes, tp, fp.min_tensor_parallel_size) if fp.allow_degrade else None
+    if to is not None:
+        ctx.add(Degrade("CrashLoop", f"{why}; degrading tensor parallelism {tp} -> {to}", tp, to))
+        ctx.tp, ctx.resized = to, True
+        return True
+    if not fp.allow_degrade:
+        cannot = "degrading is disabled (failurePolicy.allowDegrade: false)"
+    else:
+        cannot = f"no valid tensor-parallel size below {tp} is >= minTensorParallelSize={fp.min_tensor_parallel_size}"
+    ctx.add(MarkFailed("RestartBudgetExhausted", f"{why}; {cannot}; pods kept for debugging"))
+    return False
+
+
+def rule_unschedulable(ctx: _Ctx) -> None:
+    """Rule 5: a rank Pending-unschedulable for unschedulableTimeoutSeconds degrades to what fits."""
+    obs, fp, now = ctx.obs, ctx.spec.failure_policy, ctx.obs.now
     timeout = dt.timedelta(seconds=fp.unschedulable_timeout_seconds)
-    unschedulable = False
-    for g in groups:
-        if resized or g in recreated:
+    for g in ctx.groups:
+        if ctx.resized or g in ctx.recreated or g in ctx.held:
             continue
-        pods = current_pods(obs, g, incarnations[g])
+        pods = current_pods(obs, g, ctx.incarnations[g])
         stuck = [p for p in pods if p.phase == "Pending" and p.unschedulable_since is not None]
         if not stuck:
             continue
-        unschedulable = True
+        ctx.unschedulable = True
         since = min(p.unschedulable_since for p in stuck if p.unschedulable_since is not None)
         if now - since < timeout:
-            out.add(
-                Wait("Unschedulable", f"group {g}: {len(stuck)} rank(s) unschedulable", until=since + timeout)
-            )
+            ctx.add(Wait("Unschedulable", f"group {g}: {len(stuck)} rank(s) unschedulable", until=since + timeout))
             continue
         scheduled = sum(1 for p in pods if p.node)
         fit = scheduled + (obs.free_rank_slots or 0)
         detail = stuck[0].unschedulable_message or "no node fits"
-        to = (
-            next_smaller(obs.valid_sizes, tp, fp.min_tensor_parallel_size, at_most=fit)
-            if fp.allow_degrade
-            else None
-        )
+        tp = ctx.tp
+        to = next_smaller(obs.valid_sizes, tp, fp.min_tensor_parallel_size, at_most=fit) if fp.allow_degrade else None
         if to is not None:
             msg = (
                 f"group {g}: {len(stuck)} rank(s) unschedulable for {timeout.seconds}s ({detail}); "
                 f"degrading tensor parallelism {tp} -> {to}"
             )
-            out.add(Degrade("Unschedulable", msg, tp, to))
-            tp, resized = to, True
+            ctx.add(Degrade("Unschedulable", msg, tp, to))
+            ctx.tp, ctx.resized = to, True
             break
-        out.add(
-            Blocked(
-                "Unschedulable",
-                f"group {g}: {len(stuck)} rank(s) unschedulable ({detail}) and no smaller valid size "
-                f">= minTensorParallelSize={fp.min_tensor_parallel_size} fits {fit} rank(s)",
-            )
-        )
+        ctx.add(Blocked("Unschedulable", (
+            f"group {g}: {len(stuck)} rank(s) unschedulable ({detail}) and no smaller valid size "
+            f">= minTensorParallelSize={fp.min_tensor_parallel_size} fits {fit} rank(s)")))  # fmt: skip
 
-    # --- grow back ------------------------------------------------------------------------------
-    if not resized and not recreated and not unschedulable and fp.scale_back_up and tp < desired:
-        all_ready = all(group_ready(obs, g, incarnations[g], tp) for g in groups)
-        degraded = (parse_time(h.time) for h in st.history if h.action == "Degrade")
-        last = max((t for t in degraded if t is not None), default=None)  # an unparsable time counts not
-        quiet = last is None or (now - last).total_seconds() >= fp.restart_window_seconds
-        bigger = [s for s in obs.valid_sizes if tp < s <= desired]
-        if st.degraded_reason == "Unschedulable" and obs.free_rank_slots is not None:
-            bigger = [s for s in bigger if s - tp <= obs.free_rank_slots]
-            quiet = True
-        if all_ready and bigger and quiet:
-            to = max(bigger)
-            out.add(ScaleUp("CapacityAvailable", f"growing tensor parallelism back {tp} -> {to}", tp, to))
-            tp, resized = to, True
-        elif all_ready and bigger and last is not None:
-            until = last + dt.timedelta(seconds=fp.restart_window_seconds)
-            out.add(Wait("ScaleUpPending", "waiting for a quiet window before growing back", until=until))
 
-    # --- rolling ----------------------------------------------------------------------------------
-    want = obs.hash_for(tp, batch)
+def rule_grow_back(ctx: _Ctx) -> None:
+    """Rule 6: grow back when every group is Ready, after the hysteresis, and (capacity degrades)
+    when the free capacity holds what *every* group needs to grow."""
+    spec, obs, fp, st, now = ctx.spec, ctx.obs, ctx.spec.failure_policy, ctx.st, ctx.obs.now
+    desired, tp = obs.desired_tp, ctx.tp
+    if ctx.resized or ctx.recreated or ctx.unschedulable or ctx.held or not fp.scale_back_up or tp >= desired:
+        return
+    if not all(group_ready(obs, g, ctx.incarnations[g], tp) for g in ctx.groups):
+        return
+    bigger = [s for s in obs.valid_sizes if tp < s <= desired]
+    if st.degraded_reason == "Unschedulable":
+        free = obs.free_rank_slots
+        bigger = [s for s in bigger if free is not None and (s - tp) * spec.replicas <= free]
+    if not bigger:
+        return
+    until = grow_back_after(spec, st)
+    if until is not None and now < until:
+        ctx.add(Wait("ScaleUpPending", "waiting out the hysteresis before growing back", until=until))
+        return
+    to = max(bigger)
+    ctx.add(ScaleUp("CapacityAvailable", f"growing tensor parallelism back {tp} -> {to}", tp, to))
+    ctx.tp, ctx.resized = to, True
+
+
+def grow_back_after(spec: TPInferenceClusterSpec, st: TPInferenceClusterStatus) -> dt.datetime | None:
+    """The earliest grow-back: scaleBackUpDelaySeconds (capacity) or restartWindowSeconds (crashes)
+    at the degraded size, doubled for every grow-back that went back down (capped at 8x), so a
+    grow-back that cannot hold does not loop."""
+    since = parse_time(st.degraded_since)
+    if since is None:
+        return None
+    fp = spec.failure_policy
+    base = fp.scale_back_up_delay_seconds if st.degraded_reason == "Unschedulable" else fp.restart_window_seconds
+    return since + dt.timedelta(seconds=base * 2 ** min(st.failed_grow_backs, 3))
+
+
+def rule_roll(ctx: _Ctx) -> None:
+    """Rule 7: roll out-of-date groups within maxUnavailable; groups already down at once."""
+    spec, obs = ctx.spec, ctx.obs
+    want = {g: obs.hash_for(ctx.tp, group_batch(spec, ctx.st, g, obs.restarted_at)) for g in ctx.groups}
+    for a in ctx.out:  # this pass's halving
+        if isinstance(a, HalveBatch):
+            want[a.group] = obs.hash_for(ctx.tp, a.to_size)
 
     def is_unavailable(g: int) -> bool:
         sts = obs.statefulsets.get(g)
-        return g in recreated or sts is None or not group_ready(obs, g, incarnations[g], sts.replicas)
+        return g in ctx.recreated or sts is None or not group_ready(obs, g, ctx.incarnations[g], sts.replicas)
 
-    unavailable = {g for g in groups if is_unavailable(g)}
+    unavailable = {g for g in ctx.groups if is_unavailable(g)}
     budget = spec.update_strategy.max_unavailable
-    for g in groups:
-        if g in recreated:
+    for g in ctx.groups:
+        if g in ctx.recreated:
             continue
         sts = obs.statefulsets.get(g)
         if sts is None:
-            out.add(RollGroup("Create", f"creating group {g}", g, want))
+            ctx.add(RollGroup("Create", f"creating group {g}", g, want[g]))
             continue
-        if sts.template_hash == want:
+        if sts.template_hash == want[g]:
             continue  # up to date, or rolling already: the shell replaces stale pods
         if g in unavailable:
-            out.add(RollGroup("Update", f"updating group {g} (not ready)", g, want))
+            ctx.add(RollGroup("Update", f"updating group {g} (not ready)", g, want[g]))
         elif len(unavailable) < budget:
-            out.add(RollGroup("Update", f"rolling group {g}", g, want))
+            ctx.add(RollGroup("Update", f"rolling group {g}", g, want[g]))
             unavailable.add(g)
         else:
-            out.add(Wait("RollingUpdate", f"group {g} waits for maxUnavailable={budget}"))
+            ctx.add(Wait("RollingUpdate", f"group {g} waits for maxUnavailable={budget}"))
     for g in sorted(obs.statefulsets):
         if g >= spec.replicas:
-            out.add(RemoveGroup("ScaleDown", f"removing group {g}", g))
-
-    deadline = next_heartbeat_deadline(spec, obs)
-    if deadline is not None:
-        out.add(Wait("Heartbeat", "next heartbeat deadline", until=deadline))
-    return out.actions
+            ctx.add(RemoveGroup("ScaleDown", f"removing group {g}", g))
 
 
 # -------------------------------------------------------------------------------- transition
@@ -402,27 +540,37 @@ def transition(
         st.failed_generation = None
         st.groups = []
         st.current_tensor_parallel_size = None
-        st.degraded_reason = None
+        st.degraded_reason = st.degraded_since = st.grown_back_at = None
+        st.failed_grow_backs = 0
     st.current_tensor_parallel_size = current_tp(st, obs.desired_tp)
     st.desired_tensor_parallel_size = obs.desired_tp
-    st.effective_max_batch_size = effective_batch(spec, st)
     if obs.restarted_at is not None:
         st.restarted_at = obs.restarted_at
+    basis = batch_basis(spec, obs.restarted_at)
     groups = {g.group: g for g in st.groups}
+    for g in groups.values():
+        if g.batch_basis is not None and g.batch_basis != basis:  # maxBatchSize or restartedAt changed
+            g.max_batch_size, g.batch_basis, g.floor_ooms = None, None, 0
 
     def gs(index: int) -> GroupStatus:
         if index not in groups:
             groups[index] = GroupStatus(group=index, incarnation=group_incarnation(obs.status, obs, index))
         return groups[index]
 
+    halved = {a.group for a in actions if isinstance(a, HalveBatch)}
+    lost_nodes = {a.group: a.node for a in actions if isinstance(a, ForceDelete)}
     touched: set[int] = set()
     for a in actions:
         group = getattr(a, "group", None)
         if isinstance(a, RecreateGroup):
             g = gs(a.group)
             g.incarnation = max(g.incarnation, group_incarnation(obs.status, obs, a.group)) + 1
-            g.restart_times = [format_time(t, micro=True) for t in restarts_in_window(spec, g, now)] + [stamp]
-            g.restart_times = g.restart_times[-(spec.failure_policy.max_group_restarts + 1) :]
+            if a.reason not in NOT_COUNTED:  # a lost node is not the group's crash loop
+                g.restart_times = [format_time(t, micro=True) for t in restarts_in_window(spec, g, now)] + [stamp]
+                g.restart_times = g.restart_times[-(spec.failure_policy.max_group_restarts + 1) :]
+            if a.reason == "OOMKilled" and a.group not in halved:
+                g.floor_ooms += 1
+            g.lost_node = lost_nodes.get(a.group) if a.reason == "NodeLost" else None
             g.failing_since = g.failing_since or stamp
             g.failure_reason = a.reason
             g.pod_uids = []
@@ -430,14 +578,21 @@ def transition(
             st.restarts += 1
             st.last_failure = f"{format_time(now)} group {a.group}: {a.reason}: {a.message}"
         elif isinstance(a, HalveBatch):
-            st.effective_max_batch_size = a.to_size
+            g = gs(a.group)
+            g.max_batch_size, g.batch_basis = a.to_size, basis
         elif isinstance(a, Degrade | ScaleUp):
             st.current_tensor_parallel_size = a.to_size
-            st.degraded_reason = a.reason if isinstance(a, Degrade) else None
+            st.degraded_reason = a.reason if isinstance(a, Degrade) else st.degraded_reason
+            st.degraded_since = stamp
             for g in groups.values():
                 g.restart_times = []  # a new size gets a fresh budget
             if isinstance(a, Degrade):
+                if st.grown_back_at is not None:  # the last grow-back did not hold
+                    st.failed_grow_backs += 1
+                st.grown_back_at = None
                 st.last_failure = f"{format_time(now)} degraded: {a.message}"
+            else:
+                st.grown_back_at = stamp
         elif isinstance(a, RollGroup):
             gs(a.group).pod_uids = []
             touched.add(a.group)
@@ -450,15 +605,21 @@ def transition(
             st.history.append(
                 HistoryEntry(time=stamp, group=group, reason=a.reason, action=a.kind, message=a.message[:512])
             )
-    if st.current_tensor_parallel_size >= st.desired_tensor_parallel_size:
-        st.degraded_reason = None
-    for index in touched & groups.keys():
-        groups[index].template_hash = obs.hash_for(
-            st.current_tensor_parallel_size, st.effective_max_batch_size
-        )
+    tp = st.current_tensor_parallel_size
+    if tp >= st.desired_tensor_parallel_size:
+        st.degraded_reason = st.degraded_since = None
+        resized = any(isinstance(a, Degrade | ScaleUp) for a in actions)
+        ready = all(group_ready(obs, g, group_incarnation(st, obs, g), tp) for g in range(spec.replicas))
+        if st.grown_back_at is not None and ready and not resized:  # the grow-back held
+            st.grown_back_at, st.failed_grow_backs = None, 0
     for index in range(spec.replicas):
         gs(index)
     st.groups = [groups[g] for g in sorted(groups) if g < spec.replicas]
+    for index in touched & groups.keys():
+        groups[index].template_hash = obs.hash_for(tp, group_batch(spec, st, index, obs.restarted_at))
+    st.effective_max_batch_size = min(
+        (group_batch(spec, st, g.group, obs.restarted_at) for g in st.groups), default=spec.runtime.max_batch_size
+    )
     st.history = st.history[-HISTORY_LIMIT:]
     return st
 

@@ -393,8 +393,9 @@ def lease(spec: TPInferenceClusterSpec, ident: Identity, group: int, rank: int) 
     )
 
 
-def rbac(ident: Identity) -> list[dict[str, Any]]:
-    """ServiceAccount, Role (Leases only, this namespace) and RoleBinding for the runtime."""
+def rbac(ident: Identity, lease_names: list[str]) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding for the runtime: only its own cluster's Leases, by name,
+    and no ``create`` (the operator creates them; a rank never makes or touches another's)."""
     name = runtime_sa_name(ident.name)
     return [
         _stamp({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(ident, name)}),
@@ -407,7 +408,9 @@ def rbac(ident: Identity) -> list[dict[str, Any]]:
                     {
                         "apiGroups": ["coordination.k8s.io"],
                         "resources": ["leases"],
-                        "verbs": ["get", "update", "patch", "create"],
+                        # an empty list would grant every Lease: never render that
+                        "resourceNames": sorted(lease_names) or [pod_name(ident.name, 0, 0)],
+                        "verbs": ["get", "update", "patch"],
                     }
                 ],
             }
@@ -424,6 +427,6 @@ def rbac(ident: Identity) -> list[dict[str, Any]]:
     ]
 
 
-def shared_objects(spec: TPInferenceClusterSpec, ident: Identity) -> list[dict[str, Any]]:
-    """Objects that do not depend on groups."""
-    return [*rbac(ident), headless_service(spec, ident), client_service(spec, ident)]
+def shared_objects(spec: TPInferenceClusterSpec, ident: Identity, lease_names: list[str]) -> list[dict[str, Any]]:
+    """Objects shared by all groups (the runtime's Role names every rank's Lease)."""
+    return [*rbac(ident, lease_names), headless_service(spec, ident), client_service(spec, ident)]

@@ -161,12 +161,13 @@ def compute(
         conds = set_condition(conds, "Progressing", False, "Failed", msg, gen, now)
     elif recovering:
         g = recovering[0]
+        off = f" off lost node {g.lost_node}" if g.failure_reason == "NodeLost" and g.lost_node else ""
         conds = set_condition(
             conds,
             "Progressing",
             True,
             "Recovering",
-            f"recreating group {g.group} ({g.failure_reason})",
+            f"recreating group {g.group}{off} ({g.failure_reason})",
             gen,
             now,
         )

@@ -26,6 +26,8 @@ NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
     ("tpi.dev", "tpinferenceclusters"): {"get", "list", "watch", "patch", "update"},
     ("tpi.dev", "tpinferenceclusters/status"): {"get", "patch", "update"},
     ("tpi.dev", "tpinferenceclusters/scale"): {"get", "patch", "update"},
+    # OwnerReferencesPermissionEnforcement: blockOwnerDeletion needs update on the finalizers
+    ("tpi.dev", "tpinferenceclusters/finalizers"): {"update"},
     ("apps", "statefulsets"): set(ALL_VERBS),
     ("", "services"): set(ALL_VERBS),
     ("", "configmaps"): set(ALL_VERBS),
@@ -41,7 +43,7 @@ NAMESPACED_PEERING = {("zalando.org", "kopfpeerings"): {"get", "list", "watch", 
 CLUSTER_SCOPED_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("", "namespaces"): {"list", "watch"},
-    ("", "nodes"): {"list"},
+    ("", "nodes"): {"get", "list"},  # get: is a rank's node lost?
 }
 CLUSTER_PEERING = {("zalando.org", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}}
 
@@ -50,7 +52,7 @@ def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     """Flatten a Role's rules to (group, resource) -> verbs, asserting there are no wildcards."""
     out: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
-        assert set(rule) <= {"apiGroups", "resources", "verbs"}, f"unexpected rule fields {rule}"
+        assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}, f"unexpected rule fields {rule}"
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], f"wildcard in {field} of {role['metadata']['name']}: {rule}"
             assert all("*" not in v for v in rule[field]), f"wildcard in {rule}"
@@ -204,6 +206,18 @@ def test_image_values(render) -> None:
 # --- watched namespaces and RBAC ---------------------------------------------------------------
 
 
+def test_host_paths_are_refused_unless_allowed(render) -> None:
+    """Default: no --allowed-host-path, so the operator refuses every hostPath model source."""
+    assert not [a for a in operator_container(render())["args"] if a.startswith("--allowed-host-path")]
+    args = operator_container(render("allowedHostPaths={/var/lib/tpi-e2e,/data}"))["args"]
+    assert [a for a in args if a.startswith("--allowed-host-path")] == [
+        "--allowed-host-path=/var/lib/tpi-e2e", "--allowed-host-path=/data"
+    ]
+    from tpi_operator.__main__ import parse_args
+
+    assert parse_args(args).allowed_host_paths == ["/var/lib/tpi-e2e", "/data"]  # the operator reads them
+
+
 def test_cluster_wide_by_default(render) -> None:
     docs = render()
     c = operator_container(docs)
@@ -327,7 +341,7 @@ def test_operator_can_grant_the_runtime_role(render) -> None:
     """RBAC escalation check: the operator holds every verb of the Role it creates for rank pods."""
     from tpi_operator.core.render import Identity, rbac
 
-    objs = rbac(Identity(name="demo", namespace="team-a", uid="0000"))
+    objs = rbac(Identity(name="demo", namespace="team-a", uid="0000"), ["demo-g0-0"])
     (runtime_role,) = [o for o in objs if o["kind"] == "Role"]
     wanted = rules_of(runtime_role)
     assert wanted, "the runtime Role grants nothing?"
@@ -535,8 +549,10 @@ def test_dashboard_metrics_exist_in_the_code(package: str, owns) -> None:
         (["image.pullPolicy=Sometimes"], r"pullPolicy"),
         (["watchNamespaces={Team_A}"], r"watchNamespaces/0"),
         (["serviceMonitor.enabeld=true"], r"enabeld"),
+        (["allowedHostPaths={relative/path}"], r"allowedHostPaths/0"),
     ],
-    ids=["negative-replicas", "unknown-top-level-key", "bad-pull-policy", "bad-namespace", "typo-nested"],
+    ids=["negative-replicas", "unknown-top-level-key", "bad-pull-policy", "bad-namespace", "typo-nested",
+         "relative-host-path"],
 )
 def test_schema_rejects_bad_values(helm: Path, sets: list[str], message: str) -> None:
     args = ["template", RELEASE, str(CHART)]

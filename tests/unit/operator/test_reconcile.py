@@ -22,6 +22,10 @@ def test_fresh_cluster_creates_everything():
     kinds = [o["kind"] for o in d.apply]
     assert kinds.count("StatefulSet") == 2 and kinds.count("Lease") == 8
     assert {"ServiceAccount", "Role", "RoleBinding", "Service"} <= set(kinds)
+    role = next(o for o in d.apply if o["kind"] == "Role")
+    leases = sorted(o["metadata"]["name"] for o in d.apply if o["kind"] == "Lease")
+    assert role["rules"][0]["resourceNames"] == leases  # exactly this cluster's Leases
+    assert kinds.index("Role") < kinds.index("StatefulSet")  # granted before any rank starts
     assert d.delete_pods == [] and d.status.phase == "Pending"
     assert d.wake_after <= 2.0  # busy while starting
 
@@ -37,7 +41,10 @@ def test_recreate_deletes_every_pod_of_the_group():
                                       groups=[GroupStatus(group=0)])  # fmt: skip
     d = reconcile.decide(spec, IDENT, dataclasses.replace(base, pods=pods, statefulsets=sts, status=status))
     assert [a.kind for a in d.actions if a.kind != "Wait"] == ["RecreateGroup"]
-    assert sorted(d.delete_pods) == [f"demo-g0-{r}" for r in range(4)]
+    assert sorted(d.delete_pods, key=lambda x: x.name) == [
+        reconcile.PodDelete(f"demo-g0-{r}", f"u0-{r}-0", reconcile.BROKEN_GROUP_GRACE_SECONDS) for r in range(4)
+    ]  # a broken group serves nothing: short grace; uid preconditions guard replacements
+    assert [e.reason for e in d.events] == ["RecreateGroup"] and d.events[0].type == "Normal"
     applied = next(o for o in d.apply if o["kind"] == "StatefulSet")
     assert applied["spec"]["template"]["metadata"]["labels"][render.L_INCARNATION] == "1"
     assert d.status.phase == "Recovering" and d.status.restarts == 1
@@ -93,3 +100,18 @@ def test_changing_something_rechecks_soon():
     spec = make_spec()
     obs = dataclasses.replace(real_obs(spec), pods=[], statefulsets={})
     assert reconcile.decide(spec, IDENT, obs, idle_seconds=30, busy_seconds=2).wake_after == 2
+
+
+def test_objects_of_our_names_owned_by_others_are_left_alone_and_reported():
+    spec = make_spec()
+    obs = dataclasses.replace(real_obs(spec), pods=[], statefulsets={},
+                              foreign={("Service", "demo"): "(not owned by this cluster)"})  # fmt: skip
+    d = reconcile.decide(spec, IDENT, obs)
+    assert ("Service", "demo") not in {(o["kind"], o["metadata"]["name"]) for o in d.apply}  # never adopted
+    assert ("Service", "demo-ranks") in {(o["kind"], o["metadata"]["name"]) for o in d.apply}
+    degraded = next(c for c in d.status.conditions if c.type == "Degraded")
+    assert degraded.reason == "Conflict" and "Service demo (not owned by this cluster)" in degraded.message
+    assert [e.reason for e in d.events if e.type == "Warning"] == ["Conflict"]
+    # reported once: the next pass (same conflict, already in status) posts no new Event
+    again = reconcile.decide(spec, IDENT, dataclasses.replace(obs, status=d.status))
+    assert "Conflict" not in [e.reason for e in again.events]

@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 from op_builders import IDENT, NOW, healthy_pods, make_obs, make_spec
-from tpi_operator.api.v1alpha1 import GroupStatus, HistoryEntry, TPInferenceClusterStatus
+from tpi_operator.api.v1alpha1 import GroupStatus, TPInferenceClusterStatus
 from tpi_operator.core import recovery as rc
 from tpi_operator.core import status as sc
 from tpi_operator.core.observe import LeaseObs, format_time
@@ -18,7 +18,10 @@ def kinds(actions):
 
 
 def status_with(restarts=0, group=0, current=4, desired=4, batch=8, **kw):
+    """Status of one group; ``batch`` below the spec's default 8 is that group's OOM-halved size."""
     times = [format_time(NOW - dt.timedelta(seconds=60 * (i + 1)), micro=True) for i in range(restarts)]
+    if batch != 8:
+        kw = {"max_batch_size": batch, "batch_basis": "8@", **kw}
     return TPInferenceClusterStatus(
         current_tensor_parallel_size=current,
         desired_tensor_parallel_size=desired,
@@ -85,13 +88,19 @@ def test_oom_halves_down_to_floor_then_only_recreates():
     halve = next(a for a in actions if isinstance(a, rc.HalveBatch))
     assert (halve.from_size, halve.to_size) == (4, 3)
     st = rc.transition(spec, obs, actions)
-    assert st.effective_max_batch_size == 3
+    assert st.effective_max_batch_size == 3 and st.groups[0].max_batch_size == 3
     assert st.groups[0].incarnation == 1 and st.restarts == 1
     assert [h.action for h in st.history] == ["HalveBatch", "RecreateGroup"]
-    # at the floor: no more halving
+    # at the floor: no more halving, one more try...
     obs = make_obs(spec, pods=with_pod(healthy_pods(batch=3), 0, termination_reason="OOMKilled"),
                    status=status_with(batch=3), batch=3)  # fmt: skip
-    assert kinds(rc.plan(spec, obs)) == ["RecreateGroup"]
+    actions = rc.plan(spec, obs)
+    assert kinds(actions) == ["RecreateGroup"]
+    assert rc.transition(spec, obs, actions).groups[0].floor_ooms == 1
+    # ...and a second OOM at the floor fails the cluster, never shrinking TP
+    obs = dataclasses.replace(obs, status=status_with(batch=3, floor_ooms=1))
+    actions = rc.plan(spec, obs)
+    assert kinds(actions) == ["MarkFailed"] and actions[0].reason == "OOMAtBatchFloor"
 
 
 @pytest.mark.parametrize(
@@ -139,20 +148,23 @@ def test_degrade_rolls_all_groups_to_new_size():
 def test_stale_lease_means_hang():
     spec = make_spec(failurePolicy={"heartbeatTimeoutSeconds": 10})
     pods = healthy_pods()
-    leases = {p.name: LeaseObs(p.name, renew_time=NOW - dt.timedelta(seconds=1)) for p in pods}
+    # ``since``: the operator's own time of the last renewal it saw (core.heartbeat tracks it)
+    leases = {p.name: LeaseObs(p.name, since=NOW - dt.timedelta(seconds=1)) for p in pods}
     fresh = make_obs(spec, pods=pods, leases=leases, status=status_with())
     assert kinds(rc.plan(spec, fresh)) == []
     assert rc.next_wake(rc.plan(spec, fresh), NOW, 30) == pytest.approx(9.1)
-    leases["demo-g0-3"] = LeaseObs("demo-g0-3", renew_time=NOW - dt.timedelta(seconds=11))
+    leases["demo-g0-3"] = LeaseObs("demo-g0-3", since=NOW - dt.timedelta(seconds=11))
     actions = rc.plan(spec, dataclasses.replace(fresh, leases=leases))
     assert kinds(actions) == ["RecreateGroup"] and actions[0].reason == "HeartbeatTimeout"
 
 
-def test_lease_from_previous_pod_is_not_a_hang():
+def test_lease_not_renewed_for_this_pod_is_not_a_hang_nor_a_deadline():
     spec = make_spec(failurePolicy={"heartbeatTimeoutSeconds": 10})
     pods = [dataclasses.replace(p, started_at=NOW - dt.timedelta(seconds=5)) for p in healthy_pods()]
     leases = {p.name: LeaseObs(p.name, renew_time=NOW - dt.timedelta(minutes=3)) for p in pods}
-    assert kinds(rc.plan(spec, make_obs(spec, pods=pods, leases=leases, status=status_with()))) == []
+    actions = rc.plan(spec, make_obs(spec, pods=pods, leases=leases, status=status_with()))
+    assert kinds(actions) == []
+    assert rc.next_wake(actions, NOW, 30) == 30  # no past deadline: no spin
 
 
 def test_replaced_pod_breaks_the_group():
@@ -197,8 +209,9 @@ def test_unschedulable(age, scheduled, free, expected):
 @pytest.mark.parametrize(
     ("reason", "free", "degraded_ago", "expected"),
     [
-        ("Unschedulable", 2, 10, ["ScaleUp"]),  # capacity is back
-        ("Unschedulable", 1, 10, []),  # not enough yet
+        ("Unschedulable", 2, 70, ["ScaleUp"]),  # capacity is back, scaleBackUpDelaySeconds (60) spent
+        ("Unschedulable", 2, 10, []),  # capacity is back, but the hysteresis is not spent
+        ("Unschedulable", 1, 70, []),  # not enough yet
         ("CrashLoop", None, 10, []),  # crash degrade: wait for a quiet window
         ("CrashLoop", None, 700, ["ScaleUp"]),
     ],
@@ -207,8 +220,8 @@ def test_scale_back_up(reason, free, degraded_ago, expected):
     spec = make_spec()
     st = status_with(current=2, desired=4, degraded_reason=None)
     st.degraded_reason = reason
-    st.history = [HistoryEntry(time=format_time(NOW - dt.timedelta(seconds=degraded_ago)), reason=reason,
-                               action="Degrade")]  # fmt: skip
+    # the hysteresis is kept in status, not searched for in the (bounded) history
+    st.degraded_since = format_time(NOW - dt.timedelta(seconds=degraded_ago))
     obs = make_obs(spec, tp=2, status=st, free_rank_slots=free)
     actions = rc.plan(spec, obs)
     assert kinds(actions)[:1] == expected

@@ -121,9 +121,12 @@ def test_services_leases_rbac():
     lease = render.lease(spec, IDENT, 1, 3)
     assert lease["metadata"]["name"] == "demo-g1-3" == lease["spec"]["holderIdentity"]
     assert "renewTime" not in lease["spec"]  # the runtime's field
-    sa, role, binding = render.rbac(IDENT)
+    sa, role, binding = render.rbac(IDENT, ["demo-g0-1", "demo-g0-0"])
+    # least privilege: its own cluster's Leases by name, no create (the operator creates them)
     assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                              "verbs": ["get", "update", "patch", "create"]}]  # fmt: skip
+                              "resourceNames": ["demo-g0-0", "demo-g0-1"],
+                              "verbs": ["get", "update", "patch"]}]  # fmt: skip
+    assert render.rbac(IDENT, [])[1]["rules"][0]["resourceNames"]  # never empty (that grants all)
     assert binding["subjects"][0]["name"] == sa["metadata"]["name"] == "demo-runtime"
     for obj in [headless, client, lease, sa, role, binding]:
         assert obj["metadata"]["ownerReferences"][0]["controller"] is True
