@@ -3,7 +3,6 @@ same generation as completions, formatted as chat.completion / chat.completion.c
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
@@ -57,8 +56,9 @@ class ChatFormatter:
 
     def first_chunks(self, prep: Prepared) -> list[bytes]:
         return [
-            self._dump(
+            endpoint.chunk(
                 prep,
+                "chat.completion.chunk",
                 [
                     {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
                     for i in range(prep.n)
@@ -75,10 +75,10 @@ class ChatFormatter:
             "logprobs": chat_logprobs(self.tokenizer, ev.logprobs) if ev.logprobs else None,
             "token_ids": ev.token_ids,
         }
-        return self._dump(prep, [choice])
+        return endpoint.chunk(prep, "chat.completion.chunk", [choice])
 
     def usage_chunk(self, prep: Prepared, usage: Usage) -> bytes:
-        return self._dump(prep, [], usage.model_dump())
+        return endpoint.chunk(prep, "chat.completion.chunk", [], usage.model_dump())
 
     def response(self, prep: Prepared, gen: Generation, texts: list[str], usage: Usage) -> bytes:
         choices = [
@@ -102,13 +102,6 @@ class ChatFormatter:
             .model_dump_json()
             .encode()
         )
-
-    @staticmethod
-    def _dump(prep: Prepared, choices: list[dict[str, object]], usage: object = None) -> bytes:
-        body: dict[str, object] = {**prep.meta, "object": "chat.completion.chunk", "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return json.dumps(body).encode()
 
 
 async def handle(request: web.Request, req: ChatCompletionRequest, state: ServerState) -> web.StreamResponse:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
@@ -70,8 +69,9 @@ class CompletionFormatter:
         if not prep.echo_text:
             return []
         return [
-            self._dump(
+            endpoint.chunk(
                 prep,
+                "text_completion",
                 [
                     {"index": i, "text": prep.echo_text, "token_ids": [], "finish_reason": None, "logprobs": None}
                     for i in range(prep.n)
@@ -87,10 +87,10 @@ class CompletionFormatter:
             "finish_reason": ev.finish_reason,
             "logprobs": completion_logprobs(self.tokenizer, ev.logprobs) if ev.logprobs else None,
         }
-        return self._dump(prep, [choice])
+        return endpoint.chunk(prep, "text_completion", [choice])
 
     def usage_chunk(self, prep: Prepared, usage: Usage) -> bytes:
-        return self._dump(prep, [], usage.model_dump())
+        return endpoint.chunk(prep, "text_completion", [], usage.model_dump())
 
     def response(self, prep: Prepared, gen: Generation, texts: list[str], usage: Usage) -> bytes:
         choices = [
@@ -116,13 +116,6 @@ class CompletionFormatter:
             .model_dump_json()
             .encode()
         )
-
-    @staticmethod
-    def _dump(prep: Prepared, choices: list[dict[str, object]], usage: object = None) -> bytes:
-        body: dict[str, object] = {**prep.meta, "object": "text_completion", "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return json.dumps(body).encode()
 
 
 async def handle(request: web.Request, req: CompletionRequest, state: ServerState) -> web.StreamResponse:

@@ -4,6 +4,7 @@ generation (streamed as SSE or collected), the server-side deadline, disconnects
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,6 +35,14 @@ class Prepared:
     include_usage: bool
     echo_text: str = ""  # completions' echo: the prompt, in front of each choice's text
     meta: dict[str, object] = field(default_factory=dict)
+
+
+def chunk(prep: Prepared, object_name: str, choices: list[dict[str, object]], usage: object = None) -> bytes:
+    """One streamed SSE payload of either endpoint (``object_name``: its OpenAI object type)."""
+    body: dict[str, object] = {**prep.meta, "object": object_name, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return json.dumps(body).encode()
 
 
 class Formatter(Protocol):
