@@ -39,6 +39,8 @@ def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = endpoint.sampling_params(req, max_tokens, template.stop_token_ids(engine.tokenizer), logprobs)
     endpoint.check_context(len(ids), params.max_tokens, engine.max_model_len)
+    last = req.messages[-1]
+    echo = last.as_template_dict()["content"] or "" if req.echo and last.role == "assistant" else ""
     return Prepared(
         prompt_ids=ids,
         params=params,
@@ -46,6 +48,7 @@ def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
         stop=req.stop_list(),
         stream=bool(req.stream),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        echo_text=echo,
         meta=endpoint.new_meta("chatcmpl", state.model_name),
     )
 
@@ -60,7 +63,12 @@ class ChatFormatter:
                 prep,
                 "chat.completion.chunk",
                 [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": prep.echo_text},
+                        "finish_reason": None,
+                        "logprobs": None,
+                    }
                     for i in range(prep.n)
                 ],
             )

@@ -33,7 +33,7 @@ class Prepared:
     stop: list[str]
     stream: bool
     include_usage: bool
-    echo_text: str = ""  # completions' echo: the prompt, in front of each choice's text
+    echo_text: str = ""  # echo: the prompt (completions) or the assistant's last message (chat) leads each choice
     meta: dict[str, object] = field(default_factory=dict)
 
 

@@ -98,6 +98,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
+    #: vLLM's: when the last message is the assistant's (a reply to continue), it leads the reply.
+    echo: bool | None = False
 
 
 # ------------------------------------------------------------------------------ responses

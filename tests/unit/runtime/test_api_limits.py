@@ -152,3 +152,38 @@ def test_sigterm_during_a_long_stream_finishes_it_then_exits_0(long_ckpt: str, t
     assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == n
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert srv.stop(sig=None, timeout=60) == 0, srv.logs()
+
+
+def test_idle_and_trickling_connections_are_closed(long_ckpt: str, tmp_path: Path) -> None:
+    """Neither an idle keep-alive connection nor a client trickling its body holds the server: the
+    first is closed after the keep-alive timeout, the second gets 408 after the body timeout (the
+    defaults, 15 s and 30 s), and the server keeps answering meanwhile."""
+    from tpi_runtime.serving.app import BODY_READ_TIMEOUT_S
+    from tpi_runtime.serving.lifecycle import KEEPALIVE_TIMEOUT_S
+
+    srv = single(long_ckpt, tmp_path / "r0.log")
+    try:
+        idle = socket.create_connection(("127.0.0.1", srv.port))
+        idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        slow = socket.create_connection(("127.0.0.1", srv.port))
+        slow.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{\"prompt\": "
+        )
+        t0 = time.monotonic()
+        assert httpx.get(f"{srv.url}/healthz", timeout=10).status_code == 200  # others are served
+        idle.settimeout(KEEPALIVE_TIMEOUT_S + 10)
+        assert idle.recv(1) == b"", "the idle keep-alive connection was not closed"
+        assert KEEPALIVE_TIMEOUT_S - 1 <= time.monotonic() - t0 <= KEEPALIVE_TIMEOUT_S + 10
+        slow.settimeout(BODY_READ_TIMEOUT_S + 10)
+        answer = slow.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"request_timeout" in answer
+        assert time.monotonic() - t0 <= BODY_READ_TIMEOUT_S + 10
+        idle.close()
+        slow.close()
+        assert httpx.get(f"{srv.url}/healthz", timeout=10).status_code == 200
+    finally:
+        srv.stop()
+

@@ -171,3 +171,22 @@ def test_penalties_min_p_and_unknown_fields_are_accepted(client: OpenAI, group: 
         assert len(set(penalized)) / len(penalized) > len(set(plain)) / len(plain)
     warned = "ignoring unknown request fields: frobnicate"
     assert warned in group[0].logs() or warned in Path(group[0].log).read_text()
+
+
+def test_chat_echo_continues_the_assistants_last_message(client: OpenAI) -> None:
+    """vLLM's chat `echo`: an assistant message to continue leads the reply, streamed or not; with a
+    user message last there is nothing to echo."""
+    messages: Any = [*MESSAGES, {"role": "assistant", "content": "the bird"}]
+    kw: dict[str, Any] = {"model": "tiny", "messages": messages, "max_tokens": 5, "temperature": 0}
+    plain = client.chat.completions.create(**kw, extra_body={"add_generation_prompt": False})
+    echoed = client.chat.completions.create(**kw, extra_body={"add_generation_prompt": False, "echo": True})
+    assert echoed.choices[0].message.content == "the bird" + (plain.choices[0].message.content or "")
+    streamed = client.chat.completions.create(
+        **kw, stream=True, extra_body={"add_generation_prompt": False, "echo": True}
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == echoed.choices[0].message.content
+    user_last = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=5, temperature=0, extra_body={"echo": True}
+    )
+    assert not (user_last.choices[0].message.content or "").startswith(MESSAGES[0]["content"])
+
