@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tpi_contract import gguf_header
 
-from .loader import CheckpointError, LoadReport
+from .loader import CheckpointError, LoadReport, logical_rows
 from .tp import ParamPlan, TensorSlice, shard_plan, weight_rows
 
 log = logging.getLogger("tpi_runtime.gguf")
@@ -258,8 +258,7 @@ def load_gguf_weights(model: torch.nn.Module, f: GGUFFile, cfg: Any, rank: int, 
                 raise CheckpointError(f"{f.path}: failed reading tensor {hf_to_gguf_name(s.name)}: {e}") from e
             report.tensors_read += 1
             row += s.local_shape[0]
-        total = dest.shape[0] if dest.dim() <= 2 else dest.shape[0] * dest.shape[2]
-        for _, _, padding in weight_rows(dest, row, total):
+        for _, _, padding in weight_rows(dest, row, logical_rows(dest)):
             padding.zero_()  # vocab padding rows produce logit 0 and are sliced away
     report.seconds = time.monotonic() - t0
     log.info(

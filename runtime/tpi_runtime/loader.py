@@ -222,7 +222,7 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
             elem = _DTYPES[headers[path].tensors[s.name][0]]
             work[path].extend(_chunks(s, dest, row, elem))
             row += s.local_shape[0]
-        for _, _, padding in weight_rows(dest, row, _logical_rows(dest)):
+        for _, _, padding in weight_rows(dest, row, logical_rows(dest)):
             padding.zero_()  # vocab padding rows produce logit 0 and are sliced away
     for i, path in enumerate(sorted(work), 1):
         tf = time.monotonic()
@@ -279,7 +279,7 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
     return report
 
 
-def _logical_rows(weight: torch.Tensor) -> int:
+def logical_rows(weight: torch.Tensor) -> int:
     """Rows of the [out, in] (or [n]) tensor a parameter holds, whatever its storage layout."""
     return weight.shape[0] if weight.dim() <= 2 else weight.shape[0] * weight.shape[2]
 

@@ -128,31 +128,6 @@ GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F3
 # K-quant types have no Python quantizer: random blocks, with each block's scale field(s) set to a
 # small float16 so the weights stay in a sane range. (byte offset of d, of dmin or None)
 _K_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None)}
-_GGUF_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-
-def _gguf_name(hf: str) -> str:
-    glob = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    if hf in glob:
-        return glob[hf]
-    if hf == "lm_head.weight":
-        return "output.weight"
-    parts = hf.split(".")
-    return f"blk.{parts[2]}.{_GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
-
-
 def _llamacpp_permute(w: Any, n_head: int) -> Any:
     """convert_hf_to_gguf's q/k row permutation for llama-arch files."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -184,6 +159,8 @@ def make_tiny_gguf(
     import torch
     from gguf import GGMLQuantizationType, GGUFWriter, quants
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .gguf_checkpoint import hf_to_gguf_name  # the loader's own name map: the file must match it
 
     tokens, merges, token_types = _byte_level_vocab()
     overrides = {
@@ -230,7 +207,7 @@ def make_tiny_gguf(
         data = p.detach().numpy().astype(np.float32)
         if name.endswith("rotary_emb.inv_freq"):
             continue
-        gname = _gguf_name(name)
+        gname = hf_to_gguf_name(name)
         if data.ndim == 1:
             if "norm" in name:
                 data = rng.uniform(0.5, 1.5, data.shape).astype(np.float32)
