@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.runtime.test_server import MAX_MODEL_LEN, Server, error_of, start_group
+from tests.unit.runtime.test_server import MAX_MODEL_LEN, Server, error_of, start_group, stop_group
 
 ANY = st.one_of(
     st.none(),
@@ -74,10 +73,7 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
     try:
         yield ranks
     finally:
-        for srv in ranks:
-            if srv.proc.poll() is None:
-                srv.proc.send_signal(signal.SIGTERM)
-        codes = [srv.stop(sig=None) for srv in ranks]
+        codes = stop_group(ranks)
     assert codes == [0, 0], "\n".join(s.logs() for s in ranks)
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from tpi_runtime.config import ModelConfig
 from tpi_runtime.testing import load_hf_model
 
+from . import test_parity as parity
 from .conftest import assert_all_ok, run_ranks, worker_argv
 
 STEPS = 12
@@ -22,18 +22,7 @@ TOL = 1e-4
 
 
 def hf_greedy(model: Any, ids: list[int]) -> dict[str, Any]:
-    """Prefill logits at every position, then greedy steps by full recomputation (no cache)."""
-    ids = list(ids)
-    with torch.no_grad():
-        prefill = model(torch.tensor([ids])).logits[0]
-        tokens = [int(prefill[-1].argmax())]
-        decode = []
-        for _ in range(STEPS - 1):
-            ids.append(tokens[-1])
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            decode.append(logits)
-            tokens.append(int(logits.argmax()))
-    return {"prefill": prefill, "decode": torch.stack(decode), "tokens": tokens}
+    return parity.hf_greedy(model, ids, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 from openai import BadRequestError, OpenAI
 from tpi_runtime.testing import make_tiny_checkpoint
 
-from tests.unit.runtime.test_server import Server, start_group
+from tests.unit.runtime.test_server import Server, start_group, stop_group
 
 PROMPT = "the cat sees a dog and the bird"
 TEMPLATE = (
@@ -53,10 +52,7 @@ def group(chat_ckpt: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     try:
         yield ranks
     finally:
-        for srv in ranks:
-            if srv.proc.poll() is None:
-                srv.proc.send_signal(signal.SIGTERM)
-        codes = [srv.stop(sig=None) for srv in ranks]
+        codes = stop_group(ranks)
     assert codes == [0, 0], "\n".join(s.logs() for s in ranks)
 
 

@@ -19,21 +19,24 @@ PROMPT = [1, *range(10, 49)]
 TOL = 1e-4
 
 
-def hf_reference(model_dir: str) -> dict[str, Any]:
-    """Prefill logits for every prompt position, then 32 greedy steps with full recomputation (no
-    cache), recording each step's logits."""
-    model = load_hf_model(model_dir)
-    ids = list(PROMPT)
+def hf_greedy(model: Any, ids: list[int], steps: int = STEPS) -> dict[str, Any]:
+    """Prefill logits for every prompt position, then `steps` greedy steps with full recomputation
+    (no cache), recording each step's logits."""
+    ids = list(ids)
     with torch.no_grad():
         prefill = model(torch.tensor([ids])).logits[0]
         tokens = [int(prefill[-1].argmax())]
         decode = []
-        for _ in range(STEPS - 1):
+        for _ in range(steps - 1):
             ids.append(tokens[-1])
             logits = model(torch.tensor([ids])).logits[0, -1]
             decode.append(logits)
             tokens.append(int(logits.argmax()))
     return {"prefill": prefill, "decode": torch.stack(decode), "tokens": tokens}
+
+
+def hf_reference(model_dir: str) -> dict[str, Any]:
+    return hf_greedy(load_hf_model(model_dir), PROMPT)
 
 
 @pytest.fixture(scope="module")

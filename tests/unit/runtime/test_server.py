@@ -570,18 +570,22 @@ def start_group(
     return ranks
 
 
+def stop_group(ranks: list[Server]) -> list[int]:
+    """SIGTERM to every rank at once, as when Kubernetes deletes the pods: rank 0 drains and
+    broadcasts shutdown, the followers leave on it. Returns the exit codes (0 each when graceful)."""
+    for srv in ranks:
+        if srv.proc.poll() is None:
+            srv.proc.send_signal(signal.SIGTERM)
+    return [srv.stop(sig=None) for srv in ranks]
+
+
 @pytest.fixture(scope="module")
 def group(ckpt: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
     ranks = start_group(ckpt, tmp_path_factory.mktemp("group"))
     try:
         yield ranks
     finally:
-        # SIGTERM to every rank at once, as when Kubernetes deletes the pods: rank 0 drains and
-        # broadcasts shutdown, the follower leaves on it; both exit 0.
-        for srv in ranks:
-            if srv.proc.poll() is None:
-                srv.proc.send_signal(signal.SIGTERM)
-        codes = [srv.stop(sig=None) for srv in ranks]
+        codes = stop_group(ranks)
     assert codes == [0, 0], f"graceful group stop exited {codes}:\n" + "\n".join(s.logs() for s in ranks)
 
 
