@@ -18,15 +18,16 @@ import numpy as np
 import torch
 from tpi_contract import gguf_header
 
+from .gguf_config import config_from_metadata
 from .loader import CheckpointError, LoadReport, logical_rows
 from .tp import ParamPlan, TensorSlice, shard_plan, weight_rows
 
 log = logging.getLogger("tpi_runtime.gguf")
 
-# general.architecture -> the transformers architecture whose maths it is.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# Quantization types we dequantize (all through gguf.quants.dequantize).
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+# Quantization types we dequantize (all through gguf.quants.dequantize): the float types and the
+# legacy / K quants llama.cpp's Q2_K..Q8_0 files mix (a Q4_K_M file holds Q4_K, Q6_K and often
+# Q5_0 / Q8_0 tensors). The IQ* and ternary types are refused, naming the tensor.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # Dequantized float32 bytes per row chunk: bounds a rank's transient memory per tensor.
 _CHUNK_BYTES = 16 << 20
 
@@ -123,47 +124,12 @@ class GGUFFile:
 
     def config_dict(self) -> dict[str, Any]:
         """A config.json-shaped dict from the metadata (ModelConfig.from_dict checks it)."""
-        arch = self.get("general.architecture")
-        if arch not in ARCHITECTURES:
-            raise ValueError(
-                f"{self.path}: unsupported general.architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}"
-            )
-        if "rope_freqs.weight" in self.tensors:
-            raise ValueError(f"{self.path}: unsupported tensor rope_freqs.weight (llama3 rope scaling in GGUF)")
+        return config_from_metadata(self.fields, self._small_tensor, self.path, "output.weight" in self.tensors)
 
-        def need(key: str) -> Any:
-            value = self.get(f"{arch}.{key}")
-            if value is None:
-                raise CheckpointError(f"{self.path}: missing metadata {arch}.{key}")
-            return value
-
-        heads = int(need("attention.head_count"))
-        hidden = int(need("embedding_length"))
-        tokens = self.get("tokenizer.ggml.tokens") or []
-        d: dict[str, Any] = {
-            "architectures": [ARCHITECTURES[arch]],
-            "vocab_size": int(self.get(f"{arch}.vocab_size") or len(tokens)),
-            "hidden_size": hidden,
-            "intermediate_size": int(need("feed_forward_length")),
-            "num_hidden_layers": int(need("block_count")),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(self.get(f"{arch}.attention.head_count_kv") or heads),
-            "head_dim": int(self.get(f"{arch}.attention.key_length") or hidden // heads),
-            "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-            "rope_theta": float(self.get(f"{arch}.rope.freq_base", 10000.0)),
-            "max_position_embeddings": int(self.get(f"{arch}.context_length", 2048)),
-            "tie_word_embeddings": "output.weight" not in self.tensors,
-            "bos_token_id": self.get("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": self.get("tokenizer.ggml.eos_token_id"),
-            "torch_dtype": "float32",
-        }
-        scaling = self.get(f"{arch}.rope.scaling.type")
-        if scaling not in (None, "none"):
-            d["rope_scaling"] = {"rope_type": scaling, "factor": float(self.get(f"{arch}.rope.scaling.factor", 1.0))}
-        window = self.get(f"{arch}.attention.sliding_window")
-        if window:
-            raise ValueError(f"{self.path}: unsupported {arch}.attention.sliding_window={window} in a GGUF file")
-        return d
+    def _small_tensor(self, name: str) -> np.ndarray | None:
+        """A 1-D metadata-like tensor (rope_freqs.weight) as float32, or None when absent."""
+        t = self.tensors.get(name)
+        return None if t is None else _dequantize(t, 0, int(t.data.shape[0]))
 
     @property
     def chat_template(self) -> str | None:
@@ -216,7 +182,7 @@ def _read_slice(f: GGUFFile, arch: str, head_dim: int, s: TensorSlice, sink: Any
         r_lo, r_hi, c_lo, c_hi = (s.start, s.stop, 0, cols) if s.dim == 0 else (0, s.shape[0], 0, cols)
     step = max(1, _CHUNK_BYTES // (cols * 4))
     if _permuted(name, arch):
-        step = r_hi - r_lo  # whole heads at once; the slice is one rank's heads only
+        step = max(1, step // head_dim) * head_dim  # whole heads: the permutation is within a head
     nbytes = 0
     for a in range(r_lo, r_hi, step):
         b = min(a + step, r_hi)
@@ -237,7 +203,8 @@ def load_gguf_weights(model: torch.nn.Module, f: GGUFFile, cfg: Any, rank: int, 
     params = dict(model.named_parameters())
     report = LoadReport(files=[f.path], bytes_total=sum(int(t.n_bytes) for t in f.tensors.values()))
     expected = {hf_to_gguf_name(s.name) for pp in plan for s in pp.slices}
-    extra = sorted(set(f.tensors) - expected - {"output.weight"})
+    # output.weight: a tied head some exporters store anyway; rope_freqs.weight: read into the config.
+    extra = sorted(set(f.tensors) - expected - {"output.weight", "rope_freqs.weight"})
     if extra:
         raise CheckpointError(f"{f.path}: unexpected tensor {extra[0]} (not part of a {cfg.architecture})")
     for pp in plan:

@@ -2,7 +2,7 @@
 
 Modes (rank 0 prints one JSON line with the results; safetensors files for tensors):
   parity OUT_DIR STEPS PROMPT_IDS MODEL...   model-level prefill logits + greedy decode per model
-  load MODEL                                 shard-on-load byte accounting and peak RSS
+  load MODEL                                 shard-on-load byte accounting and peak RSS (HF dir or GGUF)
   engine MODEL SCENARIO                      Engine scenarios driven from a thread on rank 0
   stream MODEL                               endless requests on rank 0 (peer-failure tests)
 """
@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from tpi_runtime.checkpoint import Checkpoint
-from tpi_runtime.config import ModelConfig, check_tp
+from tpi_runtime.config import check_tp
 from tpi_runtime.dist import Dist
 from tpi_runtime.engine import Engine, RequestError, SamplingParams
-from tpi_runtime.loader import load_weights
 from tpi_runtime.model import BatchMeta, Transformer
 from tpi_runtime.settings import ProcessSettings
 
@@ -105,12 +104,13 @@ def _status_kib(field: str) -> int:
 def load(model_dir: str) -> None:
     env = PROCESS.dist
     dist = Dist(env, backend="gloo", timeout_s=60, shm=PROCESS.shm_collectives)
-    cfg = ModelConfig.from_pretrained(model_dir)
+    ckpt = Checkpoint.open(model_dir)  # a HF directory (safetensors) or a GGUF file
+    cfg = ckpt.config
     model = Transformer(cfg, dist, dtype=torch.float32, device=CPU)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM: measure the peak of the load alone, not of the imports
     before = _status_kib("VmRSS")
-    report = load_weights(model, model_dir, cfg, env.rank, env.world_size)
+    report = ckpt.load_weights(model, env.rank, env.world_size)
     peak = _status_kib("VmHWM")
     local = sum(p.numel() * p.element_size() for p in model.parameters())
     emit(

@@ -10,40 +10,65 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
 from safetensors.torch import load_file
 from tpi_runtime.checkpoint import Checkpoint
+from tpi_runtime.config import ModelConfig
 from tpi_runtime.gguf_checkpoint import SUPPORTED_TYPES, GGUFFile
+from tpi_runtime.gguf_config import llama3_from_factors
 from tpi_runtime.gguf_tokenizer import build_tokenizer
 from tpi_runtime.loader import CheckpointError
-from tpi_runtime.testing import load_hf_gguf_model, make_tiny_gguf
+from tpi_runtime.model import rope_inv_freq
+from tpi_runtime.testing import llama3_rope_factors, load_hf_gguf_model, make_tiny_gguf
 from tpikit.models import smollm2_gguf
 
 from .conftest import assert_all_ok, run_ranks, worker_argv
 from .test_families import hf_greedy
 
 TOL = 1e-4
-TINY_PROMPT = [1, 70, 80, 90, 100, 259, 260, 40, 41, 42, 200, 201]  # vocab 261
+TINY_PROMPT = [1, 70, 80, 90, 100, 259, 260, 40, 41, 42, 200, 201]  # within both tiny vocabularies
 QUESTION = "What is the capital of France?"
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,  # short, so the tiny model's frequencies span all three bands
+}
+LINEAR = {"rope_type": "linear", "factor": 4.0}
+# name -> (make_tiny_gguf arguments, what transformers' GGUF loader must be told: it ignores GGUF
+# rope scaling and sliding windows, so those reach the reference as config overrides).
+CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "llama": ({"family": "llama"}, {}),
+    "qwen2": ({"family": "qwen2"}, {}),  # q/k/v biases
+    "qwen3": ({"family": "qwen3", "head_dim": 128}, {}),  # q/k norms; head_dim (key_length) != 256 / 4
+    # SentencePiece vocabulary; head_dim 128 from key_length / rope.dimension_count
+    "llama-spm": ({"family": "llama", "vocab": "llama", "head_dim": 128}, {}),
+    "llama3-rope": ({"family": "llama", "rope_scaling": LLAMA3}, {"rope_parameters": {**LLAMA3, "rope_theta": 1e4}}),
+    "qwen2-linear": ({"family": "qwen2", "rope_scaling": LINEAR}, {"rope_parameters": {**LINEAR, "rope_theta": 1e4}}),
+    # llama arch named mistral (transformers then builds MistralForCausalLM), window 7 < the prompt
+    "mistral": ({"family": "llama", "name": "tiny-mistral", "sliding_window": 7}, {"sliding_window": 7}),
+}
 
 
 @pytest.fixture(scope="module")
 def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("gguf")
     out = {}
-    for i, family in enumerate(("llama", "qwen2", "qwen3")):
-        (root / family).mkdir()
-        out[family] = make_tiny_gguf(root / family / f"tiny-{family}.gguf", family=family, seed=i)
+    for i, (case, (kwargs, _)) in enumerate(CASES.items()):
+        (root / case).mkdir()
+        out[case] = make_tiny_gguf(root / case / f"tiny-{case}.gguf", seed=i, **kwargs)
     return out
 
 
 @pytest.fixture(scope="module")
 def tiny_refs(tiny_ggufs: dict[str, str]) -> dict[str, dict[str, Any]]:
     out = {}
-    for path in tiny_ggufs.values():
-        model = load_hf_gguf_model(path)
+    for case, path in tiny_ggufs.items():
+        model = load_hf_gguf_model(path, **CASES[case][1])
         out[path] = hf_greedy(model, TINY_PROMPT)
         out[path]["tokens_b"] = hf_greedy(model, TINY_PROMPT[5:])["tokens"]
     return out
@@ -162,12 +187,56 @@ def test_bad_files_are_refused_naming_file_and_tensor(tiny_ggufs: dict[str, str]
         Checkpoint.open(str(two))
     with pytest.raises(CheckpointError, match=r"missing\.gguf: GGUF file not found"):
         Checkpoint.open(str(tmp_path / "missing.gguf"))
-    f = GGUFFile.open(src)
-    f.fields["general.architecture"] = "gemma2"
-    with pytest.raises(ValueError, match=r"general\.architecture 'gemma2'"):
+    q81 = make_tiny_gguf(tmp_path / "q81.gguf", types=("Q8_1",))
+    with pytest.raises(CheckpointError, match=r"q81\.gguf: tensor token_embd\.weight has unsupported type Q8_1"):
+        Checkpoint.open(q81)
+    iq = make_tiny_gguf(tmp_path / "iq.gguf", types=("IQ4_NL",))  # unknown to the header reader
+    with pytest.raises(CheckpointError, match=r"iq\.gguf: tensor token_embd\.weight has unknown ggml type 20"):
+        Checkpoint.open(iq)
+
+
+# (metadata key to set, value, what the refusal must say): each would change the maths we serve.
+REFUSED_FIELDS = [
+    ("general.architecture", "gemma2", r"general\.architecture 'gemma2'"),
+    ("llama.expert_count", 8, r"llama\.expert_count=8: mixture-of-experts"),
+    ("llama.rope.dimension_count", 32, r"llama\.rope\.dimension_count=32: partial rotary"),
+    ("llama.attention.value_length", 32, r"llama\.attention\.value_length=32"),
+    ("llama.rope.scaling.type", "yarn", r"llama\.rope\.scaling\.type 'yarn'"),
+    ("llama.rope.scaling.attn_factor", 2.0, r"llama\.rope\.scaling\.attn_factor=2\.0"),
+    ("llama.attention.layer_norm_epsilon", 1e-5, r"unsupported metadata llama\.attention\.layer_norm_epsilon"),
+    ("llama.final_logit_softcapping", 30.0, r"unsupported metadata llama\.final_logit_softcapping=30\.0"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), REFUSED_FIELDS, ids=[k for k, _, _ in REFUSED_FIELDS])
+def test_unsupported_metadata_is_refused_naming_field_and_file(
+    tiny_ggufs: dict[str, str], key: str, value: Any, message: str
+) -> None:
+    f = GGUFFile.open(tiny_ggufs["llama"])
+    f.fields[key] = value
+    with pytest.raises(ValueError, match=rf"tiny-llama\.gguf: .*{message}"):
+        ModelConfig.from_dict(f.config_dict())
+
+
+def test_unsupported_tensors_and_tokenizers_are_refused(tiny_ggufs: dict[str, str]) -> None:
+    q = GGUFFile.open(tiny_ggufs["qwen2"])
+    q.fields["qwen2.attention.sliding_window"] = 64
+    with pytest.raises(ValueError, match=r"tiny-qwen2\.gguf: unsupported qwen2\.attention\.sliding_window=64"):
+        q.config_dict()
+    f = GGUFFile.open(tiny_ggufs["llama3-rope"])
+    freqs = f.tensors["rope_freqs.weight"].data
+    bumpy = np.array(freqs, dtype=np.float32)
+    bumpy[3] = 5.0  # a divisor rising and falling again: no llama3 parameters give it
+    f._small_tensor = lambda name: bumpy  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match=r"tiny-llama3-rope\.gguf: unsupported tensor rope_freqs\.weight"):
         f.config_dict()
-    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.model 'llama'"):
-        build_tokenizer({"tokenizer.ggml.model": "llama"}, "spm.gguf")
+    f._small_tensor = lambda name: np.ones(7, np.float32)  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match=r"rope_freqs\.weight: shape \[7\], expected \[32\]"):
+        f.config_dict()
+    with pytest.raises(ValueError, match=r"spm\.gguf: unsupported tokenizer\.ggml\.model 'bert'"):
+        build_tokenizer({"tokenizer.ggml.model": "bert"}, "spm.gguf")
+    with pytest.raises(ValueError, match=r"spm\.gguf: tokenizer\.ggml\.scores has 0 entries for 2 tokens"):
+        build_tokenizer({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"]}, "spm.gguf")
 
 
 def test_cli_exits_2_on_a_truncated_file(tiny_ggufs: dict[str, str], tmp_path: Path) -> None:
@@ -176,3 +245,110 @@ def test_cli_exits_2_on_a_truncated_file(tiny_ggufs: dict[str, str], tmp_path: P
     [result] = run_ranks(1, ["-m", "tpi_runtime", "generate", "--model", str(cut), "--prompt-ids", "1,2"], timeout=120)
     assert result.returncode == 2, result.stderr
     assert "cut.gguf: file is truncated: tensor" in result.stderr
+
+
+SPM_TEXTS = [
+    "the cat is on the dog",
+    "The Cat?",  # capitals are not in the vocabulary: <0xNN> byte fallback
+    "  two  spaces",
+    "",
+    " ",
+    "héllo 日本 🙂",
+    "<s>the</s> <unk> <tool>it",  # control, unknown and user-defined tokens stay whole
+    "a\nb\tc",
+    "it<tool>is",
+    "<0x41>",  # the spelling of a byte token is plain text
+]
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tiny_ggufs: dict[str, str]) -> None:
+    from transformers import AutoTokenizer
+
+    path = tiny_ggufs["llama-spm"]
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    tok = Checkpoint.open(path).tokenizer()
+    for text in SPM_TEXTS:
+        ids = tok.encode(text).ids
+        assert ids == ref.encode(text), text
+        assert ids[0] == 1, text  # BOS: tokenizer.ggml.add_bos_token is unset, llama.cpp's default is on
+        assert tok.encode(text, add_special_tokens=False).ids == ref.encode(text, add_special_tokens=False), text
+        assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), text
+    assert tok.decode(tok.encode("The Cat? 日本").ids, skip_special_tokens=True) == "The Cat? 日本"
+    # The merges come from the scores: "▁the" is one token, not five.
+    assert tok.encode("the", add_special_tokens=False).tokens == ["\u2581the"]
+
+
+def test_sentencepiece_space_prefix_and_eos_flags(tiny_ggufs: dict[str, str]) -> None:
+    fields = dict(GGUFFile.open(tiny_ggufs["llama-spm"]).fields)
+    tok = build_tokenizer(fields, "spm.gguf")
+    assert tok.encode("the cat").tokens == ["<s>", "\u2581the", "\u2581cat"]
+    fields.update({"tokenizer.ggml.add_space_prefix": False, "tokenizer.ggml.add_bos_token": False})
+    fields["tokenizer.ggml.add_eos_token"] = True
+    tok = build_tokenizer(fields, "spm.gguf")
+    # transformers ignores add_space_prefix (always prefixes); llama.cpp, and we, honour it.
+    assert tok.encode("the cat").tokens == ["t", "he", "\u2581cat", "</s>"]
+    assert tok.decode(tok.encode("the cat").ids, skip_special_tokens=True) == "the cat"
+
+
+@pytest.mark.parametrize("case", ["llama3-rope", "qwen2-linear", "mistral"])
+def test_rope_scaling_and_window_are_read_from_the_file(
+    case: str, tiny_ggufs: dict[str, str], tiny_refs: dict[str, Any]
+) -> None:
+    # The metadata must matter: the reference without it (what transformers alone makes of the
+    # file) gives other logits, so a loader that dropped it fails the parity test.
+    path = tiny_ggufs[case]
+    plain = hf_greedy(load_hf_gguf_model(path), TINY_PROMPT)
+    assert (plain["prefill"] - tiny_refs[path]["prefill"]).abs().max().item() > 1e-2
+    cfg = Checkpoint.open(path).config
+    if case == "mistral":
+        assert (cfg.architecture, cfg.sliding_window) == ("MistralForCausalLM", 7)
+    else:
+        assert cfg.rope_type == CASES[case][1]["rope_parameters"]["rope_type"]
+
+
+@pytest.mark.parametrize(
+    ("theta", "head_dim", "scaling"),
+    [
+        # Llama 3.1 / 3.2's own: 6 frequencies between the bands.
+        (500000.0, 128, {"factor": 8.0, "low": 1.0, "high": 4.0, "ctx": 8192}),
+        (500000.0, 128, {"factor": 32.0, "low": 1.0, "high": 4.0, "ctx": 8192}),
+        (10000.0, 64, {"factor": 8.0, "low": 1.0, "high": 4.0, "ctx": 64}),
+        (10000.0, 16, {"factor": 4.0, "low": 1.0, "high": 1.5, "ctx": 64}),  # one frequency between
+        (10000.0, 16, {"factor": 4.0, "low": 1.0, "high": 1.1, "ctx": 256}),  # none between
+    ],
+)
+def test_llama3_parameters_are_recovered_from_rope_freqs(
+    theta: float, head_dim: int, scaling: dict[str, float]
+) -> None:
+    hf = {
+        "rope_type": "llama3",
+        "factor": scaling["factor"],
+        "low_freq_factor": scaling["low"],
+        "high_freq_factor": scaling["high"],
+        "original_max_position_embeddings": int(scaling["ctx"]),
+    }
+    factors = np.array(llama3_rope_factors(hf, theta, head_dim), dtype=np.float32)  # as written to the file
+    got = llama3_from_factors(factors.astype(np.float64), theta, head_dim, 8192)
+    assert got is not None and got["rope_type"] == "llama3"
+    base = {"vocab_size": 8, "hidden_size": 4 * head_dim, "intermediate_size": 8, "num_hidden_layers": 1}
+    base |= {"num_attention_heads": 4, "head_dim": head_dim, "rope_theta": theta}
+    ours = rope_inv_freq(ModelConfig.from_dict({**base, "rope_scaling": got}))
+    want = rope_inv_freq(ModelConfig.from_dict({**base, "rope_scaling": hf}))
+    assert torch.allclose(ours, want, rtol=1e-6, atol=0), (ours / want)
+    assert llama3_from_factors(np.ones(head_dim // 2), theta, head_dim, 8192) is None  # all ones: no scaling
+
+
+def test_each_rank_keeps_only_its_slice_of_a_gguf(tmp_path: Path) -> None:
+    # A 65536-token vocabulary dominates the file (2 x 64 MiB float32 embedding + head): a rank
+    # that dequantized or kept a whole tensor would show it in its peak RSS.
+    path = make_tiny_gguf(tmp_path / "big.gguf", vocab_size=65536, types=("F32", "Q8_0", "Q4_K"))
+    results = run_ranks(4, worker_argv("load", path))
+    assert_all_ok(results)
+    for r in results:
+        out = r.json()
+        assert out["bytes_read"] <= 0.3 * 4 * 2 * 65536 * 256  # about a quarter of the float32 weights
+        grown_mib = (out["peak_rss_kib"] - out["rss_before_kib"]) / 1024
+        params_mib = out["param_bytes"] / 2**20
+        assert grown_mib < params_mib + 24, (
+            f"rank {out['rank']}: RSS grew {grown_mib:.1f} MiB for {params_mib:.1f} MiB of parameters: {out}"
+        )
