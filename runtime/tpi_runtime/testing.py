@@ -329,18 +329,28 @@ def load_hf_gguf_model(path: str, **overrides: Any):  # type: ignore[no-untyped-
 
     transformers does not read `<arch>.attention.key_length` for qwen3 files (it keeps
     Qwen3Config's default head_dim of 128), so the file's value is passed for it. Nor does it read
-    RoPE scaling or a sliding window from GGUF metadata: a test passes those as `overrides`."""
+    RoPE scaling or a sliding window from GGUF metadata: a test passes those as `overrides`.
+    A `sliding_window` override gives transformers' MistralForCausalLM holding the weights its
+    GGUF loader read for the llama-arch file (its own Mistral GGUF path fails in gguf-py lookups).
+    """
     import torch
     from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
     fields = GGUFReader(path).fields
     extra: dict[str, Any] = {}
     if fields["general.architecture"].contents() == "qwen3":
         extra["head_dim"] = int(fields["qwen3.attention.key_length"].contents())
-    return AutoModelForCausalLM.from_pretrained(
+    window = overrides.pop("sliding_window", None)
+    model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(os.path.abspath(path)),
         gguf_file=os.path.basename(path),
         dtype=torch.float32,
         **{**extra, **overrides},
     ).eval()
+    if window is None:
+        return model
+    d = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")}
+    mistral = MistralForCausalLM(MistralConfig(**{**d, "sliding_window": window})).float().eval()
+    mistral.load_state_dict(model.state_dict())
+    return mistral

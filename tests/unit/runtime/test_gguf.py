@@ -49,7 +49,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "llama-spm": ({"family": "llama", "vocab": "llama", "head_dim": 128}, {}),
     "llama3-rope": ({"family": "llama", "rope_scaling": LLAMA3}, {"rope_parameters": {**LLAMA3, "rope_theta": 1e4}}),
     "qwen2-linear": ({"family": "qwen2", "rope_scaling": LINEAR}, {"rope_parameters": {**LINEAR, "rope_theta": 1e4}}),
-    # llama arch named mistral (transformers then builds MistralForCausalLM), window 7 < the prompt
+    # a llama-arch file with a window (7 < the prompt): Mistral's maths
     "mistral": ({"family": "llama", "name": "tiny-mistral", "sliding_window": 7}, {"sliding_window": 7}),
 }
 
