@@ -28,8 +28,9 @@ log = logging.getLogger("tpi_runtime.gguf")
 # legacy / K quants llama.cpp's Q2_K..Q8_0 files mix (a Q4_K_M file holds Q4_K, Q6_K and often
 # Q5_0 / Q8_0 tensors). The IQ* and ternary types are refused, naming the tensor.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-# Dequantized float32 bytes per row chunk: bounds a rank's transient memory per tensor.
-_CHUNK_BYTES = 16 << 20
+# Dequantized float32 bytes per row chunk: bounds a rank's transient memory per tensor (the raw
+# bytes, the float32 rows and the copy handed to the parameter each hold at most this much).
+_CHUNK_BYTES = 4 << 20
 
 # Hugging Face parameter name pieces -> GGUF tensor name pieces (llama.cpp's tensor map).
 _LAYER_NAMES = {
@@ -129,7 +130,7 @@ class GGUFFile:
     def _small_tensor(self, name: str) -> np.ndarray | None:
         """A 1-D metadata-like tensor (rope_freqs.weight) as float32, or None when absent."""
         t = self.tensors.get(name)
-        return None if t is None else _dequantize(t, 0, int(t.data.shape[0]))
+        return None if t is None else _dequantize(self.path, t, 0, int(t.data.shape[0]))
 
     @property
     def chat_template(self) -> str | None:
@@ -149,15 +150,25 @@ def _unpermute(rows: np.ndarray, head_dim: int) -> np.ndarray:
     return rows.reshape(n, head_dim // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _dequantize(t: Any, r0: int, r1: int) -> np.ndarray:
-    """Rows [r0, r1) of GGUF tensor `t` as float32 [rows, cols] (only those rows are read)."""
+def _dequantize(path: str, t: Any, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of GGUF tensor `t` as float32 [rows, cols] (1-D: elements [r0, r1)).
+
+    Only those rows' bytes are read, with pread rather than through the reader's memory map:
+    mapped pages a rank touched would stay in its RSS until the map goes, so a rank walking every
+    row of a row-parallel weight would end up holding the whole tensor's pages."""
     from gguf import quants
 
-    data = t.data
-    if data.ndim == 1:
-        return np.asarray(quants.dequantize(data[r0:r1], t.tensor_type), dtype=np.float32)
-    rows = data.reshape(-1, data.shape[-1])[r0:r1]
-    return np.asarray(quants.dequantize(rows, t.tensor_type), dtype=np.float32).reshape(r1 - r0, -1)
+    layout = t.data  # the reader's memmap view: its dtype and shape say how rows are stored
+    flat = layout.ndim == 1  # a norm / bias / rope_freqs vector: small, read whole
+    width = int(layout.shape[-1])
+    start, n = (0, int(t.n_bytes)) if flat else (r0 * width * layout.itemsize, (r1 - r0) * width * layout.itemsize)
+    with open(path, "rb") as fh:
+        raw = os.pread(fh.fileno(), n, int(t.data_offset) + start)
+    if len(raw) != n:
+        raise CheckpointError(f"{path}: file is truncated: tensor {t.name} ends before byte {start + n}")
+    rows = np.frombuffer(raw, dtype=layout.dtype)
+    out = np.asarray(quants.dequantize(rows if flat else rows.reshape(r1 - r0, width), t.tensor_type), np.float32)
+    return out[r0:r1] if flat else out.reshape(r1 - r0, -1)
 
 
 def _read_slice(f: GGUFFile, arch: str, head_dim: int, s: TensorSlice, sink: Any) -> int:
@@ -173,7 +184,7 @@ def _read_slice(f: GGUFFile, arch: str, head_dim: int, s: TensorSlice, sink: Any
         )
     if len(s.shape) == 1:
         a, b = (s.start, s.stop) if s.dim == 0 else (0, s.shape[0])
-        sink(0, _dequantize(t, 0, s.shape[0])[a:b])
+        sink(0, _dequantize(f.path, t, 0, s.shape[0])[a:b])
         return (b - a) * 4
     cols = s.shape[1]
     if s.dim == 1:  # a column block of every row: dequantize row chunks, keep our columns
@@ -186,7 +197,7 @@ def _read_slice(f: GGUFFile, arch: str, head_dim: int, s: TensorSlice, sink: Any
     nbytes = 0
     for a in range(r_lo, r_hi, step):
         b = min(a + step, r_hi)
-        rows = _dequantize(t, a, b)
+        rows = _dequantize(f.path, t, a, b)
         if _permuted(name, arch):
             rows = _unpermute(rows, head_dim)
         sink(a - r_lo, rows[:, c_lo:c_hi])

@@ -111,7 +111,7 @@ def config_from_metadata(
         "max_position_embeddings": int(get("context_length", 2048)),
         "tie_word_embeddings": not has_output,
         "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
+        "eos_token_id": _stop_ids(fields),
         "torch_dtype": "float32",
     }
     scaling = _rope_scaling(fields, arch, path, theta, head_dim, read_tensor(_ROPE_FREQS))
@@ -125,6 +125,14 @@ def config_from_metadata(
         d["architectures"] = ["MistralForCausalLM"]
         d["sliding_window"] = int(window)
     return d
+
+
+def _stop_ids(fields: dict[str, Any]) -> list[int] | None:
+    """EOS first (the chat template's eos_token), then the end-of-turn / end-of-message tokens
+    llama.cpp also stops on (Llama 3 Instruct's <|eot_id|> when EOS is <|end_of_text|>)."""
+    keys = ("eos", "eot", "eom")
+    ids = [int(i) for i in (fields.get(f"tokenizer.ggml.{k}_token_id") for k in keys) if i is not None]
+    return list(dict.fromkeys(ids)) or None
 
 
 def _rope_scaling(

@@ -27,14 +27,33 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# tokenizer.ggml.pre -> the split regex; any other value: GPT-2's own byte-level split.
-_SPLITS = {
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
+_QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre -> the split regex (transformers' GGUF table); any other value: GPT-2's own
+# byte-level split, as there.
+PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
+        _LLAMA3_SPLIT,
+    ),
+    "dbrx": _LLAMA3_SPLIT,
     "smaug-bpe": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
+    "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+    "qwen35": _QWEN35_SPLIT,
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
 }
 SUPPORTED_MODELS = ("gpt2", "llama")
 _CONTROL = 3  # llama.cpp token types
@@ -102,9 +121,8 @@ def _byte_level(fields: dict[str, Any], tokens: list[str], merges: list[str], pa
     vocab = {
         (t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8"))): i for i, t in enumerate(tokens)
     }
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = Tokenizer(models.BPE(vocab, [(a, b) for a, b in pairs], fuse_unk=False))
-    split = _SPLITS.get(str(fields.get("tokenizer.ggml.pre")))
+    tok = Tokenizer(models.BPE(vocab, [_pair(m) for m in merges], fuse_unk=False))
+    split = PRE_TOKENIZER_SPLITS.get(str(fields.get("tokenizer.ggml.pre")))
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
@@ -120,8 +138,9 @@ def _byte_level(fields: dict[str, Any], tokens: list[str], merges: list[str], pa
 
 def _sentencepiece(fields: dict[str, Any], tokens: list[str], merges: list[str], path: str) -> Tokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
+    pairs: list[tuple[str, str]]
     if merges:
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        pairs = [_pair(m) for m in merges]
     else:
         scores = [float(s) for s in fields.get("tokenizer.ggml.scores") or []]
         if len(scores) != len(tokens):
@@ -130,7 +149,7 @@ def _sentencepiece(fields: dict[str, Any], tokens: list[str], merges: list[str],
                 "(a SentencePiece vocabulary without merges needs one score per token)"
             )
         pairs = merges_from_scores(tokens, scores)
-    tok = Tokenizer(models.BPE(vocab, [(a, b) for a, b in pairs], fuse_unk=True, byte_fallback=True))
+    tok = Tokenizer(models.BPE(vocab, pairs, fuse_unk=True, byte_fallback=True))
     prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
     # "first": only the text's very start gets the prefix, not the text after a special token
     # (transformers' LlamaTokenizer, legacy=False).
@@ -142,6 +161,11 @@ def _sentencepiece(fields: dict[str, Any], tokens: list[str], merges: list[str],
         steps.append(decoders.Strip(content=" ", left=1))  # the prefixed space is not part of the text
     tok.decoder = decoders.Sequence(steps)
     return tok
+
+
+def _pair(merge: str) -> tuple[str, str]:
+    a, _, b = merge.partition(" ")
+    return a, b
 
 
 def merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:

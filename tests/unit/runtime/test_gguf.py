@@ -19,7 +19,7 @@ from tpi_runtime.checkpoint import Checkpoint
 from tpi_runtime.config import ModelConfig
 from tpi_runtime.gguf_checkpoint import SUPPORTED_TYPES, GGUFFile
 from tpi_runtime.gguf_config import llama3_from_factors
-from tpi_runtime.gguf_tokenizer import build_tokenizer
+from tpi_runtime.gguf_tokenizer import PRE_TOKENIZER_SPLITS, build_tokenizer
 from tpi_runtime.loader import CheckpointError
 from tpi_runtime.model import rope_inv_freq
 from tpi_runtime.testing import llama3_rope_factors, load_hf_gguf_model, make_tiny_gguf
@@ -352,3 +352,14 @@ def test_each_rank_keeps_only_its_slice_of_a_gguf(tmp_path: Path) -> None:
         assert grown_mib < params_mib + 24, (
             f"rank {out['rank']}: RSS grew {grown_mib:.1f} MiB for {params_mib:.1f} MiB of parameters: {out}"
         )
+
+
+def test_stop_tokens_and_pre_tokenizer_table(tiny_ggufs: dict[str, str]) -> None:
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    f = GGUFFile.open(tiny_ggufs["llama"])
+    assert ModelConfig.from_dict(f.config_dict()).eos_token_ids == (2,)
+    f.fields["tokenizer.ggml.eot_token_id"] = 1  # Llama 3 Instruct: <|eot_id|> ends a turn, EOS ends the text
+    assert ModelConfig.from_dict(f.config_dict()).eos_token_ids == (2, 1)
+    # Split the text as transformers' GGUF loader does, for every tokenizer.ggml.pre it knows.
+    assert PRE_TOKENIZER_SPLITS == GGUF_PRE_TOKENIZER_SPLITS
