@@ -1,9 +1,9 @@
 """GGUF checkpoints (llama.cpp / ollama files): the config, the weights and the tokenizer.
 
 `--model` may name a `.gguf` file or a directory holding exactly one. The file is read with the
-`gguf` package: its metadata becomes a config.json-shaped dict (so ModelConfig applies the same
-checks as for safetensors), and each rank dequantizes only its own rows to the serving dtype,
-in row chunks, undoing llama.cpp's q/k row permutation for the "llama" architecture.
+`gguf` package: its metadata becomes a config.json-shaped dict (gguf_config; ModelConfig then
+applies the same checks as for safetensors), and each rank dequantizes only its own rows to the
+serving dtype, in row chunks, undoing llama.cpp's q/k row permutation for the "llama" architecture.
 """
 
 from __future__ import annotations

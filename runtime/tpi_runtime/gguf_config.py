@@ -95,11 +95,13 @@ def config_from_metadata(
             f"{path}: unsupported {arch}.rope.dimension_count={rope_dims}: partial rotary embeddings are not "
             f"implemented (head_dim {head_dim})"
         )
-    tokens = fields.get("tokenizer.ggml.tokens") or []
+    vocab = int(get("vocab_size", len(fields.get("tokenizer.ggml.tokens") or [])))
+    if vocab < 1:
+        raise GGUFConfigError(f"{path}: missing metadata {arch}.vocab_size (and no tokenizer.ggml.tokens)")
     theta = float(get("rope.freq_base", 10000.0))
     d: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch]],
-        "vocab_size": int(get("vocab_size", len(tokens))),
+        "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),

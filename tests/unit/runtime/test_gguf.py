@@ -1,7 +1,9 @@
 """GGUF checkpoints against transformers' own GGUF loading of the same file, in real gloo rank
-processes: tiny random llama / qwen2 / qwen3 files covering every supported quantization type
-(TP 1, 2, 4), and the real SmolLM2-135M-Instruct Q4_1 file (9 heads / 3 KV heads: TP 1 and 3),
-whose chat template applied to a real question gives a sensible answer."""
+processes: tiny random files (llama, qwen2, qwen3 with head_dim from key_length, a SentencePiece
+vocabulary, llama3 rope_freqs, linear RoPE scaling, a sliding window), each covering every
+supported quantization type (TP 1, 2, 4), and the real SmolLM2-135M-Instruct Q4_1 file (9 heads /
+3 KV heads: TP 1 and 3), whose chat template applied to a real question gives a sensible answer.
+What the runtime cannot serve exactly is refused at start, naming the field or tensor and the file."""
 
 from __future__ import annotations
 
@@ -363,3 +365,22 @@ def test_stop_tokens_and_pre_tokenizer_table(tiny_ggufs: dict[str, str]) -> None
     assert ModelConfig.from_dict(f.config_dict()).eos_token_ids == (2, 1)
     # Split the text as transformers' GGUF loader does, for every tokenizer.ggml.pre it knows.
     assert PRE_TOKENIZER_SPLITS == GGUF_PRE_TOKENIZER_SPLITS
+
+
+def test_generate_with_a_sentencepiece_gguf_matches_transformers(tiny_ggufs: dict[str, str]) -> None:
+    # The real command at TP 2 on a text prompt: the engine's tokenizer (BOS, "▁" prefix, merges
+    # from scores), greedy tokens and the decoded text all as transformers makes them of the file.
+    from transformers import AutoTokenizer
+
+    path, text = tiny_ggufs["llama-spm"], "the cat is on the"
+    ref_tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    ids = ref_tok.encode(text)
+    with torch.no_grad():
+        out = load_hf_gguf_model(path).generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0]
+    expected = out[len(ids) :].tolist()
+    argv = ["-m", "tpi_runtime", "generate", "--model", path, "--prompt", text, "--max-tokens", "10"]
+    results = run_ranks(2, argv, timeout=300)
+    assert_all_ok(results)
+    lines = dict(line.split(": ", 1) for line in results[0].stdout.splitlines() if ": " in line)
+    assert [int(i) for i in lines["token_ids"].split(",")] == expected, results[0].stdout
+    assert lines["text"] == ref_tok.decode(expected), results[0].stdout
