@@ -19,6 +19,11 @@ from tpi_contract import tp_rule
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+# The rope_scaling fields each type's formula reads (model.rope_inv_freq).
+_ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,12 @@ class ModelConfig:
                 f"unsupported rope_scaling type {cfg.rope_type!r}; supported: "
                 f"{', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        missing = [k for k in _ROPE_KEYS.get(cfg.rope_type, ()) if (cfg.rope_scaling or {}).get(k) is None]
+        if missing:  # checked here, not as a KeyError once the RoPE tables are built
+            raise ValueError(f"rope_scaling type {cfg.rope_type!r} needs rope_scaling.{missing[0]}")
+        partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+        if partial is not None and float(partial) != 1.0:
+            raise ValueError(f"unsupported partial_rotary_factor={partial}: RoPE over the whole head only")
         if heads % cfg.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={heads} is not a multiple of "
