@@ -249,7 +249,7 @@ def scenario_nonfinite(engine: Engine) -> dict[str, Any]:
     orig = engine._execute
     victim: list[Any] = []
 
-    def poisoned(ids: list[int], seqs: list[tuple[int, int, int]]) -> Any:
+    def poisoned(ids: list[int], seqs: list[Any]) -> Any:
         logits = orig(ids, seqs)
         if logits is not None and victim:
             logits = logits.clone()  # an inference tensor: edit a copy
