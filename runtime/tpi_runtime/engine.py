@@ -113,6 +113,7 @@ class EngineStats:
     preemptions: int = 0
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
+    kv_blocks_freed_by_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -504,6 +505,7 @@ class Engine:
                 preemptions=self.scheduler.preemptions,
                 kv_blocks_total=self.scheduler.alloc.num_blocks,
                 kv_blocks_used=self.scheduler.alloc.used,
+                kv_blocks_freed_by_window=self.scheduler.window_freed,
             )
 
     def run_forever(self, stop: threading.Event) -> None:

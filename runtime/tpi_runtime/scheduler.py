@@ -65,6 +65,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.preemptions = 0
+        self.window_freed = 0  # blocks returned early because they fell out of the sliding window
 
     def token_budget(self, effective: int) -> int:
         """The step's token budget at this effective batch size (at least one token per sequence)."""
@@ -125,6 +126,7 @@ class Scheduler:
             if r._blocks[b] != SCRATCH_BLOCK:
                 self.alloc.free([r._blocks[b]])
                 r._blocks[b] = SCRATCH_BLOCK
+                self.window_freed += 1
 
     def release(self, r: Request) -> None:
         """Drop a request's blocks and cached state (finished, cancelled or preempted)."""
