@@ -25,8 +25,11 @@ def step_bytes(
     n_tokens: int,
     max_ctx: int,
     batched_decode: bool,
+    masked: bool = True,
 ) -> int:
-    """An upper estimate of one step's transient memory on this rank, in bytes."""
+    """An upper estimate of one step's transient memory on this rank, in bytes. ``masked``: some
+    sequence's chunk needs an explicit mask (a chunk after the first, or a sliding window); a
+    whole prompt from position 0 runs causal, without one."""
     hq, hkv, _ = local_heads(cfg, rank, world_size)
     d, elem = cfg.head_dim, torch.empty((), dtype=dtype).element_size()
     il = cfg.intermediate_size // world_size
@@ -41,7 +44,7 @@ def step_bytes(
     kv_tokens = n_seqs * max_ctx if batched_decode else max_ctx
     gathered = 2 * kv_tokens * (hkv + hq) * d * elem
     chunk = 1 if batched_decode else min(n_tokens, max_ctx)
-    masks = (n_seqs if batched_decode else 1) * chunk * max_ctx * (1 + elem)
+    masks = (n_seqs if batched_decode else 1) * chunk * max_ctx * (1 + elem) if masked or batched_decode else 0
     # float32 logits: this rank's vocabulary shard, the all-gathered rows, and sampling's copies.
     logits = 4 * n_seqs * cfg.vocab_size * 4
     return activations + gathered + masks + logits
