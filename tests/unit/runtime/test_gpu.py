@@ -214,7 +214,11 @@ def test_real_oom_recovers_and_is_counted(tmp_path: Path) -> None:
         init_std=512**-0.5,
         eos_token_id=None,
     )
-    engine = Engine(ckpt, dtype="bfloat16", max_batch_size=16, max_model_len=1024, device="cuda")
+    # A fixed 1 GiB KV pool (not 90% of the GPU): the ballast below then decides what is left for a
+    # step, whatever an earlier test's engine still holds.
+    engine = Engine(
+        ckpt, dtype="bfloat16", max_batch_size=16, max_model_len=1024, device="cuda", kv_cache_memory=1 << 30
+    )
     metrics = RuntimeMetrics(0, engine_fn=lambda: engine)
     # A pause point at the end of a step, so the whole burst is queued before the scheduler sees it.
     go, held = threading.Event(), threading.Event()
