@@ -167,19 +167,19 @@ class DecodeGraphRunner:
             tables = [self.model.slot_tables[slot] for slot, _, _ in seqs]
         s, nb = self.bucket(seqs)
         b = len(seqs)
-        host_ids = [0] * s
-        host_pos = [0] * s  # padding rows: position 0 of the scratch block
-        host_rows = [SCRATCH_BLOCK * BLOCK_SIZE] * s
-        host_tables = [[SCRATCH_BLOCK] * nb for _ in range(s)]
-        for i, (t, (_, pos0, _), table) in enumerate(zip(ids, seqs, tables, strict=True)):
-            host_ids[i], host_pos[i] = t, pos0
-            host_rows[i] = table[pos0 // BLOCK_SIZE] * BLOCK_SIZE + pos0 % BLOCK_SIZE
-            used = list(table[: blocks_for(pos0 + 1)])
-            host_tables[i][: len(used)] = used
-        self.ids[:s].copy_(torch.tensor(host_ids, dtype=torch.long), non_blocking=True)
+        pad = s - b  # padding rows: token 0 at position 0, written to the scratch block's row 0
+        host_pos = [pos0 for _, pos0, _ in seqs] + [0] * pad
+        host_rows = [
+            table[pos0 // BLOCK_SIZE] * BLOCK_SIZE + pos0 % BLOCK_SIZE
+            for (_, pos0, _), table in zip(seqs, tables, strict=True)
+        ] + [SCRATCH_BLOCK * BLOCK_SIZE] * pad
+        # Real rows' tables only: entries past a context (and padding rows' tables) may be stale
+        # from an earlier step, but they are valid block ids and masked, and nothing writes there.
+        host_tables = [[*t[:nb], *[SCRATCH_BLOCK] * (nb - len(t[:nb]))] for t in tables]
+        self.ids[:s].copy_(torch.tensor([*ids, *[0] * pad], dtype=torch.long), non_blocking=True)
         self.positions[:s].copy_(torch.tensor(host_pos, dtype=torch.long), non_blocking=True)
         self.rows[:s].copy_(torch.tensor(host_rows, dtype=torch.long), non_blocking=True)
-        self.tables[:s, :nb].copy_(torch.tensor(host_tables, dtype=torch.long), non_blocking=True)
+        self.tables[:b, :nb].copy_(torch.tensor(host_tables, dtype=torch.long), non_blocking=True)
         out = self._run(s, nb)
         return out[:b].clone()  # a fresh tensor: the next replay overwrites `out`
 
