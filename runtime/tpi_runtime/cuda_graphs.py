@@ -2,16 +2,17 @@
 
 Batch-1 decode of a 7B model in eager mode is launch-bound: ~1,000 small kernels per token, each
 costing more host time than GPU time. A CUDA graph replays the whole step with one launch, but it
-needs every shape, pointer and index fixed at capture time. So this path is *slot-major*:
+needs every shape, pointer and index fixed at capture time. So this path works on static buffers:
 
-- Row i of a step is KV-cache slot i, for slots [0, S), where S is the smallest batch bucket
-  (1, 2, 4, 8, ..., max slots) above the highest slot in the batch. Rows whose slot is not in the
-  batch are padding: token 0 at position max_len - 1, a cache position no live sequence uses (the
-  engine finishes a sequence once it holds max_model_len tokens, so the last position it caches
-  is max_model_len - 2), so their K/V writes land in scratch space. Their logits are dropped.
-- Attention reads keys [0, L) of slots [0, S) as a plain view of the cache (no per-step gather
-  of the running slots, unlike the eager batched decode), where L is a context bucket (128, 256,
-  ..., max_len) above the longest context, with a mask built on the device from the positions.
+- Row i of a step is the step's i-th sequence, for rows [0, S), where S is the smallest batch
+  bucket (1, 2, 4, 8, ..., max batch) holding the batch. Rows past the batch are padding: token 0
+  at position 0 with a block table of the scratch block only (kv_cache.SCRATCH_BLOCK), so their
+  K/V writes land in scratch space. Their logits are dropped.
+- Attention gathers blocks [0, L / BLOCK_SIZE) of each row's block table (a static [max batch,
+  max blocks] buffer the engine refills), where L is a context bucket (128, 256, ..., max_len
+  rounded up to a block) above the longest context, with a mask built on the device from the
+  positions (causal, and windowed for sliding-window models). Table entries past a context, or
+  freed outside a sliding window, point at the scratch block and are masked.
 - GQA without copies: the g query heads sharing a KV head become g "query rows" of that head, so
   SDPA sees equal head counts and can pick the memory-efficient kernel, which takes a mask.
 
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, blocks_for
 from .model import Transformer, apply_rope
 
 log = logging.getLogger("tpi_runtime.cuda_graphs")
@@ -56,24 +58,33 @@ def ctx_bucket(needed: int, max_len: int) -> int:
 
 
 @torch.inference_mode()
-def static_decode(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """One decode step for slots [0, S): ids/positions [S] (row i = slot i), keys = arange(L) on the
-    device. Writes each row's K/V at its position and returns float32 logits [S, vocab].
+def static_decode(
+    model: Transformer,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    tables: torch.Tensor,
+) -> torch.Tensor:
+    """One decode step for S rows: ids/positions/rows [S] (rows: the flattened-cache row each token's
+    K/V goes to), tables [S, nb] block tables. Returns float32 logits [S, vocab].
 
     Same arithmetic as `Transformer.forward` (same modules, norms, RoPE and projections); only the
-    attention call differs (cache view + mask instead of a gather), so eager and static agree to
-    rounding. No host syncs and no data-dependent shapes: safe to capture in a CUDA graph.
+    attention call differs (a static gather + mask), so eager and static agree to rounding. No host
+    syncs and no data-dependent shapes: safe to capture in a CUDA graph.
     """
-    assert model.cos is not None and model.sin is not None, "call setup_cache first"
-    s = ids.shape[0]
-    rows = torch.arange(s, device=ids.device)
+    assert model.cos is not None and model.sin is not None, "call setup_paged_cache first"
+    s, nb = tables.shape
+    L = nb * BLOCK_SIZE
     cos = model.cos[positions].unsqueeze(1)
     sin = model.sin[positions].unsqueeze(1)
-    # [S, 1, 1, L] additive mask: row i sees keys 0..positions[i] (padding rows see all L; their
-    # outputs are dropped). Built once per step in the model dtype, so SDPA does not convert a
-    # boolean mask again in every layer (two more kernels per layer in a launch-bound step).
-    L = keys.shape[0]
-    allowed = keys[None, :] <= positions[:, None]
+    # [S, 1, 1, L] additive mask: row i sees keys 0..positions[i] (and, windowed, its last
+    # `window`). Built once per step in the model dtype, so SDPA does not convert a boolean mask
+    # again in every layer (two more kernels per layer in a launch-bound step).
+    keys = torch.arange(L, device=ids.device)[None, :]
+    allowed = keys <= positions[:, None]
+    window = model.cfg.sliding_window
+    if window is not None:
+        allowed &= keys > positions[:, None] - window
     mask = torch.full((s, L), float("-inf"), dtype=model.dtype, device=ids.device)
     mask = mask.masked_fill_(allowed, 0.0)[:, None, None, :]
     x = model.embed(ids)
@@ -81,18 +92,26 @@ def static_decode(model: Transformer, ids: torch.Tensor, positions: torch.Tensor
         a = blk.attn
         hq, hkv, d = a.hq, a.hkv, a.d
         qkv = a.qkv(blk.input_norm(x))
+        if a.qkv_bias is not None:
+            qkv = qkv + a.qkv_bias
         n_qk = (hq + hkv) * d
-        qk = apply_rope(qkv[:, :n_qk].view(s, hq + hkv, d), cos, sin, model.rot)
+        qk = qkv[:, :n_qk].view(s, hq + hkv, d)
+        if a.q_norm is not None and a.k_norm is not None:
+            qk = torch.cat((a.q_norm(qk[:, :hq]), a.k_norm(qk[:, hq:])), dim=1)
+        qk = apply_rope(qk, cos, sin, model.rot)
         q, k = qk[:, :hq], qk[:, hq:]
         v = qkv[:, n_qk:].view(s, hkv, d)
         kc, vc = a.k_cache, a.v_cache
         assert kc is not None and vc is not None
-        kc[rows, :, positions] = k
-        vc[rows, :, positions] = v
+        kc.view(-1, hkv, d)[rows] = k
+        vc.view(-1, hkv, d)[rows] = v
         # Query head h uses KV head h // g (transformers' repeat_kv order): view the g heads of a
         # group as g query rows of one head, so no K/V is repeated and SDPA needs no GQA support.
         o = F.scaled_dot_product_attention(
-            q.reshape(s, hkv, hq // hkv, d), kc[:s, :, :L], vc[:s, :, :L], attn_mask=mask
+            q.reshape(s, hkv, hq // hkv, d),
+            kc[tables].view(s, L, hkv, d).transpose(1, 2),
+            vc[tables].view(s, L, hkv, d).transpose(1, 2),
+            attn_mask=mask,
         )
         x = x + a.o_proj(o.reshape(s, hq * d))
         x = x + blk.mlp(blk.post_attn_norm(x))
@@ -103,23 +122,27 @@ class DecodeGraphRunner:
     """Runs decode-only steps through `static_decode`: replayed from CUDA graphs when `capture`
     (CUDA only), eagerly otherwise (CPU tests, or a bucket whose capture failed).
 
-    Call with the engine's step: token ids and (slot, pos0, 1) per sequence; returns float32
-    logits [B, vocab] in batch order.
+    Call with the step's token ids, (slot or -1, pos0, 1) per sequence and each sequence's block
+    table (None: the model's slot tables, ``Transformer.setup_cache``); returns float32 logits
+    [B, vocab] in batch order. `max_batch`: the most sequences a step holds (default: the slots).
     """
 
-    def __init__(self, model: Transformer, *, capture: bool) -> None:
+    def __init__(self, model: Transformer, *, capture: bool, max_batch: int | None = None) -> None:
         if capture and model.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.model = model
         self.capture = capture
-        self.max_slots, self.max_len = model.num_slots, model.max_len
-        assert self.max_slots > 0, "call setup_cache first"
+        self.max_rows = max_batch or model.num_slots
+        self.max_len = model.max_len
+        assert self.max_rows > 0 and self.max_len > 0, "call setup_paged_cache first"
         dev = model.device
         # Static inputs: every graph reads a prefix of these, so replay only refills them.
-        self.ids = torch.zeros(self.max_slots, dtype=torch.long, device=dev)
-        self.positions = torch.full((self.max_slots,), self.max_len - 1, dtype=torch.long, device=dev)
-        self.keys = torch.arange(self.max_len, device=dev)
-        self.buckets = batch_buckets(self.max_slots)
+        self.max_blocks = blocks_for(self.max_len)
+        self.ids = torch.zeros(self.max_rows, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(self.max_rows, dtype=torch.long, device=dev)
+        self.rows = torch.zeros(self.max_rows, dtype=torch.long, device=dev)
+        self.tables = torch.full((self.max_rows, self.max_blocks), SCRATCH_BLOCK, dtype=torch.long, device=dev)
+        self.buckets = batch_buckets(self.max_rows)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.failed: set[tuple[int, int]] = set()  # buckets that run eagerly (capture failed)
         self.pool = torch.cuda.graph_pool_handle() if capture else None  # one pool for all graphs
@@ -129,39 +152,56 @@ class DecodeGraphRunner:
         self.replays = 0
 
     def bucket(self, seqs: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
-        top_slot = max(slot for slot, _, _ in seqs)
-        s = next(b for b in self.buckets if b > top_slot)
-        return s, ctx_bucket(max(pos0 for _, pos0, _ in seqs) + 1, self.max_len)
+        """(batch bucket, context bucket in blocks)."""
+        s = next(b for b in self.buckets if b >= len(seqs))
+        return s, blocks_for(ctx_bucket(max(pos0 for _, pos0, _ in seqs) + 1, self.max_len))
 
-    def __call__(self, ids: Sequence[int], seqs: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    def __call__(
+        self,
+        ids: Sequence[int],
+        seqs: Sequence[tuple[int, int, int]],
+        tables: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor:
         assert all(n == 1 for _, _, n in seqs), "decode-only steps"
-        s, L = self.bucket(seqs)
-        host_ids = [0] * s
-        host_pos = [self.max_len - 1] * s  # padding rows: the scratch position
-        for t, (slot, pos0, _) in zip(ids, seqs, strict=True):
-            host_ids[slot], host_pos[slot] = t, pos0
-        self.ids[:s].copy_(torch.tensor(host_ids, dtype=torch.long), non_blocking=True)
+        if tables is None:
+            tables = [self.model.slot_tables[slot] for slot, _, _ in seqs]
+        s, nb = self.bucket(seqs)
+        b = len(seqs)
+        pad = s - b  # padding rows: token 0 at position 0, written to the scratch block's row 0
+        host_pos = [pos0 for _, pos0, _ in seqs] + [0] * pad
+        host_rows = [
+            table[pos0 // BLOCK_SIZE] * BLOCK_SIZE + pos0 % BLOCK_SIZE
+            for (_, pos0, _), table in zip(seqs, tables, strict=True)
+        ] + [SCRATCH_BLOCK * BLOCK_SIZE] * pad
+        # Real rows' tables only: entries past a context (and padding rows' tables) may be stale
+        # from an earlier step, but they are valid block ids and masked, and nothing writes there.
+        host_tables = [[*t[:nb], *[SCRATCH_BLOCK] * (nb - len(t[:nb]))] for t in tables]
+        self.ids[:s].copy_(torch.tensor([*ids, *[0] * pad], dtype=torch.long), non_blocking=True)
         self.positions[:s].copy_(torch.tensor(host_pos, dtype=torch.long), non_blocking=True)
-        rows = torch.tensor([slot for slot, _, _ in seqs], dtype=torch.long, device=self.model.device)
-        out = self._run(s, L)
-        return out.index_select(0, rows)  # a fresh tensor: the next replay overwrites `out`
+        self.rows[:s].copy_(torch.tensor(host_rows, dtype=torch.long), non_blocking=True)
+        self.tables[:b, :nb].copy_(torch.tensor(host_tables, dtype=torch.long), non_blocking=True)
+        out = self._run(s, nb)
+        return out[:b].clone()  # a fresh tensor: the next replay overwrites `out`
 
-    def _run(self, s: int, L: int) -> torch.Tensor:
-        key = (s, L)
+    def _args(self, s: int, nb: int) -> tuple[Transformer, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.model, self.ids[:s], self.positions[:s], self.rows[:s], self.tables[:s, :nb])
+
+    def _run(self, s: int, nb: int) -> torch.Tensor:
+        key = (s, nb)
         if not self.capture or key in self.failed:
-            return static_decode(self.model, self.ids[:s], self.positions[:s], self.keys[:L])
+            return static_decode(*self._args(s, nb))
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._capture(s, L)
+            entry = self._capture(s, nb)
             if entry is None:
-                return static_decode(self.model, self.ids[:s], self.positions[:s], self.keys[:L])
+                return static_decode(*self._args(s, nb))
         graph, out = entry
         graph.replay()
         self.replays += 1
         return out
 
-    def _capture(self, s: int, L: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
-        args = (self.model, self.ids[:s], self.positions[:s], self.keys[:L])
+    def _capture(self, s: int, nb: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        args = self._args(s, nb)
         try:
             # Warm up on a side stream first (cuBLAS workspaces, SDPA kernel choice), as the
             # PyTorch docs require. The warm-up writes this step's K/V for real; the replay below
@@ -181,15 +221,17 @@ class DecodeGraphRunner:
             torch.cuda.empty_cache()
             raise  # the engine's OOM recovery (free, halve, retry) handles it; retried next time
         except Exception:
-            log.exception("CUDA graph capture failed for batch bucket %d, context %d: running it eagerly", s, L)
-            self.failed.add((s, L))
+            log.exception("CUDA graph capture failed for batch bucket %d, %d context blocks: running it eagerly", s, nb)
+            self.failed.add((s, nb))
             return None
-        self.graphs[(s, L)] = (graph, out)
-        log.info("captured decode CUDA graph: batch bucket %d, context bucket %d (%d graphs)", s, L, len(self.graphs))
+        self.graphs[(s, nb)] = (graph, out)
+        log.info("captured decode CUDA graph: batch bucket %d, %d context blocks (%d graphs)", s, nb, len(self.graphs))
         return graph, out
 
 
-def make_decode_runner(model: Transformer, mode: str, world_size: int) -> DecodeGraphRunner | None:
+def make_decode_runner(
+    model: Transformer, mode: str, world_size: int, max_batch: int | None = None
+) -> DecodeGraphRunner | None:
     """The engine's decode runner for `--cuda-graphs auto|on|off`.
 
     auto: graphs on CUDA at TP=1, else plain eager (None). on: the same, except on CPU it runs the
@@ -205,4 +247,4 @@ def make_decode_runner(model: Transformer, mode: str, world_size: int) -> Decode
     cuda = model.device.type == "cuda"
     if mode == "auto" and not cuda:
         return None
-    return DecodeGraphRunner(model, capture=cuda)
+    return DecodeGraphRunner(model, capture=cuda, max_batch=max_batch)

@@ -1,14 +1,16 @@
 """Continuous-batching generation engine over the tensor-parallel model.
 
-Rank 0 owns the scheduler: it admits requests into free KV-cache slots between steps, builds one
-packed batch (new prompts' prefills and running sequences' single-token decodes together),
-broadcasts it, runs its share of the forward pass, samples from the all-gathered logits and
-streams tokens to the requests. Ranks > 0 only follow the broadcasts. When there is no work,
-rank 0 still broadcasts an idle step every `idle_interval_s`, so every rank's step counter (which
-the heartbeat reports) advances only while the whole group is alive.
+Rank 0 owns the scheduler (scheduler.py): between steps it admits requests while KV blocks are
+free (paged cache, kv_cache.py), builds one packed batch (prompt chunks and running sequences'
+single-token decodes together, under a token budget), broadcasts it with the block tables, runs its
+share of the forward pass, samples from the all-gathered logits of the sequences whose chunk
+reached their last token and streams tokens to the requests. Ranks > 0 only follow the broadcasts.
+When there is no work, rank 0 still broadcasts an idle step every `idle_interval_s`, so every
+rank's step counter (which the heartbeat reports) advances only while the whole group is alive.
 
-Step message: header int64[8] = [kind, n_tokens, n_seqs, step, effective_batch, oom_count, 0, 0],
-then (work steps) payload int64[n_tokens + 3 * n_seqs] = token ids, then (slot, pos0, n) per sequence.
+Step message: header int64[8] = [kind, n_tokens, n_seqs, step, effective_batch, oom_count, n_blocks, 0],
+then (work steps) payload int64[n_tokens + 3 * n_seqs + n_blocks] = token ids, then (pos0, n,
+table length) per sequence, then the block tables (each up to its last new token's block).
 """
 
 from __future__ import annotations
@@ -32,16 +34,34 @@ from .checkpoint import Checkpoint
 from .config import check_tp
 from .cuda_graphs import make_decode_runner
 from .dist import Dist, die
+from .kv_cache import (
+    BLOCK_SIZE,
+    BlockAllocator,
+    blocks_for,
+    bytes_per_token,
+    check_fits,
+    num_blocks_for_budget,
+)
 from .loader import LoadReport
 from .model import BatchMeta, Transformer
 from .sampling import RowHistory, RowParams, sample
-from .settings import FaultInjection, ProcessSettings, RuntimeSettings
+from .scheduler import Scheduled, Scheduler
+from .settings import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    FaultInjection,
+    ProcessSettings,
+    RuntimeSettings,
+)
+from .step_memory import step_bytes
 
 log = logging.getLogger("tpi_runtime.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STEP_IDLE, STEP_WORK, STEP_SHUTDOWN = 0, 1, 2
 _HEADER = 8
+#: One step's sequences on the wire and in _execute: (block table, first position, new tokens).
+Seq = tuple[list[int], int, int]
 # Out of GPU memory in the middle of a forward pass at TP > 1 (tpi_contract.exitcodes explains why).
 EXIT_OUT_OF_MEMORY = exitcodes.OUT_OF_MEMORY
 _M_MMAP_THRESHOLD = -3  # mallopt parameter, <malloc.h>
@@ -90,6 +110,10 @@ class EngineStats:
     oom_count: int = 0
     last_error: str = ""
     tokens_generated: int = 0
+    preemptions: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_freed_by_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +123,9 @@ class StepInfo:
     num_prefill_tokens: int
     num_decode_tokens: int
     duration_s: float
+    num_prefill_seqs: int = 0  # sequences bringing (a chunk of) a prompt, or a preempted one's tokens
+    num_decode_seqs: int = 0
+    request_ids: tuple[str, ...] = ()  # in batch order
 
 
 _END = object()
@@ -138,8 +165,9 @@ class Request:
         # Engine-side state (rank 0 scheduler only).
         self._stop_ids = stop_ids
         self._tokens = list(prompt_ids)  # prompt + generated so far
-        self._num_cached = 0  # tokens whose K/V are in the cache slot
-        self._slot: int | None = None
+        self._num_cached = 0  # tokens whose K/V are in the cache
+        self._blocks: list[int] = []  # block table (kv_cache.py); SCRATCH_BLOCK where freed
+        self._decoding = False  # its prompt is cached: each step now brings one new token
         self._generator = torch.Generator().manual_seed(
             params.seed & (2**64 - 1) if params.seed is not None else secrets.randbits(63)
         )  # any int seed: manual_seed takes [0, 2^64)
@@ -257,9 +285,15 @@ class Engine:
         fault_injector: Callable[[int, int], None] | None = None,
         process: ProcessSettings | None = None,
         cuda_graphs: str = "auto",
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
     ) -> None:
         """``process``: this rank's group, cores and test faults (``ProcessSettings.from_env``);
-        None: a group of one with torch's defaults."""
+        None: a group of one with torch's defaults. KV cache size per rank: ``kv_cache_memory``
+        bytes; else on CUDA ``gpu_memory_utilization`` of the GPU's total memory minus what is in
+        use after the weights and one full step's activations; else (CPU) max_batch_size x
+        max_model_len tokens. ``max_num_batched_tokens``: the step's token budget (chunked prefill)."""
         self.is_ready = False
         process = process or ProcessSettings()
         env = process.dist
@@ -279,6 +313,11 @@ class Engine:
                 f"max_model_len={self.max_model_len} exceeds the model's "
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
+        if max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {gpu_memory_utilization}")
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.model_name = served_model_name or ckpt.name
         self.idle_interval_s = idle_interval_s
         mid_forward_fault: Callable[[int, int], None] | None = None
@@ -314,16 +353,18 @@ class Engine:
             self.model.layers[0].register_forward_hook(
                 lambda _mod, args, _out: fault(len(args[-1].seq_lens), args[0].shape[0])
             )
-        cache_bytes = self.model.setup_cache(max_batch_size, self.max_model_len)
+        num_blocks = self._size_kv_cache(kv_cache_memory, gpu_memory_utilization)
+        cache_bytes = self.model.setup_paged_cache(num_blocks, self.max_model_len)
         log.info(
-            "rank %d: KV cache %d slots x %d tokens = %.1f MiB",
+            "rank %d: KV cache %d blocks x %d tokens (%d tokens) = %.1f MiB",
             self.rank,
-            max_batch_size,
-            self.max_model_len,
+            num_blocks,
+            BLOCK_SIZE,
+            num_blocks * BLOCK_SIZE,
             cache_bytes / 2**20,
         )
         # Decode-only steps through static shapes (CUDA graphs on CUDA at TP=1); None: plain eager.
-        self.decode_runner = make_decode_runner(self.model, cuda_graphs, self.world_size)
+        self.decode_runner = make_decode_runner(self.model, cuda_graphs, self.world_size, max_batch_size)
 
         self.tokenizer = ckpt.tokenizer()
         self.chat_template: str | None = ckpt.chat_template()  # Jinja, for /v1/chat/completions
@@ -333,16 +374,21 @@ class Engine:
 
         # Scheduler state (rank 0); `_cv` guards it against submit()/cancel() from other threads.
         self._cv = threading.Condition()
-        self._waiting: collections.deque[Request] = collections.deque()
-        self._running: list[Request] = []
-        self._free_slots = list(range(max_batch_size - 1, -1, -1))
+        self.scheduler = Scheduler(
+            BlockAllocator(num_blocks),
+            max_batch_size=max_batch_size,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            window=cfg.sliding_window,
+        )
+        self._waiting = self.scheduler.waiting  # the same objects: submit() and stats() read them
+        self._running = self.scheduler.running
         self._ids = itertools.count()
         self._stopped = False
         self._step = 0
         self._oom_count = 0
         self._last_error = ""
         self._tokens_generated = 0
-        self.max_prefill_tokens = max(2048, self.max_model_len)
         self.max_waiting: int | None = None  # admission queue bound (None: unbounded); see submit()
 
         self.dist.barrier("ready")  # every rank has its weights: the group can serve
@@ -373,7 +419,33 @@ class Engine:
             device=settings.device,
             process=settings.process,
             cuda_graphs=settings.cuda_graphs,
+            kv_cache_memory=settings.kv_cache_memory,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
         )
+
+    def _size_kv_cache(self, kv_cache_memory: int | None, utilization: float) -> int:
+        """Usable KV blocks per rank, agreed by every rank (the smallest), or KVCacheTooSmallError."""
+        per_token = bytes_per_token(self.config, self.rank, self.world_size, self.dtype)
+        if kv_cache_memory is not None:
+            budget, source = kv_cache_memory, f"--kv-cache-memory={kv_cache_memory}"
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            reserve = self._step_bytes(self.max_batch_size, self.max_num_batched_tokens, self.max_model_len, False)
+            budget = int(free - (1 - utilization) * total - reserve)
+            source = (
+                f"--gpu-memory-utilization={utilization} ({free} bytes free of {total}, "
+                f"{reserve} reserved for one step's activations)"
+            )
+        else:
+            budget = (blocks_for(self.max_model_len) * self.max_batch_size + 1) * BLOCK_SIZE * per_token
+            source = f"the CPU default (max_batch_size {self.max_batch_size} x max_model_len {self.max_model_len})"
+        num_blocks = num_blocks_for_budget(budget, per_token)
+        if self.world_size > 1:  # rank 0 hands out the blocks: every rank must hold them all
+            t = torch.tensor([num_blocks], dtype=torch.long, device=self.comm_device)
+            num_blocks = int(self.dist.all_reduce(t, name="kv_blocks", op=torch.distributed.ReduceOp.MIN).item())
+        check_fits(num_blocks, per_token, budget, self.max_model_len, source)
+        return num_blocks
 
     # --- public API -------------------------------------------------------------------------
     def submit(
@@ -430,6 +502,10 @@ class Engine:
                 oom_count=self._oom_count,
                 last_error=self._last_error,
                 tokens_generated=self._tokens_generated,
+                preemptions=self.scheduler.preemptions,
+                kv_blocks_total=self.scheduler.alloc.num_blocks,
+                kv_blocks_used=self.scheduler.alloc.used,
+                kv_blocks_freed_by_window=self.scheduler.window_freed,
             )
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -472,91 +548,77 @@ class Engine:
                 last = time.monotonic()
         self._send_header(STEP_SHUTDOWN)
 
-    def _send_header(self, kind: int, n_tokens: int = 0, n_seqs: int = 0) -> None:
+    def _send_header(self, kind: int, n_tokens: int = 0, n_seqs: int = 0, n_blocks: int = 0) -> None:
         if self.world_size == 1:
             return
         h = torch.tensor(
-            [kind, n_tokens, n_seqs, self._step, self.effective_batch_size, self._oom_count, 0, 0],
+            [kind, n_tokens, n_seqs, self._step, self.effective_batch_size, self._oom_count, n_blocks, 0],
             dtype=torch.long,
             device=self.comm_device,
         )
         self.dist.broadcast(h, name="step_header")
 
-    def _schedule(self) -> list[Request]:
-        """Apply cancellations, shrink to the effective batch size, admit waiting requests."""
+    def _schedule(self) -> list[Scheduled]:
+        """Apply cancellations, then let the scheduler pick the step's work (scheduler.py)."""
         with self._cv:
             for r in [r for r in self._running if r._cancel]:
-                self._release(r)
+                self.scheduler.release(r)
                 r._finish(r._cancel)
             for r in [r for r in self._waiting if r._cancel]:
                 self._waiting.remove(r)
                 r._finish(r._cancel)
-            while len(self._running) > self.effective_batch_size:
-                # Preempt the newest: its K/V is dropped and recomputed when it is readmitted.
-                r = self._running.pop()
-                self._release(r)
-                self._waiting.appendleft(r)
-            budget = self.max_prefill_tokens
-            while self._waiting and len(self._running) < self.effective_batch_size and self._free_slots:
-                r = self._waiting[0]
-                n = len(r._tokens) - r._num_cached
-                if n > budget and budget < self.max_prefill_tokens:
-                    break  # too much prefill for this step; keeps decode latency bounded
-                self._waiting.popleft()
-                r._slot = self._free_slots.pop()
-                self._running.append(r)
-                budget -= n
-            return list(self._running)
+            return self.scheduler.schedule(self.effective_batch_size)
 
-    def _release(self, r: Request) -> None:
-        if r in self._running:
-            self._running.remove(r)
-        if r._slot is not None:
-            self._free_slots.append(r._slot)
-            # Lowest free slot first (pop() takes the end): running slots stay packed at the bottom,
-            # so the slot-major decode graphs (cuda_graphs.py) use the smallest bucket that fits.
-            self._free_slots.sort(reverse=True)
-            r._slot = None
-        r._num_cached = 0
-
-    def _work_step(self, batch: list[Request]) -> None:
+    def _work_step(self, plan: list[Scheduled]) -> None:
         t0 = time.monotonic()
-        seqs = [(r._slot, r._num_cached, len(r._tokens) - r._num_cached) for r in batch]
-        ids = [t for r in batch for t in r._tokens[r._num_cached :]]
-        self._send_header(STEP_WORK, len(ids), len(seqs))
+        batch = [s.req for s in plan]
+        # Each table up to the block of its last new token: followers need no more.
+        seqs: list[Seq] = [(s.req._blocks[: blocks_for(s.pos0 + s.n)], s.pos0, s.n) for s in plan]
+        ids = [t for s in plan for t in s.req._tokens[s.pos0 : s.pos0 + s.n]]
+        n_blocks = sum(len(t) for t, _, _ in seqs)
+        self._send_header(STEP_WORK, len(ids), len(seqs), n_blocks)
         if self.world_size > 1:
-            payload = torch.tensor(
-                ids + [x for s in seqs for x in s], dtype=torch.long, device=self.comm_device
-            )
+            flat = [x for t, p, n in seqs for x in (p, n, len(t))] + [b for t, _, _ in seqs for b in t]
+            payload = torch.tensor(ids + flat, dtype=torch.long, device=self.comm_device)
             self.dist.broadcast(payload, name="step_payload")
-        logits = self._execute(ids, seqs)  # type: ignore[arg-type]
+        logits = self._execute(ids, seqs)
         if logits is None:
             self._handle_oom(batch)
             return
-        params = [_row_params(r.params) for r in batch]
-        history = None
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
-            history = [RowHistory(r.output_ids, r._tokens) for r in batch]
-        try:
-            sampled = sample(logits, params, [r._generator for r in batch], history)
-        except Exception as e:  # never let one request's sampling take the group down
-            log.exception("sampling failed; failing this step's requests")
-            sampled = []
-            self._last_error = f"sampling failed: {type(e).__name__}: {e}"
-        new = [s.token for s in sampled] or [-1] * len(batch)
-        n_prefill = sum(n for _, _, n in seqs if n > 1)
+        # Only sequences whose chunk reached their last token sample; the others' logits are unused.
+        rows = [i for i, s in enumerate(plan) if s.samples]
+        done = [plan[i] for i in rows]
+        sampled: list[Any] = []
+        if rows:
+            params = [_row_params(s.req.params) for s in done]
+            history = None
+            if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+                history = [RowHistory(s.req.output_ids, s.req._tokens) for s in done]
+            sel = logits if len(rows) == len(plan) else logits[torch.tensor(rows, device=logits.device)]
+            try:
+                sampled = sample(sel, params, [s.req._generator for s in done], history)
+            except Exception as e:  # never let one request's sampling take the group down
+                log.exception("sampling failed; failing this step's requests")
+                sampled = []
+                self._last_error = f"sampling failed: {type(e).__name__}: {e}"
+        new = [s.token for s in sampled] or [-1] * len(done)
+        decoding = [s for s in plan if s.req._decoding]
+        n_decode = sum(s.n for s in decoding)
         now = time.monotonic()
         with self._cv:
             self._step += 1
-            for i, (r, t) in enumerate(zip(batch, new, strict=True)):
-                r._num_cached = len(r._tokens)
+            for s in plan:
+                self.scheduler.advance(s)
+            for i, (sc, t) in enumerate(zip(done, new, strict=True)):
+                r = sc.req
                 if t < 0:  # non-finite logits (or a sampler failure): only this request fails
-                    self._release(r)
+                    self.scheduler.release(r)
                     why = "the model produced non-finite logits" if sampled else self._last_error
                     r._finish(None, RequestError(f"{why} for this request"))
                     continue
+                r._decoding = True
                 if t in r._stop_ids:
-                    self._release(r)
+                    self.scheduler.release(r)
                     r._finish("stop")
                     continue
                 r._tokens.append(t)
@@ -564,21 +626,24 @@ class Engine:
                 if r.first_token_time is None:
                     r.first_token_time = now
                 self._tokens_generated += 1
-                s = sampled[i] if sampled else None
-                if s is not None and s.logprob is not None:
-                    r._push(TokenLogprobs(t, s.logprob, s.top))
+                smp = sampled[i] if sampled else None
+                if smp is not None and smp.logprob is not None:
+                    r._push(TokenLogprobs(t, smp.logprob, smp.top))
                 else:
                     r._push(t)
                 if len(r.output_ids) >= r.params.max_tokens or len(r._tokens) >= self.max_model_len:
-                    self._release(r)
+                    self.scheduler.release(r)
                     r._finish("length")
         if self.on_step is not None:
             info = StepInfo(
                 step=self._step,
-                batch_size=len(batch),
-                num_prefill_tokens=n_prefill,
-                num_decode_tokens=len(ids) - n_prefill,
+                batch_size=len(plan),
+                num_prefill_tokens=len(ids) - n_decode,
+                num_decode_tokens=n_decode,
                 duration_s=now - t0,
+                num_prefill_seqs=len(plan) - len(decoding),
+                num_decode_seqs=len(decoding),
+                request_ids=tuple(r.id for r in batch),
             )
             try:
                 self.on_step(info)
@@ -593,7 +658,7 @@ class Engine:
             if len(batch) == 1:
                 # Nothing left to shrink: this request cannot run on this GPU at all.
                 r = batch[0]
-                self._release(r)
+                self.scheduler.release(r)
                 self._last_error = f"out of memory running {r.id} alone ({len(r._tokens)} tokens)"
                 r._finish(None, RequestError(self._last_error))
             else:
@@ -602,15 +667,16 @@ class Engine:
                     f"out of memory at batch {len(batch)}; effective batch size {old} -> "
                     f"{self.effective_batch_size}"
                 )
-            # Every request of the failed step is kept (requeued by the next _schedule). Their
-            # cached token counts did not advance, so whatever K/V the step wrote is rewritten.
+            # Every request of the failed step is kept (the scheduler preempts what no longer fits
+            # the smaller limits). Their cached token counts did not advance, so whatever K/V the
+            # step wrote is rewritten.
         log.warning("%s (oom_count=%d)", self._last_error, self._oom_count)
 
     # --- ranks > 0 ----------------------------------------------------------------------------
     def _follow(self, stop: threading.Event) -> None:
         while not stop.is_set():
             h = torch.empty(_HEADER, dtype=torch.long, device=self.comm_device)
-            kind, n_tokens, n_seqs, step, eff, ooms, _, _ = self.dist.broadcast(
+            kind, n_tokens, n_seqs, step, eff, ooms, n_blocks, _ = self.dist.broadcast(
                 h, name="step_header"
             ).tolist()
             with self._cv:  # mirror rank 0's counters for this rank's heartbeat / metrics
@@ -620,17 +686,23 @@ class Engine:
                 return
             if kind == STEP_IDLE:
                 continue
-            payload = torch.empty(n_tokens + 3 * n_seqs, dtype=torch.long, device=self.comm_device)
+            payload = torch.empty(n_tokens + 3 * n_seqs + n_blocks, dtype=torch.long, device=self.comm_device)
             vals = self.dist.broadcast(payload, name="step_payload").tolist()
-            ids, flat = vals[:n_tokens], vals[n_tokens:]
-            self._execute(ids, [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)])  # type: ignore[misc]
+            ids, meta, tables = vals[:n_tokens], vals[n_tokens : n_tokens + 3 * n_seqs], vals[n_tokens + 3 * n_seqs :]
+            seqs: list[Seq] = []
+            at = 0
+            for i in range(0, len(meta), 3):
+                pos0, n, k = meta[i : i + 3]
+                seqs.append((tables[at : at + k], pos0, n))
+                at += k
+            self._execute(ids, seqs)
 
     # --- every rank -----------------------------------------------------------------------------
-    def _execute(self, ids: list[int], seqs: list[tuple[int, int, int]]) -> torch.Tensor | None:
+    def _execute(self, ids: list[int], seqs: list[Seq]) -> torch.Tensor | None:
         """Run one forward step on this rank; None when any rank is out of memory."""
         oom = 0
         try:
-            self._preflight(len(seqs), len(ids))
+            self._preflight(seqs)
         except (torch.cuda.OutOfMemoryError, MemoryError) as e:
             log.warning("rank %d: %s", self.rank, e)
             oom = 1
@@ -644,8 +716,8 @@ class Engine:
             return None
         try:
             if self.decode_runner is not None and all(n == 1 for _, _, n in seqs):
-                return self.decode_runner(ids, seqs)
-            meta = BatchMeta.build(seqs, self.device)
+                return self.decode_runner(ids, [(-1, p, n) for _, p, n in seqs], [t for t, _, _ in seqs])
+            meta = BatchMeta.paged(seqs, self.device)
             return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), meta)
         except torch.cuda.OutOfMemoryError as e:
             # The preflight reserves a step's activations, so this is rare (fragmentation, a
@@ -663,21 +735,29 @@ class Engine:
                 torch.cuda.empty_cache()
             return None
 
-    def _preflight(self, n_seqs: int, n_tokens: int) -> None:
+    def _step_bytes(self, n_seqs: int, n_tokens: int, max_ctx: int, decode_only: bool, masked: bool = True) -> int:
+        return step_bytes(
+            self.config,
+            self.rank,
+            self.world_size,
+            self.dtype,
+            n_seqs=n_seqs,
+            n_tokens=n_tokens,
+            max_ctx=max_ctx,
+            batched_decode=decode_only and n_seqs > 1,
+            masked=masked,
+        )
+
+    def _preflight(self, seqs: list[Seq]) -> None:
         """Reserve this step's activation memory up front: an OOM then happens here, on every rank
         before any collective, instead of mid-forward where the ranks would desynchronise."""
+        n_tokens = sum(n for _, _, n in seqs)
         if self.fault_injector is not None:
-            self.fault_injector(n_seqs, n_tokens)
+            self.fault_injector(len(seqs), n_tokens)
         if self.device.type != "cuda":
             return
-        cfg, tp = self.config, self.world_size
-        per_token = (
-            4 * cfg.hidden_size
-            + 3 * cfg.num_attention_heads * cfg.head_dim // tp
-            + 3 * cfg.intermediate_size // tp
-        )
-        attn = cfg.num_attention_heads // tp * n_tokens * min(n_tokens, self.max_model_len)  # prefill scores
-        logits = 3 * n_seqs * cfg.vocab_size
-        nbytes = (n_tokens * per_token + attn + logits) * 4
+        max_ctx = max(p + n for _, p, n in seqs)
+        masked = self.config.sliding_window is not None or any(p > 0 and n > 1 for _, p, n in seqs)
+        nbytes = self._step_bytes(len(seqs), n_tokens, max_ctx, all(n == 1 for _, _, n in seqs), masked)
         buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         del buf  # stays in the caching allocator for the forward to reuse

@@ -1,16 +1,20 @@
 """Llama-family decoder (Llama, Mistral, Qwen2/2.5, Qwen3) with tensor-parallel layers and a
-slot-based KV cache. The families differ in three switches of ModelConfig: q/k/v biases (Qwen2),
+paged KV cache. The families differ in three switches of ModelConfig: q/k/v biases (Qwen2),
 per-head q/k RMSNorm (Qwen3) and a sliding attention window (Mistral).
 
-The forward pass works on a flat, packed batch: N tokens from B sequences (prefills of any length
-and single-token decodes mixed), each token carrying its position and its sequence's cache slot.
-Linear layers see one [N, hidden] matrix; only attention looks at sequence boundaries.
+The forward pass works on a flat, packed batch: N tokens from B sequences (prefill chunks of any
+length and single-token decodes mixed), each token carrying its position, each sequence its block
+table (kv_cache.py). Linear layers see one [N, hidden] matrix; only attention looks at sequence
+boundaries. The cache of a layer is [num_blocks, BLOCK_SIZE, kv_heads, head_dim]: a token's K/V is
+one row of its flattened view, and a sequence's keys are its blocks in table order (a view when
+the blocks are contiguous, a gather otherwise).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,51 +23,73 @@ from torch import nn
 
 from .config import ModelConfig
 from .dist import Dist
+from .kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, blocks_for
 from .tp import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, local_heads
+
+
+@dataclass
+class SeqKV:
+    """Where one sequence's attended keys live: blocks [b0, b1) of its table, as a slice of the
+    pool (contiguous blocks) or an index tensor (a gather)."""
+
+    b0: int
+    index: slice | torch.Tensor
 
 
 @dataclass
 class BatchMeta:
     """Where each token of a packed batch goes.
 
-    seq_slots[i], seq_starts[i], seq_lens[i]: sequence i owns tokens [start, start+len) of the
-    batch and cache slot `slot`; its last token is at position ctx_lens[i] - 1.
+    Sequence i owns tokens [seq_starts[i], +seq_lens[i]) of the batch; its last token is at
+    position ctx_lens[i] - 1. Its cache blocks are block_tables[i], or (tests and tools on a
+    slot-style cache, ``Transformer.setup_cache``) the blocks of slot seq_slots[i].
     """
 
     positions: torch.Tensor  # [N] long
-    token_slots: torch.Tensor  # [N] long
     seq_slots: list[int]
     seq_starts: list[int]
     seq_lens: list[int]
     ctx_lens: list[int]
     last_token_idx: torch.Tensor  # [B] long: which tokens produce logits
     decode_only: bool
-    # Decode fast path only: [B] slots and [B, 1, 1, max_ctx] attention mask (None when B == 1).
-    slots_t: torch.Tensor | None = None
+    block_tables: list[Sequence[int]] | None = None
+    # Filled by Transformer.prepare (once per step, shared by every layer):
+    slot_mapping: torch.Tensor | None = None  # [N] rows of the flattened cache to write
+    seq_kv: list[SeqKV] = field(default_factory=list)
+    # Batched decode only: [B, nb] block tables (padded with the scratch block) and the
+    # [B, 1, 1, nb * BLOCK_SIZE] attention mask (causal, and windowed for sliding-window models).
+    tables_t: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
-    # decode_mask restricted to each sequence's last `window` keys (set by Transformer.forward).
-    window_mask: torch.Tensor | None = None
+    prepared: bool = False
 
     @classmethod
-    def build(cls, seqs: list[tuple[int, int, int]], device: torch.device) -> BatchMeta:
-        """seqs: (slot, first position, number of new tokens) per sequence, in batch order."""
+    def build(cls, seqs: Sequence[tuple[int, int, int]], device: torch.device) -> BatchMeta:
+        """seqs: (slot, first position, number of new tokens) per sequence, in batch order; for a
+        cache set up by ``Transformer.setup_cache`` (one contiguous run of blocks per slot)."""
+        return cls._make([(s, p, k) for s, p, k in seqs], None, device)
+
+    @classmethod
+    def paged(cls, seqs: Sequence[tuple[Sequence[int], int, int]], device: torch.device) -> BatchMeta:
+        """seqs: (block table, first position, number of new tokens) per sequence, in batch order."""
+        return cls._make([(-1, p, k) for _, p, k in seqs], [t for t, _, _ in seqs], device)
+
+    @classmethod
+    def _make(
+        cls, seqs: list[tuple[int, int, int]], tables: list[Sequence[int]] | None, device: torch.device
+    ) -> BatchMeta:
         positions: list[int] = []
-        token_slots: list[int] = []
         starts: list[int] = []
         lens: list[int] = []
         ctx: list[int] = []
         n = 0
-        for slot, pos0, k in seqs:
+        for _, pos0, k in seqs:
             positions.extend(range(pos0, pos0 + k))
-            token_slots.extend([slot] * k)
             starts.append(n)
             lens.append(k)
             ctx.append(pos0 + k)
             n += k
-        decode_only = all(k == 1 for k in lens)
-        meta = cls(
+        return cls(
             positions=torch.tensor(positions, dtype=torch.long, device=device),
-            token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
             seq_slots=[s for s, _, _ in seqs],
             seq_starts=starts,
             seq_lens=lens,
@@ -71,15 +97,28 @@ class BatchMeta:
             last_token_idx=torch.tensor(
                 [s + k - 1 for s, k in zip(starts, lens, strict=True)], dtype=torch.long, device=device
             ),
-            decode_only=decode_only,
+            decode_only=all(k == 1 for k in lens),
+            block_tables=tables,
         )
-        if decode_only and len(seqs) > 1:
-            meta.slots_t = torch.tensor(meta.seq_slots, dtype=torch.long, device=device)
-            ctx_t = torch.tensor(ctx, dtype=torch.long, device=device)
-            meta.decode_mask = (torch.arange(max(ctx), device=device)[None, :] < ctx_t[:, None])[
-                :, None, None, :
-            ]
-        return meta
+
+
+def first_key(pos: int, window: int | None) -> int:
+    """The first position a query at `pos` attends to (0 without a sliding window)."""
+    return 0 if window is None else max(0, pos - window + 1)
+
+
+def slot_mapping(tables: Sequence[Sequence[int]], seqs: Sequence[tuple[int, int]]) -> list[int]:
+    """Cache rows (block * BLOCK_SIZE + offset) of each sequence's new tokens; seqs: (pos0, n)."""
+    out: list[int] = []
+    for table, (pos0, n) in zip(tables, seqs, strict=True):
+        out.extend(table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(pos0, pos0 + n))
+    return out
+
+
+def _contiguous(blocks: Sequence[int]) -> bool:
+    return len(blocks) > 0 and blocks[-1] - blocks[0] == len(blocks) - 1 and all(
+        b == blocks[0] + i for i, b in enumerate(blocks)
+    )
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -160,7 +199,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype=dtype, device=device) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype=dtype, device=device) if cfg.qk_norm else None
         self.window = cfg.sliding_window
-        self.k_cache: torch.Tensor | None = None  # [slots, hkv, max_len, d]
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, BLOCK_SIZE, hkv, d]
         self.v_cache: torch.Tensor | None = None
 
     def forward(
@@ -179,64 +218,49 @@ class Attention(nn.Module):
         q, k = qk[:, : self.hq], qk[:, self.hq :]
         v = qkv[:, n_qk:].view(n, self.hkv, self.d)
         kc, vc = self.k_cache, self.v_cache
-        assert kc is not None and vc is not None, "KV cache not allocated (Transformer.setup_cache)"
+        assert kc is not None and vc is not None, "KV cache not allocated (Transformer.setup_paged_cache)"
+        assert meta.slot_mapping is not None, "BatchMeta not prepared (Transformer.prepare)"
+        kc.view(-1, self.hkv, self.d)[meta.slot_mapping] = k
+        vc.view(-1, self.hkv, self.d)[meta.slot_mapping] = v
         gqa = self.hq != self.hkv
-        if n == 1:
-            # One sequence decoding one token: plain indexing and views only. Decode is a handful
-            # of small ops per layer, each costing more than its arithmetic, so they are few.
-            slot, ctx = meta.seq_slots[0], meta.ctx_lens[0]
-            kc[slot, :, ctx - 1] = k[0]
-            vc[slot, :, ctx - 1] = v[0]
-            lo = self._first_key(ctx - 1)
+        if meta.tables_t is not None:
+            # Batched decode: one query per sequence against its blocks, padded to the longest
+            # table; the mask hides padding, positions past each context and outside the window.
+            b, nb = meta.tables_t.shape
+            keys = kc[meta.tables_t].view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
+            vals = vc[meta.tables_t].view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
             o = F.scaled_dot_product_attention(
-                q.view(1, self.hq, 1, self.d),
-                kc[slot : slot + 1, :, lo:ctx],
-                vc[slot : slot + 1, :, lo:ctx],
-                enable_gqa=gqa,
+                q.unsqueeze(2), keys, vals, attn_mask=meta.decode_mask, enable_gqa=gqa
             )
-            out: torch.Tensor = self.o_proj(o.view(1, self.hq * self.d))
-            return out
-        kc[meta.token_slots, :, meta.positions] = k
-        vc[meta.token_slots, :, meta.positions] = v
-        if meta.decode_only and meta.slots_t is not None:
-            # Batched decode: one query per sequence against its slot's cache, padded to max ctx.
-            L = max(meta.ctx_lens)
-            keys, vals = kc[meta.slots_t, :, :L], vc[meta.slots_t, :, :L]
-            o = F.scaled_dot_product_attention(
-                q.unsqueeze(2),
-                keys,
-                vals,
-                attn_mask=meta.window_mask if self.window else meta.decode_mask,
-                enable_gqa=gqa,
-            )
-            o = o.reshape(n, self.hq * self.d)
-        else:
-            outs = []
-            for slot, s, t, ctx in zip(
-                meta.seq_slots, meta.seq_starts, meta.seq_lens, meta.ctx_lens, strict=True
-            ):
-                qi = q[s : s + t].transpose(0, 1).unsqueeze(0)  # [1, hq, t, d]
-                lo = self._first_key(ctx - t)  # keys before lo are outside every query's window
-                keys, vals = kc[slot, :, lo:ctx].unsqueeze(0), vc[slot, :, lo:ctx].unsqueeze(0)  # views
-                if t == 1:
-                    oi = F.scaled_dot_product_attention(qi, keys, vals, enable_gqa=gqa)
-                elif t == ctx and (self.window is None or ctx <= self.window):
-                    oi = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=gqa)
-                else:  # query i sees keys up to its position (and, windowed, its last `window`)
-                    pos = meta.positions[s : s + t]
-                    key_pos = torch.arange(lo, ctx, device=x.device)[None, :]
-                    mask = key_pos <= pos[:, None]
-                    if self.window is not None:
-                        mask &= key_pos > pos[:, None] - self.window
-                    oi = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
-                outs.append(oi[0].transpose(0, 1).reshape(t, self.hq * self.d))
-            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        out = self.o_proj(o)
+            return self.o_proj(o.reshape(n, self.hq * self.d))  # type: ignore[no-any-return]
+        outs = []
+        for skv, s, t, ctx in zip(meta.seq_kv, meta.seq_starts, meta.seq_lens, meta.ctx_lens, strict=True):
+            qi = q[s : s + t].transpose(0, 1).unsqueeze(0)  # [1, hq, t, d]
+            lo = first_key(ctx - t, self.window)  # keys before lo are outside every query's window
+            keys, vals = _seq_keys(kc, skv, lo, ctx), _seq_keys(vc, skv, lo, ctx)
+            if t == 1:
+                oi = F.scaled_dot_product_attention(qi, keys, vals, enable_gqa=gqa)
+            elif t == ctx and (self.window is None or ctx <= self.window):
+                oi = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=gqa)
+            else:  # query i sees keys up to its position (and, windowed, its last `window`)
+                pos = meta.positions[s : s + t]
+                key_pos = torch.arange(lo, ctx, device=x.device)[None, :]
+                mask = key_pos <= pos[:, None]
+                if self.window is not None:
+                    mask &= key_pos > pos[:, None] - self.window
+                oi = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
+            outs.append(oi[0].transpose(0, 1).reshape(t, self.hq * self.d))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        out: torch.Tensor = self.o_proj(o)
         return out
 
-    def _first_key(self, pos: int) -> int:
-        """The first cached position a query at `pos` attends to (0 without a sliding window)."""
-        return 0 if self.window is None else max(0, pos - self.window + 1)
+
+def _seq_keys(pool: torch.Tensor, skv: SeqKV, lo: int, ctx: int) -> torch.Tensor:
+    """[1, hkv, ctx - lo, d]: positions [lo, ctx) of one sequence (a view for contiguous blocks)."""
+    blocks = pool[skv.index]
+    flat = blocks.view(-1, pool.shape[2], pool.shape[3])
+    off = skv.b0 * BLOCK_SIZE
+    return flat[lo - off : ctx - off].transpose(0, 1).unsqueeze(0)
 
 
 class MLP(nn.Module):
@@ -296,17 +320,20 @@ class Transformer(nn.Module):
         self.register_buffer(
             "rot", rotate_half_matrix(cfg.head_dim, dtype=dtype, device=device), persistent=False
         )
-        self.num_slots = 0
+        self.num_blocks = 0  # usable blocks (the scratch block not counted)
         self.max_len = 0
+        self.slot_tables: list[list[int]] = []  # setup_cache only
 
-    def setup_cache(self, num_slots: int, max_len: int) -> int:
-        """Preallocate the KV cache and RoPE tables; returns the cache size in bytes."""
-        self.num_slots, self.max_len = num_slots, max_len
+    def setup_paged_cache(self, num_blocks: int, max_len: int) -> int:
+        """Preallocate `num_blocks` usable blocks (+ the scratch block) per layer and the RoPE tables
+        for positions < max_len; returns the cache size in bytes."""
+        self.num_blocks, self.max_len = num_blocks, max_len
         nbytes = 0
         for blk in self.layers:
             assert isinstance(blk, Block)
             a = blk.attn
-            shape = (num_slots, a.hkv, max_len, a.d)
+            a.k_cache = a.v_cache = None  # free the old pool before allocating the new one
+            shape = (num_blocks + 1, BLOCK_SIZE, a.hkv, a.d)
             a.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             a.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             nbytes += 2 * a.k_cache.numel() * a.k_cache.element_size()
@@ -316,16 +343,60 @@ class Transformer(nn.Module):
         self.sin = emb.sin().to(self.dtype).to(self.device)
         return nbytes
 
+    def setup_cache(self, num_slots: int, max_len: int) -> int:
+        """A pool with one fixed, contiguous run of blocks per slot, for callers without a
+        scheduler (tests, tools): ``BatchMeta.build`` then addresses sequences by slot."""
+        per = blocks_for(max_len)
+        nbytes = self.setup_paged_cache(num_slots * per, max_len)
+        self.slot_tables = [list(range(1 + s * per, 1 + (s + 1) * per)) for s in range(num_slots)]
+        return nbytes
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slot_tables)
+
+    def prepare(self, meta: BatchMeta) -> BatchMeta:
+        """Compute the step's cache addressing once, for every layer: write rows, and per sequence
+        its key blocks (or, for a batched decode, padded tables and a mask)."""
+        if meta.prepared:
+            return meta
+        tables = meta.block_tables
+        if tables is None:
+            tables = meta.block_tables = [self.slot_tables[s] for s in meta.seq_slots]
+        window = self.cfg.sliding_window
+        pos0 = [c - k for c, k in zip(meta.ctx_lens, meta.seq_lens, strict=True)]
+        dev = self.device
+        rows = slot_mapping(tables, list(zip(pos0, meta.seq_lens, strict=True)))
+        meta.slot_mapping = torch.tensor(rows, dtype=torch.long, device=dev)
+        if meta.decode_only and len(tables) > 1:
+            nb = max(blocks_for(c) for c in meta.ctx_lens)
+            padded = [[*t[:nb], *[SCRATCH_BLOCK] * (nb - len(t[:nb]))] for t in tables]
+            meta.tables_t = torch.tensor(padded, dtype=torch.long, device=dev)
+            keys = torch.arange(nb * BLOCK_SIZE, device=dev)[None, :]
+            ctx_t = torch.tensor(meta.ctx_lens, dtype=torch.long, device=dev)[:, None]
+            mask = keys < ctx_t
+            if window is not None:  # the query at ctx - 1 sees keys ctx - window .. ctx - 1 only
+                mask &= keys >= ctx_t - window
+            meta.decode_mask = mask[:, None, None, :]
+        else:
+            meta.seq_kv = []
+            for table, p0, ctx in zip(tables, pos0, meta.ctx_lens, strict=True):
+                b0 = first_key(p0, window) // BLOCK_SIZE
+                blocks = list(table[b0 : blocks_for(ctx)])
+                index: slice | torch.Tensor = (
+                    slice(blocks[0], blocks[-1] + 1)
+                    if _contiguous(blocks)
+                    else torch.tensor(blocks, dtype=torch.long, device=dev)
+                )
+                meta.seq_kv.append(SeqKV(b0, index))
+        meta.prepared = True
+        return meta
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """input_ids: [N] packed tokens. Returns float32 logits [B, vocab] for each sequence's last token."""
-        assert self.cos is not None and self.sin is not None, "call setup_cache first"
-        window = self.cfg.sliding_window
-        if window is not None and meta.decode_mask is not None and meta.window_mask is None:
-            # Batched decode: the query at ctx - 1 sees keys ctx - window .. ctx - 1 only.
-            ctx = torch.tensor(meta.ctx_lens, device=self.device)
-            recent = torch.arange(meta.decode_mask.shape[-1], device=self.device)[None, :] >= (ctx - window)[:, None]
-            meta.window_mask = meta.decode_mask & recent[:, None, None, :]
+        assert self.cos is not None and self.sin is not None, "call setup_paged_cache first"
+        self.prepare(meta)
         cos = self.cos[meta.positions].unsqueeze(1)  # [N, 1, d], broadcast over heads
         sin = self.sin[meta.positions].unsqueeze(1)
         x = self.embed(input_ids)

@@ -20,12 +20,32 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tpi_contract import defaults
 from tpi_contract import env as names
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+#: --gpu-memory-utilization's default: the share of the GPU's total memory this process may use
+#: (weights, activations and KV cache together), as vLLM's.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_IUNITS = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5G', '1000000' -> bytes (SI and binary suffixes, optional 'B')."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtKMGT]i?)?[bB]?\s*", text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (examples: 2GiB, 512MiB, 1.5G, 1000000)")
+    unit = (m.group(2) or "").lower()
+    scale = _IUNITS[unit] if unit.endswith("i") else _UNITS[unit]
+    return int(float(m.group(1)) * scale)
+
 
 log = logging.getLogger("tpi_runtime.settings")
 
@@ -37,6 +57,11 @@ class SettingsError(ValueError):
 
 
 # ------------------------------------------------------------------------------ the flags
+def size(text: str) -> int:
+    """A byte count with an optional suffix (argparse names the function in its error)."""
+    return parse_bytes(text)
+
+
 @dataclass(frozen=True)
 class _Flag:
     name: str  # "--max-batch-size"
@@ -94,6 +119,26 @@ _COMMON = (
         "auto",
         ("auto", "on", "off"),
         "decode through captured CUDA graphs (auto: on for CUDA at TP=1; on with CPU: the static path, eager)",
+    ),
+    _Flag(
+        "--kv-cache-memory",
+        size,
+        None,
+        help="KV cache bytes per rank, e.g. 2GiB, 512MiB, 1.5G (default: on CUDA, --gpu-memory-utilization; "
+        "on CPU, max-batch-size x max-model-len tokens)",
+    ),
+    _Flag(
+        "--gpu-memory-utilization",
+        float,
+        DEFAULT_GPU_MEMORY_UTILIZATION,
+        help="CUDA without --kv-cache-memory: share of the GPU's memory this rank may use (weights, "
+        "activations, KV cache); the KV cache gets what is left",
+    ),
+    _Flag(
+        "--max-num-batched-tokens",
+        int,
+        DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        help="tokens per step (decodes + prompt chunks); a longer prompt is prefilled in chunks between decodes",
     ),
     _Flag("--log-level", str, "INFO"),
 )
@@ -298,6 +343,9 @@ class RuntimeSettings:
     served_model_name: str | None = None
     device: str = "auto"
     cuda_graphs: str = "auto"
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     log_level: str = "INFO"
     # serve
     host: str = "0.0.0.0"
@@ -328,6 +376,12 @@ class RuntimeSettings:
         values = {f.dest: _flag_value(f, args, environ) for f in flags}
         if values["model"] is None:
             raise SettingsError(f"--model (or {names.for_flag('model')}) is required")
+        if values["kv_cache_memory"] is not None and values["kv_cache_memory"] < 1:
+            raise SettingsError("--kv-cache-memory must be > 0")
+        if not 0 < values["gpu_memory_utilization"] <= 1:
+            raise SettingsError("--gpu-memory-utilization must be in (0, 1]")
+        if values["max_num_batched_tokens"] < 1:
+            raise SettingsError("--max-num-batched-tokens must be >= 1")
         eff = values["effective_batch_size"]
         if eff is not None and eff > values["max_batch_size"]:
             raise SettingsError("--effective-batch-size must be <= --max-batch-size")

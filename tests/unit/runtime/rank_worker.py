@@ -3,7 +3,8 @@
 Modes (rank 0 prints one JSON line with the results; safetensors files for tensors):
   parity OUT_DIR STEPS PROMPT_IDS MODEL...   model-level prefill logits + greedy decode per model
   load MODEL                                 shard-on-load byte accounting and peak RSS (HF dir or GGUF)
-  engine MODEL SCENARIO                      Engine scenarios driven from a thread on rank 0
+  engine MODEL SCENARIO                      Engine scenarios driven from a thread on rank 0 (env:
+                                             T_MAX_BATCH, T_CUDA_GRAPHS, T_KV_BLOCKS, T_MAX_TOKENS)
   stream MODEL                               endless requests on rank 0 (peer-failure tests)
 """
 
@@ -24,6 +25,7 @@ from tpi_runtime.checkpoint import Checkpoint
 from tpi_runtime.config import check_tp
 from tpi_runtime.dist import Dist
 from tpi_runtime.engine import Engine, RequestError, SamplingParams
+from tpi_runtime.kv_cache import BLOCK_SIZE, bytes_per_token
 from tpi_runtime.model import BatchMeta, Transformer
 from tpi_runtime.settings import ProcessSettings
 
@@ -249,7 +251,7 @@ def scenario_nonfinite(engine: Engine) -> dict[str, Any]:
     orig = engine._execute
     victim: list[Any] = []
 
-    def poisoned(ids: list[int], seqs: list[tuple[int, int, int]]) -> Any:
+    def poisoned(ids: list[int], seqs: list[Any]) -> Any:
         logits = orig(ids, seqs)
         if logits is not None and victim:
             logits = logits.clone()  # an inference tensor: edit a copy
@@ -267,7 +269,62 @@ def scenario_nonfinite(engine: Engine) -> dict[str, Any]:
     return {"alone": alone, "together": together, "victim": bad, "after": after}
 
 
+def scenario_paged(engine: Engine) -> dict[str, Any]:
+    """Mixed prompt lengths, all at once, into a pool too small for them together: admission waits
+    for blocks, decodes preempt the newest request; each must still get its tokens from alone."""
+    lens, outs = [5, 12, 40, 70, 3, 25], [30, 20, 40, 30, 50, 20]
+    prompts = [[1, *((7 + 11 * i + 5 * j) % 250 + 3 for j in range(k - 1))] for i, k in enumerate(lens)]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in outs]
+    alone = [_collect(engine.submit(p, sp)) for p, sp in zip(prompts, params, strict=True)]
+    before = engine.stats().preemptions
+    reqs = [engine.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    max_running = max_used = 0
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        futs = [ex.submit(_collect, r) for r in reqs]
+        while not all(f.done() for f in futs):
+            st = engine.stats()
+            max_running, max_used = max(max_running, st.running), max(max_used, st.kv_blocks_used)
+            time.sleep(0.001)
+        together = [f.result() for f in futs]
+    st = engine.stats()
+    return {
+        "prompts": prompts,
+        "alone": alone,
+        "together": together,
+        "preemptions": st.preemptions - before,
+        "max_running": max_running,
+        "max_blocks_used": max_used,
+        "stats": st.__dict__,
+    }
+
+
+def scenario_chunked(engine: Engine) -> dict[str, Any]:
+    """Three streams decoding, then a long prompt: it is prefilled in budget-sized chunks while the
+    streams keep getting a token every step."""
+    greedy = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    streams = [engine.submit(p, greedy) for p in PROMPTS[:3]]
+    deadline = time.monotonic() + 60
+    while not all(len(r.output_ids) >= 2 for r in streams) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    long_prompt = [1, *((13 + 3 * j) % 250 + 3 for j in range(99))]
+    long_params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    long_req = engine.submit(long_prompt, long_params)
+    together = [_collect(r) for r in [*streams, long_req]]
+    alone = _collect(engine.submit(long_prompt, long_params))
+    return {
+        "long_id": long_req.id,
+        "stream_ids": [r.id for r in streams],
+        "long_prompt": long_prompt,
+        "together": together,
+        "alone": alone,
+        "streams_alone": [_collect(engine.submit(p, greedy)) for p in PROMPTS[:3]],
+        "stats": engine.stats().__dict__,
+    }
+
+
 SCENARIOS = {
+    "paged": scenario_paged,
+    "chunked": scenario_chunked,
     "nonfinite": scenario_nonfinite,
     "batching": scenario_batching,
     "sampling": scenario_sampling,
@@ -277,6 +334,12 @@ SCENARIOS = {
 
 
 def engine_mode(model_dir: str, scenario: str) -> None:
+    kv_blocks = os.environ.get("T_KV_BLOCKS")  # a pool of this many usable blocks
+    kv_bytes = None
+    if kv_blocks:
+        cfg = Checkpoint.open(model_dir).config
+        per_token = bytes_per_token(cfg, PROCESS.dist.rank, PROCESS.dist.world_size, torch.float32)
+        kv_bytes = (int(kv_blocks) + 1) * BLOCK_SIZE * per_token  # + the scratch block
     engine = Engine(
         model_dir,
         dtype="float32",
@@ -287,6 +350,8 @@ def engine_mode(model_dir: str, scenario: str) -> None:
         device="cpu",
         process=PROCESS,
         cuda_graphs=os.environ.get("T_CUDA_GRAPHS", "auto"),  # "on": the static decode path, eager on CPU
+        kv_cache_memory=kv_bytes,
+        max_num_batched_tokens=int(os.environ.get("T_MAX_TOKENS", "2048")),
     )
     stop = threading.Event()
     result: dict[str, Any] = {}

@@ -192,8 +192,10 @@ def test_engine_with_cuda_graphs_matches_transformers(ckpt_main: str) -> None:
 
 
 def test_real_oom_recovers_and_is_counted(tmp_path: Path) -> None:
-    """Fill the GPU with a ballast leaving ~96 MiB, then 15 prompts of 500 tokens queued at once. The
-    first step's prefill (4 prompts, ~130 MB by the preflight's estimate) cannot fit; halved, it does. Every
+    """Fill the GPU with a ballast leaving ~24 MiB, then 15 prompts of 500 tokens queued at once. The
+    first step (a full 2048-token budget: 4 prompts and a chunk of the 5th, ~40 MB by the preflight's
+    estimate, which counts activations, not attention scores) cannot fit; halved (the token budget
+    with the batch), it does. Every
     request must be answered (tokens, or an error for one that cannot run even alone), none may
     hang, and the recovery shows in the metrics."""
     from tpi_runtime.engine import Engine, RequestError, SamplingParams
@@ -212,7 +214,11 @@ def test_real_oom_recovers_and_is_counted(tmp_path: Path) -> None:
         init_std=512**-0.5,
         eos_token_id=None,
     )
-    engine = Engine(ckpt, dtype="bfloat16", max_batch_size=16, max_model_len=1024, device="cuda")
+    # A fixed 1 GiB KV pool (not 90% of the GPU): the ballast below then decides what is left for a
+    # step, whatever an earlier test's engine still holds.
+    engine = Engine(
+        ckpt, dtype="bfloat16", max_batch_size=16, max_model_len=1024, device="cuda", kv_cache_memory=1 << 30
+    )
     metrics = RuntimeMetrics(0, engine_fn=lambda: engine)
     # A pause point at the end of a step, so the whole burst is queued before the scheduler sees it.
     go, held = threading.Event(), threading.Event()
@@ -242,7 +248,7 @@ def test_real_oom_recovers_and_is_counted(tmp_path: Path) -> None:
         gc.collect()
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(CUDA)
-        ballast = torch.empty(free - (96 << 20), dtype=torch.uint8, device=CUDA)
+        ballast = torch.empty(free - (24 << 20), dtype=torch.uint8, device=CUDA)
         reqs += [engine.submit([1, *((7 * i + j) % 31000 + 3 for j in range(499))], sp) for i in range(15)]
         go.set()
         done = threading.Event()

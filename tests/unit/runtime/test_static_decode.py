@@ -123,3 +123,14 @@ def test_engine_static_decode_fake_oom_recovers(ckpt_main: str) -> None:
     assert res["stats"]["oom_count"] >= 1 and res["stats"]["effective_batch_size"] <= 2
     for c, s in zip(res["concurrent"], res["sequential"], strict=True):
         assert c == s and len(c["tokens"]) > 0
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_static_decode_matches_eager_for_every_family(ckpt_families: dict[str, str], family: str) -> None:
+    """The static path applies what sets each family apart, as the eager one does: Mistral's window
+    (7, far shorter than these contexts), Qwen2's q/k/v biases, Qwen3's per-head q/k norms."""
+    d = ckpt_families[family]
+    slots = [0, 2, 5]
+    eager = generate(build(d, 6), slots, None)
+    model = build(d, 6)
+    assert generate(model, slots, DecodeGraphRunner(model, capture=False)) == eager

@@ -1,0 +1,50 @@
+"""How much accelerator memory one forward step needs beyond the weights and the KV cache: the
+engine's out-of-memory pre-check (``Engine._preflight``) reserves it before any collective, and the
+KV cache's sizing on CUDA leaves it free.
+
+Counted: per-token activations, the attention working set and the logits. Not counted: attention
+scores, which SDPA's flash and memory-efficient kernels never materialize (the step's masks are
+counted instead: a chunk's boolean mask and its conversion to the model dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .tp import local_heads
+
+
+def step_bytes(
+    cfg: ModelConfig,
+    rank: int,
+    world_size: int,
+    dtype: torch.dtype,
+    *,
+    n_seqs: int,
+    n_tokens: int,
+    max_ctx: int,
+    batched_decode: bool,
+    masked: bool = True,
+) -> int:
+    """An upper estimate of one step's transient memory on this rank, in bytes. ``masked``: some
+    sequence's chunk needs an explicit mask (a chunk after the first, or a sliding window); a
+    whole prompt from position 0 runs causal, without one."""
+    hq, hkv, _ = local_heads(cfg, rank, world_size)
+    d, elem = cfg.head_dim, torch.empty((), dtype=dtype).element_size()
+    il = cfg.intermediate_size // world_size
+    # Residual stream, norm output, attention and MLP outputs (and their all-reduce buffers); the
+    # fused qkv output and its RoPE'd copy; the attention output and its reshaped copy; gate_up.
+    per_token = 5 * cfg.hidden_size + 2 * (hq + 2 * hkv) * d + 2 * hq * d + 2 * il
+    activations = n_tokens * per_token * elem
+    # Attention working set, one layer at a time: gathered K and V of the sequences attended
+    # together (a batched decode: all of them, padded to the longest; otherwise one sequence at a
+    # time), GQA's broadcast of them to the query heads should the kernel expand it, and a chunk's
+    # mask (boolean, then in the model dtype).
+    kv_tokens = n_seqs * max_ctx if batched_decode else max_ctx
+    gathered = 2 * kv_tokens * (hkv + hq) * d * elem
+    chunk = 1 if batched_decode else min(n_tokens, max_ctx)
+    masks = (n_seqs if batched_decode else 1) * chunk * max_ctx * (1 + elem) if masked or batched_decode else 0
+    # float32 logits: this rank's vocabulary shard, the all-gathered rows, and sampling's copies.
+    logits = 4 * n_seqs * cfg.vocab_size * 4
+    return activations + gathered + masks + logits
