@@ -91,6 +91,12 @@ class EngineCollector(Collector):
                 "CUDA out-of-memory errors recovered from by shrinking the batch",
                 "oom_count",
             ),
+            ("tpi_kv_preemptions", "Requests preempted (KV blocks dropped, recomputed later)", "preemptions"),
+            (
+                "tpi_kv_blocks_freed_by_window",
+                "KV blocks returned early because no query's sliding window reaches them",
+                "kv_blocks_freed_by_window",
+            ),
         )
         for name, doc, field in counters:
             value = _get(stats, field)
@@ -107,6 +113,8 @@ class EngineCollector(Collector):
                 "effective_batch_size",
             ),
             ("tpi_max_batch_size", "Configured maximum batch size", "max_batch_size"),
+            ("tpi_kv_blocks_total", "KV-cache blocks in the pool (16 tokens each)", "kv_blocks_total"),
+            ("tpi_kv_blocks_used", "KV-cache blocks held by running sequences", "kv_blocks_used"),
         )
         for name, doc, field in gauges:
             value = _get(stats, field)

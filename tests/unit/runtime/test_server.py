@@ -458,12 +458,16 @@ def test_metrics_exposed_and_increase_after_a_request(server: Server) -> None:
         "tpi_max_batch_size",
         "tpi_oom_recoveries_total",
         "tpi_prompt_tokens_total",
+        "tpi_kv_blocks_total",
+        "tpi_kv_blocks_used",
+        "tpi_kv_preemptions_total",
     ):
         assert (name, r0) in before, f"{name} missing from /metrics"
     assert before[("tpi_ready", r0)] == 1
     assert before[("tpi_max_batch_size", r0)] == 4
     assert before[("tpi_effective_batch_size", r0)] == 4
     assert before[("tpi_oom_recoveries_total", r0)] == 0
+    assert before[("tpi_kv_blocks_total", r0)] > 0 and before[("tpi_kv_blocks_used", r0)] == 0
     assert not any(name.startswith("tpi_gpu_") for name, _ in before), "no GPU series on a CPU host"
 
     body = complete(server, prompt=PROMPT, max_tokens=7, temperature=0)
