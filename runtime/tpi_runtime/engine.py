@@ -257,9 +257,12 @@ class Engine:
         fault_injector: Callable[[int, int], None] | None = None,
         process: ProcessSettings | None = None,
         cuda_graphs: str = "auto",
+        stop: threading.Event | None = None,
+        on_wait: Callable[[list[int]], None] | None = None,
     ) -> None:
         """``process``: this rank's group, cores and test faults (``ProcessSettings.from_env``);
-        None: a group of one with torch's defaults."""
+        None: a group of one with torch's defaults. ``stop`` ends the wait for missing ranks
+        (``rendezvous.Aborted``); ``on_wait`` hears which ranks are still missing."""
         self.is_ready = False
         process = process or ProcessSettings()
         env = process.dist
@@ -303,8 +306,15 @@ class Engine:
             raise ValueError(f"unsupported dtype {dtype!r} ({', '.join(_DTYPES)})")
         self.dtype = _DTYPES[dtype]
 
+        # The group forms after the weights load (below): a rank never waits on a collective
+        # deadline for a peer that is Pending, pulling its image or still loading.
         self.dist = Dist(
-            env, backend=backend, timeout_s=dist_timeout_s, device=self.device, shm=process.shm_collectives
+            env,
+            backend=backend,
+            timeout_s=dist_timeout_s,
+            device=self.device,
+            shm=process.shm_collectives,
+            form=False,
         )
         self.comm_device = self.device if self.dist.backend == "nccl" else torch.device("cpu")
         self.model = Transformer(cfg, self.dist, dtype=self.dtype, device=self.device)
@@ -345,6 +355,8 @@ class Engine:
         self.max_prefill_tokens = max(2048, self.max_model_len)
         self.max_waiting: int | None = None  # admission queue bound (None: unbounded); see submit()
 
+        # No deadline until every rank is there; then the collective timeout applies.
+        self.dist.form(stop=stop, on_wait=on_wait)
         self.dist.barrier("ready")  # every rank has its weights: the group can serve
         self.is_ready = True
         log.info(
@@ -359,8 +371,14 @@ class Engine:
         )
 
     @classmethod
-    def from_settings(cls, settings: RuntimeSettings) -> Engine:
-        """Build from the runtime's settings (``RuntimeSettings.from_args``)."""
+    def from_settings(
+        cls,
+        settings: RuntimeSettings,
+        stop: threading.Event | None = None,
+        on_wait: Callable[[list[int]], None] | None = None,
+    ) -> Engine:
+        """Build from the runtime's settings (``RuntimeSettings.from_args``); ``stop``/``on_wait``:
+        see ``__init__``."""
         return cls(
             settings.model,
             dtype=settings.dtype,
@@ -373,6 +391,8 @@ class Engine:
             device=settings.device,
             process=settings.process,
             cuda_graphs=settings.cuda_graphs,
+            stop=stop,
+            on_wait=on_wait,
         )
 
     # --- public API -------------------------------------------------------------------------
