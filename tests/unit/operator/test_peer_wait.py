@@ -112,3 +112,15 @@ def test_a_rank_hung_after_the_group_formed_still_is():
     obs = make_obs(spec, pods=pods, now=later, leases=hb.with_since(renewed, hb.track(seen, pods, renewed, later)))
     actions = rc.plan(spec, obs)
     assert [(a.kind, a.reason) for a in actions if counted([a])] == [("RecreateGroup", "HeartbeatTimeout")]
+
+
+def test_rank_pods_get_the_collective_timeout_of_the_contract():
+    """60 s with the default policy: the deadline a rendezvous used to have (test_rendezvous waits past it)."""
+    from tpi_contract import defaults
+    from tpi_operator.core import render
+
+    for policy, want in (({}, "60"), ({"heartbeatTimeoutSeconds": 45}, "90")):
+        spec = default_spec(**policy)
+        args = render.runtime_args(spec, 8)
+        assert args[args.index("--dist-timeout-seconds") + 1] == want
+        assert want == str(defaults.collective_timeout_seconds(spec.failure_policy.heartbeat_timeout_seconds))
