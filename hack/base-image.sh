@@ -36,7 +36,7 @@ ensure_dockerd() {
     mkdir -p "$(dirname "$DOCKER_LOG")"
     log "starting dockerd (log: $DOCKER_LOG)"
     # Its own supervised containerd (not the node's, which listens elsewhere: hack/node.sh).
-    setsid nohup dockerd --host unix:///var/run/docker.sock >"$DOCKER_LOG" 2>&1 </dev/null &
+    (close_inherited_fds; exec setsid nohup dockerd --host unix:///var/run/docker.sock >"$DOCKER_LOG" 2>&1 </dev/null) &
   fi
   wait_for "dockerd to answer" 60 docker_ok
 }

@@ -30,3 +30,14 @@ def min_heartbeat_timeout_seconds(interval: float = HEARTBEAT_INTERVAL_SECONDS) 
     Below it, a healthy rank whose step takes just under the stall threshold looks hung.
     """
     return math.ceil(heartbeat_stall_seconds(interval) + interval)
+
+
+#: The collective timeout is never shorter than this.
+MIN_COLLECTIVE_TIMEOUT_SECONDS = 60
+
+
+def collective_timeout_seconds(heartbeat_timeout_seconds: int) -> int:
+    """``--dist-timeout-seconds`` of a rank pod: a collective stuck for twice the heartbeat timeout
+    is a hang (the rank exits 3). It starts only once every rank of the group has joined: the wait
+    for missing ranks has no deadline (``tpi_runtime.rendezvous``)."""
+    return max(2 * heartbeat_timeout_seconds, MIN_COLLECTIVE_TIMEOUT_SECONDS)

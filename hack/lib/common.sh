@@ -70,6 +70,18 @@ running() { # name
   [[ -f "$PIDS/$1" ]] && kill -0 "$(cat "$PIDS/$1")" 2>/dev/null
 }
 
+# A daemon must not inherit the caller's other descriptors: under `flock LOCK hack/e2e.sh`, a
+# kubelet or dockerd started by the run would hold LOCK for as long as it lives, and every later
+# `flock LOCK ...` would wait forever.
+close_inherited_fds() {
+  local fd
+  for fd in /proc/"$BASHPID"/fd/*; do
+    fd="${fd##*/}"
+    if (( fd > 2 )); then eval "exec ${fd}>&-"; fi
+  done
+  return 0
+}
+
 start_bg() { # [--append] name command...: start unless running (the log is truncated unless --append)
   local append=0
   if [[ "$1" == --append ]]; then append=1; shift; fi
@@ -77,9 +89,9 @@ start_bg() { # [--append] name command...: start unless running (the log is trun
   running "$name" && return 0
   log "starting $name"
   if [[ $append == 1 ]]; then
-    setsid nohup "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
+    (close_inherited_fds; exec setsid nohup "$@" >>"$LOGS/$name.log" 2>&1 </dev/null) &
   else
-    setsid nohup "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+    (close_inherited_fds; exec setsid nohup "$@" >"$LOGS/$name.log" 2>&1 </dev/null) &
   fi
   echo $! >"$PIDS/$name"
 }

@@ -1,5 +1,8 @@
 """Process group setup and failure-aware collectives.
 
+Joining the group (`Dist.form`) waits without a deadline until every rank is there
+(`tpi_runtime.rendezvous`); only then does the collective timeout apply.
+
 Every collective the runtime issues goes through `Dist`, which
 - names the collective, so a failure says which one broke ("collective all_reduce/o_proj failed"),
 - turns a backend error (peer died: gloo "Connection closed by peer"; timeout) into a logged
@@ -17,12 +20,14 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from tpi_contract import exitcodes
 
+from .rendezvous import Aborted, rendezvous
 from .settings import DistEnv
 from .shm import ShmTransport, pid_alive
 
@@ -56,8 +61,10 @@ class Dist:
         device: torch.device | None = None,
         shm: bool = True,
         force_group: bool = False,
+        form: bool = True,
     ) -> None:
-        """``shm``: small collectives between ranks of one host (gloo on CPU) use shared memory."""
+        """``shm``: small collectives between ranks of one host (gloo on CPU) use shared memory.
+        ``form=False``: join the group later with ``form()`` (the engine loads weights first)."""
         self.rank = env.rank
         self.world_size = env.world_size
         self.timeout_s = float(timeout_s)
@@ -75,32 +82,55 @@ class Dist:
         # force_group: a real process group even for one rank, so the GPU tier and bench can check
         # NCCL initialisation and run the TP=1 model's collectives through it.
         self.grouped = self.world_size > 1 or force_group
-        if not self.grouped:
+        self.env = env
+        self._shm_wanted = shm
+        self.store: dist.Store | None = None
+        if self.grouped and form:
+            self.form()
+
+    def form(
+        self, stop: threading.Event | None = None, on_wait: Callable[[list[int]], None] | None = None
+    ) -> None:
+        """Join the process group: wait without a deadline until every rank is there (see
+        ``tpi_runtime.rendezvous``), then form it with the collective timeout, which therefore
+        starts only once every rank runs. Raises ``rendezvous.Aborted`` when ``stop`` is set
+        while waiting; a failure once every rank is there exits ``EXIT_COLLECTIVE_FAILED``."""
+        if not self.grouped or dist.is_initialized():
             return
+        env = self.env
         log.info(
-            "rank %d/%d joining process group at %s:%d (backend=%s, timeout=%.0fs)",
+            "rank %d/%d joining process group at %s:%d (backend=%s, timeout=%.0fs once every rank is there)",
             env.rank,
             env.world_size,
             env.master_addr,
             env.master_port,
-            backend,
+            self.backend,
             self.timeout_s,
         )
         t0 = time.monotonic()
         try:
+            self.store = rendezvous(env, self.timeout_s, stop=stop, on_wait=on_wait)
+        except Aborted:
+            raise
+        except Exception as e:  # rank 0 cannot listen on MASTER_PORT
+            die(f"collective rendezvous failed after {time.monotonic() - t0:.1f}s: {e}")
+        t1 = time.monotonic()
+        try:
             dist.init_process_group(
-                backend=backend,
-                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                backend=self.backend,
+                store=self.store,
                 rank=env.rank,
                 world_size=env.world_size,
                 timeout=timedelta(seconds=self.timeout_s),
-                device_id=self.device if backend == "nccl" else None,
+                device_id=self.device if self.backend == "nccl" else None,
             )
-        except Exception as e:  # rendezvous timeout or refused connection
-            die(f"collective init_process_group failed after {time.monotonic() - t0:.1f}s: {e}")
-        log.info("process group formed in %.2fs", time.monotonic() - t0)
+        except Exception as e:  # a peer left between the rendezvous and the handshake
+            die(f"collective init_process_group failed after {time.monotonic() - t1:.1f}s: {e}")
+        log.info(
+            "process group formed in %.2fs (%.1fs waiting for the ranks)", time.monotonic() - t0, t1 - t0
+        )
         threading.Thread(target=self._watchdog, name="tpi-collective-watchdog", daemon=True).start()
-        if backend == "gloo" and self.device.type == "cpu" and shm:
+        if self.backend == "gloo" and self.device.type == "cpu" and self._shm_wanted:
             self._setup_shm()
         self.collectives = 0  # count model/engine collectives only, not the setup handshakes
 

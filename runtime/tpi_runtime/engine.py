@@ -288,12 +288,16 @@ class Engine:
         kv_cache_memory: int | None = None,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        stop: threading.Event | None = None,
+        on_wait: Callable[[list[int]], None] | None = None,
     ) -> None:
         """``process``: this rank's group, cores and test faults (``ProcessSettings.from_env``);
         None: a group of one with torch's defaults. KV cache size per rank: ``kv_cache_memory``
         bytes; else on CUDA ``gpu_memory_utilization`` of the GPU's total memory minus what is in
         use after the weights and one full step's activations; else (CPU) max_batch_size x
-        max_model_len tokens. ``max_num_batched_tokens``: the step's token budget (chunked prefill)."""
+        max_model_len tokens. ``max_num_batched_tokens``: the step's token budget (chunked prefill).
+        ``stop`` ends the wait for missing ranks (``rendezvous.Aborted``); ``on_wait`` hears which
+        ranks are still missing."""
         self.is_ready = False
         process = process or ProcessSettings()
         env = process.dist
@@ -342,8 +346,15 @@ class Engine:
             raise ValueError(f"unsupported dtype {dtype!r} ({', '.join(_DTYPES)})")
         self.dtype = _DTYPES[dtype]
 
+        # The group forms after the weights load (below): a rank never waits on a collective
+        # deadline for a peer that is Pending, pulling its image or still loading.
         self.dist = Dist(
-            env, backend=backend, timeout_s=dist_timeout_s, device=self.device, shm=process.shm_collectives
+            env,
+            backend=backend,
+            timeout_s=dist_timeout_s,
+            device=self.device,
+            shm=process.shm_collectives,
+            form=False,
         )
         self.comm_device = self.device if self.dist.backend == "nccl" else torch.device("cpu")
         self.model = Transformer(cfg, self.dist, dtype=self.dtype, device=self.device)
@@ -353,6 +364,9 @@ class Engine:
             self.model.layers[0].register_forward_hook(
                 lambda _mod, args, _out: fault(len(args[-1].seq_lens), args[0].shape[0])
             )
+        # No deadline until every rank is there; then the collective timeout applies. Before the
+        # KV cache is sized: the ranks agree on its size with a collective.
+        self.dist.form(stop=stop, on_wait=on_wait)
         num_blocks = self._size_kv_cache(kv_cache_memory, gpu_memory_utilization)
         cache_bytes = self.model.setup_paged_cache(num_blocks, self.max_model_len)
         log.info(
@@ -405,8 +419,14 @@ class Engine:
         )
 
     @classmethod
-    def from_settings(cls, settings: RuntimeSettings) -> Engine:
-        """Build from the runtime's settings (``RuntimeSettings.from_args``)."""
+    def from_settings(
+        cls,
+        settings: RuntimeSettings,
+        stop: threading.Event | None = None,
+        on_wait: Callable[[list[int]], None] | None = None,
+    ) -> Engine:
+        """Build from the runtime's settings (``RuntimeSettings.from_args``); ``stop``/``on_wait``:
+        see ``__init__``."""
         return cls(
             settings.model,
             dtype=settings.dtype,
@@ -422,6 +442,8 @@ class Engine:
             kv_cache_memory=settings.kv_cache_memory,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             max_num_batched_tokens=settings.max_num_batched_tokens,
+            stop=stop,
+            on_wait=on_wait,
         )
 
     def _size_kv_cache(self, kv_cache_memory: int | None, utilization: float) -> int:

@@ -109,7 +109,8 @@ _COMMON = (
         "--dist-timeout-seconds",
         float,
         120.0,
-        help="a collective (or the rendezvous) slower than this fails and the rank exits 3",
+        help="a collective slower than this fails and the rank exits 3; it starts once every rank "
+        "joined (waiting for missing ranks has no deadline)",
     ),
     _Flag("--served-model-name", str, None),
     _Flag("--device", str, "auto", ("auto", "cpu", "cuda")),

@@ -173,7 +173,9 @@ def runtime_args(spec: TPInferenceClusterSpec, batch: int) -> list[str]:
         keys.ASSIGNED_BATCH_FLAG, str(batch),  # the one way the assigned batch reaches a rank
         "--backend", spec.backend,
         # A collective stuck longer than the heartbeat timeout is a hang: die rather than wait.
-        "--dist-timeout-seconds", str(max(spec.failure_policy.heartbeat_timeout_seconds * 2, 60)),
+        # It runs only once every rank joined: waiting for a Pending peer has no deadline.
+        "--dist-timeout-seconds",
+        str(defaults.collective_timeout_seconds(spec.failure_policy.heartbeat_timeout_seconds)),
     ]  # fmt: skip
     if rt.max_model_len:
         args += ["--max-model-len", str(rt.max_model_len)]

@@ -93,8 +93,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     st = request.app[_STATE]
-    status = "ready" if st.ready else ("stopping" if st.stopping else "loading")
-    return _json(200 if st.ready else 503, {"status": status, "rank": st.rank})
+    body: dict[str, Any] = {"status": st.phase, "rank": st.rank}
+    if body["status"] == "waiting":
+        body["waiting_for"] = st.waiting_for
+    return _json(200 if st.ready else 503, body)
 
 
 async def metrics(request: web.Request) -> web.Response:

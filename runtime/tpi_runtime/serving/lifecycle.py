@@ -155,6 +155,7 @@ def serve_main(settings: RuntimeSettings) -> int:
     loop raises, the process exits 1 at once (collective failures already exit 3 in ``dist``)."""
     from tpi_runtime.engine import Engine
     from tpi_runtime.heartbeat import heartbeat_from_settings
+    from tpi_runtime.rendezvous import Aborted
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -184,7 +185,13 @@ def serve_main(settings: RuntimeSettings) -> int:
     httpd = HttpServer(state, settings.host, port).start()
     heartbeat = None
     try:
-        engine = Engine.from_settings(settings)
+        # Until every rank is there the engine waits without a deadline (/readyz: "waiting");
+        # SIGTERM ends that wait (stop is set at once when there is nothing to drain).
+        engine = Engine.from_settings(settings, stop=stop, on_wait=state.set_waiting_for)
+    except Aborted as e:
+        log.info("rank %d: %s; exiting", rank, e)
+        httpd.stop()
+        return 0
     except BaseException:
         httpd.stop()
         raise

@@ -42,6 +42,8 @@ class ServerState:
         self.chat_template: ChatTemplate | None = None
         self.chat_template_error = "no chat template loaded"
         self.stopping = False  # set on SIGTERM: /readyz drops the rank, new requests get 503
+        #: Ranks this one waits for before the group can form (None: not waiting).
+        self.waiting_for: list[int] | None = None
         self.created = int(time.time())
 
     @property
@@ -49,12 +51,29 @@ class ServerState:
         e = self.engine
         return e is not None and bool(getattr(e, "is_ready", False)) and not self.stopping
 
+    def set_waiting_for(self, missing: list[int]) -> None:
+        """The rendezvous' report (from the main thread; /readyz reads it)."""
+        self.waiting_for = list(missing) or None
+
+    @property
+    def phase(self) -> str:
+        """What /readyz says: ready, stopping, waiting (for missing ranks) or loading."""
+        if self.ready:
+            return "ready"
+        if self.stopping:
+            return "stopping"
+        return "waiting" if self.waiting_for else "loading"
+
     def require_engine(self) -> Engine:
         engine = self.engine
         if engine is None or not self.ready:
-            raise unavailable(
-                "the server is shutting down" if self.stopping else "the model is not ready yet", "not_ready"
-            )
+            if self.stopping:
+                why = "the server is shutting down"
+            elif self.waiting_for:
+                why = f"the tensor-parallel group is not formed yet: waiting for ranks {self.waiting_for}"
+            else:
+                why = "the model is not ready yet"
+            raise unavailable(why, "not_ready")
         return engine
 
     def generation_error(self, e: Exception) -> ApiError:

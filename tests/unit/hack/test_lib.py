@@ -110,3 +110,24 @@ def test_python_reads_the_same_settings_as_the_scripts() -> None:
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     assert out.stdout.split() == [K8S_VERSION, str(BIN), str(KUBECONFIG)]
+
+
+def test_a_background_component_does_not_inherit_a_flock(tmp_path: Path) -> None:
+    """`flock LOCK hack/e2e.sh` starts the node's daemons: they must not hold LOCK for their whole
+    life (seen: every later e2e run waited forever for the lock a kubelet held)."""
+    lock, pids = tmp_path / "lock", tmp_path / "pids"
+    script = (
+        f'source "{LIB}" test; PIDS="{pids}"; LOGS="{tmp_path}"; mkdir -p "$PIDS"; '
+        'start_bg sleeper sleep 60; sleep 0.3; cat "$PIDS/sleeper"'
+    )
+    out = subprocess.run(
+        ["flock", str(lock), "bash", "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[-1])
+    try:
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep"
+        free = subprocess.run(["flock", "-n", str(lock), "true"], timeout=10, check=False)
+        assert free.returncode == 0, "the daemon holds the caller's lock"
+    finally:
+        subprocess.run(["kill", str(pid)], check=False)

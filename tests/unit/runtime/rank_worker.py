@@ -6,6 +6,7 @@ Modes (rank 0 prints one JSON line with the results; safetensors files for tenso
   engine MODEL SCENARIO                      Engine scenarios driven from a thread on rank 0 (env:
                                              T_MAX_BATCH, T_CUDA_GRAPHS, T_KV_BLOCKS, T_MAX_TOKENS)
   stream MODEL                               endless requests on rank 0 (peer-failure tests)
+  join                                       Dist.form (the rendezvous) + one all_reduce of the ranks
 """
 
 from __future__ import annotations
@@ -403,6 +404,18 @@ def stream_mode(model_dir: str) -> None:
     engine.run_forever(stop)
 
 
+def join_mode() -> None:
+    """Form the group the runtime's way, then sum the ranks: every rank prints the same total."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    t0 = time.monotonic()
+    dist = Dist(PROCESS.dist, backend="gloo", timeout_s=60, shm=PROCESS.shm_collectives)
+    total = dist.all_reduce(torch.tensor([float(PROCESS.dist.rank)]), name="sum").item()
+    emit({"rank": PROCESS.dist.rank, "sum": total, "waited_s": time.monotonic() - t0})
+    dist.close()
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # rank_env: 1 unless a test asks
@@ -414,5 +427,7 @@ if __name__ == "__main__":
         engine_mode(args[0], args[1])
     elif mode == "stream":
         stream_mode(args[0])
+    elif mode == "join":
+        join_mode()
     else:
         raise SystemExit(f"unknown mode {mode}")

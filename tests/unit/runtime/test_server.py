@@ -626,7 +626,7 @@ def test_group_greedy_matches_single_rank_and_follower_steps(
 
 
 def test_group_probes_before_the_group_forms_and_peer_death_exits_nonzero(ckpt: str, tmp_path: Path) -> None:
-    """Rank 0 alone waits at the rendezvous: alive but not ready, completions 503. Once rank 1
+    """Rank 0 alone loads, then waits at the rendezvous: alive but not ready, completions 503. Once rank 1
     joins both are ready; when rank 1 dies (SIGKILL) rank 0's next collective fails and it exits
     non-zero instead of serving half a model."""
     master = str(free_port())
@@ -653,10 +653,17 @@ def test_group_probes_before_the_group_forms_and_peer_death_exits_nonzero(ckpt: 
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        r = rank0.client.get("/readyz")
-        assert r.status_code == 503 and r.json() == {"status": "loading", "rank": 0}
+        # Loading, then waiting for rank 1 (with no deadline: see test_rendezvous).
+        seen = []
+        while not seen or seen[-1] != {"status": "waiting", "rank": 0, "waiting_for": [1]}:
+            assert time.monotonic() < deadline, f"rank 0 never said it waits for rank 1: {seen}"
+            r = rank0.client.get("/readyz")
+            assert r.status_code == 503, r.text
+            seen.append(r.json())
+            time.sleep(0.2)
+        assert all(s in ({"status": "loading", "rank": 0}, seen[-1]) for s in seen), seen
         err = error_of(rank0.client.post("/v1/completions", json={"prompt": "a"}), 503)
-        assert err["code"] == "not_ready"
+        assert err["code"] == "not_ready" and "waiting for ranks [1]" in err["message"]
         assert metric_samples(rank0)[("tpi_ready", (("rank", "0"),))] == 0
 
         rank1 = Server(ckpt, free_port(), env(1), tmp_path / "rank1.log")
