@@ -139,17 +139,27 @@ def request_counts() -> dict[str, float]:
     return counts
 
 
-def operator_requests(port: int) -> dict[str, float]:
-    """The operator's own API requests by 'METHOD resource' (its Prometheus counter)."""
+def operator_counter(port: int, name: str, keys: tuple[str, str]) -> dict[str, float]:
+    """One of the operator's Prometheus counters by 'LABEL1 LABEL2'."""
     counts: dict[str, float] = {}
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as rsp:
         text = rsp.read().decode()
     for line in text.splitlines():
-        if line.startswith("tpi_operator_api_requests_total{"):
+        if line.startswith(name + "{"):
             sample, value = line.rsplit(" ", 1)
             labels = dict(kv.split("=", 1) for kv in sample[sample.index("{") + 1 : -1].split(","))
-            counts[f"{labels['method'].strip(chr(34))} {labels['resource'].strip(chr(34))}"] = float(value)
+            counts[" ".join(labels[k].strip('"') for k in keys)] = float(value)
     return counts
+
+
+def operator_requests(port: int) -> dict[str, float]:
+    """The operator's own API requests by 'METHOD resource'."""
+    return operator_counter(port, "tpi_operator_api_requests_total", ("method", "resource"))
+
+
+def operator_actions(port: int) -> dict[str, float]:
+    """The operator's actions by 'Action reason' (RecreateGroup NodeLost, ...)."""
+    return operator_counter(port, "tpi_operator_actions_total", ("action", "reason"))
 
 
 def per_minute(after: dict[str, float], before: dict[str, float], seconds: float) -> dict[str, float]:
@@ -294,6 +304,24 @@ def node_death(w: Watcher, core: client.CoreV1Api, dying: Kwok, node: str, timeo
     return out
 
 
+def cleanup(api: client.ApiClient, timeout: float = 600) -> None:
+    """Delete every cluster in one request while the operator runs (it releases its finalizers),
+    then the namespace.  Clusters still there after ``timeout`` lose the finalizer by hand."""
+    custom = client.CustomObjectsApi(api)
+    args = {"group": "tpi.dev", "version": "v1alpha1", "namespace": NS, "plural": "tpinferenceclusters"}
+    try:
+        custom.delete_collection_namespaced_custom_object(**args)
+        deadline = time.monotonic() + timeout
+        while (left := custom.list_namespaced_custom_object(**args)["items"]) and time.monotonic() < deadline:
+            time.sleep(5)
+        for obj in left:
+            body = {"metadata": {"finalizers": None}}
+            custom.patch_namespaced_custom_object(name=obj["metadata"]["name"], body=body, **args)
+    except client.ApiException as e:
+        print(f"cleanup: {e.status} {e.reason}", file=sys.stderr)
+    kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
 # ------------------------------------------------------------------------------------- main
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -303,7 +331,8 @@ def main() -> int:
     p.add_argument("--node-ranks", type=int, default=50, help="ranks the dying node can host")
     p.add_argument("--ranks-per-node", type=int, default=100, help="room on each living node")
     p.add_argument("--steady-seconds", type=float, default=60)
-    p.add_argument("--timeout", type=float, default=1800, help="for every cluster to run, and to heal")
+    p.add_argument("--timeout", type=float, default=1800, help="for every cluster to run")
+    p.add_argument("--heal-timeout", type=float, default=600, help="for the dead node's groups to be Ready again")
     p.add_argument("--log", default="/tmp/tpi-bench-operator.log", help="operator log file")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
@@ -379,11 +408,14 @@ def main() -> int:
         if args.faults:
             result["crash"] = crash_faults(w, args.faults, args.clusters, args.tp)
         time.sleep(10)
-        op_before, t_before = operator_requests(port), time.monotonic()
-        result["node_death"] = node_death(w, core, dying, dead_node, args.timeout)
+        op_before, acts_before, t_before = operator_requests(port), operator_actions(port), time.monotonic()
+        result["node_death"] = node_death(w, core, dying, dead_node, args.heal_timeout)
         phase_s = time.monotonic() - t_before
         result["node_death"]["phase_s"] = round(phase_s, 1)
         result["node_death"]["operator_api_requests_per_min"] = per_minute(operator_requests(port), op_before, phase_s)
+        acts = operator_actions(port)
+        result["node_death"]["operator_actions"] = {k: v - acts_before.get(k, 0) for k, v in acts.items()
+                                                    if v > acts_before.get(k, 0)}  # fmt: skip
         result["operator_rss_mb_after_faults"] = round(rss_mb(op.pid), 1)
         nd = result["node_death"]["failure_to_action_s"]
         result["targets_met"] = bool(
@@ -398,9 +430,7 @@ def main() -> int:
         print(json.dumps(result, indent=2), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        # the operator removes its finalizers: it must still run while the clusters go
-        kubectl("delete", "tpic", "--all", "-n", NS, "--wait=true", timeout=1200, check=False)
-        kubectl("delete", "namespace", NS, "--wait=false", check=False)
+        cleanup(api)
         if op is not None:
             op.terminate()
             op.wait(30)

@@ -498,6 +498,7 @@ def reconcile_once(
             log.info("%s/%s: %s %s: %s", namespace, name, a.kind, a.reason, a.message)
     for rec in decision.recovered:
         metrics.RECOVERY_SECONDS.labels(rec.reason or "unknown").observe(rec.seconds)
+        log.info("%s/%s: group %d Ready again %.1fs after %s", namespace, name, rec.group, rec.seconds, rec.reason)
     return Outcome(decision.wake_after, "ok", decision.events)
 
 

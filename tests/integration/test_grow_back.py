@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from tpikit.kube import kubectl, wait_until
 
 from tests.integration.test_faults import (  # noqa: F401 - fixtures
@@ -39,6 +40,7 @@ def resizes(namespace: str) -> tuple[dict[str, int], dict[str, int]]:
     return history, events
 
 
+@pytest.mark.timeout(SOAK_SECONDS + 300)  # the soak itself is the 10 minutes of the issue
 def test_capacity_for_one_grown_group_degrades_once_and_never_grows(
     op: Operator,  # noqa: F811
     namespace: str,
