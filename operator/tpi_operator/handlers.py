@@ -297,7 +297,8 @@ async def reconciler(
             leases = [copy.deepcopy(x) for x in tpi_leases.get(key, [])]
             stses = [copy.deepcopy(x) for x in tpi_statefulsets.get(key, [])]
             # The indexes change in this event loop: what the worker thread reads is copied here.
-            world = _world(snapshot, pods, tpi_nodes, tpi_pods)
+            # (our own last status write is newer than the body's, as in reconcile_once)
+            world = _world(mem.last_status or snapshot.get("status") or {}, pods, tpi_nodes, tpi_pods)
             started = time.monotonic()
             try:
                 outcome = await loop.run_in_executor(
@@ -332,9 +333,8 @@ class World:
     rank_pods: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _needs_capacity(body: Mapping[str, Any], pods: list[dict[str, Any]]) -> bool:
+def _needs_capacity(st: Mapping[str, Any], pods: list[dict[str, Any]]) -> bool:
     """Free capacity matters only to a degraded cluster or a rank that cannot be scheduled."""
-    st = body.get("status") or {}
     if (st.get("currentTensorParallelSize") or 0) < (st.get("desiredTensorParallelSize") or 0):
         return True
     return any(
@@ -344,10 +344,10 @@ def _needs_capacity(body: Mapping[str, Any], pods: list[dict[str, Any]]) -> bool
     )
 
 
-def _world(body: Mapping[str, Any], pods: list[dict[str, Any]], nodes: kopf.Index, rank_pods: kopf.Index) -> World:
+def _world(st: Mapping[str, Any], pods: list[dict[str, Any]], nodes: kopf.Index, rank_pods: kopf.Index) -> World:
     names = {n for p in pods if (n := (p.get("spec") or {}).get("nodeName"))}
     world = World(nodes={n: next(iter(nodes.get(n, [])), None) for n in sorted(names)})
-    if _needs_capacity(body, pods):
+    if _needs_capacity(st, pods):
         world.all_nodes = [n for store in nodes.values() for n in store]
         world.rank_pods = [p for store in rank_pods.values() for p in store]
     return world
