@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -113,3 +114,28 @@ def test_node_usage_without_cluster_wide_pod_reads_counts_the_watched_rank_pods(
 def test_capacity_is_read_only_when_a_decision_needs_it(status: dict, conditions: list, needed: bool) -> None:
     pods = [{"status": {"conditions": conditions}}]
     assert handlers._needs_capacity(status, pods) is needed
+
+
+def test_a_node_going_not_ready_wakes_the_clusters_with_ranks_on_it() -> None:
+    state = handlers.Shared()
+    memo = type("Memo", (), {"shared": state})()
+    events = {key: asyncio.Event() for key in (("ns", "a"), ("ns", "b"))}
+    state.wakers.update(events)
+    pods = {("ns", "a"): [{"spec": {"nodeName": "n1"}}], ("ns", "b"): [{"spec": {"nodeName": "n2"}}]}
+
+    def node(status: str) -> dict:
+        return {"status": {"conditions": [{"type": "Ready", "status": status}]}}
+
+    def seen(status: str | None, kind: str = "MODIFIED") -> set[str]:
+        for e in events.values():
+            e.clear()
+        body = node(status) if status else {}
+        asyncio.run(handlers.node_changed(name="n1", body=body, event={"type": kind}, memo=memo, tpi_pods=pods))
+        return {key[1] for key, e in events.items() if e.is_set()}
+
+    assert seen("True") == set()  # first sight of a healthy node
+    assert seen("True") == set()  # no change
+    assert seen("Unknown") == {"a"}  # only the cluster with a rank there
+    assert seen("Unknown") == set()
+    assert seen("True") == {"a"}
+    assert seen(None, "DELETED") == {"a"}
