@@ -3,7 +3,9 @@
 Shape (like a controller-runtime controller, inside kopf):
 
 * kopf *indices* keep watch-fed caches of the rank Pods, Leases and StatefulSets per cluster,
-  so a reconcile costs no LIST calls;
+  and of every Node (slimmed), so a reconcile costs no LIST calls; free capacity, needed only
+  while a cluster is degraded or a rank unschedulable, adds one query per candidate node selected
+  on ``spec.nodeName`` (never a list of every pod in the cluster);
 * one kopf *daemon* per TPInferenceCluster is its only reconciler (no two reconciles of one
   cluster ever race); it sleeps until a watched object changes (``on.event`` wakes it) or the
   core's next deadline (backoff, heartbeat, timeouts), and re-reads everything each time:
@@ -42,10 +44,8 @@ log = logging.getLogger("tpi_operator")
 CLUSTER = render.L_CLUSTER
 #: Shared objects (Services, RBAC) are re-applied at least this often, to heal manual deletes.
 RESYNC_SECONDS = 300.0
-#: Node capacity (two cluster-wide LISTs) is shared by all clusters for this long.
-CAPACITY_TTL_SECONDS = 5.0
-#: A node's readiness is re-read at most this often (all clusters share the reads).
-NODE_TTL_SECONDS = 5.0
+#: What is bound to a node (one field-selected query per node) is shared by all clusters this long.
+CAPACITY_TTL_SECONDS = 10.0
 #: Status is rewritten at most this often when only heartbeat times moved.
 STATUS_REFRESH_SECONDS = 60.0
 
@@ -87,10 +87,13 @@ class Shared:
     config: OperatorConfig = field(default_factory=OperatorConfig)
     wakers: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     clusters: dict[tuple[str, str], Memory] = field(default_factory=dict)
-    capacity: tuple[float, list[dict[str, Any]], list[dict[str, Any]]] | None = None
-    #: node name -> (monotonic time read, the node or None when it does not exist)
-    nodes: dict[str, tuple[float, dict[str, Any] | None]] = field(default_factory=dict)
+    #: node name -> (monotonic time read, the requests bound there): see ``_node_usage``
+    node_usage: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)
+    #: until when (monotonic) pods may not be listed cluster-wide (403: a namespaced install)
+    pods_forbidden_until: float = 0.0
     node_missing_since: dict[str, dt.datetime] = field(default_factory=dict)
+    #: node name -> its last seen readiness (True/False, None: unknown or deleted): wakes on a change
+    node_ready: dict[str, bool | None] = field(default_factory=dict)
     _kube: Kube | None = None
     _executor: ThreadPoolExecutor | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -211,6 +214,38 @@ def tpi_statefulsets(namespace: str, labels: Mapping[str, str], body: kopf.Body,
     return {(namespace, labels[CLUSTER]): _slim(body, ["replicas"])}
 
 
+@kopf.index("nodes")
+def tpi_nodes(name: str, body: kopf.Body, **_: Any) -> dict:
+    """Every node, slimmed to what capacity and node loss read (nodes are cluster-scoped: kopf
+    watches them cluster-wide even when the operator serves only some namespaces)."""
+    return {name: capacity.slim_node(_plain(body))}
+
+
+def _node_ready(body: Mapping[str, Any]) -> bool | None:
+    conds = (body.get("status") or {}).get("conditions") or []
+    ready = next((c for c in conds if c.get("type") == "Ready"), None)
+    return None if ready is None else ready.get("status") == "True"
+
+
+@kopf.on.event("nodes")
+async def node_changed(
+    name: str, body: kopf.Body, event: Mapping[str, Any], memo: kopf.Memo, tpi_pods: kopf.Index, **_: Any
+) -> None:
+    """A node's readiness changed (or it went away): wake the clusters with rank pods on it, so the
+    node-loss clock starts now rather than at their next resync."""
+    state = shared(memo)
+    ready = None if event.get("type") == "DELETED" else _node_ready(body)
+    if name in state.node_ready and state.node_ready[name] == ready:
+        return
+    known = name in state.node_ready
+    state.node_ready[name] = ready
+    if not known and ready:
+        return  # first sight of a healthy node: nothing to do
+    for key, store in list(tpi_pods.items()):
+        if any((p.get("spec") or {}).get("nodeName") == name for p in store):
+            state.wake(*key)
+
+
 @kopf.on.event("pods", labels={CLUSTER: kopf.PRESENT})
 async def pod_changed(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
     shared(memo).wake(namespace, labels.get(CLUSTER))
@@ -245,6 +280,7 @@ async def reconciler(
     tpi_pods: kopf.Index,
     tpi_leases: kopf.Index,
     tpi_statefulsets: kopf.Index,
+    tpi_nodes: kopf.Index,
     **_: Any,
 ) -> None:
     """The one reconciler of this cluster: reconcile, then sleep until woken or due."""
@@ -260,10 +296,13 @@ async def reconciler(
             pods = [copy.deepcopy(p) for p in tpi_pods.get(key, [])]
             leases = [copy.deepcopy(x) for x in tpi_leases.get(key, [])]
             stses = [copy.deepcopy(x) for x in tpi_statefulsets.get(key, [])]
+            # The indexes change in this event loop: what the worker thread reads is copied here.
+            # (our own last status write is newer than the body's, as in reconcile_once)
+            world = _world(mem.last_status or snapshot.get("status") or {}, pods, tpi_nodes, tpi_pods)
             started = time.monotonic()
             try:
                 outcome = await loop.run_in_executor(
-                    state.executor(), reconcile_once, state, mem, snapshot, pods, leases, stses
+                    state.executor(), reconcile_once, state, mem, snapshot, pods, leases, stses, world
                 )
                 metrics.RECONCILES.labels(outcome.result).inc()
             except Exception as e:  # never let one bad reconcile kill the daemon; back off instead
@@ -282,6 +321,38 @@ async def reconciler(
 
 
 # ------------------------------------------------------------------------------------ reconcile
+@dataclass
+class World:
+    """What a reconcile reads of the rest of the cluster, copied from the indexes."""
+
+    #: the rank pods' nodes: name -> slim node, or None when it does not exist
+    nodes: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    #: every node (slim), only when free capacity is needed; else None
+    all_nodes: list[dict[str, Any]] | None = None
+    #: every rank pod the operator watches (all clusters), for capacity without cluster-wide pod reads
+    rank_pods: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _needs_capacity(st: Mapping[str, Any], pods: list[dict[str, Any]]) -> bool:
+    """Free capacity matters only to a degraded cluster or a rank that cannot be scheduled."""
+    if (st.get("currentTensorParallelSize") or 0) < (st.get("desiredTensorParallelSize") or 0):
+        return True
+    return any(
+        c.get("type") == "PodScheduled" and c.get("status") == "False"
+        for p in pods
+        for c in (p.get("status") or {}).get("conditions") or []
+    )
+
+
+def _world(st: Mapping[str, Any], pods: list[dict[str, Any]], nodes: kopf.Index, rank_pods: kopf.Index) -> World:
+    names = {n for p in pods if (n := (p.get("spec") or {}).get("nodeName"))}
+    world = World(nodes={n: next(iter(nodes.get(n, [])), None) for n in sorted(names)})
+    if _needs_capacity(st, pods):
+        world.all_nodes = [n for store in nodes.values() for n in store]
+        world.rank_pods = [p for store in rank_pods.values() for p in store]
+    return world
+
+
 @dataclass
 class Outcome:
     wake_after: float
@@ -325,10 +396,17 @@ def _without_heartbeats(wire: dict[str, Any]) -> dict[str, Any]:
 
 
 def reconcile_once(
-    state: Shared, mem: Memory, body: dict[str, Any], pods: list[dict], leases: list[dict], stses: list[dict]
+    state: Shared,
+    mem: Memory,
+    body: dict[str, Any],
+    pods: list[dict],
+    leases: list[dict],
+    stses: list[dict],
+    world: World | None = None,
 ) -> Outcome:
     """One level-triggered pass for one cluster (runs in a worker thread): read, decide, apply."""
     kube, config = state.kube(), state.config
+    world = world if world is not None else World()
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     now = dt.datetime.now(dt.UTC)
@@ -387,8 +465,8 @@ def reconcile_once(
         leases=heartbeat.with_since(lease_map, mem.leases_seen),
         statefulsets={s.group: s for s in sts_list},
         restarted_at=restarted_at,
-        free_rank_slots=_free_slots(state, kube, spec, prev, pod_list),
-        nodes=_nodes(state, kube, {p.node for p in pod_list if p.node}, now),
+        free_rank_slots=_free_slots(state, kube, spec, world),
+        nodes=_nodes(state, world, now),
         foreign=_foreign(kube, mem, spec, ident),
         hash_for=reconcile.hash_function(spec, ident, restarted_at),
     )
@@ -420,6 +498,7 @@ def reconcile_once(
             log.info("%s/%s: %s %s: %s", namespace, name, a.kind, a.reason, a.message)
     for rec in decision.recovered:
         metrics.RECOVERY_SECONDS.labels(rec.reason or "unknown").observe(rec.seconds)
+        log.info("%s/%s: group %d Ready again %.1fs after %s", namespace, name, rec.group, rec.seconds, rec.reason)
     return Outcome(decision.wake_after, "ok", decision.events)
 
 
@@ -440,49 +519,59 @@ def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
     mem.applied[key] = (digest, time.monotonic())
 
 
-def _free_slots(
-    state: Shared, kube: Kube, spec: TPInferenceClusterSpec, prev: TPInferenceClusterStatus, pods: list
-) -> int | None:
-    """Free capacity, only when a decision needs it (it costs two cluster-wide LISTs)."""
-    degraded = (prev.current_tensor_parallel_size or 0) < (prev.desired_tensor_parallel_size or 0)
-    stuck = any(p.unschedulable_since is not None for p in pods)
-    if not (degraded or stuck):
+def _free_slots(state: Shared, kube: Kube, spec: TPInferenceClusterSpec, world: World) -> int | None:
+    """Free capacity, only when a decision needs it (``_needs_capacity``): the node index, minus
+    what is bound to each candidate node (``_node_usage``)."""
+    if world.all_nodes is None:
         return None
-    cached = state.capacity
-    if cached is None or time.monotonic() - cached[0] > CAPACITY_TTL_SECONDS:
-        try:
-            nodes = kube.list("Node")
-            bound = kube.list("Pod", fields="status.phase!=Succeeded,status.phase!=Failed")
-        except KubeError as e:
-            log.warning("cannot read capacity (%s); assuming none is free", e)
-            return None
-        # Only what capacity needs: a cluster-wide pod list is big.
-        bound = [{"spec": {k: p["spec"].get(k) for k in ("nodeName", "containers")}, "status": {}} for p in bound
-                 if p.get("spec", {}).get("nodeName")]  # fmt: skip
-        cached = state.capacity = (time.monotonic(), nodes, bound)
-    return capacity.free_rank_slots(spec, cached[1], cached[2])
+    names = capacity.candidate_nodes(spec, world.all_nodes)
+    try:
+        used = _node_usage(state, kube, names, world.rank_pods)
+    except KubeError as e:
+        log.warning("cannot read what is bound to the nodes (%s); assuming no capacity is free", e)
+        return None
+    return capacity.free_rank_slots(spec, world.all_nodes, used)
 
 
-def _nodes(state: Shared, kube: Kube, names: set[str], now: dt.datetime) -> dict[str, NodeObs]:
-    """The rank pods' nodes (one GET per node, shared by all clusters for NODE_TTL_SECONDS)."""
-    out = {}
-    for node_name in sorted(names):
-        cached = state.nodes.get(node_name)
-        if cached is None or time.monotonic() - cached[0] > NODE_TTL_SECONDS:
+def _node_usage(
+    state: Shared, kube: Kube, names: list[str], rank_pods: list[dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Requests bound to each node: one query per node selected on ``spec.nodeName`` (paginated,
+    shared by all clusters for CAPACITY_TTL_SECONDS).
+
+    Without the right to list pods in every namespace (a namespaced install without
+    ``rbac.listPodsClusterWide``), only the rank pods the operator watches are counted: other
+    workloads on those nodes are invisible, so the estimate is an upper bound there.
+    """
+    if time.monotonic() < state.pods_forbidden_until:
+        return capacity.node_usage(rank_pods)
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        cached = state.node_usage.get(name)
+        if cached is None or time.monotonic() - cached[0] > CAPACITY_TTL_SECONDS:
             try:
-                obj: dict[str, Any] | None = kube.request("GET", kube.path("Node", None, node_name))
+                bound = kube.list("Pod", fields=f"spec.nodeName={name},status.phase!=Succeeded,status.phase!=Failed")
             except KubeError as e:
-                if e.status != 404:
-                    log.warning("cannot read node %s (%s); taking it as healthy", node_name, e)
-                    continue
-                obj = None
-            cached = state.nodes[node_name] = (time.monotonic(), obj)
-        if cached[1] is None:
+                if e.status != 403:
+                    raise
+                log.warning("may not list pods cluster-wide (%s): free capacity counts only rank pods", e.message)
+                state.pods_forbidden_until = time.monotonic() + RESYNC_SECONDS
+                return capacity.node_usage(rank_pods)
+            cached = state.node_usage[name] = (time.monotonic(), capacity.node_usage(bound).get(name, {}))
+        out[name] = cached[1]
+    return out
+
+
+def _nodes(state: Shared, world: World, now: dt.datetime) -> dict[str, NodeObs]:
+    """The rank pods' nodes, from the node index (no requests)."""
+    out = {}
+    for node_name, node in world.nodes.items():
+        if node is None:
             missing = state.node_missing_since.setdefault(node_name, now)  # the operator's own clock
         else:
             state.node_missing_since.pop(node_name, None)
             missing = None
-        out[node_name] = node_obs(node_name, cached[1], missing)
+        out[node_name] = node_obs(node_name, node, missing)
     return out
 
 

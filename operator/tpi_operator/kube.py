@@ -153,14 +153,30 @@ class Kube:
             raise
 
     def list(
-        self, kind: str, namespace: str | None = None, *, labels: str | None = None, fields: str | None = None
+        self,
+        kind: str,
+        namespace: str | None = None,
+        *,
+        labels: str | None = None,
+        fields: str | None = None,
+        page_size: int = 500,
     ) -> list[dict[str, Any]]:
-        query = []
+        """Every matching object, fetched ``page_size`` at a time (``limit`` + ``continue``): the
+        API server never has to render, nor this process to hold, one unbounded response."""
+        query: list[tuple[str, Any]] = [("limit", page_size)]
         if labels:
             query.append(("labelSelector", labels))
         if fields:
             query.append(("fieldSelector", fields))
-        return self.request("GET", self.path(kind, namespace), query=query).get("items", [])
+        items: list[dict[str, Any]] = []
+        token = None
+        while True:
+            more = [("continue", token)] if token else []
+            page = self.request("GET", self.path(kind, namespace), query=query + more)
+            items.extend(page.get("items", []))
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
 
     def apply_status(self, name: str, namespace: str, status: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply of the cluster's status: fields left out are removed (we own them all)."""

@@ -119,13 +119,14 @@ Cluster-scoped rules, whatever the watched namespaces are.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
-# Free-GPU estimate (allocatable per node) when a cluster is degraded or a rank is unschedulable;
-# get: is a rank's node lost (NotReady, unreachable, deleted)?
+# The operator's node index (a watch): is a rank's node lost (NotReady, unreachable, deleted)?
+# And allocatable, labels and taints for the free-capacity estimate of a degraded cluster.
 - apiGroups: [""]
   resources: ["nodes"]
-  verbs: ["get", "list"]
+  verbs: ["list", "watch"]
 {{- if and .Values.rbac.listPodsClusterWide (not (include "tpi-operator.clusterWide" .)) }}
-# Opt-in (rbac.listPodsClusterWide): count every namespace's pods in that estimate.
+# Opt-in (rbac.listPodsClusterWide): count every namespace's pods in that estimate (one query per
+# candidate node, selected on spec.nodeName).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]

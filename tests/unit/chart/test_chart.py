@@ -43,7 +43,7 @@ NAMESPACED_PEERING = {("zalando.org", "kopfpeerings"): {"get", "list", "watch", 
 CLUSTER_SCOPED_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("", "namespaces"): {"list", "watch"},
-    ("", "nodes"): {"get", "list"},  # get: is a rank's node lost?
+    ("", "nodes"): {"list", "watch"},  # the node index: node loss and free capacity
 }
 CLUSTER_PEERING = {("zalando.org", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}}
 

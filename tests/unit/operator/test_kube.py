@@ -1,10 +1,12 @@
-"""kube.Kube.delete: the uid precondition keeps a stale cache from deleting a replacement pod."""
+"""kube.Kube: deletes with a uid precondition, paginated lists; and the shell's capacity reads built on them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from tpi_operator import handlers
 from tpi_operator.kube import Kube, KubeError, _resource
 
 
@@ -49,3 +51,91 @@ def test_conflict_without_uid_is_an_error() -> None:
 )
 def test_request_metric_resource(path: str, resource: str) -> None:
     assert _resource(path) == resource
+
+
+class PagedKube(Kube):
+    """Serves a list in pages, as the API server does with limit + continue."""
+
+    def __init__(self, items: list[dict], page: int, status: int | None = None) -> None:
+        super().__init__(api=None)  # type: ignore[arg-type]
+        self.items, self.page, self.status, self.queries = items, page, status, []
+
+    def request(self, method, path, *, body=None, query=None, content_type="application/json"):
+        self.queries.append((path, dict(query or [])))
+        if self.status is not None:
+            raise KubeError(self.status, json.dumps({"message": "forbidden"}))
+        q = dict(query or [])
+        start = int(q.get("continue", 0))
+        end = start + min(int(q["limit"]), self.page)
+        meta = {"continue": str(end)} if end < len(self.items) else {}
+        return {"items": self.items[start:end], "metadata": meta}
+
+
+def test_list_is_paginated() -> None:
+    kube = PagedKube([{"n": i} for i in range(7)], page=3)
+    assert kube.list("Pod", fields="spec.nodeName=a", page_size=3) == [{"n": i} for i in range(7)]
+    assert [q.get("continue") for _, q in kube.queries] == [None, "3", "6"]
+    assert all(q["limit"] == 3 and q["fieldSelector"] == "spec.nodeName=a" for _, q in kube.queries)
+    assert {p for p, _ in kube.queries} == {"/api/v1/pods"}  # all namespaces: the node's every pod
+
+
+def _pod(node: str, cpu: str = "1") -> dict:
+    return {"spec": {"nodeName": node, "containers": [{"resources": {"requests": {"cpu": cpu}}}]}, "status": {}}
+
+
+def test_node_usage_one_field_selected_query_per_node_shared_by_clusters() -> None:
+    state = handlers.Shared()
+    kube = PagedKube([_pod("a"), _pod("a")], page=500)
+    used = handlers._node_usage(state, kube, ["a"], [])
+    assert used == {"a": {"pods": 2.0, "cpu": 2.0}}
+    handlers._node_usage(state, kube, ["a"], [])  # a second cluster within the TTL: no new query
+    assert len(kube.queries) == 1
+    assert kube.queries[0][1]["fieldSelector"].startswith("spec.nodeName=a,")
+
+
+def test_node_usage_without_cluster_wide_pod_reads_counts_the_watched_rank_pods() -> None:
+    state = handlers.Shared()
+    kube = PagedKube([], page=500, status=403)
+    used = handlers._node_usage(state, kube, ["a", "b"], [_pod("a", "2")])
+    assert used == {"a": {"pods": 1.0, "cpu": 2.0}}
+    handlers._node_usage(state, kube, ["a", "b"], [])  # remembered: no new refused query
+    assert len(kube.queries) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "conditions", "needed"),
+    [
+        ({"currentTensorParallelSize": 4, "desiredTensorParallelSize": 4}, [], False),
+        ({"currentTensorParallelSize": 2, "desiredTensorParallelSize": 4}, [], True),  # degraded
+        ({}, [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}], True),
+        ({}, [{"type": "PodScheduled", "status": "True"}], False),
+    ],
+)
+def test_capacity_is_read_only_when_a_decision_needs_it(status: dict, conditions: list, needed: bool) -> None:
+    pods = [{"status": {"conditions": conditions}}]
+    assert handlers._needs_capacity(status, pods) is needed
+
+
+def test_a_node_going_not_ready_wakes_the_clusters_with_ranks_on_it() -> None:
+    state = handlers.Shared()
+    memo = type("Memo", (), {"shared": state})()
+    events = {key: asyncio.Event() for key in (("ns", "a"), ("ns", "b"))}
+    state.wakers.update(events)
+    pods = {("ns", "a"): [{"spec": {"nodeName": "n1"}}], ("ns", "b"): [{"spec": {"nodeName": "n2"}}]}
+
+    def node(status: str) -> dict:
+        return {"status": {"conditions": [{"type": "Ready", "status": status}]}}
+
+    def seen(status: str | None, kind: str = "MODIFIED") -> set[str]:
+        for e in events.values():
+            e.clear()
+        body = node(status) if status else {}
+        asyncio.run(handlers.node_changed(name="n1", body=body, event={"type": kind}, memo=memo, tpi_pods=pods))
+        return {key[1] for key, e in events.items() if e.is_set()}
+
+    assert seen("True") == set()  # first sight of a healthy node
+    assert seen("True") == set()  # no change
+    assert seen("Unknown") == {"a"}  # only the cluster with a rank there
+    assert seen("Unknown") == set()
+    assert seen("True") == {"a"}
+    assert seen(None, "DELETED") == {"a"}
