@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -308,8 +309,6 @@ def no_finalizer(registry: Any) -> int:
     everything the cluster owns, and ``cluster_event`` stops the daemon on deletion), so the
     requirement is dropped.  kopf exposes no option for it: its handler records are rewritten.
     """
-    import dataclasses  # noqa: PLC0415 (only here)
-
     handlers = registry._spawning._handlers
     changed = 0
     for i, h in enumerate(handlers):

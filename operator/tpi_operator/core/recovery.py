@@ -572,10 +572,11 @@ def surge_groups(spec: TPInferenceClusterSpec, obs: Observation, actions: list[A
 def rule_surge(ctx: _Ctx, want: dict[int, str], unavailable: set[int]) -> Surge | None:
     """``maxSurge``: bring up surge groups at the new template before any Ready group goes down.
 
-    None when surging does not apply (maxSurge 0, or a degraded cluster: capacity is short or the
-    groups are sick, and a surge group would only compete for it).  Surge groups are kept until
-    every group is up to date and Ready; Ready groups go down only while Ready groups (surge ones
-    included) stay at least ``replicas``, so serving capacity never drops during a roll.
+    None when surging does not apply: maxSurge 0, a degraded cluster or a resize (degrade,
+    grow-back): capacity is short or the groups are sick, and a surge group would compete for it.
+    Surge groups are kept until every group is up to date and Ready; Ready groups go down only
+    while Ready groups (surge ones included) stay at least ``replicas``, so serving capacity never
+    drops during a roll.
     """
     spec, obs = ctx.spec, ctx.obs
     slots = list(surge_slots(spec))
@@ -583,6 +584,8 @@ def rule_surge(ctx: _Ctx, want: dict[int, str], unavailable: set[int]) -> Surge 
         return None
     stale = [g for g in ctx.groups if g not in ctx.recreated and (s := obs.statefulsets.get(g)) is not None
              and s.template_hash != want[g]]  # fmt: skip
+    if ctx.resized or any(obs.statefulsets[g].replicas != ctx.tp for g in stale):
+        return None  # a resize (degrade, grow-back) is about capacity: no extra group on top
     if not stale and not unavailable:
         return Surge(kept=set(), spare=0)  # roll done: the surge groups go
     existing = [g for g in slots if g in obs.statefulsets]

@@ -606,17 +606,16 @@ def test_chart_crds_are_copies_of_the_top_level_crds() -> None:
 def test_every_object_the_operator_renders_is_granted(render) -> None:
     """What ``render`` makes of a cluster (PodDisruptionBudget included) is what the chart lets
     the operator apply: get (ownership check), create and patch (server-side apply)."""
-    from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec  # noqa: PLC0415
-    from tpi_operator.core import render as r  # noqa: PLC0415
+    from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec
+    from tpi_operator.core import render as r
 
     rules = rules_of(render().one("ClusterRole", FULLNAME))
     spec = TPInferenceClusterSpec.model_validate({"image": "x", "model": {"source": {"image": {"path": "/m"}}}})
-    IDENT = r.Identity("demo", "ns", "uid-1")  # noqa: N806
-    objects = [*r.shared_objects(spec, IDENT, ["demo-g0-0"]), r.statefulset(spec, IDENT, r.GroupSettings(0, 4, 8))]
+    ident = r.Identity("demo", "ns", "uid-1")
+    objects = [*r.shared_objects(spec, ident, ["demo-g0-0"]), r.statefulset(spec, ident, r.GroupSettings(0, 4, 8))]
     kinds = {o["kind"] for o in objects}
     assert "PodDisruptionBudget" in kinds
     for obj in objects:
         group = obj["apiVersion"].rpartition("/")[0]
-        plural = {"PodDisruptionBudget": "poddisruptionbudgets", "Service": "services", "StatefulSet": "statefulsets",
-                  "ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings"}[obj["kind"]]  # fmt: skip
+        plural = obj["kind"].lower() + ("es" if obj["kind"] == "PodDisruptionBudget" else "s")
         assert {"get", "create", "patch"} <= rules[(group, plural)], obj["kind"]
