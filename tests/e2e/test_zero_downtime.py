@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from tpikit.cluster import Client, Kube, Operator, endpoint_url, status, tpic, wait_serving
-from tpikit.kube import wait_until
+from tpikit.kube import REPO, wait_until
 from tpikit.provider import Provider
 
 from tests.e2e.conftest import record_timing
@@ -126,9 +126,16 @@ def long_checkpoint(provider: Provider, tmp_path_factory: pytest.TempPathFactory
     return provider.stage_dir(Path(local), f"tiny-long-{uuid.uuid4().hex[:6]}")
 
 
-def cluster(name: str, model: str, **spec: Any) -> dict[str, Any]:
-    # maxBatchSize 16: all CLIENTS run at once (a queued stream would wait out another's 30 s).
-    return tpic(name, model, runtime={"maxBatchSize": CLIENTS, "maxModelLen": MAX_MODEL_LEN}, **spec)
+def cluster(k: Kube, name: str, model: str, **spec: Any) -> dict[str, Any]:
+    """The default failure policy; maxBatchSize 16: all CLIENTS run at once (a queued stream would
+    wait out another's 30 s)."""
+    # helm installs crds/ only when absent: this revision's fields (maxSurge) need this CRD.
+    crd = REPO / "crds" / "tpi.dev_tpinferenceclusters.yaml"
+    k.p.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    k.p.kubectl("wait", "--for=condition=Established", "crd/tpinferenceclusters.tpi.dev", "--timeout=60s")
+    obj = tpic(name, model, runtime={"maxBatchSize": CLIENTS, "maxModelLen": MAX_MODEL_LEN}, **spec)
+    obj["spec"]["failurePolicy"] = {}
+    return obj
 
 
 def sized_tokens(client: Client, url: str) -> int:
@@ -163,7 +170,7 @@ def test_roll_with_max_surge_serves_every_stream(
     operator.ensure()
     k = Kube(provider, namespace)
     name = "surge"
-    k.apply(cluster(name, long_checkpoint, replicas=1, updateStrategy={"maxSurge": 1}))
+    k.apply(cluster(k, name, long_checkpoint, replicas=1, updateStrategy={"maxSurge": 1}))
     st = wait_serving(k, name, timeout=300)
     client = Client(k, namespace)
     url = endpoint_url(st, name, namespace)
@@ -200,7 +207,7 @@ def test_eviction_drains_one_group_and_the_budget_holds_the_other(
     operator.ensure()
     k = Kube(provider, namespace)
     name = "drain"
-    k.apply(cluster(name, long_checkpoint, replicas=2))
+    k.apply(cluster(k, name, long_checkpoint, replicas=2))
     st = wait_serving(k, name, timeout=300, groups=2)
     wait_until(lambda: (k.get("pdb", name).get("status") or {}).get("disruptionsAllowed") == 1, timeout=60,
                interval=1, what="the PodDisruptionBudget counted")  # fmt: skip
