@@ -41,3 +41,29 @@ def collective_timeout_seconds(heartbeat_timeout_seconds: int) -> int:
     is a hang (the rank exits 3). It starts only once every rank of the group has joined: the wait
     for missing ranks has no deadline (``tpi_runtime.rendezvous``)."""
     return max(2 * heartbeat_timeout_seconds, MIN_COLLECTIVE_TIMEOUT_SECONDS)
+
+
+# ---------------------------------------------------------------------- termination timeline
+#: The rank pods' default terminationGracePeriodSeconds: long enough for a long streamed answer.
+GRACE_SECONDS = 60
+#: The preStop delay (a native ``sleep`` action): the pod keeps serving while its endpoint is
+#: removed from every Service, so no client is sent to a rank that already refuses requests.
+PRESTOP_SECONDS = 5
+#: A follower waits this much longer than rank 0's drain before leaving on its own, so it normally
+#: leaves on rank 0's shutdown step rather than breaking a group that still runs collectives.
+FOLLOWER_EXTRA_SECONDS = 5.0
+#: Left unused at the end of the grace period: the operator's reaction to an evicted peer, and the
+#: interpreter's exit, happen before the kubelet's SIGKILL.
+GRACE_MARGIN_SECONDS = 5
+#: The smallest grace period the timeline fits in (preStop, follower extra, margin, 5 s of drain).
+MIN_GRACE_SECONDS = PRESTOP_SECONDS + int(FOLLOWER_EXTRA_SECONDS) + GRACE_MARGIN_SECONDS + 5
+
+
+def drain_seconds(grace_seconds: int) -> int:
+    """The runtime's ``--drain-seconds`` for a pod's grace period.
+
+    Timeline from the pod's deletion (t=0): preStop sleep until PRESTOP_SECONDS, SIGTERM, rank 0
+    drains in-flight requests for at most this long, its followers leave on its shutdown step (or
+    FOLLOWER_EXTRA_SECONDS after it at the latest), and GRACE_MARGIN_SECONDS remain before SIGKILL.
+    """
+    return max(1, grace_seconds - PRESTOP_SECONDS - int(FOLLOWER_EXTRA_SECONDS) - GRACE_MARGIN_SECONDS)

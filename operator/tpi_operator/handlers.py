@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -86,6 +87,8 @@ class Shared:
 
     config: OperatorConfig = field(default_factory=OperatorConfig)
     wakers: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+    #: uids of clusters deleted from the API: their reconcilers stop (no finalizer tells kopf).
+    gone: set[str] = field(default_factory=set)
     clusters: dict[tuple[str, str], Memory] = field(default_factory=dict)
     #: node name -> (monotonic time read, the requests bound there): see ``_node_usage``
     node_usage: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)
@@ -160,6 +163,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kopf.tpi.dev", key="last-handled-configuration"
     )
+    # No handler needs a finalizer (see no_finalizer below); kopf still removes this one from
+    # clusters that an older operator blocked with it.
     settings.persistence.finalizer = "tpi.dev/daemon"
     settings.posting.level = logging.WARNING  # Events: we post our own; kopf only its warnings
     settings.watching.server_timeout = 300
@@ -270,6 +275,16 @@ async def cluster_changed(spec: kopf.Spec, name: str, namespace: str, memo: kopf
         raise kopf.PermanentError(f"invalid spec: {_validation_message(e)}") from None
 
 
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def cluster_event(type: str | None, uid: str, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    """A deleted cluster's reconciler stops: kopf itself stops daemons only of objects that a
+    finalizer keeps around, and ours keep none."""
+    if type == "DELETED":
+        state = shared(memo)
+        state.gone.add(uid)
+        state.wake(namespace, name)
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=2.0)
 async def reconciler(
     name: str,
@@ -286,11 +301,13 @@ async def reconciler(
     """The one reconciler of this cluster: reconcile, then sleep until woken or due."""
     state = shared(memo)
     key = (namespace, name)
-    wake = state.wakers.setdefault(key, asyncio.Event())
-    mem = state.clusters.setdefault(key, Memory())
+    # Fresh ones: a deleted same-named predecessor may still be on its way out with its own.
+    wake = state.wakers[key] = asyncio.Event()
+    mem = state.clusters[key] = Memory()
     loop = asyncio.get_running_loop()
+    uid = body.get("metadata", {}).get("uid", "")
     try:
-        while not stopped:
+        while not stopped and uid not in state.gone:
             wake.clear()
             snapshot = _plain(body)
             pods = [copy.deepcopy(p) for p in tpi_pods.get(key, [])]
@@ -316,8 +333,31 @@ async def reconciler(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=outcome.wake_after)
     finally:
-        state.wakers.pop(key, None)
-        state.clusters.pop(key, None)
+        state.gone.discard(uid)
+        if state.wakers.get(key) is wake:  # a same-named successor may have started already
+            state.wakers.pop(key, None)
+            state.clusters.pop(key, None)
+
+
+def no_finalizer(registry: Any) -> int:
+    """Let this operator's daemons run without a finalizer on the cluster; returns how many.
+
+    kopf adds a finalizer to every object that has a daemon, to stop the daemon before the object
+    goes.  A TPInferenceCluster then cannot be deleted while no operator runs: it hangs Terminating,
+    and its namespace with it.  Our daemon has no end-of-life work (owner references garbage-collect
+    everything the cluster owns, and ``cluster_event`` stops the daemon on deletion), so the
+    requirement is dropped.  kopf exposes no option for it: its handler records are rewritten.
+    """
+    handlers = registry._spawning._handlers
+    changed = 0
+    for i, h in enumerate(handlers):
+        if getattr(h, "requires_finalizer", False):
+            handlers[i] = dataclasses.replace(h, requires_finalizer=False)
+            changed += 1
+    return changed
+
+
+no_finalizer(kopf.get_default_registry())
 
 
 # ------------------------------------------------------------------------------------ reconcile

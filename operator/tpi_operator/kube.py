@@ -28,6 +28,7 @@ _KINDS = {
     "Role": ("apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Lease": ("apis/coordination.k8s.io/v1", "leases"),
+    "PodDisruptionBudget": ("apis/policy/v1", "poddisruptionbudgets"),
     "TPInferenceCluster": (f"apis/{GROUP}/{VERSION}", PLURAL),
 }
 

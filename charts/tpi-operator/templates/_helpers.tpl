@@ -88,6 +88,11 @@ watched namespace (Role). No wildcards: every group, resource and verb is named.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["create", "get", "list", "watch", "patch", "update", "delete"]
+# One PodDisruptionBudget per cluster: server-side apply (patch; create when it is new) and a
+# read for the ownership check. Never listed, watched or deleted: owner references clean it up.
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch"]
 # Rank pods: observe them and delete a stuck or failed rank to restart it.
 - apiGroups: [""]
   resources: ["pods"]

@@ -44,6 +44,9 @@ Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 
 #: How many restart-history entries status keeps (the oldest are dropped).
 HISTORY_LIMIT = 30
+#: Rank pods' terminationGracePeriodSeconds: default and floor (see tpi_contract.defaults).
+DEFAULT_GRACE_SECONDS = defaults.GRACE_SECONDS
+MIN_GRACE_SECONDS = defaults.MIN_GRACE_SECONDS
 
 
 def _cel(rule: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -230,7 +233,24 @@ class FailurePolicy(_Model):
 class UpdateStrategy(_Model):
     """Rolling of groups after a spec change or ``tpi.dev/restartedAt``."""
 
-    max_unavailable: int = Field(1, ge=1, description="Groups that may be down for an update at once.")
+    max_unavailable: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Groups that may be down for an update at once; also what the cluster's "
+            "PodDisruptionBudget lets evictions (kubectl drain) take."
+        ),
+    )
+    max_surge: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description=(
+            "Extra groups brought up with the new template before a Ready group is taken down, so a "
+            "roll never lowers serving capacity (needs capacity for that many more groups). "
+            "0: groups are rolled in place within maxUnavailable."
+        ),
+    )
 
 
 TensorParallelSize = int | Literal["auto"]
@@ -281,6 +301,16 @@ class TPInferenceClusterSpec(_Model):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy)
     update_strategy: UpdateStrategy = Field(default_factory=UpdateStrategy)
+    termination_grace_period_seconds: int = Field(
+        DEFAULT_GRACE_SECONDS,
+        ge=MIN_GRACE_SECONDS,
+        le=3600,
+        description=(
+            "Rank pods' terminationGracePeriodSeconds: the preStop delay, then the runtime's drain "
+            "of in-flight requests (--drain-seconds, derived from it), then exit. Longer than the "
+            "longest request you want a roll or drain to finish."
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------- status

@@ -105,7 +105,9 @@ def decide(
         if isinstance(a, recovery.ForceDelete):
             forced.update(a.pods)
     decision.delete_pods.extend(PodDelete(name, uid, 0) for name, uid in sorted(forced.items()))
-    for g in range(spec.replicas):
+    drained = {a.group for a in actions if isinstance(a, recovery.RecreateGroup) and recovery.evicted(obs, a.group)}
+    surge = recovery.surge_groups(spec, obs, actions)
+    for g in [*range(spec.replicas), *sorted(surge)]:
         gs = settings_for(spec, st, g, obs.restarted_at)
         want = obs.hash_for(gs.tp, gs.batch)
         sts_obs = obs.statefulsets.get(g)
@@ -120,11 +122,12 @@ def decide(
             if p.group != g or p.deleting or p.name in forced:
                 continue
             if p.incarnation < gs.incarnation or p.template_hash != live_hash:
-                grace = BROKEN_GROUP_GRACE_SECONDS if g in broken else None
+                # A group broken by an eviction still serves: its rank 0 drains like a rolled one.
+                grace = BROKEN_GROUP_GRACE_SECONDS if g in broken and g not in drained else None
                 decision.delete_pods.append(PodDelete(p.name, p.uid, grace))
     # Leases for every rank of every group at its (possibly not yet rolled) size.
     wanted_leases = set()
-    for g in range(spec.replicas):
+    for g in [*range(spec.replicas), *sorted(surge)]:
         sts_obs = obs.statefulsets.get(g)
         size = st.current_tensor_parallel_size or 1
         if g not in touched and sts_obs is not None:

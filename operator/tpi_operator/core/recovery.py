@@ -27,7 +27,9 @@ The rules, one function each, in the order ``plan`` applies them:
    capacity degrades, free capacity holds what every group needs (replicas x the added ranks).
 7. ``rule_roll``: groups whose pod template is out of date (spec change, new size or batch,
    ``restartedAt``) are rolled one at a time within ``maxUnavailable``; groups already down are
-   rolled at once.  A group counts as done only when Ready.
+   rolled at once.  A group counts as done only when Ready.  With ``maxSurge`` (``rule_surge``),
+   surge groups at the new template come up first and a Ready group goes down only while the Ready
+   groups stay at ``replicas``; the surge groups go once every group is up to date and Ready.
 """
 
 from __future__ import annotations
@@ -222,6 +224,18 @@ def detect_failure(
             age = (obs.now - since).total_seconds()
             return GroupFailure(group, "HeartbeatTimeout", f"{p.name} hung: Lease not renewed for {age:.0f}s")
     return None
+
+
+def evicted(obs: Observation, group: int) -> bool:
+    """A rank of the group's current incarnation is terminating gracefully on a healthy node: an
+    eviction (``kubectl drain``) or a plain delete, not a crash.  Until the kubelet stops it, the
+    group still works, so its other ranks are stopped with their grace period and rank 0 drains."""
+    incarnation = group_incarnation(obs.status, obs, group)
+    return any(
+        p.group == group and p.deleting and p.incarnation >= incarnation
+        and not (p.node and (n := obs.nodes.get(p.node)) is not None and n.lost_since is not None)
+        for p in obs.pods
+    )  # fmt: skip
 
 
 def heartbeat_clocks(obs: Observation, pods: list[PodObs]) -> list[tuple[PodObs, dt.datetime]]:
@@ -494,7 +508,8 @@ def grow_back_after(spec: TPInferenceClusterSpec, st: TPInferenceClusterStatus) 
 
 
 def rule_roll(ctx: _Ctx) -> None:
-    """Rule 7: roll out-of-date groups within maxUnavailable; groups already down at once."""
+    """Rule 7: roll out-of-date groups within maxUnavailable; groups already down at once.
+    With ``maxSurge``, Ready groups are rolled only while surge groups stand in (``rule_surge``)."""
     spec, obs = ctx.spec, ctx.obs
     want = {g: obs.hash_for(ctx.tp, group_batch(spec, ctx.st, g, obs.restarted_at)) for g in ctx.groups}
     for a in ctx.out:  # this pass's halving
@@ -507,6 +522,7 @@ def rule_roll(ctx: _Ctx) -> None:
 
     unavailable = {g for g in ctx.groups if is_unavailable(g)}
     budget = spec.update_strategy.max_unavailable
+    surge = rule_surge(ctx, want, unavailable)
     for g in ctx.groups:
         if g in ctx.recreated:
             continue
@@ -518,14 +534,103 @@ def rule_roll(ctx: _Ctx) -> None:
             continue  # up to date, or rolling already: the shell replaces stale pods
         if g in unavailable:
             ctx.add(RollGroup("Update", f"updating group {g} (not ready)", g, want[g]))
+        elif surge is not None:
+            surge_take_down(ctx, surge, g, want[g])
         elif len(unavailable) < budget:
             ctx.add(RollGroup("Update", f"rolling group {g}", g, want[g]))
             unavailable.add(g)
         else:
             ctx.add(Wait("RollingUpdate", f"group {g} waits for maxUnavailable={budget}"))
+    kept = surge.kept if surge is not None else set()
     for g in sorted(obs.statefulsets):
-        if g >= spec.replicas:
-            ctx.add(RemoveGroup("ScaleDown", f"removing group {g}", g))
+        if g >= spec.replicas and g not in kept:
+            ctx.add(RemoveGroup("ScaleDown" if g not in surge_slots(spec) else "SurgeDone", f"removing group {g}", g))
+
+
+# ------------------------------------------------------------------------------------- surge
+@dataclass
+class Surge:
+    """Surge groups of this pass: the slots kept, and how many Ready groups may still go down."""
+
+    kept: set[int]
+    spare: int
+
+
+def surge_slots(spec: TPInferenceClusterSpec) -> range:
+    """Surge groups take the indices just past the spec's groups (StatefulSets ``<c>-g<replicas+i>``)."""
+    return range(spec.replicas, spec.replicas + spec.update_strategy.max_surge)
+
+
+def surge_groups(spec: TPInferenceClusterSpec, obs: Observation, actions: list[Action]) -> set[int]:
+    """The surge groups that exist after ``actions`` (the shell renders and heals them too)."""
+    slots = set(surge_slots(spec))
+    made = {a.group for a in actions if isinstance(a, RollGroup) and a.group in slots}
+    gone = {a.group for a in actions if isinstance(a, RemoveGroup)}
+    return ((slots & set(obs.statefulsets)) | made) - gone
+
+
+def rule_surge(ctx: _Ctx, want: dict[int, str], unavailable: set[int]) -> Surge | None:
+    """``maxSurge``: bring up surge groups at the new template before any Ready group goes down.
+
+    None when surging does not apply: maxSurge 0, a degraded cluster or a resize (degrade,
+    grow-back): capacity is short or the groups are sick, and a surge group would compete for it.
+    Surge groups are kept until every group is up to date and Ready; Ready groups go down only
+    while Ready groups (surge ones included) stay at least ``replicas``, so serving capacity never
+    drops during a roll.
+    """
+    spec, obs = ctx.spec, ctx.obs
+    slots = list(surge_slots(spec))
+    if not slots or ctx.tp < obs.desired_tp:
+        return None
+    stale = [g for g in ctx.groups if g not in ctx.recreated and (s := obs.statefulsets.get(g)) is not None
+             and s.template_hash != want[g]]  # fmt: skip
+    if ctx.resized or any(obs.statefulsets[g].replicas != ctx.tp for g in stale):
+        return None  # a resize (degrade, grow-back) is about capacity: no extra group on top
+    if not stale and not unavailable:
+        return Surge(kept=set(), spare=0)  # roll done: the surge groups go
+    existing = [g for g in slots if g in obs.statefulsets]
+    kept = set(slots[: min(len(slots), len(stale))]) if stale else set(existing)
+    target = obs.hash_for(ctx.tp, spec.runtime.max_batch_size)
+    ready = 0
+    for g in sorted(kept):
+        sts = obs.statefulsets.get(g)
+        if sts is None:
+            ctx.add(RollGroup("Surge", f"bringing up surge group {g} before rolling a Ready group", g, target))
+            continue
+        if sts.template_hash != target:
+            ctx.add(RollGroup("Surge", f"updating surge group {g}", g, target))
+            continue
+        inc = sts.incarnation
+        failure = detect_failure(spec, obs, g, inc)
+        if failure is not None:  # start it afresh: a broken group never becomes Ready
+            ctx.add(RemoveGroup("SurgeFailed", f"surge group {g} failed ({failure.message}); recreating it", g))
+            kept.discard(g)
+        elif group_ready(obs, g, inc, sts.replicas):
+            ready += 1
+        else:
+            why = _surge_unschedulable(ctx, g, inc)
+            ctx.add(Blocked("SurgeUnschedulable", why) if why else Wait("Surge", f"surge group {g} is not Ready yet"))
+    ready_groups = len([g for g in ctx.groups if g not in unavailable])
+    return Surge(kept=kept, spare=ready_groups + ready - spec.replicas)
+
+
+def _surge_unschedulable(ctx: _Ctx, g: int, incarnation: int) -> str | None:
+    """Why a surge group cannot start, once a rank is unschedulable past the timeout."""
+    timeout = dt.timedelta(seconds=ctx.spec.failure_policy.unschedulable_timeout_seconds)
+    for p in current_pods(ctx.obs, g, incarnation):
+        if p.unschedulable_since is not None and ctx.obs.now - p.unschedulable_since >= timeout:
+            return (f"surge group {g} cannot be scheduled ({p.unschedulable_message or 'no node fits'}); "
+                    "the roll waits: free capacity for one more group or set updateStrategy.maxSurge: 0")  # fmt: skip
+    return None
+
+
+def surge_take_down(ctx: _Ctx, surge: Surge, g: int, template: str) -> None:
+    """Roll a Ready group only while Ready groups (surge ones included) stay at ``replicas``."""
+    if surge.spare > 0:
+        ctx.add(RollGroup("Update", f"rolling group {g} (surge groups serve meanwhile)", g, template))
+        surge.spare -= 1
+    else:
+        ctx.add(Wait("RollingUpdate", f"group {g} waits for a Ready surge group (maxSurge)"))
 
 
 # -------------------------------------------------------------------------------- transition

@@ -14,7 +14,8 @@ Layout, for a cluster ``c`` in namespace ``ns``:
   ``MASTER_ADDR`` before anything is Ready;
 * ``Service c`` (the endpoint): rank-0 pods only; their readiness (``/readyz``) means the group
   is formed, so only ready groups receive traffic;
-* ``Lease <pod>`` per rank, ``ServiceAccount``/``Role``/``RoleBinding c-runtime`` for heartbeats.
+* ``Lease <pod>`` per rank, ``ServiceAccount``/``Role``/``RoleBinding c-runtime`` for heartbeats;
+* ``PodDisruptionBudget c``: evictions take at most ``maxUnavailable`` groups (``disruption_budget``).
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ def runtime_args(spec: TPInferenceClusterSpec, batch: int) -> list[str]:
         # It runs only once every rank joined: waiting for a Pending peer has no deadline.
         "--dist-timeout-seconds",
         str(defaults.collective_timeout_seconds(spec.failure_policy.heartbeat_timeout_seconds)),
+        # The drain fits the pod's grace period after the preStop delay (docs/contracts.md).
+        "--drain-seconds", str(defaults.drain_seconds(spec.termination_grace_period_seconds)),
     ]  # fmt: skip
     if rt.max_model_len:
         args += ["--max-model-len", str(rt.max_model_len)]
@@ -266,6 +269,9 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
         "livenessProbe": {**http_probe, "periodSeconds": 10, "failureThreshold": 6, "timeoutSeconds": 5},
         # Loading big checkpoints takes minutes: liveness only starts once /healthz answered.
         "startupProbe": {**http_probe, "periodSeconds": 5, "failureThreshold": 180},
+        # Keep serving while the endpoint leaves every Service (a native sleep: the image needs no
+        # sleep binary); SIGTERM, and with it the drain's 503s, come only after.
+        "lifecycle": {"preStop": {"sleep": {"seconds": defaults.PRESTOP_SECONDS}}},
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
@@ -278,7 +284,7 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
     pod_spec: dict[str, Any] = {
         "serviceAccountName": runtime_sa_name(ident.name),
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUNTIME_UID,
@@ -376,6 +382,40 @@ def client_service(spec: TPInferenceClusterSpec, ident: Identity) -> dict[str, A
     )
 
 
+def pdb_name(name: str) -> str:
+    return name
+
+
+def disruption_budget(spec: TPInferenceClusterSpec, ident: Identity) -> dict[str, Any]:
+    """The cluster's PodDisruptionBudget: evictions (``kubectl drain``) take at most
+    ``maxUnavailable`` groups, never a further group while one is down.
+
+    It counts pods while the budget is in groups.  One evicted rank breaks its group, and the
+    operator then recreates the whole group, so all of that group's ranks go unready.  The budget is
+    ``maxUnavailable`` *pods*, not groupSize x maxUnavailable: evictions arrive concurrently
+    (``kubectl drain`` evicts every pod of a node at once), and a pod budget of groupSize would let
+    the first evictions hit groupSize different groups before the operator takes any group down.
+    With ``maxUnavailable`` pods, each eviction can cost at most one group; once a group is down its
+    unready ranks use up the budget, so no pod of another group is evicted until it is Ready again.
+    The evicted group's other ranks need no eviction: the operator deletes them itself, and a drain
+    only waits for them to be gone.
+    """
+    return _stamp(
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": _meta(ident, pdb_name(ident.name)),
+            "spec": {
+                "maxUnavailable": spec.update_strategy.max_unavailable,
+                "selector": {"matchLabels": {L_CLUSTER: ident.name}},
+                # A pod that is not Ready serves nothing: evicting it costs no availability (and a
+                # crash-looping group must not block a node drain forever).
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            },
+        }
+    )
+
+
 def lease(spec: TPInferenceClusterSpec, ident: Identity, group: int, rank: int) -> dict[str, Any]:
     """A rank's heartbeat Lease. Only the fields the operator owns: the runtime renews renewTime."""
     name = pod_name(ident.name, group, rank)
@@ -431,4 +471,9 @@ def rbac(ident: Identity, lease_names: list[str]) -> list[dict[str, Any]]:
 
 def shared_objects(spec: TPInferenceClusterSpec, ident: Identity, lease_names: list[str]) -> list[dict[str, Any]]:
     """Objects shared by all groups (the runtime's Role names every rank's Lease)."""
-    return [*rbac(ident, lease_names), headless_service(spec, ident), client_service(spec, ident)]
+    return [
+        *rbac(ident, lease_names),
+        headless_service(spec, ident),
+        client_service(spec, ident),
+        disruption_budget(spec, ident),
+    ]

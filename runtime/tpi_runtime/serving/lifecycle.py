@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from tpi_contract import keys
+from tpi_contract import defaults, keys
 
 from tpi_runtime.metrics import RuntimeMetrics
 
@@ -114,7 +114,8 @@ def _drain_then_stop(state: ServerState, stop: threading.Event, drain_s: float) 
     Followers wait longer than rank 0's drain, so they normally leave on rank 0's shutdown step
     instead of abandoning a group that is still running collectives.
     """
-    deadline = time.monotonic() + (drain_s if state.rank == 0 else drain_s + 5.0)
+    extra = 0.0 if state.rank == 0 else defaults.FOLLOWER_EXTRA_SECONDS
+    deadline = time.monotonic() + drain_s + extra
     while time.monotonic() < deadline and not stop.is_set():
         engine = state.engine
         if state.rank == 0 and engine is not None:

@@ -36,6 +36,8 @@ NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
     ("rbac.authorization.k8s.io", "roles"): set(ALL_VERBS),
     ("rbac.authorization.k8s.io", "rolebindings"): set(ALL_VERBS),
     ("", "pods"): {"get", "list", "watch", "delete"},
+    # the per-cluster PodDisruptionBudget: applied and read, never listed or deleted (GC does)
+    ("policy", "poddisruptionbudgets"): {"get", "create", "patch"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
@@ -599,3 +601,21 @@ def test_chart_crds_are_copies_of_the_top_level_crds() -> None:
         assert chart[name] == data, f"charts/tpi-operator/crds/{name} differs from crds/{name}"
     names = {yaml.safe_load(d)["metadata"]["name"] for d in top.values()}
     assert "tpinferenceclusters.tpi.dev" in names
+
+
+def test_every_object_the_operator_renders_is_granted(render) -> None:
+    """What ``render`` makes of a cluster (PodDisruptionBudget included) is what the chart lets
+    the operator apply: get (ownership check), create and patch (server-side apply)."""
+    from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec
+    from tpi_operator.core import render as r
+
+    rules = rules_of(render().one("ClusterRole", FULLNAME))
+    spec = TPInferenceClusterSpec.model_validate({"image": "x", "model": {"source": {"image": {"path": "/m"}}}})
+    ident = r.Identity("demo", "ns", "uid-1")
+    objects = [*r.shared_objects(spec, ident, ["demo-g0-0"]), r.statefulset(spec, ident, r.GroupSettings(0, 4, 8))]
+    kinds = {o["kind"] for o in objects}
+    assert "PodDisruptionBudget" in kinds
+    for obj in objects:
+        group = obj["apiVersion"].rpartition("/")[0]
+        plural = obj["kind"].lower() + "s"
+        assert {"get", "create", "patch"} <= rules[(group, plural)], obj["kind"]
