@@ -10,10 +10,10 @@ Hugging Face's `transformers serve --continuous-batching` on the same checkpoint
    flight (c in `--concurrency`; `max(8, 2c)` requests each, after 2 warm-up requests). Per
    system and c: request throughput, output tokens/s, TTFT p50/p99, TPOT p50/p99, failed requests;
    then ours / theirs per c. Target: at c=16, output tokens/s >= 2x theirs with p99 TPOT no worse.
-2. **Roofline.** The machine's memory read bandwidth (torch `sum` over a 1 GiB float32 buffer,
-   every core, best of 10) and our batch-1 decode (1 / TPOT p50 of the c=1 run, TP=1): fraction =
-   tokens/s x bytes read per token (every weight but the embedding table, plus the K/V of the mean
-   context) / bandwidth. Target >= 0.85.
+2. **Roofline** (bench/bench_roofline.py, in its own process): the machine's memory read bandwidth
+   (the best of torch sum / self-dot / matrix-vector over a 1 GiB float32 buffer) against our
+   batch-1 decode (TP=1, the engine in-process): fraction = tokens/s x bytes read per token (every
+   weight but the embedding table, plus the K/V of the mean context) / bandwidth. Target >= 0.85.
 3. **Long-prompt interference.** 8 streams decode; once each has streamed 16 tokens a
    `--long-len`-token prompt arrives. The longest gap between two tokens of any stream from its
    arrival until its first token (+ 8 more stream tokens), against the median gap of the same
@@ -357,6 +357,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write every number here too")
     ap.add_argument("--log-dir", type=Path, default=Path("/tmp/tpi-bench-serving"))
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: every `serving` block stops its server
     args.log_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     cores = os.cpu_count() or 1
