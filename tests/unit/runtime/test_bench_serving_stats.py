@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from bench.serving_stats import RequestResult, interference, percentile, ratio, summarize
 
 
