@@ -64,8 +64,9 @@ cluster-down: ## stop the local cluster and delete its state
 demo: deps ## bring everything up and print a completion from a TPInferenceCluster
 	hack/demo.sh
 
-bench: venv ## benchmarks (runtime vs HF transformers; operator at scale)
+bench: venv ## benchmarks (runtime vs HF transformers generate and serve; operator at scale)
 	$(PY) bench/bench_runtime.py
+	$(PY) bench/bench_serving.py
 	$(MAKE) cluster-up
 	$(PY) bench/bench_operator.py
 

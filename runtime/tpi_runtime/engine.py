@@ -618,7 +618,10 @@ class Engine:
                 history = [RowHistory(s.req.output_ids, s.req._tokens) for s in done]
             sel = logits if len(rows) == len(plan) else logits[torch.tensor(rows, device=logits.device)]
             try:
-                sampled = sample(sel, params, [s.req._generator for s in done], history)
+                # The draw number is the count of tokens generated so far: a seeded request draws
+                # the same noise whatever its batch, chunking or preemptions.
+                positions = [len(s.req.output_ids) for s in done]
+                sampled = sample(sel, params, [s.req._generator for s in done], history, positions)
             except Exception as e:  # never let one request's sampling take the group down
                 log.exception("sampling failed; failing this step's requests")
                 sampled = []

@@ -9,6 +9,9 @@ row whose logits are not finite yields -1 (the engine fails that request only).
 
 from __future__ import annotations
 
+import secrets
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,56 +95,117 @@ def _logprobs(x: torch.Tensor, tokens: torch.Tensor, params: list[RowParams]) ->
     return out
 
 
-def _noise(shape: tuple[int, int], generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
-    """Exp(1) noise, one row per request generator (seeded requests reproduce on any batch)."""
-    noise = torch.empty(shape, dtype=torch.float32)
-    for i, g in enumerate(generators):
-        noise[i].exponential_(generator=g)
-    return noise.to(device, non_blocking=True)
-
-
 def sample(
     logits: torch.Tensor,
     params: list[RowParams],
-    generators: list[torch.Generator | None],
+    generators: Sequence[torch.Generator | None],
     history: list[RowHistory] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> list[Sampled]:
     """logits [B, V] -> one token per row (-1 where the row's logits are not finite).
 
+    Everything runs on the logits' device, vectorized over the batch; only the B chosen ids (and
+    the requested logprobs) come back to the host. A row's random draw is a function of its
+    generator's seed and its draw number only, so seeded requests reproduce in any batch:
+    `positions` (e.g. each row's count of generated tokens) fixes that number, so that a caller
+    that samples a row a varying number of times still draws the same numbers for its tokens.
     Logprobs are those of the distribution after penalties, before temperature and truncation."""
     x = logits.float()
     bad = ~torch.isfinite(x).all(dim=-1)
     x = torch.where(bad[:, None], torch.zeros((), device=x.device), x)
     if history is not None:
         x = apply_penalties(x, params, history)
-    tok = torch.where(bad, -1, _pick(x, params, generators))
+    tok = torch.where(bad, -1, _pick(x, params, generators, positions))
     if any(p.logprobs is not None for p in params):
         return _logprobs(x, tok, params)
     return [Sampled(t) for t in tok.tolist()]
 
 
-def _pick(x: torch.Tensor, params: list[RowParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+def _pick(
+    x: torch.Tensor,
+    params: list[RowParams],
+    generators: Sequence[torch.Generator | None],
+    positions: Sequence[int] | None,
+) -> torch.Tensor:
     greedy_tok = x.argmax(dim=-1)
     if all(p.temperature < MIN_TEMPERATURE for p in params):
         return greedy_tok
     dev, n_vocab = x.device, x.shape[-1]
-    temp = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < n_vocab else n_vocab for p in params], device=dev)
-    min_p = torch.tensor([p.min_p for p in params], device=dev)
+    # One host-to-device copy for every per-row parameter (each tensor() is one on CUDA).
+    rows = torch.tensor(
+        [
+            [max(p.temperature, MIN_TEMPERATURE) for p in params],
+            [p.top_p for p in params],
+            [p.top_k if 0 < p.top_k < n_vocab else n_vocab for p in params],
+            [p.min_p for p in params],
+            [float(p.temperature < MIN_TEMPERATURE) for p in params],
+        ],
+        dtype=torch.float64,
+    ).to(dev, non_blocking=True)
+    temp, top_p, top_k, min_p, is_greedy = rows[0], rows[1], rows[2], rows[3], rows[4] > 0
+    u = uniforms(generators, positions, dev)  # one U(0, 1) draw per row, made on the device
 
-    x = (x - x.max(dim=-1, keepdim=True).values) / temp[:, None]  # <= 0, the best token at 0
-    sorted_x, order = torch.sort(x, dim=-1, descending=True)
-    probs = sorted_x.softmax(dim=-1)
-    ranks = torch.arange(n_vocab, device=dev)
-    drop = ranks[None, :] >= top_k[:, None]
-    # Drop a token when the tokens ranked above it already hold top_p of the mass.
-    drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]
-    drop |= probs < min_p[:, None] * probs[:, :1]
-    drop[:, 0] = False
-    probs = sorted_x.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (one pass, no host copy of logits).
-    score = torch.where(probs > 0, probs / _noise(tuple(probs.shape), generators, dev), -1.0)  # type: ignore[arg-type]
-    picked = order.gather(-1, score.argmax(dim=-1, keepdim=True)).squeeze(-1)
-    is_greedy = torch.tensor([p.temperature < MIN_TEMPERATURE for p in params], device=dev)
+    x = (x - x.max(dim=-1, keepdim=True).values) / temp[:, None].float()  # <= 0, the best token at 0
+    truncate = any(p.top_p < 1 or 0 < p.top_k < n_vocab or p.min_p > 0 for p in params)
+    if truncate:
+        x, order = torch.sort(x, dim=-1, descending=True)
+    probs = x.softmax(dim=-1)
+    cdf = probs.double().cumsum(dim=-1)
+    if truncate:
+        # Sorted, each rule drops a suffix, so the kept tokens are the first n_keep: a token goes when
+        # it ranks at or past top_k, when the tokens above it already hold top_p of the mass, or when
+        # it is below min_p x the best probability. The best token always stays.
+        ranks = torch.arange(n_vocab, device=dev)
+        drop = ranks[None, :] >= top_k[:, None]
+        drop |= (cdf - probs) > top_p[:, None]
+        drop |= probs < min_p[:, None] * probs[:, :1]
+        n_keep = (~drop).sum(dim=-1).clamp(min=1)
+    else:
+        n_keep = torch.full_like(greedy_tok, n_vocab)
+    # Inverse-CDF sampling over the kept tokens: the first index whose cumulative mass exceeds
+    # u x (the kept mass). Renormalising after truncation is that multiplication; tokens of zero
+    # probability never own an interval.
+    mass = cdf.gather(-1, (n_keep - 1)[:, None])
+    idx = torch.searchsorted(cdf, u[:, None] * mass, right=True)
+    idx = torch.minimum(idx, (n_keep - 1)[:, None])
+    picked = (order.gather(-1, idx) if truncate else idx).squeeze(-1)
     return torch.where(is_greedy, greedy_tok, picked)
+
+
+# Seeded draws come from a counter-based hash of (the request's seed, its draw number): the same
+# numbers on any device, whatever else is in the batch, with no per-row generator calls. The
+# draw number is the caller's `positions` (the row's output index) when given, else the number of
+# draws this sampler made for that generator so far.
+_draws: weakref.WeakKeyDictionary[torch.Generator, int] = weakref.WeakKeyDictionary()
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (lowbias32-style), on int64 tensors holding values < 2**32
+    (the products stay below 2**59: no overflow)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def uniforms(
+    generators: Sequence[torch.Generator | None], positions: Sequence[int] | None, device: torch.device
+) -> torch.Tensor:
+    """One float64 in (0, 1) per row: a hash of the row generator's seed and the draw number (a
+    generator of None: a fresh random seed)."""
+    keys = []
+    for i, g in enumerate(generators):
+        if g is None:
+            seed, n = secrets.randbits(64), 0
+        else:
+            seed = g.initial_seed()
+            n = _draws.get(g, 0)
+            _draws[g] = n + 1  # the same generator twice in one call gets two draws
+            if positions is not None:
+                n = positions[i]
+        keys.append([seed & _M32, (seed >> 32) & _M32, n & _M32, (n >> 32) & _M32])
+    k = torch.tensor(keys, dtype=torch.int64).to(device, non_blocking=True)
+    h = _mix32(k[:, 3] ^ 0x9E3779B9)
+    for col in (2, 1, 0):
+        h = _mix32(k[:, col] ^ h)
+    return (h.double() + 0.5) / 2.0**32

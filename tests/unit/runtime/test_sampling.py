@@ -64,3 +64,37 @@ def test_penalties_follow_openai_and_ctrl() -> None:
     # token 1: -2 - 0.25 - 0.5 = -2.75, then (seen, < 0) * 2 = -5.5
     # token 2: untouched; token 3: only in the prompt: 0.5 / 2
     assert out.tolist() == [[0.5, -5.5, 1.0, 0.25]]
+
+
+def _frequencies(logits: torch.Tensor, p: RowParams, n: int = 20000) -> torch.Tensor:
+    gens = [torch.Generator().manual_seed(s) for s in range(n)]
+    toks = torch.tensor([s.token for s in sample(logits.expand(n, -1), [p] * n, gens)])
+    return torch.bincount(toks, minlength=logits.shape[-1]).double() / n
+
+
+def test_draws_follow_the_truncated_renormalised_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0]])
+    probs = logits.softmax(-1)[0].double()
+    # 20000 draws: a frequency's standard error is <= 0.0036, so 0.015 is > 4 sigma.
+    assert torch.allclose(_frequencies(logits, RowParams(temperature=1.0)), probs, atol=0.015)
+    top2 = torch.zeros(5, dtype=torch.float64)
+    top2[:2] = probs[:2] / probs[:2].sum()
+    assert torch.allclose(_frequencies(logits, RowParams(top_k=2)), top2, atol=0.015)
+    # top_p 0.6: tokens 0 (0.46) and 1 (0.28) are kept (the mass above token 1 is < 0.6), 2 is not.
+    assert torch.allclose(_frequencies(logits, RowParams(top_p=0.6)), top2, atol=0.015)
+    hot = (logits / 0.5).softmax(-1)[0].double()
+    assert torch.allclose(_frequencies(logits, RowParams(temperature=0.5)), hot, atol=0.015)
+
+
+def test_a_rows_draws_depend_only_on_its_seed_and_position() -> None:
+    logits = torch.zeros(1, 1000)  # uniform: the token is the draw itself
+    p = [RowParams(temperature=1.0)]
+    first = [sample(logits, p, [torch.Generator().manual_seed(3)], positions=[i])[0].token for i in range(4)]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):  # draws made before do not matter once the position is given
+        sample(logits, p, [g])
+    again = [sample(logits, p, [g], positions=[i])[0].token for i in range(4)]
+    assert first == again and len(set(first)) > 1
+    # Without positions, a generator's successive calls are its successive draws.
+    h = torch.Generator().manual_seed(3)
+    assert [sample(logits, p, [h])[0].token for _ in range(4)] == first
