@@ -48,10 +48,10 @@ from .sampling import RowHistory, RowParams, sample
 from .scheduler import Scheduled, Scheduler
 from .settings import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
-    DEFAULT_MAX_NUM_BATCHED_TOKENS,
     FaultInjection,
     ProcessSettings,
     RuntimeSettings,
+    max_num_batched_tokens_for,
 )
 from .step_memory import step_bytes
 
@@ -287,7 +287,7 @@ class Engine:
         cuda_graphs: str = "auto",
         kv_cache_memory: int | None = None,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
-        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        max_num_batched_tokens: int | None = None,
         stop: threading.Event | None = None,
         on_wait: Callable[[list[int]], None] | None = None,
     ) -> None:
@@ -295,7 +295,8 @@ class Engine:
         None: a group of one with torch's defaults. KV cache size per rank: ``kv_cache_memory``
         bytes; else on CUDA ``gpu_memory_utilization`` of the GPU's total memory minus what is in
         use after the weights and one full step's activations; else (CPU) max_batch_size x
-        max_model_len tokens. ``max_num_batched_tokens``: the step's token budget (chunked prefill).
+        max_model_len tokens. ``max_num_batched_tokens``: the step's token budget (chunked prefill;
+        None: the device's DEFAULT_MAX_NUM_BATCHED_TOKENS).
         ``stop`` ends the wait for missing ranks (``rendezvous.Aborted``); ``on_wait`` hears which
         ranks are still missing."""
         self.is_ready = False
@@ -317,11 +318,10 @@ class Engine:
                 f"max_model_len={self.max_model_len} exceeds the model's "
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
-        if max_num_batched_tokens < 1:
+        if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {gpu_memory_utilization}")
-        self.max_num_batched_tokens = max_num_batched_tokens
         self.model_name = served_model_name or ckpt.name
         self.idle_interval_s = idle_interval_s
         mid_forward_fault: Callable[[int, int], None] | None = None
@@ -334,6 +334,7 @@ class Engine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(f"cuda:{env.local_rank}") if device == "cuda" else torch.device(device)
+        self.max_num_batched_tokens = max_num_batched_tokens_for(self.device.type, max_num_batched_tokens)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         elif process.num_threads:
@@ -391,7 +392,7 @@ class Engine:
         self.scheduler = Scheduler(
             BlockAllocator(num_blocks),
             max_batch_size=max_batch_size,
-            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             window=cfg.sliding_window,
         )

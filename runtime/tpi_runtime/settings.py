@@ -28,7 +28,17 @@ from typing import Any
 from tpi_contract import defaults
 from tpi_contract import env as names
 
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+#: --max-num-batched-tokens' default per device. A CPU prefills ~1 token per ms per core, so a
+#: 2048-token chunk would stall running streams for seconds: 64 keeps the longest gap between their
+#: tokens within ~3x a decode step (bench/bench_serving.py's interference run). A GPU takes thousands.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 2048, "cpu": 64}
+
+
+def max_num_batched_tokens_for(device_type: str, configured: int | None) -> int:
+    """The step's token budget: the flag when set, else the device's default."""
+    if configured is not None:
+        return configured
+    return DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda" if device_type == "cuda" else "cpu"]
 #: --gpu-memory-utilization's default: the share of the GPU's total memory this process may use
 #: (weights, activations and KV cache together), as vLLM's.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
@@ -138,8 +148,9 @@ _COMMON = (
     _Flag(
         "--max-num-batched-tokens",
         int,
-        DEFAULT_MAX_NUM_BATCHED_TOKENS,
-        help="tokens per step (decodes + prompt chunks); a longer prompt is prefilled in chunks between decodes",
+        None,
+        help="tokens per step (decodes + prompt chunks); a longer prompt is prefilled in chunks between "
+        "decodes (default: 2048 on CUDA, 64 on CPU)",
     ),
     _Flag("--log-level", str, "INFO"),
 )
@@ -346,7 +357,7 @@ class RuntimeSettings:
     cuda_graphs: str = "auto"
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
-    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    max_num_batched_tokens: int | None = None  # None: DEFAULT_MAX_NUM_BATCHED_TOKENS of the device
     log_level: str = "INFO"
     # serve
     host: str = "0.0.0.0"
@@ -381,7 +392,7 @@ class RuntimeSettings:
             raise SettingsError("--kv-cache-memory must be > 0")
         if not 0 < values["gpu_memory_utilization"] <= 1:
             raise SettingsError("--gpu-memory-utilization must be in (0, 1]")
-        if values["max_num_batched_tokens"] < 1:
+        if values["max_num_batched_tokens"] is not None and values["max_num_batched_tokens"] < 1:
             raise SettingsError("--max-num-batched-tokens must be >= 1")
         eff = values["effective_batch_size"]
         if eff is not None and eff > values["max_batch_size"]:

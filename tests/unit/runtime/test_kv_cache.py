@@ -20,7 +20,7 @@ from tpi_runtime.kv_cache import (
     num_blocks_for_budget,
 )
 from tpi_runtime.scheduler import Scheduler
-from tpi_runtime.settings import RuntimeSettings, SettingsError, build_parser, parse_bytes
+from tpi_runtime.settings import RuntimeSettings, SettingsError, build_parser, max_num_batched_tokens_for, parse_bytes
 from tpi_runtime.step_memory import step_bytes
 from tpi_runtime.testing import TINY_CONFIG
 
@@ -54,7 +54,7 @@ def settings(argv: list[str], env: dict[str, str] | None = None) -> RuntimeSetti
 
 def test_flags_and_env_fallback() -> None:
     s = settings([])
-    assert (s.kv_cache_memory, s.gpu_memory_utilization, s.max_num_batched_tokens) == (None, 0.9, 2048)
+    assert (s.kv_cache_memory, s.gpu_memory_utilization, s.max_num_batched_tokens) == (None, 0.9, None)
     s = settings(["--kv-cache-memory", "2GiB", "--max-num-batched-tokens", "256"])
     assert (s.kv_cache_memory, s.max_num_batched_tokens) == (2 * 2**30, 256)
     env = {"TPI_KV_CACHE_MEMORY": "512MiB", "TPI_GPU_MEMORY_UTILIZATION": "0.5", "TPI_MAX_NUM_BATCHED_TOKENS": "64"}
@@ -213,3 +213,11 @@ def test_step_estimate_has_no_attention_scores() -> None:
     assert est(4096, 4096, masked=False) < scores / 10
     # A later chunk carries a [chunk, ctx] mask: counted, but far below heads x chunk x ctx scores.
     assert est(512, 4096) - est(512, 4096, masked=False) == 512 * 4096 * 3
+
+
+@pytest.mark.parametrize(
+    ("device", "configured", "budget"), [("cpu", None, 64), ("cuda", None, 2048), ("cpu", 512, 512), ("cuda", 16, 16)]
+)
+def test_step_token_budget_defaults_per_device(device: str, configured: int | None, budget: int) -> None:
+    # A CPU prefills ~1 token/ms per core: a GPU-sized chunk would stall running streams for seconds.
+    assert max_num_batched_tokens_for(device, configured) == budget
