@@ -98,7 +98,8 @@ def decide(
         decision.events.append(Event("Warning", "Conflict", conflict.message))
     hold = next((a for a in actions if isinstance(a, recovery.Hold)), None)
     if hold is not None and _progressing_reason(obs.status) != hold.reason:  # once, when it starts
-        decision.events.append(Event("Normal" if hold.reason == "RolloutPaused" else "Warning", hold.reason, hold.message))
+        kind = "Normal" if hold.reason == "RolloutPaused" else "Warning"
+        decision.events.append(Event(kind, hold.reason, hold.message))
     if new_status.phase == "Failed":
         decision.wake_after = idle_seconds * 4  # nothing to do; pods kept for debugging
         return decision

@@ -612,7 +612,7 @@ def roll_hold(ctx: _Ctx) -> Hold | None:
     """Is the roll held, and why: paused, a group that cannot run the new template, the deadline."""
     us = ctx.spec.update_strategy
     if us.paused:
-        stale = [g for g in ctx.groups if (s := ctx.obs.statefulsets.get(g)) is not None and s.template_hash != ctx.want[g]]
+        stale = [g for g, s in ctx.obs.statefulsets.items() if g in ctx.want and s.template_hash != ctx.want[g]]
         return Hold("RolloutPaused", f"updateStrategy.paused: {len(stale)} group(s) keep their old template")
     for g in ctx.groups:
         problem = template_problem(ctx, g)

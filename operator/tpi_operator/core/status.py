@@ -23,7 +23,6 @@ from tpi_operator.api.v1alpha1 import (
 )
 from tpi_operator.core import render as r
 from tpi_operator.core.observe import Observation, format_time, parse_time
-from tpi_operator.core.rollout import MESSAGE_CHARS
 from tpi_operator.core.recovery import (
     Action,
     Blocked,
@@ -32,6 +31,7 @@ from tpi_operator.core.recovery import (
     current_pods,
     group_ready,
 )
+from tpi_operator.core.rollout import MESSAGE_CHARS
 
 
 @dataclass(frozen=True)
