@@ -422,6 +422,13 @@ class TPInferenceClusterStatus(_Model):
     grown_back_at: Timestamp | None = Field(None, description="Last grow-back not yet confirmed Ready.")
     failed_grow_backs: int = Field(0, description="Grow-backs that went back down; each doubles the delay.")
     rollout: RolloutStatus | None = None
+    ready_spec: str | None = Field(
+        None,
+        description=(
+            "Digest of the spec (without the size and batch recovery picks) some group was last Ready "
+            "on: a resize of a proven spec is not a bad rollout."
+        ),
+    )
     restarted_at: str | None = Field(None, description="Last tpi.dev/restartedAt value acted upon.")
 
 

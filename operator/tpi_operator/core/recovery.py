@@ -458,10 +458,21 @@ def rule_failures(ctx: _Ctx) -> None:
         ctx.recreated.add(g)
 
 
+def spec_digest(obs: Observation) -> str:
+    """The spec and restartedAt, without the size and batch that recovery picks (fixed at 1, 1)."""
+    return obs.hash_for(1, 1)
+
+
 def proven(ctx: _Ctx, g: int) -> bool:
-    """Was the group ever Ready on the template it runs now?  If not, its crashes are the template's."""
+    """Does the group run a template known to work: one it was Ready on, or the current spec at a
+    size or batch recovery picked when some group was Ready on that spec?  If not, its crashes
+    are the template's (a bad rollout), not the hardware's."""
     sts = ctx.obs.statefulsets.get(g)
-    return sts is not None and sts.template_hash is not None and group_status(ctx.st, g).ready_hash == sts.template_hash
+    if sts is None or sts.template_hash is None:
+        return False
+    if group_status(ctx.st, g).ready_hash == sts.template_hash:
+        return True
+    return sts.template_hash == ctx.want.get(g) and ctx.st.ready_spec == spec_digest(ctx.obs)
 
 
 def template_failed(ctx: _Ctx, g: int, recent: list[dt.datetime], failure: GroupFailure) -> MarkFailed:

@@ -29,7 +29,9 @@ from tpi_operator.core.recovery import (
     Hold,
     RollGroup,
     current_pods,
+    group_batch,
     group_ready,
+    spec_digest,
 )
 from tpi_operator.core.rollout import MESSAGE_CHARS
 
@@ -114,9 +116,13 @@ def compute(
         ready = sts is not None and group_ready(obs, gs.group, gs.incarnation, sts.replicas)
         ready = ready and gs.group not in rolled
         gs.ready = ready
+        if ready and sts is not None:
+            gs.ready_hash = sts.template_hash
+            batch = group_batch(spec, st, gs.group, obs.restarted_at)
+            if sts.template_hash == obs.hash_for(st.current_tensor_parallel_size or sts.replicas, batch):
+                st.ready_spec = spec_digest(obs)  # this spec works (at some size and batch)
         if ready:
             ready_groups += 1
-            gs.ready_hash = sts.template_hash if sts is not None else None
             if not gs.pod_uids:  # the formed group: a replaced rank pod from now on breaks it
                 gs.pod_uids = [p.uid for p in pods]
             if gs.failing_since:

@@ -186,6 +186,21 @@ def test_crash_looping_new_template_fails_its_group_and_never_degrades():
     proven = dataclasses.replace(obs, status=obs.status.model_copy(
         update={"groups": [group(0, ready_hash=NEW, restart_times=times), group(1)]}))  # fmt: skip
     assert kinds(rc.plan(spec, proven))[:1] == ["Degrade"]
+    # ...and so is one on a size recovery picked for a spec some group was Ready on (a degrade
+    # went on crashing): the degrade ladder goes on, it is not a bad rollout
+    resized = dataclasses.replace(obs, status=obs.status.model_copy(update={"ready_spec": rc.spec_digest(obs)}))
+    assert kinds(rc.plan(spec, resized))[:1] == ["Degrade"]
+
+
+def test_a_group_ready_on_the_current_spec_proves_it():
+    spec, obs = cluster(replicas=2, rolled=(0, 1))
+    obs = dataclasses.replace(obs, pods=[dataclasses.replace(p, ready=True) if p.group == 0 else p
+                                         for p in obs.pods])  # fmt: skip
+    st = decide_status(spec, obs, rc.plan(spec, obs))
+    assert st.ready_spec == rc.spec_digest(obs) and st.groups[0].ready_hash == NEW
+    assert st.groups[1].ready_hash == OLD  # group 1 was Ready on the old one only
+    old_only = cluster(replicas=2, rolled=(0,))[1]
+    assert decide_status(spec, old_only, []).ready_spec is None  # Ready on an old template proves nothing new
 
 
 # ---------------------------------------------------------------------------- the deadline
