@@ -624,11 +624,14 @@ def roll_hold(ctx: _Ctx) -> Hold | None:
     us = ctx.spec.update_strategy
     if us.paused:
         stale = [g for g, s in ctx.obs.statefulsets.items() if g in ctx.want and s.template_hash != ctx.want[g]]
-        return Hold("RolloutPaused", f"updateStrategy.paused: {len(stale)} group(s) keep their old template")
+        if stale:
+            return Hold("RolloutPaused", f"updateStrategy.paused: {len(stale)} group(s) keep their old template")
     for g in ctx.groups:
         problem = template_problem(ctx, g)
         if problem is not None:
             return Hold("RolloutHalted", f"rollout halted at group {g}: {problem}")
+    if us.paused:
+        return None  # no deadline runs while paused
     key, updated, complete = roll_progress(ctx.spec, ctx.obs, ctx.st, ctx.want)
     rec = rollout.track(ctx.st.rollout, key, updated, complete, ctx.obs.now)
     until = rollout.deadline(rec, us.progress_deadline_seconds)
