@@ -348,3 +348,13 @@ def test_hold_event_is_posted_once():
     assert [e.reason for e in first.events if e.type == "Warning"] == ["RolloutHalted"]
     again = reconcile.decide(spec, IDENT, dataclasses.replace(obs, status=first.status))
     assert "RolloutHalted" not in [e.reason for e in again.events]
+
+
+def test_paused_with_nothing_out_of_date_holds_nothing_but_still_explains_a_bad_template():
+    spec = make_spec(replicas=2, updateStrategy={"paused": True})
+    spec, obs = cluster(replicas=2, rolled=(), spec=spec)
+    obs = dataclasses.replace(obs, hash_for=lambda tp, b: OLD)  # every group up to date
+    assert not any(isinstance(a, rc.Hold) for a in rc.plan(spec, obs))
+    spec, bad = cluster(replicas=2, rolled=(0, 1), pod_changes=PULL, spec=spec)  # a first deploy that cannot pull
+    hold = next(a for a in rc.plan(spec, bad) if isinstance(a, rc.Hold))
+    assert hold.reason == "RolloutHalted" and "ImagePullBackOff" in hold.message
