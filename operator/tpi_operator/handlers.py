@@ -519,6 +519,8 @@ def reconcile_once(
     _write_status(kube, mem, name, namespace, decision.status)
     for obj in decision.apply:
         _apply(kube, mem, obj)
+    for sts, patch in decision.patch_statefulsets:  # before the deletes: the new pods get it
+        kube.patch("StatefulSet", namespace, sts, patch)
     if decision.delete_pods:
         wanted = {g.group: g.incarnation for g in decision.status.groups}
         log.info("%s/%s: deleting pods %s; groups' incarnations %s", namespace, name,

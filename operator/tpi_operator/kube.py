@@ -128,6 +128,16 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
+    def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """JSON merge patch of a few fields, as the operator's field manager."""
+        return self.request(
+            "PATCH",
+            self.path(kind, namespace, name),
+            body=body,
+            query=[("fieldManager", FIELD_MANAGER)],
+            content_type="application/merge-patch+json",
+        )
+
     def delete(
         self, kind: str, namespace: str, name: str, *, grace_seconds: int | None = None, uid: str | None = None
     ) -> bool:

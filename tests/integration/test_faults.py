@@ -59,12 +59,13 @@ def op(kubeconfig: str, namespace: str, crd_applied: None, tmp_path: Path) -> It
 class Kwok:
     """One kwok process playing the nodes annotated ``kwok.x-k8s.io/node=<selector>``."""
 
-    def __init__(self, kubeconfig: str, selector: str, cidr: str, log: Path) -> None:
+    def __init__(self, kubeconfig: str, selector: str, cidr: str, log: Path, config: Path = STAGES) -> None:
         self.kubeconfig, self.selector, self.cidr, self.log = kubeconfig, selector, cidr, log
+        self.config = config
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        cmd = [str(BIN / "kwok"), "--kubeconfig", self.kubeconfig, "--config", str(STAGES),
+        cmd = [str(BIN / "kwok"), "--kubeconfig", self.kubeconfig, "--config", str(self.config),
                "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector",
                f"kwok.x-k8s.io/node={self.selector}", "--cidr", self.cidr,
                "--server-address", f"127.0.0.1:{free_port()}", "--node-lease-duration-seconds", "40"]  # fmt: skip
@@ -87,7 +88,7 @@ class FakeNodes:
         self.living = Kwok(kubeconfig, f"{self.id}-living", "10.252.0.0/16", tmp / "kwok-living.log")
         self.names: list[str] = []
 
-    def add(self, name: str, zone: str, dies: bool) -> str:
+    def add(self, name: str, zone: str, dies: bool, cpu: str = "1") -> str:
         name = f"{self.id}-{name}"
         node = {
             "apiVersion": "v1", "kind": "Node",
@@ -99,9 +100,9 @@ class FakeNodes:
                            "topology.kubernetes.io/zone": f"{self.id}-{zone}"},
             },
             "spec": {"taints": [{"key": TEST_LABEL, "value": self.id, "effect": "NoSchedule"}]},
-            # room for exactly one 1-CPU rank
-            "status": {"allocatable": {"cpu": "1", "memory": "8Gi", "pods": "110"},
-                       "capacity": {"cpu": "1", "memory": "8Gi", "pods": "110"}},
+            # room for exactly one 1-CPU rank (by default)
+            "status": {"allocatable": {"cpu": cpu, "memory": "8Gi", "pods": "110"},
+                       "capacity": {"cpu": cpu, "memory": "8Gi", "pods": "110"}},
         }  # fmt: skip
         self.names.append(name)
         kubectl("apply", "-f", "-", input=json.dumps(node))

@@ -251,6 +251,22 @@ class UpdateStrategy(_Model):
             "0: groups are rolled in place within maxUnavailable."
         ),
     )
+    paused: bool = Field(
+        False,
+        description=(
+            "Stop rolling: out-of-date groups keep their template (and are still healed in place); "
+            "new groups are still created."
+        ),
+    )
+    progress_deadline_seconds: int = Field(
+        600,
+        ge=1,
+        le=86400,
+        description=(
+            "A rollout in which no further group became Ready on its new template for this long is "
+            "halted (condition Progressing=False, reason ProgressDeadlineExceeded) until the spec changes."
+        ),
+    )
 
 
 TensorParallelSize = int | Literal["auto"]
@@ -339,6 +355,11 @@ class RankStatus(_Model):
     ready: bool = False
     restarts: int = 0
     last_termination_reason: str | None = None
+    last_exit_code: int | None = Field(None, description="Exit code of the current or last terminated container.")
+    waiting_reason: str | None = Field(
+        None, description="Why the container is not running (ErrImagePull, CrashLoopBackOff, ...)."
+    )
+    waiting_message: str | None = Field(None, max_length=512, description="The kubelet's message, truncated.")
     last_heartbeat: Timestamp | None = None
     effective_batch_size: int | None = None
 
@@ -357,7 +378,22 @@ class GroupStatus(_Model):
     pod_uids: list[str] = Field(
         default_factory=list, description="UIDs of the formed group's ranks; a replaced pod breaks the group."
     )
-    failure_reason: str | None = None
+    failure_reason: str | None = Field(None, description="Why the group last failed (kept while Failed).")
+    failure_message: str | None = Field(None, max_length=1024, description="What the last failure was.")
+    failed_generation: int | None = Field(
+        None,
+        description=(
+            "The group is Failed: left alone, pods kept for debugging, while the other groups serve; "
+            "a newer generation or tpi.dev/restartedAt retries it."
+        ),
+    )
+    ready_hash: str | None = Field(
+        None,
+        description=(
+            "Template the group was last Ready on: crash loops of a template the group never ran "
+            "(a bad rollout) never degrade tensor parallelism."
+        ),
+    )
     max_batch_size: int | None = Field(
         None, description="This group's batch size after OOM halving (None: the spec's maxBatchSize)."
     )
@@ -366,6 +402,14 @@ class GroupStatus(_Model):
     )
     floor_ooms: int = Field(0, description="OOMs while already at oomBatchSizeFloor.")
     lost_node: str | None = Field(None, description="The node this group was last recreated off.")
+
+
+class RolloutStatus(_Model):
+    """Progress of the rollout in flight (absent when every group runs its wanted template)."""
+
+    key: str = Field(description="Digest of the groups' wanted templates: a new one is a new rollout.")
+    progress_at: Timestamp = Field(description="When it started or last had one more group Ready on it.")
+    updated_ready: int = Field(0, description="Groups Ready on their wanted template at progressAt.")
 
 
 class HistoryEntry(_Model):
@@ -407,7 +451,14 @@ class TPInferenceClusterStatus(_Model):
     degraded_since: Timestamp | None = Field(None, description="When the current size was degraded to.")
     grown_back_at: Timestamp | None = Field(None, description="Last grow-back not yet confirmed Ready.")
     failed_grow_backs: int = Field(0, description="Grow-backs that went back down; each doubles the delay.")
-    failed_generation: int | None = Field(None, description="Generation that failed; a newer one retries.")
+    rollout: RolloutStatus | None = None
+    ready_spec: str | None = Field(
+        None,
+        description=(
+            "Digest of the spec (without the size and batch recovery picks) some group was last Ready "
+            "on: a resize of a proven spec is not a bad rollout."
+        ),
+    )
     restarted_at: str | None = Field(None, description="Last tpi.dev/restartedAt value acted upon.")
 
 

@@ -59,6 +59,7 @@ class PodObs:
     termination_reason: str | None = None  # current or last container termination
     exit_code: int | None = None
     waiting_reason: str | None = None
+    waiting_message: str | None = None
     unschedulable_since: dt.datetime | None = None
     unschedulable_message: str | None = None
     started_at: dt.datetime | None = None
@@ -177,6 +178,7 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
         termination_reason=term.get("reason") or last.get("reason"),
         exit_code=_int(term.get("exitCode")) if term else _int(last.get("exitCode")),
         waiting_reason=(state.get("waiting") or {}).get("reason"),
+        waiting_message=(state.get("waiting") or {}).get("message"),
         unschedulable_since=unsched_since,
         unschedulable_message=unsched_msg,
         started_at=started,

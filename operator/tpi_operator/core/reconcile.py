@@ -46,6 +46,9 @@ class Decision:
     delete_pods: list[PodDelete] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     delete_statefulsets: list[str] = field(default_factory=list)
+    #: (StatefulSet, merge patch), before the pod deletes: a group healed in place gets its new
+    #: incarnation on the template it already runs (its roll is held).
+    patch_statefulsets: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     delete_leases: list[str] = field(default_factory=list)
     wake_after: float = 30.0
 
@@ -93,13 +96,22 @@ def decide(
     )
     if conflict is not None and not _reported(obs.status, conflict):
         decision.events.append(Event("Warning", "Conflict", conflict.message))
+    hold = next((a for a in actions if isinstance(a, recovery.Hold)), None)
+    if hold is not None and _progressing_reason(obs.status) != hold.reason:  # once, when it starts
+        kind = "Normal" if hold.reason == "RolloutPaused" else "Warning"
+        decision.events.append(Event(kind, hold.reason, hold.message))
     if new_status.phase == "Failed":
         decision.wake_after = idle_seconds * 4  # nothing to do; pods kept for debugging
         return decision
 
     shared_at = len(decision.apply)
-    touched = {a.group: a for a in actions if isinstance(a, recovery.RecreateGroup | recovery.RollGroup)}
+    touched = {
+        a.group: a for a in actions
+        if isinstance(a, recovery.RollGroup) or (isinstance(a, recovery.RecreateGroup) and not a.keep_template)
+    }  # fmt: skip
     broken = {a.group for a in actions if isinstance(a, recovery.RecreateGroup)}
+    in_place = {a.group for a in actions if isinstance(a, recovery.RecreateGroup) and a.keep_template}
+    failed = {g.group for g in st.groups if g.failed_generation is not None}  # left alone for debugging
     forced: dict[str, str] = {}
     for a in actions:
         if isinstance(a, recovery.ForceDelete):
@@ -111,8 +123,21 @@ def decide(
         gs = settings_for(spec, st, g, obs.restarted_at)
         want = obs.hash_for(gs.tp, gs.batch)
         sts_obs = obs.statefulsets.get(g)
-        # Untouched groups whose template is out of date keep their StatefulSet until rolled.
+        if g in failed:
+            continue
+        stale = [
+            PodDelete(p.name, p.uid, BROKEN_GROUP_GRACE_SECONDS) for p in obs.pods
+            if p.group == g and not p.deleting and p.name not in forced and p.incarnation < gs.incarnation
+        ]  # fmt: skip
+        if g in in_place:
+            decision.patch_statefulsets.append((render.sts_name(ident.name, g), incarnation_patch(gs.incarnation)))
+            decision.delete_pods.extend(stale)
+            continue
+        # Untouched groups whose template is out of date keep their StatefulSet until rolled (pods
+        # of an older incarnation go: a heal in place that a lagging cache has not shown yet).
         if g not in touched and (sts_obs is None or sts_obs.template_hash != want):
+            if sts_obs is not None and sts_obs.incarnation >= gs.incarnation:
+                decision.delete_pods.extend(stale)
             continue
         desired = render.statefulset(spec, ident, gs)
         if sts_obs is None or sts_obs.object_hash != desired["metadata"]["annotations"][render.A_OBJECT_HASH]:
@@ -155,9 +180,21 @@ def decide(
     # StatefulSets, the cluster) and the actions' own deadlines (backoff, heartbeat, timeouts) wake
     # the reconciler. A cluster that is stuck (blocked, degraded, never-ready) must not poll.
     changed = [o for o in decision.apply if o["kind"] in ("StatefulSet", "Lease")]  # shared: re-applied
-    busy = bool(changed or decision.delete_pods or decision.delete_statefulsets or decision.delete_leases)
+    busy = bool(
+        changed or decision.delete_pods or decision.delete_statefulsets or decision.delete_leases
+        or decision.patch_statefulsets
+    )
     decision.wake_after = recovery.next_wake(actions, obs.now, busy_seconds if busy else idle_seconds)
     return decision
+
+
+def incarnation_patch(incarnation: int) -> dict[str, Any]:
+    """A merge patch moving a StatefulSet to a new incarnation and nothing else."""
+    value = str(incarnation)
+    return {
+        "metadata": {"annotations": {render.L_INCARNATION: value}},
+        "spec": {"template": {"metadata": {"labels": {render.L_INCARNATION: value}}}},
+    }
 
 
 def conflict_action(obs: Observation) -> recovery.Blocked | None:
@@ -166,6 +203,10 @@ def conflict_action(obs: Observation) -> recovery.Blocked | None:
         return None
     what = "; ".join(f"{kind} {name} {owner}" for (kind, name), owner in sorted(obs.foreign.items()))
     return recovery.Blocked("Conflict", f"existing objects are not this cluster's and are left untouched: {what}")
+
+
+def _progressing_reason(prev: TPInferenceClusterStatus) -> str | None:
+    return next((c.reason for c in prev.conditions if c.type == "Progressing"), None)
 
 
 def _reported(prev: TPInferenceClusterStatus, conflict: recovery.Blocked) -> bool:

@@ -2,8 +2,9 @@
 
 The rules, one function each, in the order ``plan`` applies them:
 
-1. ``rule_failed``: a Failed cluster does nothing (pods are kept for debugging) until its
-   generation changes or ``tpi.dev/restartedAt`` changes, which resets it.
+1. ``rule_failed``: a Failed *group* is left alone (pods kept for debugging) until the generation
+   or ``tpi.dev/restartedAt`` changes, which resets it; the other groups are healed and rolled as
+   usual.  The cluster is Failed only when every group is (then a reset also undoes a degrade).
 2. ``rule_node_lost``: a rank pod on a NotReady, unreachable or deleted node for
    ``nodeLostTimeoutSeconds``: the group's pods on that node are force-deleted (grace 0, even when
    already Terminating: no kubelet will finalize them) and the group is recreated elsewhere.  This
@@ -15,11 +16,14 @@ The rules, one function each, in the order ``plan`` applies them:
    every rank must re-form the process group.  Recreates back off exponentially
    (``backoffSeconds * 2^(n-1)``, capped), the first one is immediate.  An OOM halves *that
    group's* batch size (never below ``oomBatchSizeFloor``; a change of ``runtime.maxBatchSize``
-   or ``tpi.dev/restartedAt`` resets it); a second OOM at the floor marks the cluster Failed.
+   or ``tpi.dev/restartedAt`` resets it); a second OOM at the floor marks *that group* Failed.
    OOMs never shrink TP: a smaller TP puts more weights on each rank.
 4. ``_over_budget``: a group recreated ``maxGroupRestarts`` times within ``restartWindowSeconds``
    (OOMs and lost nodes aside) degrades the cluster to the next smaller valid TP size >=
-   ``minTensorParallelSize`` when ``allowDegrade``, else the cluster is marked Failed.
+   ``minTensorParallelSize`` when ``allowDegrade``, else that group is marked Failed.  A group
+   that never was Ready on the template it crashes on (a bad rollout, a bad first deploy) is the
+   template's fault, not the hardware's: it is marked Failed (CrashLoopBackOff) instead, and TP
+   is never degraded for it.
 5. ``rule_unschedulable``: a rank Pending-unschedulable for ``unschedulableTimeoutSeconds``
    degrades to a size that fits (the group's scheduled ranks plus free capacity).
 6. ``rule_grow_back``: a degraded cluster grows back (``scaleBackUp``) when every group is Ready,
@@ -30,6 +34,11 @@ The rules, one function each, in the order ``plan`` applies them:
    rolled at once.  A group counts as done only when Ready.  With ``maxSurge`` (``rule_surge``),
    surge groups at the new template come up first and a Ready group goes down only while the Ready
    groups stay at ``replicas``; the surge groups go once every group is up to date and Ready.
+   The roll is *held* (``roll_hold``) while ``updateStrategy.paused``, while a group on the new template shows that it cannot run
+   (``rollout.template_problem``: ErrImagePull, CreateContainerConfigError, CrashLoopBackOff...),
+   and once no group became Ready on it for ``progressDeadlineSeconds``: then no further group
+   is rolled, not even one that is down, and a group still on its old template that fails is
+   recreated *in place* (``RecreateGroup.keep_template``), so it keeps serving the old template.
 """
 
 from __future__ import annotations
@@ -41,9 +50,11 @@ from tpi_operator.api.v1alpha1 import (
     HISTORY_LIMIT,
     GroupStatus,
     HistoryEntry,
+    RolloutStatus,
     TPInferenceClusterSpec,
     TPInferenceClusterStatus,
 )
+from tpi_operator.core import rollout
 from tpi_operator.core.observe import Observation, PodObs, format_time, parse_time
 from tpi_operator.core.sizing import next_smaller
 
@@ -63,9 +74,13 @@ class Action:
 
 @dataclass(frozen=True)
 class RecreateGroup(Action):
-    """Delete every pod of a group (new incarnation) so all ranks re-form the process group."""
+    """Delete every pod of a group (new incarnation) so all ranks re-form the process group.
+
+    ``keep_template``: the group's roll is held, so it comes back on the template it runs now
+    (only its incarnation changes) rather than on the wanted one."""
 
     group: int = 0
+    keep_template: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,12 +126,23 @@ class RemoveGroup(Action):
 
 @dataclass(frozen=True)
 class MarkFailed(Action):
-    pass
+    """Give up on a group: it is left alone, pods kept for debugging, the others carry on."""
+
+    group: int = 0
 
 
 @dataclass(frozen=True)
 class Reset(Action):
-    """Leave Failed: the spec changed or a restart was requested."""
+    """Leave Failed: the spec changed or a restart was requested (group None: every group had
+    failed, and the cluster starts over, degrade included)."""
+
+    group: int | None = None
+
+
+@dataclass(frozen=True)
+class Hold(Action):
+    """The roll is held (paused, halted by a failing template, past its deadline): no group is
+    rolled; reported in the Progressing condition."""
 
 
 @dataclass(frozen=True)
@@ -279,7 +305,11 @@ class _Ctx:
     resized: bool = False
     recreated: set[int] = field(default_factory=set)
     held: set[int] = field(default_factory=set)  # groups waiting on a lost node: no other rule
+    failed: set[int] = field(default_factory=set)  # Failed groups: left alone by every rule
     unschedulable: bool = False
+    want: dict[int, str] = field(default_factory=dict)  # each group's wanted template (pass start)
+    hold: Hold | None = None  # the roll is held: nothing is rolled, failed groups heal in place
+    roll_deadline: dt.datetime | None = None  # when the rollout in flight runs out of time
 
     @property
     def groups(self) -> range:
@@ -304,44 +334,62 @@ def group_batch(
     return max(1, min(gs.max_batch_size, spec.runtime.max_batch_size))
 
 
+def wanted_templates(
+    spec: TPInferenceClusterSpec, obs: Observation, st: TPInferenceClusterStatus, tp: int
+) -> dict[int, str]:
+    """The template hash every group should run, at size ``tp`` and its own batch."""
+    return {g: obs.hash_for(tp, group_batch(spec, st, g, obs.restarted_at)) for g in range(spec.replicas)}
+
+
 def plan(spec: TPInferenceClusterSpec, obs: Observation) -> list[Action]:
     """Decide what to do about the observed cluster: the module docstring's rules, in order."""
     st = obs.status
-    reset = rule_failed(spec, obs)
-    if reset is not None and isinstance(reset, Wait):
-        return [reset]
-    if reset is not None:
-        st = st.model_copy(update={"groups": [], "current_tensor_parallel_size": None})
-    ctx = _Ctx(
-        spec=spec,
-        obs=obs,
-        st=st,
-        tp=current_tp(st, obs.desired_tp),
-        incarnations={g: group_incarnation(st, obs, g) for g in range(spec.replicas)},
-    )
-    if reset is not None:
-        ctx.add(reset)
+    ctx = _Ctx(spec=spec, obs=obs, st=st, tp=current_tp(st, obs.desired_tp), incarnations={})
+    rule_failed(ctx)
+    ctx.incarnations = {g: group_incarnation(ctx.st, obs, g) for g in ctx.groups}
+    ctx.want = wanted_templates(spec, obs, ctx.st, ctx.tp)
+    ctx.hold = roll_hold(ctx)
     rule_node_lost(ctx)
-    if not rule_failures(ctx):
-        return ctx.out  # marked Failed
+    rule_failures(ctx)
     rule_unschedulable(ctx)
     rule_grow_back(ctx)
     rule_roll(ctx)
-    deadline = next_heartbeat_deadline(spec, obs, ctx.incarnations)
+    deadline = next_heartbeat_deadline(spec, obs, {g: i for g, i in ctx.incarnations.items() if g not in ctx.failed})
     if deadline is not None:
         ctx.add(Wait(reason="Heartbeat", message="next heartbeat deadline", until=deadline))
     return ctx.out
 
 
-def rule_failed(spec: TPInferenceClusterSpec, obs: Observation) -> Action | None:
-    """Rule 1: a Failed cluster waits (a Wait) until a new generation or restartedAt (a Reset)."""
-    st = obs.status
-    if st.failed_generation is None:
-        return None
-    restart_requested = obs.restarted_at is not None and obs.restarted_at != st.restarted_at
-    if obs.generation <= st.failed_generation and not restart_requested:
-        return Wait(reason="Failed", message="cluster failed; edit the spec or set tpi.dev/restartedAt")
-    return Reset("Retry", "spec changed" if not restart_requested else "restart requested")
+def rule_failed(ctx: _Ctx) -> None:
+    """Rule 1: Failed groups are left alone until a new generation or restartedAt resets them."""
+    obs, st = ctx.obs, ctx.st
+    failed = {g.group: g for g in st.groups if g.failed_generation is not None and g.group < ctx.spec.replicas}
+    if not failed:
+        return
+    restart = obs.restarted_at is not None and obs.restarted_at != st.restarted_at
+    retry = {g for g, gs in failed.items() if restart or obs.generation > (gs.failed_generation or 0)}
+    why = "restart requested" if restart else "spec changed"
+    if len(failed) == ctx.spec.replicas and retry == set(failed):  # the whole cluster had failed
+        ctx.add(Reset("Retry", why))
+        ctx.st = st.model_copy(update={"groups": [], "current_tensor_parallel_size": None})
+        ctx.tp = current_tp(ctx.st, obs.desired_tp)
+        return
+    groups = []
+    for gs in st.groups:
+        if gs.group in retry:
+            ctx.add(Reset("Retry", f"group {gs.group}: {why}", gs.group))
+            gs = fresh_group(gs)
+        elif gs.group in failed:
+            ctx.failed.add(gs.group)
+        groups.append(gs)
+    ctx.st = st.model_copy(update={"groups": groups})
+
+
+def fresh_group(gs: GroupStatus) -> GroupStatus:
+    """A group's bookkeeping after a reset: only what identifies its pods survives."""
+    return GroupStatus(
+        group=gs.group, incarnation=gs.incarnation, template_hash=gs.template_hash, ready_hash=gs.ready_hash
+    )
 
 
 def rule_node_lost(ctx: _Ctx) -> None:
@@ -352,6 +400,8 @@ def rule_node_lost(ctx: _Ctx) -> None:
     """
     obs, timeout = ctx.obs, dt.timedelta(seconds=ctx.spec.failure_policy.node_lost_timeout_seconds)
     for g in ctx.groups:
+        if g in ctx.failed:
+            continue
         lost = [
             (p, node) for p in obs.pods
             if p.group == g and p.node and (node := obs.nodes.get(p.node)) is not None
@@ -376,16 +426,16 @@ def rule_node_lost(ctx: _Ctx) -> None:
             ranks = ", ".join(str(p.rank) for p in sorted(current, key=lambda p: p.rank))
             secs = (obs.now - since).total_seconds()
             msg = f"node {node.name} {node.why} for {secs:.0f}s; rank(s) {ranks} of group {g} were on it"
-            ctx.add(RecreateGroup("NodeLost", msg, g))
+            ctx.add(RecreateGroup("NodeLost", msg, g, keep_template=heals_in_place(ctx, g)))
             ctx.recreated.add(g)
 
 
-def rule_failures(ctx: _Ctx) -> bool:
+def rule_failures(ctx: _Ctx) -> None:
     """Rules 3-4: recreate broken groups with backoff; OOM halves that group's batch; past the
-    restart budget degrade or fail.  False when the cluster is marked Failed (stop planning)."""
+    restart budget degrade, or mark the group Failed."""
     spec, obs, fp, now = ctx.spec, ctx.obs, ctx.spec.failure_policy, ctx.obs.now
     for g in ctx.groups:
-        if g in ctx.held:
+        if g in ctx.held or g in ctx.failed:
             continue
         failure = detect_failure(spec, obs, g, ctx.incarnations[g])
         if failure is None:
@@ -399,26 +449,58 @@ def rule_failures(ctx: _Ctx) -> bool:
             ctx.add(MarkFailed("OOMAtBatchFloor", (
                 f"group {g} ran out of memory again at the batch size floor {fp.oom_batch_size_floor} "
                 f"({failure.message}); lower runtime.maxModelLen, raise memory or use larger GPUs; "
-                "pods kept for debugging")))  # fmt: skip
-            return False
+                "pods kept for debugging, the other groups serve"), g))  # fmt: skip
+            ctx.failed.add(g)
+            continue
         if not oom and len(recent) >= fp.max_group_restarts:
+            if not proven(ctx, g):
+                ctx.add(template_failed(ctx, g, recent, failure))
+                ctx.failed.add(g)
+                continue
             if not _over_budget(ctx, g, recent, failure):
-                return False
+                continue
             break
         delay = dt.timedelta(seconds=backoff_seconds(spec, len(recent)))
         if recent and now < recent[-1] + delay:
             ctx.add(Wait(failure.reason, f"group {g} backing off: {failure.message}", until=recent[-1] + delay))
             continue
-        if oom and batch > fp.oom_batch_size_floor:
+        keep = heals_in_place(ctx, g)
+        if oom and batch > fp.oom_batch_size_floor and not keep:  # a held group keeps its template
             new = max(fp.oom_batch_size_floor, batch // 2)
             ctx.add(HalveBatch("OOMKilled", f"group {g}: effective batch size {batch} -> {new}", g, batch, new))
-        ctx.add(RecreateGroup(failure.reason, failure.message, g))
+        ctx.add(RecreateGroup(failure.reason, failure.message, g, keep_template=keep))
         ctx.recreated.add(g)
-    return True
+
+
+def spec_digest(obs: Observation) -> str:
+    """The spec and restartedAt, without the size and batch that recovery picks (fixed at 1, 1)."""
+    return obs.hash_for(1, 1)
+
+
+def proven(ctx: _Ctx, g: int) -> bool:
+    """Does the group run a template known to work: one it was Ready on, or the current spec at a
+    size or batch recovery picked when some group was Ready on that spec?  If not, its crashes
+    are the template's (a bad rollout), not the hardware's."""
+    sts = ctx.obs.statefulsets.get(g)
+    if sts is None or sts.template_hash is None:
+        return False
+    if group_status(ctx.st, g).ready_hash == sts.template_hash:
+        return True
+    return sts.template_hash == ctx.want.get(g) and ctx.st.ready_spec == spec_digest(ctx.obs)
+
+
+def template_failed(ctx: _Ctx, g: int, recent: list[dt.datetime], failure: GroupFailure) -> MarkFailed:
+    """A group that crash-loops on a template it never ran: Failed, never a TP degrade."""
+    fp = ctx.spec.failure_policy
+    return MarkFailed("CrashLoopBackOff", (
+        f"group {g} never became Ready on its current template and was recreated {len(recent)} times "
+        f"within {fp.restart_window_seconds}s (last: {failure.message}); a template that crash-loops is "
+        "not a capacity or hardware problem, so tensor parallelism is not degraded: fix the spec "
+        "(image, args, resources); pods kept for debugging"), g)  # fmt: skip
 
 
 def _over_budget(ctx: _Ctx, g: int, recent: list[dt.datetime], failure: GroupFailure) -> bool:
-    """Degrade past the restart budget when allowed; else MarkFailed (returns False)."""
+    """Degrade past the restart budget when allowed (True); else mark the group Failed."""
     fp, tp = ctx.spec.failure_policy, ctx.tp
     why = (
         f"group {g} was recreated {len(recent)} times within {fp.restart_window_seconds}s "
@@ -433,7 +515,8 @@ def _over_budget(ctx: _Ctx, g: int, recent: list[dt.datetime], failure: GroupFai
         cannot = "degrading is disabled (failurePolicy.allowDegrade: false)"
     else:
         cannot = f"no valid tensor-parallel size below {tp} is >= minTensorParallelSize={fp.min_tensor_parallel_size}"
-    ctx.add(MarkFailed("RestartBudgetExhausted", f"{why}; {cannot}; pods kept for debugging"))
+    ctx.add(MarkFailed("RestartBudgetExhausted", f"{why}; {cannot}; pods kept for debugging", g))
+    ctx.failed.add(g)
     return False
 
 
@@ -442,7 +525,7 @@ def rule_unschedulable(ctx: _Ctx) -> None:
     obs, fp, now = ctx.obs, ctx.spec.failure_policy, ctx.obs.now
     timeout = dt.timedelta(seconds=fp.unschedulable_timeout_seconds)
     for g in ctx.groups:
-        if ctx.resized or g in ctx.recreated or g in ctx.held:
+        if ctx.resized or g in ctx.recreated or g in ctx.held or g in ctx.failed:
             continue
         pods = current_pods(obs, g, ctx.incarnations[g])
         stuck = [p for p in pods if p.phase == "Pending" and p.unschedulable_since is not None]
@@ -472,18 +555,19 @@ def rule_unschedulable(ctx: _Ctx) -> None:
 
 
 def rule_grow_back(ctx: _Ctx) -> None:
-    """Rule 6: grow back when every group is Ready, after the hysteresis, and (capacity degrades)
-    when the free capacity holds what *every* group needs to grow."""
+    """Rule 6: grow back when every (not Failed) group is Ready, after the hysteresis, and
+    (capacity degrades) when the free capacity holds what *every* group needs to grow."""
     spec, obs, fp, st, now = ctx.spec, ctx.obs, ctx.spec.failure_policy, ctx.st, ctx.obs.now
     desired, tp = obs.desired_tp, ctx.tp
     if ctx.resized or ctx.recreated or ctx.unschedulable or ctx.held or not fp.scale_back_up or tp >= desired:
         return
-    if not all(group_ready(obs, g, ctx.incarnations[g], tp) for g in ctx.groups):
+    live = [g for g in ctx.groups if g not in ctx.failed]
+    if not live or not all(group_ready(obs, g, ctx.incarnations[g], tp) for g in live):
         return
     bigger = [s for s in obs.valid_sizes if tp < s <= desired]
     if st.degraded_reason == "Unschedulable":
         free = obs.free_rank_slots
-        bigger = [s for s in bigger if free is not None and (s - tp) * spec.replicas <= free]
+        bigger = [s for s in bigger if free is not None and (s - tp) * len(live) <= free]
     if not bigger:
         return
     until = grow_back_after(spec, st)
@@ -507,9 +591,89 @@ def grow_back_after(spec: TPInferenceClusterSpec, st: TPInferenceClusterStatus) 
     return since + dt.timedelta(seconds=base * 2 ** min(st.failed_grow_backs, 3))
 
 
+# ------------------------------------------------------------------------------ roll holding
+def heals_in_place(ctx: _Ctx, g: int) -> bool:
+    """A group recreated while the roll is held keeps the template it runs (if out of date)."""
+    sts = ctx.obs.statefulsets.get(g)
+    return ctx.hold is not None and sts is not None and sts.template_hash != ctx.want.get(g)
+
+
+def template_problem(ctx: _Ctx, g: int) -> str | None:
+    """Why a group on its wanted template, never Ready on it, cannot run it (None: no sign yet)."""
+    sts = ctx.obs.statefulsets.get(g)
+    if sts is None or sts.template_hash != ctx.want[g] or proven(ctx, g):
+        return None
+    if group_ready(ctx.obs, g, ctx.incarnations[g], sts.replicas):
+        return None
+    for p in current_pods(ctx.obs, g, ctx.incarnations[g]):
+        found = rollout.pod_problem(p)
+        if found is not None:
+            return found[1]
+    gs = group_status(ctx.st, g)  # its crashed pods are gone already: recreated, or Failed
+    if gs.failure_reason in ("Crash", "CrashLoopBackOff") and (gs.failing_since or gs.failed_generation):
+        return f"CrashLoopBackOff: {gs.failure_message or 'crashed'}"
+    return None
+
+
+def rolled_out(obs: Observation, st: TPInferenceClusterStatus, g: int, want: str) -> bool:
+    """Does the group run its wanted template, and was it Ready on it (now or since it runs it)?
+    A group that crashes on a template it was Ready on is recovering, not rolling."""
+    sts = obs.statefulsets.get(g)
+    if sts is None or sts.template_hash != want:
+        return False
+    return group_status(st, g).ready_hash == want or group_ready(obs, g, group_incarnation(st, obs, g), sts.replicas)
+
+
+def roll_progress(
+    spec: TPInferenceClusterSpec, obs: Observation, st: TPInferenceClusterStatus, want: dict[int, str]
+) -> tuple[str, int, bool]:
+    """(rollout key, groups rolled out, every group that has not Failed rolled out)."""
+    failed = {g.group for g in st.groups if g.failed_generation is not None}
+    done = {g for g in range(spec.replicas) if rolled_out(obs, st, g, want[g])}
+    return rollout.key_of(want), len(done), all(g in done or g in failed for g in range(spec.replicas))
+
+
+def roll_hold(ctx: _Ctx) -> Hold | None:
+    """Is the roll held, and why: paused, a group that cannot run the new template, the deadline."""
+    us = ctx.spec.update_strategy
+    if us.paused:
+        stale = [g for g, s in ctx.obs.statefulsets.items() if g in ctx.want and s.template_hash != ctx.want[g]]
+        if stale:
+            return Hold("RolloutPaused", f"updateStrategy.paused: {len(stale)} group(s) keep their old template")
+    for g in ctx.groups:
+        problem = template_problem(ctx, g)
+        if problem is not None:
+            return Hold("RolloutHalted", f"rollout halted at group {g}: {problem}")
+    if us.paused:
+        return None  # no deadline runs while paused
+    key, updated, complete = roll_progress(ctx.spec, ctx.obs, ctx.st, ctx.want)
+    rec = rollout.track(ctx.st.rollout, key, updated, complete, ctx.obs.now)
+    until = rollout.deadline(rec, us.progress_deadline_seconds)
+    if until is None:
+        return None
+    if ctx.obs.now < until:
+        ctx.roll_deadline = until
+        return None
+    stuck = next(
+        (g for g in ctx.groups if g not in ctx.failed and (s := ctx.obs.statefulsets.get(g)) is not None
+         and s.template_hash == ctx.want[g] and not group_ready(ctx.obs, g, ctx.incarnations[g], s.replicas)),
+        None,
+    )  # fmt: skip
+    where = (
+        f"; halted at group {stuck}: {rollout.describe(current_pods(ctx.obs, stuck, ctx.incarnations[stuck]))}"
+        if stuck is not None else ""
+    )  # fmt: skip
+    return Hold(
+        "ProgressDeadlineExceeded",
+        f"no group became Ready on the new template for {us.progress_deadline_seconds}s "
+        f"(updateStrategy.progressDeadlineSeconds){where}",
+    )
+
+
 def rule_roll(ctx: _Ctx) -> None:
     """Rule 7: roll out-of-date groups within maxUnavailable; groups already down at once.
-    With ``maxSurge``, Ready groups are rolled only while surge groups stand in (``rule_surge``)."""
+    With ``maxSurge``, Ready groups are rolled only while surge groups stand in (``rule_surge``).
+    While the roll is held, only new groups are created."""
     spec, obs = ctx.spec, ctx.obs
     want = {g: obs.hash_for(ctx.tp, group_batch(spec, ctx.st, g, obs.restarted_at)) for g in ctx.groups}
     for a in ctx.out:  # this pass's halving
@@ -522,9 +686,9 @@ def rule_roll(ctx: _Ctx) -> None:
 
     unavailable = {g for g in ctx.groups if is_unavailable(g)}
     budget = spec.update_strategy.max_unavailable
-    surge = rule_surge(ctx, want, unavailable)
+    surge = rule_surge(ctx, want, unavailable) if ctx.hold is None else None  # held: no new surge group
     for g in ctx.groups:
-        if g in ctx.recreated:
+        if g in ctx.recreated or g in ctx.failed:
             continue
         sts = obs.statefulsets.get(g)
         if sts is None:
@@ -532,6 +696,8 @@ def rule_roll(ctx: _Ctx) -> None:
             continue
         if sts.template_hash == want[g]:
             continue  # up to date, or rolling already: the shell replaces stale pods
+        if ctx.hold is not None:
+            continue  # reported once below
         if g in unavailable:
             ctx.add(RollGroup("Update", f"updating group {g} (not ready)", g, want[g]))
         elif surge is not None:
@@ -541,7 +707,13 @@ def rule_roll(ctx: _Ctx) -> None:
             unavailable.add(g)
         else:
             ctx.add(Wait("RollingUpdate", f"group {g} waits for maxUnavailable={budget}"))
-    kept = surge.kept if surge is not None else set()
+    if surge is not None:
+        kept = surge.kept
+    elif ctx.hold is not None and ctx.hold.reason == "RolloutPaused":
+        kept = set(surge_slots(spec)) & set(obs.statefulsets)  # paused: standing surge groups serve on
+    else:
+        kept = set()  # no surge, or a halted roll: a surge group on a template that cannot run goes
+    report_hold(ctx)
     for g in sorted(obs.statefulsets):
         if g >= spec.replicas and g not in kept:
             ctx.add(RemoveGroup("ScaleDown" if g not in surge_slots(spec) else "SurgeDone", f"removing group {g}", g))
@@ -633,6 +805,17 @@ def surge_take_down(ctx: _Ctx, surge: Surge, g: int, template: str) -> None:
         ctx.add(Wait("RollingUpdate", f"group {g} waits for a Ready surge group (maxSurge)"))
 
 
+def report_hold(ctx: _Ctx) -> None:
+    """A held roll is reported (Progressing); a halted one also blocks (Degraded: it is a failure)."""
+    if ctx.roll_deadline is not None:
+        ctx.add(Wait("ProgressDeadline", "rollout progress deadline", until=ctx.roll_deadline))
+    if ctx.hold is None:
+        return
+    ctx.add(ctx.hold)
+    if ctx.hold.reason != "RolloutPaused":
+        ctx.add(Blocked(ctx.hold.reason, ctx.hold.message))
+
+
 # -------------------------------------------------------------------------------- transition
 def transition(
     spec: TPInferenceClusterSpec, obs: Observation, actions: list[Action]
@@ -641,8 +824,7 @@ def transition(
     st = obs.status.model_copy(deep=True)
     now = obs.now
     stamp = format_time(now, micro=True)
-    if any(isinstance(a, Reset) for a in actions):
-        st.failed_generation = None
+    if any(isinstance(a, Reset) and a.group is None for a in actions):  # every group had failed
         st.groups = []
         st.current_tensor_parallel_size = None
         st.degraded_reason = st.degraded_since = st.grown_back_at = None
@@ -667,7 +849,9 @@ def transition(
     touched: set[int] = set()
     for a in actions:
         group = getattr(a, "group", None)
-        if isinstance(a, RecreateGroup):
+        if isinstance(a, Reset) and a.group is not None:
+            groups[a.group] = fresh_group(gs(a.group))
+        elif isinstance(a, RecreateGroup):
             g = gs(a.group)
             g.incarnation = max(g.incarnation, group_incarnation(obs.status, obs, a.group)) + 1
             if a.reason not in NOT_COUNTED:  # a lost node is not the group's crash loop
@@ -677,9 +861,10 @@ def transition(
                 g.floor_ooms += 1
             g.lost_node = lost_nodes.get(a.group) if a.reason == "NodeLost" else None
             g.failing_since = g.failing_since or stamp
-            g.failure_reason = a.reason
+            g.failure_reason, g.failure_message = a.reason, a.message[:1024]
             g.pod_uids = []
-            touched.add(a.group)
+            if not a.keep_template:  # healed in place: it keeps the template it has
+                touched.add(a.group)
             st.restarts += 1
             st.last_failure = f"{format_time(now)} group {a.group}: {a.reason}: {a.message}"
         elif isinstance(a, HalveBatch):
@@ -704,7 +889,10 @@ def transition(
         elif isinstance(a, RemoveGroup):
             groups.pop(a.group, None)
         elif isinstance(a, MarkFailed):
-            st.failed_generation = obs.generation
+            g = gs(a.group)
+            g.failed_generation = obs.generation
+            g.failure_reason, g.failure_message = a.reason, a.message[:1024]
+            g.failing_since = g.failing_since or stamp
             st.last_failure = f"{format_time(now)} {a.message}"
         if isinstance(a, RECORDED) or (isinstance(a, RollGroup) and a.reason != "Create"):
             st.history.append(
@@ -714,7 +902,8 @@ def transition(
     if tp >= st.desired_tensor_parallel_size:
         st.degraded_reason = st.degraded_since = None
         resized = any(isinstance(a, Degrade | ScaleUp) for a in actions)
-        ready = all(group_ready(obs, g, group_incarnation(st, obs, g), tp) for g in range(spec.replicas))
+        live = [g.group for g in st.groups if g.failed_generation is None and g.group < spec.replicas]
+        ready = all(group_ready(obs, g, group_incarnation(st, obs, g), tp) for g in live)
         if st.grown_back_at is not None and ready and not resized:  # the grow-back held
             st.grown_back_at, st.failed_grow_backs = None, 0
     for index in range(spec.replicas):
@@ -726,7 +915,19 @@ def transition(
         (group_batch(spec, st, g.group, obs.restarted_at) for g in st.groups), default=spec.runtime.max_batch_size
     )
     st.history = st.history[-HISTORY_LIMIT:]
+    st.rollout = track_rollout(spec, obs, st)
     return st
+
+
+def track_rollout(
+    spec: TPInferenceClusterSpec, obs: Observation, st: TPInferenceClusterStatus
+) -> RolloutStatus | None:
+    """The progress clock of the rollout after this pass (none while paused: a pause is not a stall)."""
+    if spec.update_strategy.paused:
+        return None
+    want = wanted_templates(spec, obs, st, st.current_tensor_parallel_size or obs.desired_tp)
+    key, done, complete = roll_progress(spec, obs, st, want)
+    return rollout.track(obs.status.rollout, key, done, complete, obs.now)
 
 
 def next_wake(actions: list[Action], now: dt.datetime, default: float) -> float:

@@ -1,8 +1,13 @@
 """Status: (spec, observation, post-action bookkeeping, actions) -> the status to write.  Pure.
 
-Phase, in priority order: Failed (gave up) > Recovering (a group is being recreated) > Degraded
-(running below the desired TP size, or blocked) > Running (every group Ready) > Loading (every
-rank pod runs, weights loading / group forming) > Pending.
+Phase, in priority order: Failed (every group gave up) > Recovering (a group is being recreated)
+> Degraded (running below the desired TP size, blocked, a halted rollout, or some groups Failed
+while the others serve) > Running (every group Ready) > Loading (every rank pod runs, weights
+loading / group forming) > Pending.
+
+Conditions: Ready (every group Ready); Progressing (False: Complete, RolloutPaused,
+ProgressDeadlineExceeded or Failed; True: Reconciling, Recovering or RolloutHalted, whose message
+names the group, the pod and the kubelet's reason); Degraded (why serving is below the spec).
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ from tpi_operator.core.observe import Observation, format_time, parse_time
 from tpi_operator.core.recovery import (
     Action,
     Blocked,
-    MarkFailed,
+    Hold,
     RollGroup,
     current_pods,
+    group_batch,
     group_ready,
+    spec_digest,
 )
+from tpi_operator.core.rollout import MESSAGE_CHARS
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,9 @@ def compute(
                     ready=p.ready,
                     restarts=p.restarts,
                     last_termination_reason=p.termination_reason,
+                    last_exit_code=p.exit_code,
+                    waiting_reason=p.waiting_reason,
+                    waiting_message=p.waiting_message[:MESSAGE_CHARS] if p.waiting_message else None,
                     last_heartbeat=format_time(lease.renew_time) if lease and lease.renew_time else None,
                     effective_batch_size=lease.live_batch if lease else None,
                 )
@@ -105,6 +116,11 @@ def compute(
         ready = sts is not None and group_ready(obs, gs.group, gs.incarnation, sts.replicas)
         ready = ready and gs.group not in rolled
         gs.ready = ready
+        if ready and sts is not None:
+            gs.ready_hash = sts.template_hash
+            batch = group_batch(spec, st, gs.group, obs.restarted_at)
+            if sts.template_hash == obs.hash_for(st.current_tensor_parallel_size or sts.replicas, batch):
+                st.ready_spec = spec_digest(obs)  # this spec works (at some size and batch)
         if ready:
             ready_groups += 1
             if not gs.pod_uids:  # the formed group: a replaced rank pod from now on breaks it
@@ -127,16 +143,18 @@ def compute(
     st.tp = f"{st.current_tensor_parallel_size}/{st.desired_tensor_parallel_size}"
     st.ready = f"{ready_ranks}/{total}"
 
-    failed = next((a for a in actions if isinstance(a, MarkFailed)), None)
     blocked = next((a for a in actions if isinstance(a, Blocked)), None)
-    recovering = [g for g in st.groups if g.failing_since]
+    hold = next((a for a in actions if isinstance(a, Hold)), None)
+    failed = [g for g in st.groups if g.failed_generation is not None]
+    failed_msg = "; ".join(f"group {g.group} Failed: {g.failure_reason}: {g.failure_message}" for g in failed)
+    recovering = [g for g in st.groups if g.failing_since and g.failed_generation is None]
     degraded = (st.current_tensor_parallel_size or 0) < (st.desired_tensor_parallel_size or 0)
     all_ready = ready_groups == spec.replicas
-    if st.failed_generation is not None:
+    if failed and len(failed) == spec.replicas:
         st.phase = "Failed"
     elif recovering:
         st.phase = "Recovering"
-    elif degraded or blocked:
+    elif degraded or blocked or failed:
         st.phase = "Degraded"
     elif all_ready:
         st.phase = "Running"
@@ -157,8 +175,10 @@ def compute(
         now,
     )
     if st.phase == "Failed":
-        msg = failed.message if failed else (st.last_failure or "failed")
-        conds = set_condition(conds, "Progressing", False, "Failed", msg, gen, now)
+        conds = set_condition(conds, "Progressing", False, "Failed", failed_msg, gen, now)
+    elif hold is not None:
+        halted = hold.reason == "RolloutHalted"  # still trying: False once paused or past the deadline
+        conds = set_condition(conds, "Progressing", halted, hold.reason, hold.message, gen, now)
     elif recovering:
         g = recovering[0]
         off = f" off lost node {g.lost_node}" if g.failure_reason == "NodeLost" and g.lost_node else ""
@@ -178,10 +198,12 @@ def compute(
     else:
         conds = set_condition(conds, "Progressing", False, "Complete", "all groups are up to date", gen, now)
     if st.phase == "Failed":
-        msg = failed.message if failed else (st.last_failure or "failed")
-        conds = set_condition(conds, "Degraded", True, "Failed", msg, gen, now)
+        conds = set_condition(conds, "Degraded", True, "Failed", failed_msg, gen, now)
     elif blocked:
         conds = set_condition(conds, "Degraded", True, blocked.reason, blocked.message, gen, now)
+    elif failed:
+        msg = f"{failed_msg}; the other groups serve"
+        conds = set_condition(conds, "Degraded", True, "GroupFailed", msg, gen, now)
     elif degraded:
         conds = set_condition(
             conds,

@@ -8,7 +8,7 @@ import datetime as dt
 
 import pydantic
 import pytest
-from op_builders import IDENT, NOW, healthy_pods, make_obs, make_spec
+from op_builders import IDENT, NOW, hash_for, healthy_pods, make_obs, make_spec
 from tpi_contract import defaults
 from tpi_operator.api.v1alpha1 import GroupStatus, TPInferenceClusterSpec, TPInferenceClusterStatus
 from tpi_operator.core import heartbeat, reconcile
@@ -21,6 +21,7 @@ def kinds(actions):
 
 
 def status(replicas=1, tp=4, **group):
+    group.setdefault("ready_hash", hash_for(tp, 8))  # every group ran (was Ready on) its template
     return TPInferenceClusterStatus(
         current_tensor_parallel_size=tp,
         desired_tensor_parallel_size=4,

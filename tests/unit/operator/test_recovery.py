@@ -6,7 +6,7 @@ import dataclasses
 import datetime as dt
 
 import pytest
-from op_builders import IDENT, NOW, healthy_pods, make_obs, make_spec
+from op_builders import IDENT, NOW, hash_for, healthy_pods, make_obs, make_spec
 from tpi_operator.api.v1alpha1 import GroupStatus, TPInferenceClusterStatus
 from tpi_operator.core import recovery as rc
 from tpi_operator.core import status as sc
@@ -22,6 +22,7 @@ def status_with(restarts=0, group=0, current=4, desired=4, batch=8, **kw):
     times = [format_time(NOW - dt.timedelta(seconds=60 * (i + 1)), micro=True) for i in range(restarts)]
     if batch != 8:
         kw = {"max_batch_size": batch, "batch_basis": "8@", **kw}
+    kw.setdefault("ready_hash", hash_for(current, batch))  # a group that ran (was Ready on) its template
     return TPInferenceClusterStatus(
         current_tensor_parallel_size=current,
         desired_tensor_parallel_size=desired,
@@ -121,7 +122,7 @@ def test_restart_budget(policy, current, expected, message):
     assert message in actions[0].message
     st = rc.transition(spec, obs, actions)
     if expected == "MarkFailed":
-        assert st.failed_generation == 1
+        assert st.groups[0].failed_generation == 1 and st.groups[0].failure_reason == "RestartBudgetExhausted"
         final, _ = sc.compute(spec, IDENT, obs, st, actions)
         assert final.phase == "Failed"
         cond = {c.type: c for c in final.conditions}
