@@ -34,8 +34,9 @@ The rules, one function each, in the order ``plan`` applies them:
    rolled at once.  A group counts as done only when Ready.  With ``maxSurge`` (``rule_surge``),
    surge groups at the new template come up first and a Ready group goes down only while the Ready
    groups stay at ``replicas``; the surge groups go once every group is up to date and Ready.
-   The roll is *held* (``roll_hold``) while ``updateStrategy.paused``, while a group on the new template shows that it cannot run
-   (``rollout.template_problem``: ErrImagePull, CreateContainerConfigError, CrashLoopBackOff...),
+   The roll is *held* (``roll_hold``) while ``updateStrategy.paused``, while a group on the new
+   template shows that it cannot run (``rollout.template_problem``: ErrImagePull,
+   CreateContainerConfigError, CrashLoopBackOff...),
    and once no group became Ready on it for ``progressDeadlineSeconds``: then no further group
    is rolled, not even one that is down, and a group still on its old template that fails is
    recreated *in place* (``RecreateGroup.keep_template``), so it keeps serving the old template.
