@@ -102,6 +102,11 @@ class Operator:
         values = REPO / "_out" / "e2e-operator-values.json"
         values.parent.mkdir(parents=True, exist_ok=True)
         values.write_text(json.dumps(self.values()))
+        # Helm installs a chart's crds/ only when the CRD is absent and never upgrades it: a cluster
+        # left from an older checkout would reject this revision's spec and status fields.
+        crd = CHART / "crds" / "tpi.dev_tpinferenceclusters.yaml"
+        self.p.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+        self.p.kubectl("wait", "--for=condition=Established", "crd/tpinferenceclusters.tpi.dev", "--timeout=60s")
         self.p.helm(
             "upgrade", "--install", RELEASE, str(CHART),
             "--namespace", OPERATOR_NAMESPACE, "--create-namespace",

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from tpikit.cluster import Client, Kube, Operator, endpoint_url, status, tpic, wait_serving
-from tpikit.kube import REPO, wait_until
+from tpikit.kube import wait_until
 from tpikit.provider import Provider
 
 from tests.e2e.conftest import record_timing
@@ -129,10 +129,7 @@ def long_checkpoint(provider: Provider, tmp_path_factory: pytest.TempPathFactory
 def cluster(k: Kube, name: str, model: str, **spec: Any) -> dict[str, Any]:
     """The default failure policy; maxBatchSize 16: all CLIENTS run at once (a queued stream would
     wait out another's 30 s)."""
-    # helm installs crds/ only when absent: this revision's fields (maxSurge) need this CRD.
-    crd = REPO / "crds" / "tpi.dev_tpinferenceclusters.yaml"
-    k.p.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-    k.p.kubectl("wait", "--for=condition=Established", "crd/tpinferenceclusters.tpi.dev", "--timeout=60s")
+    # This revision's CRD (maxSurge) is applied by the operator fixture (tpikit Operator.install).
     obj = tpic(name, model, runtime={"maxBatchSize": CLIENTS, "maxModelLen": MAX_MODEL_LEN}, **spec)
     obj["spec"]["failurePolicy"] = {}
     return obj
