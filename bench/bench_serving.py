@@ -50,21 +50,14 @@ sys.path.insert(0, str(REPO / "runtime"))
 sys.path.insert(0, str(REPO / "contract"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from bench_runtime import CONFIG as RUNTIME_BENCH_CONFIG  # noqa: E402
 from serving_stats import RequestResult, RunSummary, interference, ratio, summarize  # noqa: E402
 
 CACHE = Path(os.environ.get("TPI_CACHE", Path.home() / ".cache" / "tpi"))
 CKPT = CACHE / "bench-serving-ckpt"
-CONFIG = {  # bench_runtime.py's ~125M Llama, with room for the 4k-token prompt
-    "vocab_size": 32000,
-    "hidden_size": 768,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 8192,
-    "tie_word_embeddings": False,
-    "eos_token_id": None,  # random weights: never stop early, so both servers decode the same count
-}
+# bench_runtime.py's ~125M float32 Llama (random weights never stop early, so both servers decode
+# the same count), with room for the 4k-token prompt.
+CONFIG = {**RUNTIME_BENCH_CONFIG, "max_position_embeddings": 8192}
 BIN = Path(sys.executable).parent
 HF_PAGE = 32  # transformers CB page size (tokens)
 HF_BATCH_TOKENS = 256  # transformers CB tokens per step
