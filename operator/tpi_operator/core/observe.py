@@ -63,6 +63,7 @@ class PodObs:
     unschedulable_since: dt.datetime | None = None
     unschedulable_message: str | None = None
     started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None  # of the current or last container termination
 
     @property
     def oom(self) -> bool:
@@ -182,6 +183,7 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
         unschedulable_since=unsched_since,
         unschedulable_message=unsched_msg,
         started_at=started,
+        finished_at=parse_time((term or last).get("finishedAt")),
     )
 
 

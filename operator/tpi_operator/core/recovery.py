@@ -47,6 +47,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
+from tpi_contract import exitcodes
+
 from tpi_operator.api.v1alpha1 import (
     HISTORY_LIMIT,
     GroupStatus,
@@ -217,6 +219,25 @@ def group_ready(obs: Observation, group: int, incarnation: int, size: int) -> bo
     return len(pods) == sts.replicas == size and all(
         p.ready and p.template_hash == sts.template_hash for p in pods
     )
+
+
+#: A rank that exits ``COLLECTIVE_FAILED`` only says that a peer failed; the peer's own cause (an OOM
+#: kill) reaches the API from its kubelet a moment later. Recreating the group on the first report
+#: would lose that cause with the old pods (no batch halving, an OOM loop counted as crashes).
+PEER_CAUSE_GRACE = dt.timedelta(seconds=5)
+
+
+def awaiting_peer_cause(obs: Observation, group: int, incarnation: int) -> dt.datetime | None:
+    """Until when to wait for the real cause, when the group's only failures are ranks reporting a
+    failed peer (exit 3) that ended less than ``PEER_CAUSE_GRACE`` ago; None: decide now."""
+    crashed = [p for p in current_pods(obs, group, incarnation) if p.crashed]
+    if not crashed or any(p.oom or p.exit_code != exitcodes.COLLECTIVE_FAILED for p in crashed):
+        return None
+    ends = [p.finished_at for p in crashed if p.finished_at is not None]
+    if not ends:
+        return None
+    until = max(ends) + PEER_CAUSE_GRACE
+    return until if obs.now < until else None
 
 
 def detect_failure(
@@ -437,6 +458,11 @@ def rule_failures(ctx: _Ctx) -> None:
     spec, obs, fp, now = ctx.spec, ctx.obs, ctx.spec.failure_policy, ctx.obs.now
     for g in ctx.groups:
         if g in ctx.held or g in ctx.failed:
+            continue
+        until = awaiting_peer_cause(obs, g, ctx.incarnations[g])
+        if until is not None:
+            why = f"group {g}: a rank reports a failed peer; waiting for the peer's own cause"
+            ctx.add(Wait("PeerCause", why, until=until))
             continue
         failure = detect_failure(spec, obs, g, ctx.incarnations[g])
         if failure is None:

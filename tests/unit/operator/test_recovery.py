@@ -295,3 +295,36 @@ def test_history_is_bounded():
         st = rc.transition(spec, obs, rc.plan(spec, obs))
     assert len(st.history) == 30 and st.restarts == 50
     assert len(st.groups[0].restart_times) <= 21
+
+
+# ------------------------------------------------------------- a rank reports a failed peer
+PEER = {"restarts": 1, "termination_reason": "Error", "exit_code": 3}
+OOM = {"restarts": 1, "termination_reason": "OOMKilled", "exit_code": 137}
+
+
+@pytest.mark.parametrize(
+    ("rank1", "rank0", "ended_ago", "expected", "waits"),
+    [
+        # Only "my peer failed" (exit 3), just now: wait for the peer's own cause, nothing counted yet.
+        ("peer", None, 1, [], True),
+        # The peer's OOM kill arrives in the grace: the group's batch is halved, as for any OOM.
+        ("peer", "oom", 1, ["HalveBatch", "RecreateGroup"], False),
+        # No cause arrived within the grace: a crash like any other.
+        ("peer", None, 6, ["RecreateGroup"], False),
+        # A crash of its own (exit 1) is never deferred.
+        ("crash", None, 1, ["RecreateGroup"], False),
+    ],
+)
+def test_a_failed_peer_report_waits_briefly_for_the_peers_own_cause(rank1, rank0, ended_ago, expected, waits):
+    spec = make_spec(failurePolicy={"backoffSeconds": 1})
+    ended = NOW - dt.timedelta(seconds=ended_ago)
+    r1 = PEER if rank1 == "peer" else {"restarts": 1, "termination_reason": "Error", "exit_code": 1}
+    pods = with_pod(healthy_pods(), 1, finished_at=ended, **r1)
+    if rank0 == "oom":
+        pods = with_pod(pods, 0, finished_at=ended, **OOM)
+    actions = rc.plan(spec, make_obs(spec, pods=pods, status=status_with(0)))
+    assert kinds(actions) == expected
+    peer_waits = [a for a in actions if a.reason == "PeerCause"]
+    assert bool(peer_waits) == waits
+    if waits:
+        assert peer_waits[0].until == ended + rc.PEER_CAUSE_GRACE
