@@ -143,7 +143,11 @@ def test_disruption_budget_lets_evictions_take_one_group_at_a_time(
     op: Operator, namespace: str, api_client: client.ApiClient
 ) -> None:
     core, policy = client.CoreV1Api(api_client), client.PolicyV1Api(api_client)
-    apply(namespace, cluster_yaml(replicas=2))
+    # Pinned to kwok-node-0..3 (the bench can add more fake nodes), so cordoning them holds group 0 down.
+    nodes = [f"kwok-node-{i}" for i in range(4)]
+    pinned = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": nodes}]}]}}}  # fmt: skip
+    apply(namespace, cluster_yaml(replicas=2, scheduling={"affinity": pinned}))
     wait_phase(namespace, "Running")
     pdb = wait_until(lambda: get(namespace, "pdb", "demo"), timeout=30, what="the PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
@@ -151,8 +155,21 @@ def test_disruption_budget_lets_evictions_take_one_group_at_a_time(
     wait_until(lambda: policy.read_namespaced_pod_disruption_budget("demo", namespace).status.disruptions_allowed == 1,
                timeout=30, what="the disruption controller's count")  # fmt: skip
 
-    assert evict(core, namespace, "demo-g0-1") == 201  # a drain takes one rank of group 0 ...
-    # ... which breaks group 0; until it is Ready again no pod of group 1 may be evicted.
+    # A drain cordons before it evicts. Cordoning every node keeps group 0's replacement Pending:
+    # kwok would otherwise make it Ready within milliseconds, before the refusal could be seen.
+    for node in nodes:
+        kubectl("cordon", node)
+    try:
+        assert evict(core, namespace, "demo-g0-1") == 201  # a drain takes one rank of group 0 ...
+        # ... which breaks group 0; while it is down no pod of group 1 may be evicted.
+        held_until = time.monotonic() + 5
+        while time.monotonic() < held_until:
+            assert evict(core, namespace, "demo-g1-0") == 429, "a pod of group 1 was evicted while group 0 was down"
+            time.sleep(0.2)
+    finally:
+        for node in nodes:
+            kubectl("uncordon", node)
+    # Once group 0 is Ready again, the budget lets the drain go on.
     refused = 0
     while True:
         before = group_ready(rank_pods(core, namespace), 0)
@@ -165,7 +182,6 @@ def test_disruption_budget_lets_evictions_take_one_group_at_a_time(
         refused += 1
         assert refused < 600, "group 1's pod was never evictable again"
         time.sleep(0.2)
-    assert refused >= 1
     reasons = [(h["group"], h["reason"]) for h in history(namespace) if h["action"] == "RecreateGroup"]
     assert reasons[0] == (0, "PodDeleted")
     wait_phase(namespace, "Running")
