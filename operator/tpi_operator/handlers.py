@@ -200,9 +200,32 @@ def _slim(body: Mapping[str, Any], spec_keys: Iterable[str] = ()) -> dict[str, A
     }
 
 
+#: What ``observe.pod_obs`` reads of a container status: the index keeps only this (a 1.34
+#: container status also lists its image, resources, volume mounts and user, per pod and forever).
+_CONTAINER_STATUS_KEYS = ("name", "ready", "started", "restartCount", "state", "lastState")
+
+
+def _slim_pod_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "phase": status.get("phase"),
+        "startTime": status.get("startTime"),
+        "conditions": status.get("conditions") or [],
+        "containerStatuses": [
+            {k: c[k] for k in _CONTAINER_STATUS_KEYS if k in c} for c in status.get("containerStatuses") or []
+        ],
+    }
+
+
 @kopf.index("pods", labels={CLUSTER: kopf.PRESENT})
 def tpi_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[CLUSTER]): _slim(body, ["nodeName"])}
+    slim = _slim(body, ["nodeName"])
+    slim["status"] = _slim_pod_status(slim["status"])
+    # The requests, for capacity where only rank pods can be seen (capacity.node_usage).
+    containers = (body.get("spec") or {}).get("containers") or []
+    slim["spec"]["containers"] = [
+        {"resources": {"requests": _plain((c.get("resources") or {}).get("requests") or {})}} for c in containers
+    ]
+    return {(namespace, labels[CLUSTER]): slim}
 
 
 @kopf.index("leases.v1.coordination.k8s.io", labels={CLUSTER: kopf.PRESENT})
@@ -328,6 +351,8 @@ async def reconciler(
                 outcome = Outcome(wake_after=min(60.0, state.config.busy_seconds * 5), result="error")
                 kopf.warn(body, reason="ReconcileError", message=str(e)[:1000])
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+            # Not kept alive while this cluster sleeps: x 500 clusters, these copies add up.
+            del snapshot, pods, leases, stses, world
             for event in outcome.events:
                 kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1000])
             with contextlib.suppress(TimeoutError):

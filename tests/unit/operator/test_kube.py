@@ -102,6 +102,39 @@ def test_node_usage_without_cluster_wide_pod_reads_counts_the_watched_rank_pods(
     assert len(kube.queries) == 1
 
 
+def _full_rank_pod() -> dict:
+    """A rank pod as a 1.34 API server returns it (the fields the index must keep, and some it drops)."""
+    running = {"running": {"startedAt": "2026-11-30T09:00:05Z"}}
+    crashed = {"terminated": {"exitCode": 137, "reason": "OOMKilled", "finishedAt": "2026-11-30T09:00:04Z"}}
+    return {
+        "metadata": {"name": "demo-g0-1", "uid": "u1", "namespace": "ns",
+                     "labels": {"tpi.dev/cluster": "demo", "tpi.dev/group": "0", "tpi.dev/incarnation": "2",
+                                "apps.kubernetes.io/pod-index": "1"},
+                     "managedFields": [{"manager": "kube-controller-manager"}]},
+        "spec": {"nodeName": "n1", "containers": [{"name": "runtime", "image": "tpi-runtime:1",
+                 "resources": {"requests": {"cpu": "2", "nvidia.com/gpu": "1"}}, "env": [{"name": "X"}]}]},
+        "status": {"phase": "Running", "startTime": "2026-11-30T09:00:00Z", "podIP": "10.0.0.1", "qosClass": "Burstable",
+                   "conditions": [{"type": "Ready", "status": "True"}],
+                   "containerStatuses": [{"name": "runtime", "ready": True, "started": True, "restartCount": 1,
+                                          "state": running, "lastState": crashed, "image": "tpi-runtime:1",
+                                          "imageID": "sha256:1", "allocatedResources": {"cpu": "2"},
+                                          "volumeMounts": [{"name": "m", "mountPath": "/models"}]}]},
+    }  # fmt: skip
+
+
+def test_the_pod_index_keeps_what_observe_and_capacity_read() -> None:
+    from tpi_operator.core import capacity
+    from tpi_operator.core.observe import pod_obs
+
+    full = _full_rank_pod()
+    [slim] = handlers.tpi_pods(namespace="ns", labels=full["metadata"]["labels"], body=full).values()
+    assert pod_obs(slim) == pod_obs(full)
+    assert capacity.node_usage([slim]) == capacity.node_usage([full]) == {"n1": {"pods": 1.0, "cpu": 2.0, "nvidia.com/gpu": 1.0}}
+    cs = slim["status"]["containerStatuses"][0]
+    assert "allocatedResources" not in cs and "volumeMounts" not in cs and "podIP" not in slim["status"]
+    assert "managedFields" not in slim["metadata"]
+
+
 @pytest.mark.parametrize(
     ("status", "conditions", "needed"),
     [
