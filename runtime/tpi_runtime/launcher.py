@@ -86,7 +86,7 @@ class Launcher:
         self.children: dict[int, _Child] = {}  # pid -> child, while it runs
         self.ends: list[ChildEnd] = []
         self.draining = False
-        self._drain_asked = False
+        self._drain_asked = 0  # the signal that asked for a drain
         self._stop_sent_at: float | None = None
         self._first_end_at: float | None = None
         self._killed = False
@@ -94,8 +94,7 @@ class Launcher:
     # ----------------------------------------------------------------------------- signals
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
         """SIGTERM/SIGINT: drain; the main loop forwards it (a handler only sets a flag)."""
-        log.info("launcher got %s: forwarding SIGTERM to every local rank", exitcodes.signal_name(signum))
-        self._drain_asked = True
+        self._drain_asked = signum
 
     # ----------------------------------------------------------------------------- children
     def start(self) -> None:
@@ -154,6 +153,7 @@ class Launcher:
         now = time.monotonic()
         if self._drain_asked and not self.draining:
             self.draining = True
+            log.info("got %s: forwarding SIGTERM to every local rank", exitcodes.signal_name(self._drain_asked))
             self._signal_all(signal.SIGTERM)
         if self.ends and not self.draining and self._stop_sent_at is None and self.children:
             first = self.ends[0]
