@@ -156,10 +156,13 @@ class Launcher:
             log.info("got %s: forwarding SIGTERM to every local rank", exitcodes.signal_name(self._drain_asked))
             self._signal_all(signal.SIGTERM)
         if self.ends and not self.draining and self._stop_sent_at is None and self.children:
+            failed = next((e for e in self.ends if e.returncode != 0), None)
             first = self.ends[0]
-            if first.returncode != 0:
-                self._stop_rest(f"local rank {first.local_rank} (rank {first.rank}) failed")
+            if failed is not None:
+                self._stop_rest(f"local rank {failed.local_rank} (rank {failed.rank}) failed")
             elif self._first_end_at is not None and now - self._first_end_at > self.settings.stop_grace_seconds:
+                # A rank that left with 0 got as long for the others to leave too (generate's end,
+                # a rank 0 in another pod that shut the group down); they did not.
                 self._stop_rest(f"local rank {first.local_rank} (rank {first.rank}) left and the others did not")
         if (
             self._stop_sent_at is not None

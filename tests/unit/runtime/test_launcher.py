@@ -168,6 +168,34 @@ def test_a_rank_leaving_alone_breaks_the_group(tmp_path: Path) -> None:
     assert "still ran" in run.message()
 
 
+def test_a_failure_while_waiting_for_a_leaver_stops_the_rest_at_once(tmp_path: Path) -> None:
+    run = Run(tmp_path, ["exit:0:0.1", "exit:2:0.5", "serve"])
+    assert run.wait() == exitcodes.BAD_CONFIG, run.log.read_text()
+    assert time.monotonic() - run.t0 < GRACE, "the failure waited for the leaver's grace"
+    assert run.sigterms(2) == 1
+    assert termination.parse(run.message()) == termination.RankEnd(1, 1, 2)
+
+
+def test_no_rank_outlives_a_killed_launcher(tmp_path: Path) -> None:
+    run = Run(tmp_path, ["serve", "serve"])
+    pids = [run.child_env(0)["pid"], run.child_env(1)["pid"]]
+    run.proc.kill()  # SIGKILL: no handler runs, the kernel ends the children (PR_SET_PDEATHSIG)
+    run.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"local ranks {pids} outlived their launcher"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return not stat.split(") ", 1)[1].startswith("Z")  # a zombie is dead, only not reaped yet
+
+
 def test_an_unwritable_termination_log_is_no_reason_to_fail(tmp_path: Path) -> None:
     run = Run(tmp_path, ["serve", "exit:5:0.2"], "--termination-log", str(tmp_path / "no" / "such" / "dir"))
     assert run.wait() == 5, run.log.read_text()
