@@ -19,8 +19,8 @@ COLLECTIVE_FAILED = 3
 OUT_OF_MEMORY = 4
 #: The launcher of a pod running several ranks (``python -m tpi_runtime launch``): the kernel's OOM
 #: killer struck inside the container's cgroup (its OOM-kill counter rose), as a one-rank pod whose
-#: process the OOM killer took exits (128 + SIGKILL). Kubernetes reports the container OOMKilled;
-#: the code alone does not tell it from a plain SIGKILL (as for any container): the termination
+#: process the OOM killer took exits (128 + SIGKILL); the container runtime usually reports the
+#: container OOMKilled too. The code alone does not tell it from a plain SIGKILL (as for any container): the termination
 #: message does (``tpi_contract.termination``).
 KERNEL_OOM_KILLED = 137
 #: A child killed by signal N (not the OOM killer) makes the launcher exit SIGNAL_BASE + N, what a
