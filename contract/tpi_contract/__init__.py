@@ -7,6 +7,9 @@ and both sides import the same names instead of keeping copies in step:
 * ``keys``: the ``tpi.dev/*`` labels and annotations, and the flag that carries the assigned batch;
 * ``exitcodes``: the runtime's exit codes and what the operator does about each;
 * ``tp_rule``: which tensor-parallel sizes can shard a model;
+* ``ranks``: several ranks per pod: the rank arithmetic, the ranks per pod at a degraded size, the
+  Lease name of each local rank;
+* ``termination``: the termination message a pod of several ranks writes, and its parser;
 * ``safetensors_header``: reading (and checking) a safetensors file's header, never its tensors;
 * ``defaults``: ports and the heartbeat cadence.
 

@@ -14,10 +14,20 @@ LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 
+# -- several ranks per pod (tpi_contract.ranks; read by ``python -m tpi_runtime launch``) ----------
+#: Local ranks this pod runs (the launcher's ``--ranks-per-pod``); each child gets LOCAL_WORLD_SIZE.
+RANKS_PER_POD = "TPI_RANKS_PER_POD"
+#: This pod's StatefulSet ordinal (downward API: the label ``apps.kubernetes.io/pod-index``); the
+#: launcher gives local rank l RANK = ordinal x ranks per pod + l. Unset: 0, fine for one-pod groups.
+POD_ORDINAL = "TPI_POD_ORDINAL"
+#: Where the launcher writes why it stopped (Kubernetes' terminationMessagePath, by default).
+TERMINATION_LOG = "TPI_TERMINATION_LOG"
+
 # -- downward API and heartbeat ------------------------------------------------------------------
 POD_NAME = "POD_NAME"
 POD_NAMESPACE = "POD_NAMESPACE"
-#: This rank's Lease (the operator sets it to the pod name); unset or empty: heartbeat off.
+#: This rank's Lease (the operator sets it to the pod name; the launcher gives each local rank its
+#: own, ``tpi_contract.ranks.lease_name``); unset or empty: heartbeat off.
 LEASE_NAME = "TPI_LEASE_NAME"
 HEARTBEAT_INTERVAL_SECONDS = "TPI_HEARTBEAT_INTERVAL_SECONDS"
 #: Optional override of how long the step counter may stand still before renewals stop.

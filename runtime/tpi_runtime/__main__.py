@@ -1,4 +1,7 @@
-"""`python -m tpi_runtime serve|generate ...` (also the `tpi-runtime` console script).
+"""`python -m tpi_runtime serve|generate|launch ...` (also the `tpi-runtime` console script).
+
+``launch [--ranks-per-pod N] serve|generate ...`` runs N local ranks, one process each, that stop
+together (``tpi_runtime.launcher``; docs/contracts.md, "Several ranks per pod").
 
 Every setting is read once, into ``RuntimeSettings`` (``tpi_runtime.settings``): every
 configuration flag defaults from `TPI_<FLAG>` (e.g. TPI_MAX_BATCH_SIZE), and process-group settings
@@ -67,6 +70,10 @@ def _generate(settings: RuntimeSettings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "launch":  # several local ranks: a supervisor of runtime processes, no torch
+        from .launcher import main as launch
+
+        return launch(args, os.environ)
     try:
         settings = RuntimeSettings.from_args(args, os.environ)
     except SettingsError as e:

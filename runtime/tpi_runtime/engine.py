@@ -333,6 +333,12 @@ class Engine:
         return_freed_memory_to_the_os()  # before the weights: they are the first big allocations
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and env.local_rank >= (visible := torch.cuda.device_count()):
+            # Local ranks of one pod (tpi_runtime.launcher) each pick cuda:LOCAL_RANK of the pod's GPUs.
+            raise ValueError(
+                f"LOCAL_RANK={env.local_rank} runs on cuda:{env.local_rank}, but this process sees {visible} "
+                "GPU(s): every local rank must see all of its pod's GPUs (one per local rank)"
+            )
         self.device = torch.device(f"cuda:{env.local_rank}") if device == "cuda" else torch.device(device)
         self.max_num_batched_tokens = max_num_batched_tokens_for(self.device.type, max_num_batched_tokens)
         if self.device.type == "cuda":

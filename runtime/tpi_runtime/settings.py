@@ -12,7 +12,10 @@ Where each setting comes from (names in ``tpi_contract.env``):
   divided by ``LOCAL_WORLD_SIZE``; ``TPI_SHM_COLLECTIVES=0`` turns the shared-memory transport off;
 * the heartbeat: ``TPI_LEASE_NAME`` (unset or empty: off), ``POD_NAME``, ``POD_NAMESPACE``,
   ``TPI_HEARTBEAT_INTERVAL_SECONDS``, ``TPI_HEARTBEAT_STALL_SECONDS``, ``KUBECONFIG``;
-* fault injection for tests: ``TPI_FAKE_OOM_AT_BATCH``, ``TPI_FAKE_OOM_MID_FORWARD``.
+* fault injection for tests: ``TPI_FAKE_OOM_AT_BATCH``, ``TPI_FAKE_OOM_MID_FORWARD``;
+* ``launch`` (``LauncherSettings``): ``--ranks-per-pod`` (``TPI_RANKS_PER_POD``), ``WORLD_SIZE``,
+  ``TPI_POD_ORDINAL``, ``TPI_LEASE_NAME`` (the base of each local rank's Lease name),
+  ``--termination-log`` (``TPI_TERMINATION_LOG``).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tpi_contract import defaults
+from tpi_contract import defaults, ranks, termination
 from tpi_contract import env as names
+
+from . import cgroup_oom
 
 #: --max-num-batched-tokens' default per device. A CPU prefills ~1 token per ms per core, so a
 #: 2048-token chunk would stall running streams for seconds: 64 keeps the longest gap between their
@@ -173,6 +178,27 @@ _SERVE = (
 )
 
 
+#: ``launch``'s own flags (before the runtime command): see ``LauncherSettings``.
+DEFAULT_STOP_GRACE_SECONDS = 5.0
+_LAUNCH = (
+    _Flag("--ranks-per-pod", int, 1, help="local ranks to start, one process each (must divide WORLD_SIZE)"),
+    _Flag(
+        "--termination-log",
+        str,
+        termination.DEFAULT_PATH,
+        help="where to write why the pod stopped (the container's terminationMessagePath); empty: nowhere",
+    ),
+    _Flag(
+        "--stop-grace-seconds",
+        float,
+        DEFAULT_STOP_GRACE_SECONDS,
+        help="after a local rank ends, how long the others get after SIGTERM before SIGKILL",
+    ),
+    _Flag("--cgroup-root", str, cgroup_oom.DEFAULT_ROOT, help="where the cgroup filesystem is mounted"),
+)
+LAUNCHABLE = ("serve", "generate")
+
+
 def _add(p: argparse.ArgumentParser, flags: tuple[_Flag, ...]) -> None:
     for f in flags:
         # No default here: from_args tells "not given" (None) from a value, then tries the env.
@@ -201,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
+    la = sub.add_parser(
+        "launch",
+        help="run --ranks-per-pod ranks in this pod or host, one process each; they stop together",
+        description="Starts one `serve`/`generate` process per local rank (RANK = TPI_POD_ORDINAL x "
+        "ranks-per-pod + local rank) and stops them together; docs/contracts.md, 'Several ranks per pod'.",
+    )
+    _add(la, _LAUNCH)
+    la.add_argument("runtime_command", choices=LAUNCHABLE, help="what each local rank runs")
+    la.add_argument("runtime_args", nargs=argparse.REMAINDER, help="its flags, as for that command")
     return ap
 
 
@@ -418,3 +453,73 @@ class RuntimeSettings:
                 heartbeat=HeartbeatSettings.from_env(environ),
             )
         return cls(command=args.command, process=ProcessSettings.from_env(environ), **values)
+
+
+# ------------------------------------------------------------------------------ the launcher
+@dataclass(frozen=True)
+class LauncherSettings:
+    """``python -m tpi_runtime launch``: the pod's local ranks (``tpi_contract.ranks``)."""
+
+    ranks_per_pod: int
+    #: The group's size (WORLD_SIZE; unset: this pod is the whole group).
+    world_size: int
+    pod_ordinal: int
+    #: The Lease base name (TPI_LEASE_NAME: the pod's name); None: heartbeat off.
+    lease_base: str | None
+    #: Empty: write no termination message.
+    termination_log: str
+    stop_grace_seconds: float
+    cgroup_root: str
+    #: What each local rank runs: ["serve", "--model", ...].
+    runtime_argv: tuple[str, ...]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> LauncherSettings:
+        values = {f.dest: _flag_value(f, args, environ) for f in _LAUNCH}
+        rpp = values["ranks_per_pod"]
+        world = _number(environ, names.WORLD_SIZE, int, rpp)
+        if problems := ranks.ranks_per_pod_problems(world, rpp):
+            raise SettingsError(f"{problems[0]} ({names.WORLD_SIZE}={world})")
+        pods = ranks.pods_per_group(world, rpp)
+        ordinal = _number(environ, names.POD_ORDINAL, int, None)
+        if ordinal is None:
+            if pods > 1:
+                raise SettingsError(
+                    f"{names.POD_ORDINAL} is required: the group of {world} ranks spans {pods} pods of {rpp}"
+                )
+            ordinal = 0
+        if not 0 <= ordinal < pods:
+            raise SettingsError(f"{names.POD_ORDINAL}={ordinal} is outside the group's {pods} pod(s)")
+        if values["stop_grace_seconds"] < 0:
+            raise SettingsError("--stop-grace-seconds must be >= 0")
+        return cls(
+            ranks_per_pod=rpp,
+            world_size=world,
+            pod_ordinal=ordinal,
+            lease_base=environ.get(names.LEASE_NAME, "").strip() or None,
+            termination_log=values["termination_log"],
+            stop_grace_seconds=values["stop_grace_seconds"],
+            cgroup_root=values["cgroup_root"],
+            runtime_argv=(args.runtime_command, *args.runtime_args),
+        )
+
+    @staticmethod
+    def termination_log_of(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+        """Where to say why the launcher stopped, even when other settings are bad."""
+        given = getattr(args, "termination_log", None)
+        return str(given if given is not None else environ.get(names.TERMINATION_LOG, termination.DEFAULT_PATH))
+
+    def child_env(self, environ: Mapping[str, str], local_rank: int) -> dict[str, str]:
+        """The environment of local rank ``local_rank``: the pod's, plus its place in the group."""
+        out = dict(environ)
+        out.update(
+            {
+                names.RANK: str(ranks.global_rank(self.pod_ordinal, self.ranks_per_pod, local_rank)),
+                names.LOCAL_RANK: str(local_rank),
+                names.LOCAL_WORLD_SIZE: str(self.ranks_per_pod),
+                names.WORLD_SIZE: str(self.world_size),
+            }
+        )
+        if self.lease_base is not None:
+            out[names.LEASE_NAME] = ranks.lease_name(self.lease_base, local_rank, self.ranks_per_pod)
+        return out
