@@ -113,7 +113,8 @@ def _full_rank_pod() -> dict:
                      "managedFields": [{"manager": "kube-controller-manager"}]},
         "spec": {"nodeName": "n1", "containers": [{"name": "runtime", "image": "tpi-runtime:1",
                  "resources": {"requests": {"cpu": "2", "nvidia.com/gpu": "1"}}, "env": [{"name": "X"}]}]},
-        "status": {"phase": "Running", "startTime": "2026-11-30T09:00:00Z", "podIP": "10.0.0.1", "qosClass": "Burstable",
+        "status": {"phase": "Running", "startTime": "2026-11-30T09:00:00Z", "podIP": "10.0.0.1",
+                   "qosClass": "Burstable",
                    "conditions": [{"type": "Ready", "status": "True"}],
                    "containerStatuses": [{"name": "runtime", "ready": True, "started": True, "restartCount": 1,
                                           "state": running, "lastState": crashed, "image": "tpi-runtime:1",
@@ -129,7 +130,8 @@ def test_the_pod_index_keeps_what_observe_and_capacity_read() -> None:
     full = _full_rank_pod()
     [slim] = handlers.tpi_pods(namespace="ns", labels=full["metadata"]["labels"], body=full).values()
     assert pod_obs(slim) == pod_obs(full)
-    assert capacity.node_usage([slim]) == capacity.node_usage([full]) == {"n1": {"pods": 1.0, "cpu": 2.0, "nvidia.com/gpu": 1.0}}
+    used = {"n1": {"pods": 1.0, "cpu": 2.0, "nvidia.com/gpu": 1.0}}
+    assert capacity.node_usage([slim]) == capacity.node_usage([full]) == used
     cs = slim["status"]["containerStatuses"][0]
     assert "allocatedResources" not in cs and "volumeMounts" not in cs and "podIP" not in slim["status"]
     assert "managedFields" not in slim["metadata"]
