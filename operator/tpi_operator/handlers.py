@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -99,6 +100,7 @@ class Shared:
     node_ready: dict[str, bool | None] = field(default_factory=dict)
     _kube: Kube | None = None
     _executor: ThreadPoolExecutor | None = None
+    _slots: asyncio.Semaphore | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def kube(self) -> Kube:
@@ -112,6 +114,13 @@ class Shared:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.config.workers, thread_name_prefix="reconcile")
             return self._executor
+
+    def slots(self) -> asyncio.Semaphore:
+        """One per reconcile worker: a reconciler takes its snapshot only once a worker is free, so
+        when hundreds of clusters wake together their copies are not all held while they queue."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.workers)
+        return self._slots
 
     def wake(self, namespace: str | None, name: str | None) -> None:
         if namespace and name and (event := self.wakers.get((namespace, name))) is not None:
@@ -331,37 +340,61 @@ async def reconciler(
     uid = body.get("metadata", {}).get("uid", "")
     try:
         while not stopped and uid not in state.gone:
-            wake.clear()
-            snapshot = _plain(body)
-            pods = [copy.deepcopy(p) for p in tpi_pods.get(key, [])]
-            leases = [copy.deepcopy(x) for x in tpi_leases.get(key, [])]
-            stses = [copy.deepcopy(x) for x in tpi_statefulsets.get(key, [])]
-            # The indexes change in this event loop: what the worker thread reads is copied here.
-            # (our own last status write is newer than the body's, as in reconcile_once)
-            world = _world(mem.last_status or snapshot.get("status") or {}, pods, tpi_nodes, tpi_pods)
-            started = time.monotonic()
-            try:
-                outcome = await loop.run_in_executor(
-                    state.executor(), reconcile_once, state, mem, snapshot, pods, leases, stses, world
-                )
-                metrics.RECONCILES.labels(outcome.result).inc()
-            except Exception as e:  # never let one bad reconcile kill the daemon; back off instead
-                log.exception("reconcile of %s/%s failed", namespace, name)
-                metrics.RECONCILES.labels("error").inc()
-                outcome = Outcome(wake_after=min(60.0, state.config.busy_seconds * 5), result="error")
-                kopf.warn(body, reason="ReconcileError", message=str(e)[:1000])
-            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-            # Not kept alive while this cluster sleeps: x 500 clusters, these copies add up.
-            del snapshot, pods, leases, stses, world
+            async with state.slots():
+                outcome = await _reconcile_in_worker(state, mem, key, body, loop, wake, tpi_pods, tpi_leases,
+                                                     tpi_statefulsets, tpi_nodes)  # fmt: skip
             for event in outcome.events:
                 kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1000])
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=outcome.wake_after)
+                await asyncio.wait_for(wake.wait(), timeout=_jittered(outcome.wake_after, state.config))
     finally:
         state.gone.discard(uid)
         if state.wakers.get(key) is wake:  # a same-named successor may have started already
             state.wakers.pop(key, None)
             state.clusters.pop(key, None)
+
+
+async def _reconcile_in_worker(
+    state: Shared,
+    mem: Memory,
+    key: tuple[str, str],
+    body: kopf.Body,
+    loop: asyncio.AbstractEventLoop,
+    wake: asyncio.Event,
+    tpi_pods: kopf.Index,
+    tpi_leases: kopf.Index,
+    tpi_statefulsets: kopf.Index,
+    tpi_nodes: kopf.Index,
+) -> Outcome:
+    """Copy what the worker thread reads (the indexes change in this event loop), then run one
+    reconcile there; our own last status write is newer than the body's, as in reconcile_once."""
+    wake.clear()
+    snapshot = _plain(body)
+    pods = [copy.deepcopy(p) for p in tpi_pods.get(key, [])]
+    leases = [copy.deepcopy(x) for x in tpi_leases.get(key, [])]
+    stses = [copy.deepcopy(x) for x in tpi_statefulsets.get(key, [])]
+    world = _world(mem.last_status or snapshot.get("status") or {}, pods, tpi_nodes, tpi_pods)
+    started = time.monotonic()
+    try:
+        outcome = await loop.run_in_executor(
+            state.executor(), reconcile_once, state, mem, snapshot, pods, leases, stses, world
+        )
+        metrics.RECONCILES.labels(outcome.result).inc()
+    except Exception as e:  # never let one bad reconcile kill the daemon; back off instead
+        log.exception("reconcile of %s/%s failed", *key)
+        metrics.RECONCILES.labels("error").inc()
+        outcome = Outcome(wake_after=min(60.0, state.config.busy_seconds * 5), result="error")
+        kopf.warn(body, reason="ReconcileError", message=str(e)[:1000])
+    metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+    return outcome
+
+
+def _jittered(wake_after: float, config: OperatorConfig) -> float:
+    """Idle resyncs are spread by up to 10%, so clusters created together do not all wake in the
+    same instant forever after; deadlines (backoff, heartbeats, node loss) are kept exact."""
+    if wake_after >= config.idle_seconds:
+        return wake_after * random.uniform(1.0, 1.1)
+    return wake_after
 
 
 def no_finalizer(registry: Any) -> int:
