@@ -169,7 +169,8 @@ def raw_pod(spec: TPInferenceClusterSpec, ordinal: int = 0, *, tp: int = 4, read
     template = render.pod_template(spec, IDENT, render.GroupSettings(group=0, tp=tp, batch=batch))
     meta = template["metadata"]
     meta["labels"][render.POD_INDEX_LABEL] = str(ordinal)
-    cs: dict[str, Any] = {"name": "runtime", "restartCount": 0, "state": {"running": {"startedAt": "2025-01-01T11:55:00Z"}}}
+    running = {"running": {"startedAt": "2025-01-01T11:55:00Z"}}
+    cs: dict[str, Any] = {"name": "runtime", "restartCount": 0, "state": running}
     if terminated is not None:
         cs["restartCount"] = 1
         cs["lastState"] = {"terminated": terminated}
