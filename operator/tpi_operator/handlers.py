@@ -37,9 +37,9 @@ import pydantic
 
 from tpi_operator import checkpoint, metrics
 from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, TPInferenceClusterSpec, TPInferenceClusterStatus
-from tpi_operator.core import admission, capacity, heartbeat, reconcile, recovery, render, sizing
+from tpi_operator.core import admission, capacity, heartbeat, layout, reconcile, recovery, render, sizing
 from tpi_operator.core import status as status_core
-from tpi_operator.core.observe import NodeObs, Observation, foreign_owner, lease_obs, node_obs, pod_obs, sts_obs
+from tpi_operator.core.observe import NodeObs, Observation, foreign_owner, lease_obs, node_obs, rank_obs, sts_obs
 from tpi_operator.kube import Kube, KubeError, load_configuration
 
 log = logging.getLogger("tpi_operator")
@@ -544,12 +544,19 @@ def reconcile_once(
         events = [] if prev.last_failure == st.last_failure else [reconcile.Event("Warning", e.reason, str(e))]
         return Outcome(config.idle_seconds * 2, "invalid", events)
 
+    if found := layout.problems(spec, desired):  # 'auto' resolved to a size ranksPerPod cannot split
+        msg = found[0]
+        st = status_core.invalid(prev, generation, "InvalidRanksPerPod", msg, now, phase="Failed")
+        _write_status(kube, mem, name, namespace, st)
+        events = [] if prev.last_failure == st.last_failure else [reconcile.Event("Warning", "InvalidRanksPerPod", msg)]
+        return Outcome(config.idle_seconds * 10, "invalid", events)
+
     rank_bytes = sizing.rank_memory_bytes(spec)
     sizes = [s for s in sizing.valid_tp_sizes(info) if sizing.fits(info, s, rank_bytes) is not False]
     sizes = sorted(set(sizes) | {desired})
     ident = render.Identity(name=name, namespace=namespace, uid=meta["uid"])
     restarted_at = (meta.get("annotations") or {}).get(render.A_RESTARTED_AT)
-    pod_list = [p for p in (pod_obs(x) for x in pods) if p is not None]
+    pod_list = [p for x in pods for p in rank_obs(x)]  # one per rank: a pod may run several
     sts_list = [s for s in (sts_obs(x) for x in stses) if s is not None]
     lease_map = {lo.name: lo for lo in (lease_obs(x) for x in leases)}
     mem.leases_seen = heartbeat.track(mem.leases_seen, pod_list, lease_map, now)
@@ -563,7 +570,7 @@ def reconcile_once(
         leases=heartbeat.with_since(lease_map, mem.leases_seen),
         statefulsets={s.group: s for s in sts_list},
         restarted_at=restarted_at,
-        free_rank_slots=_free_slots(state, kube, spec, world),
+        **_free_slots(state, kube, spec, world, {layout.ranks_per_pod(spec, s) for s in sizes if s <= desired}),
         nodes=_nodes(state, world, now),
         foreign=_foreign(kube, mem, spec, ident),
         hash_for=reconcile.hash_function(spec, ident, restarted_at),
@@ -619,18 +626,26 @@ def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
     mem.applied[key] = (digest, time.monotonic())
 
 
-def _free_slots(state: Shared, kube: Kube, spec: TPInferenceClusterSpec, world: World) -> int | None:
+def _free_slots(
+    state: Shared, kube: Kube, spec: TPInferenceClusterSpec, world: World, pod_sizes: set[int]
+) -> dict[str, Any]:
     """Free capacity, only when a decision needs it (``_needs_capacity``): the node index, minus
-    what is bound to each candidate node (``_node_usage``)."""
+    what is bound to each candidate node (``_node_usage``); in ranks of one-rank pods
+    (``free_rank_slots``) and of pods of each other size the group may run (``free_ranks_in_pods``)."""
     if world.all_nodes is None:
-        return None
+        return {"free_rank_slots": None}
     names = capacity.candidate_nodes(spec, world.all_nodes)
     try:
         used = _node_usage(state, kube, names, world.rank_pods)
     except KubeError as e:
         log.warning("cannot read what is bound to the nodes (%s); assuming no capacity is free", e)
-        return None
-    return capacity.free_rank_slots(spec, world.all_nodes, used)
+        return {"free_rank_slots": None}
+    return {
+        "free_rank_slots": capacity.free_rank_slots(spec, world.all_nodes, used),
+        "free_ranks_in_pods": {
+            n: capacity.free_rank_slots(spec, world.all_nodes, used, n) for n in sorted(pod_sizes) if n > 1
+        },
+    }
 
 
 def _node_usage(

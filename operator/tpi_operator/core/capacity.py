@@ -21,7 +21,8 @@ from tpi_operator.core.sizing import parse_quantity
 Amounts = Mapping[str, float]
 
 
-def rank_request(spec: TPInferenceClusterSpec) -> dict[str, float]:
+def rank_request(spec: TPInferenceClusterSpec, ranks_per_pod: int = 1) -> dict[str, float]:
+    """What one pod of ``ranks_per_pod`` ranks requests (``ranks_per_pod`` x each rank's)."""
     req: dict[str, float] = {}
     if spec.resources.cpu:
         req["cpu"] = parse_quantity(spec.resources.cpu)
@@ -29,6 +30,7 @@ def rank_request(spec: TPInferenceClusterSpec) -> dict[str, float]:
         req["memory"] = parse_quantity(spec.resources.memory)
     if spec.resources.gpus:
         req["nvidia.com/gpu"] = float(spec.resources.gpus)
+    req = {k: v * ranks_per_pod for k, v in req.items()}
     req["pods"] = 1.0
     return req
 
@@ -122,13 +124,18 @@ def node_usage(pods: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]
 
 
 def free_rank_slots(
-    spec: TPInferenceClusterSpec, nodes: Iterable[Mapping[str, Any]], used: Mapping[str, Amounts]
+    spec: TPInferenceClusterSpec,
+    nodes: Iterable[Mapping[str, Any]],
+    used: Mapping[str, Amounts],
+    ranks_per_pod: int = 1,
 ) -> int:
-    """How many ranks of ``spec`` still fit on eligible nodes, given what is bound to each."""
-    req = rank_request(spec)
+    """How many ranks of ``spec`` still fit on eligible nodes, given what is bound to each, when
+    they run ``ranks_per_pod`` to a pod: whole pods only (a node with 3 free GPUs holds one pod
+    of 2 GPU ranks, so 2 ranks, not 3)."""
+    req = rank_request(spec, ranks_per_pod)
     slots = 0
     for node in nodes:
         if node_eligible(node, spec):
             name = (node.get("metadata") or {}).get("name", "")
-            slots += slots_on(req, allocatable(node), used.get(name, {}))
+            slots += slots_on(req, allocatable(node), used.get(name, {})) * ranks_per_pod
     return slots

@@ -57,7 +57,7 @@ from tpi_operator.api.v1alpha1 import (
     TPInferenceClusterSpec,
     TPInferenceClusterStatus,
 )
-from tpi_operator.core import rollout
+from tpi_operator.core import layout, rollout
 from tpi_operator.core.observe import Observation, PodObs, format_time, parse_time
 from tpi_operator.core.sizing import next_smaller
 
@@ -216,7 +216,7 @@ def group_ready(obs: Observation, group: int, incarnation: int, size: int) -> bo
     if sts is None:
         return False
     pods = current_pods(obs, group, incarnation)
-    return len(pods) == sts.replicas == size and all(
+    return len(pods) == sts.ranks == size and all(
         p.ready and p.template_hash == sts.template_hash for p in pods
     )
 
@@ -248,15 +248,19 @@ def detect_failure(
     for p in pods:
         if p.oom:
             what = "was OOMKilled" if p.termination_reason == "OOMKilled" else "ran out of GPU memory"
+            if p.termination_cause and p.termination_reason != "OOMKilled":
+                what = f"was OOMKilled ({p.termination_cause})"
             return GroupFailure(group, "OOMKilled", f"container of {p.name} {what} (exit code {p.exit_code})")
     for p in pods:
         if p.crashed:
             code = f" (exit code {p.exit_code})" if p.exit_code is not None else ""
             what = p.waiting_reason or p.termination_reason or p.phase
+            if p.termination_cause:
+                what = f"{what} ({p.termination_cause})"
             return GroupFailure(group, "Crash", f"{p.name} crashed: {what}{code}, {p.restarts} restarts")
     recorded = group_status(obs.status, group).pod_uids
     sts = obs.statefulsets.get(group)
-    if recorded and sts is not None and sts.replicas == len(recorded):
+    if recorded and sts is not None and sts.ranks == len(recorded):
         by_rank = {p.rank: p for p in pods}
         for rank, uid in enumerate(recorded):
             pod = by_rank.get(rank)
@@ -270,7 +274,7 @@ def detect_failure(
     for p, since in heartbeat_clocks(obs, pods):
         if obs.now - since > timeout:
             age = (obs.now - since).total_seconds()
-            return GroupFailure(group, "HeartbeatTimeout", f"{p.name} hung: Lease not renewed for {age:.0f}s")
+            return GroupFailure(group, "HeartbeatTimeout", f"{p.who} hung: Lease not renewed for {age:.0f}s")
     return None
 
 
@@ -294,7 +298,7 @@ def heartbeat_clocks(obs: Observation, pods: list[PodObs]) -> list[tuple[PodObs,
     """
     out = []
     for p in pods:
-        lease = obs.leases.get(p.name)
+        lease = obs.leases.get(p.lease_name)
         if p.phase == "Running" and lease is not None and lease.since is not None:
             out.append((p, lease.since))
     return out
@@ -442,7 +446,7 @@ def rule_node_lost(ctx: _Ctx) -> None:
             by_node.setdefault(n.name, []).append(p)
         for name, pods in sorted(by_node.items()):
             ctx.add(ForceDelete("NodeLost", f"group {g}: node {name} lost", g, name,
-                                tuple((p.name, p.uid) for p in pods)))  # fmt: skip
+                                tuple(dict.fromkeys((p.name, p.uid) for p in pods))))  # fmt: skip
         current = [p for p, _ in lost if p.incarnation >= ctx.incarnations[g]]
         if current:  # not yet recreated for this loss
             ranks = ", ".join(str(p.rank) for p in sorted(current, key=lambda p: p.rank))
@@ -563,11 +567,13 @@ def rule_unschedulable(ctx: _Ctx) -> None:
         if now - since < timeout:
             ctx.add(Wait("Unschedulable", f"group {g}: {len(stuck)} rank(s) unschedulable", until=since + timeout))
             continue
-        scheduled = sum(1 for p in pods if p.node)
-        fit = scheduled + (obs.free_rank_slots or 0)
+        scheduled = sum(1 for p in pods if p.node)  # ranks: freed when the group is recreated
         detail = stuck[0].unschedulable_message or "no node fits"
         tp = ctx.tp
-        to = next_smaller(obs.valid_sizes, tp, fp.min_tensor_parallel_size, at_most=fit) if fp.allow_degrade else None
+        # What fits depends on the size: a smaller group may run fewer ranks (GPUs) to a pod.
+        fitting = [s for s in obs.valid_sizes if s <= scheduled + _free_at(ctx, s)]
+        fit = max(scheduled + _free_at(ctx, s) for s in {*obs.valid_sizes, tp})
+        to = next_smaller(fitting, tp, fp.min_tensor_parallel_size) if fp.allow_degrade else None
         if to is not None:
             msg = (
                 f"group {g}: {len(stuck)} rank(s) unschedulable for {timeout.seconds}s ({detail}); "
@@ -579,6 +585,11 @@ def rule_unschedulable(ctx: _Ctx) -> None:
         ctx.add(Blocked("Unschedulable", (
             f"group {g}: {len(stuck)} rank(s) unschedulable ({detail}) and no smaller valid size "
             f">= minTensorParallelSize={fp.min_tensor_parallel_size} fits {fit} rank(s)")))  # fmt: skip
+
+
+def _free_at(ctx: _Ctx, size: int) -> int:
+    """Free ranks for a group of ``size``, in pods of the ranks that size runs (0: unknown)."""
+    return ctx.obs.free_ranks(layout.ranks_per_pod(ctx.spec, size)) or 0
 
 
 def rule_grow_back(ctx: _Ctx) -> None:
@@ -593,8 +604,10 @@ def rule_grow_back(ctx: _Ctx) -> None:
         return
     bigger = [s for s in obs.valid_sizes if tp < s <= desired]
     if st.degraded_reason == "Unschedulable":
-        free = obs.free_rank_slots
-        bigger = [s for s in bigger if free is not None and (s - tp) * len(live) <= free]
+        bigger = [
+            s for s in bigger
+            if (free := obs.free_ranks(layout.ranks_per_pod(spec, s))) is not None and (s - tp) * len(live) <= free
+        ]  # fmt: skip
     if not bigger:
         return
     until = grow_back_after(spec, st)
@@ -630,7 +643,7 @@ def template_problem(ctx: _Ctx, g: int) -> str | None:
     sts = ctx.obs.statefulsets.get(g)
     if sts is None or sts.template_hash != ctx.want[g] or proven(ctx, g):
         return None
-    if group_ready(ctx.obs, g, ctx.incarnations[g], sts.replicas):
+    if group_ready(ctx.obs, g, ctx.incarnations[g], sts.ranks):
         return None
     for p in current_pods(ctx.obs, g, ctx.incarnations[g]):
         found = rollout.pod_problem(p)
@@ -648,7 +661,7 @@ def rolled_out(obs: Observation, st: TPInferenceClusterStatus, g: int, want: str
     sts = obs.statefulsets.get(g)
     if sts is None or sts.template_hash != want:
         return False
-    return group_status(st, g).ready_hash == want or group_ready(obs, g, group_incarnation(st, obs, g), sts.replicas)
+    return group_status(st, g).ready_hash == want or group_ready(obs, g, group_incarnation(st, obs, g), sts.ranks)
 
 
 def roll_progress(
@@ -683,7 +696,7 @@ def roll_hold(ctx: _Ctx) -> Hold | None:
         return None
     stuck = next(
         (g for g in ctx.groups if g not in ctx.failed and (s := ctx.obs.statefulsets.get(g)) is not None
-         and s.template_hash == ctx.want[g] and not group_ready(ctx.obs, g, ctx.incarnations[g], s.replicas)),
+         and s.template_hash == ctx.want[g] and not group_ready(ctx.obs, g, ctx.incarnations[g], s.ranks)),
         None,
     )  # fmt: skip
     where = (
@@ -709,7 +722,7 @@ def rule_roll(ctx: _Ctx) -> None:
 
     def is_unavailable(g: int) -> bool:
         sts = obs.statefulsets.get(g)
-        return g in ctx.recreated or sts is None or not group_ready(obs, g, ctx.incarnations[g], sts.replicas)
+        return g in ctx.recreated or sts is None or not group_ready(obs, g, ctx.incarnations[g], sts.ranks)
 
     unavailable = {g for g in ctx.groups if is_unavailable(g)}
     budget = spec.update_strategy.max_unavailable
@@ -783,7 +796,7 @@ def rule_surge(ctx: _Ctx, want: dict[int, str], unavailable: set[int]) -> Surge 
         return None
     stale = [g for g in ctx.groups if g not in ctx.recreated and (s := obs.statefulsets.get(g)) is not None
              and s.template_hash != want[g]]  # fmt: skip
-    if ctx.resized or any(obs.statefulsets[g].replicas != ctx.tp for g in stale):
+    if ctx.resized or any(obs.statefulsets[g].ranks != ctx.tp for g in stale):
         return None  # a resize (degrade, grow-back) is about capacity: no extra group on top
     if not stale and not unavailable:
         return Surge(kept=set(), spare=0)  # roll done: the surge groups go
@@ -804,7 +817,7 @@ def rule_surge(ctx: _Ctx, want: dict[int, str], unavailable: set[int]) -> Surge 
         if failure is not None:  # start it afresh: a broken group never becomes Ready
             ctx.add(RemoveGroup("SurgeFailed", f"surge group {g} failed ({failure.message}); recreating it", g))
             kept.discard(g)
-        elif group_ready(obs, g, inc, sts.replicas):
+        elif group_ready(obs, g, inc, sts.ranks):
             ready += 1
         else:
             why = _surge_unschedulable(ctx, g, inc)
