@@ -27,7 +27,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +48,8 @@ CLUSTER = render.L_CLUSTER
 RESYNC_SECONDS = 300.0
 #: What is bound to a node (one field-selected query per node) is shared by all clusters this long.
 CAPACITY_TTL_SECONDS = 10.0
+#: Reconcile workers that idle resyncs may not take (kept for clusters with something to do).
+RESERVED_WORKERS = 2
 #: Status is rewritten at most this often when only heartbeat times moved.
 STATUS_REFRESH_SECONDS = 60.0
 
@@ -101,6 +103,7 @@ class Shared:
     _kube: Kube | None = None
     _executor: ThreadPoolExecutor | None = None
     _slots: asyncio.Semaphore | None = None
+    _resync_slots: asyncio.Semaphore | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def kube(self) -> Kube:
@@ -115,12 +118,24 @@ class Shared:
                 self._executor = ThreadPoolExecutor(self.config.workers, thread_name_prefix="reconcile")
             return self._executor
 
-    def slots(self) -> asyncio.Semaphore:
-        """One per reconcile worker: a reconciler takes its snapshot only once a worker is free, so
-        when hundreds of clusters wake together their copies are not all held while they queue."""
-        if self._slots is None:
+    @contextlib.asynccontextmanager
+    async def slot(self, resync: bool = False) -> AsyncIterator[None]:
+        """A reconcile worker: a reconciler takes its snapshot only once a worker is free, so when
+        hundreds of clusters wake together their copies are not all held while they queue.
+
+        Idle resyncs (nothing changed, the period ran out) hold at most all but RESERVED_WORKERS
+        of them: a cluster woken by a change or a deadline (a node lost, a hang) never queues
+        behind hundreds of resyncs that came due together.
+        """
+        if self._slots is None or self._resync_slots is None:
             self._slots = asyncio.Semaphore(self.config.workers)
-        return self._slots
+            self._resync_slots = asyncio.Semaphore(max(1, self.config.workers - RESERVED_WORKERS))
+        if resync:
+            async with self._resync_slots, self._slots:
+                yield
+        else:
+            async with self._slots:
+                yield
 
     def wake(self, namespace: str | None, name: str | None) -> None:
         if namespace and name and (event := self.wakers.get((namespace, name))) is not None:
@@ -339,14 +354,18 @@ async def reconciler(
     loop = asyncio.get_running_loop()
     uid = body.get("metadata", {}).get("uid", "")
     try:
+        resync = False  # the first pass, and every pass after a change or a deadline, is not one
         while not stopped and uid not in state.gone:
-            async with state.slots():
+            async with state.slot(resync):
                 outcome = await _reconcile_in_worker(state, mem, key, body, loop, wake, tpi_pods, tpi_leases,
                                                      tpi_statefulsets, tpi_nodes)  # fmt: skip
             for event in outcome.events:
                 kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1000])
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(wake.wait(), timeout=_jittered(outcome.wake_after, state.config))
+                resync = False
+            except TimeoutError:
+                resync = outcome.wake_after >= state.config.idle_seconds
     finally:
         state.gone.discard(uid)
         if state.wakers.get(key) is wake:  # a same-named successor may have started already

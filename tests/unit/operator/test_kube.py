@@ -229,3 +229,27 @@ def test_idle_resyncs_are_spread_and_deadlines_kept(wake_after: float, lowest: f
     assert lowest <= min(seen) and max(seen) <= highest
     if lowest != highest:
         assert len(set(seen)) > 1
+
+
+def test_idle_resyncs_leave_workers_for_clusters_with_something_to_do() -> None:
+    state = handlers.Shared(config=handlers.OperatorConfig(workers=4))
+
+    async def run() -> tuple[int, bool]:
+        hold, held = asyncio.Event(), []
+
+        async def resync() -> None:
+            async with state.slot(resync=True):
+                held.append(1)
+                await hold.wait()
+
+        resyncs = [asyncio.create_task(resync()) for _ in range(50)]  # hundreds came due together
+        await asyncio.sleep(0.05)
+        busy = len(held)
+        async with asyncio.timeout(1):  # a node-loss deadline: a worker is free at once
+            async with state.slot():
+                urgent = True
+        hold.set()
+        await asyncio.gather(*resyncs)
+        return busy, urgent
+
+    assert asyncio.run(run()) == (4 - handlers.RESERVED_WORKERS, True)
