@@ -130,7 +130,9 @@ def decide(
             if p.group == g and not p.deleting and p.name not in forced and p.incarnation < gs.incarnation
         ]  # fmt: skip
         if g in in_place:
-            decision.patch_statefulsets.append((render.sts_name(ident.name, g), incarnation_patch(gs.incarnation)))
+            pods = sts_obs.replicas if sts_obs is not None else None
+            patch = incarnation_patch(*render.incarnation_metadata(spec, ident, gs, pods))
+            decision.patch_statefulsets.append((render.sts_name(ident.name, g), patch))
             decision.delete_pods.extend(stale)
             continue
         # Untouched groups whose template is out of date keep their StatefulSet until rolled (pods
@@ -188,12 +190,12 @@ def decide(
     return decision
 
 
-def incarnation_patch(incarnation: int) -> dict[str, Any]:
-    """A merge patch moving a StatefulSet to a new incarnation and nothing else."""
-    value = str(incarnation)
+def incarnation_patch(labels: dict[str, str], annotations: dict[str, str]) -> dict[str, Any]:
+    """A merge patch moving a StatefulSet to a new incarnation and nothing else: the pods'
+    incarnation label and their pod-group name and count (``render.incarnation_metadata``)."""
     return {
-        "metadata": {"annotations": {render.L_INCARNATION: value}},
-        "spec": {"template": {"metadata": {"labels": {render.L_INCARNATION: value}}}},
+        "metadata": {"annotations": {render.L_INCARNATION: labels[render.L_INCARNATION]}},
+        "spec": {"template": {"metadata": {"labels": labels, "annotations": annotations}}},
     }
 
 
