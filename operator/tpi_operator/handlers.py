@@ -36,7 +36,7 @@ import pydantic
 
 from tpi_operator import checkpoint, metrics
 from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, TPInferenceClusterSpec, TPInferenceClusterStatus
-from tpi_operator.core import admission, capacity, heartbeat, reconcile, recovery, render, sizing
+from tpi_operator.core import admission, capacity, heartbeat, placement, reconcile, recovery, render, sizing
 from tpi_operator.core import status as status_core
 from tpi_operator.core.observe import NodeObs, Observation, foreign_owner, lease_obs, node_obs, pod_obs, sts_obs
 from tpi_operator.kube import Kube, KubeError, load_configuration
@@ -402,6 +402,8 @@ def _needs_capacity(st: Mapping[str, Any], pods: list[dict[str, Any]]) -> bool:
     """Free capacity matters only to a degraded cluster or a rank that cannot be scheduled."""
     if (st.get("currentTensorParallelSize") or 0) < (st.get("desiredTensorParallelSize") or 0):
         return True
+    if any(g.get("releasedAt") for g in st.get("groups") or []):  # it scales back up once it fits
+        return True
     return any(
         c.get("type") == "PodScheduled" and c.get("status") == "False"
         for p in pods
@@ -530,7 +532,9 @@ def reconcile_once(
         leases=heartbeat.with_since(lease_map, mem.leases_seen),
         statefulsets={s.group: s for s in sts_list},
         restarted_at=restarted_at,
-        free_rank_slots=_free_slots(state, kube, spec, world),
+        free_rank_slots=None,
+        capacity=_capacity(state, kube, spec, world, ident),
+        group_id=lambda g: placement.group_id(namespace, name, g),
         nodes=_nodes(state, world, now),
         foreign=_foreign(kube, mem, spec, ident),
         hash_for=reconcile.hash_function(spec, ident, restarted_at),
@@ -586,9 +590,12 @@ def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
     mem.applied[key] = (digest, time.monotonic())
 
 
-def _free_slots(state: Shared, kube: Kube, spec: TPInferenceClusterSpec, world: World) -> int | None:
-    """Free capacity, only when a decision needs it (``_needs_capacity``): the node index, minus
-    what is bound to each candidate node (``_node_usage``)."""
+def _capacity(
+    state: Shared, kube: Kube, spec: TPInferenceClusterSpec, world: World, ident: render.Identity
+) -> capacity.Capacity | None:
+    """Free room under the placement rules, only when a decision needs it (``_needs_capacity``):
+    the node index, minus what is bound to each candidate node (``_node_usage``, and the rank pods
+    the operator's watch shows now)."""
     if world.all_nodes is None:
         return None
     names = capacity.candidate_nodes(spec, world.all_nodes)
@@ -597,7 +604,9 @@ def _free_slots(state: Shared, kube: Kube, spec: TPInferenceClusterSpec, world: 
     except KubeError as e:
         log.warning("cannot read what is bound to the nodes (%s); assuming no capacity is free", e)
         return None
-    return capacity.free_rank_slots(spec, world.all_nodes, used)
+    groups = spec.replicas + spec.update_strategy.max_surge
+    own = frozenset(placement.group_id(ident.namespace, ident.name, g) for g in range(groups))
+    return capacity.snapshot(spec, world.all_nodes, used, world.rank_pods, own)
 
 
 def _node_usage(

@@ -14,6 +14,7 @@ from tpi_contract import exitcodes, keys
 
 from tpi_operator.api.v1alpha1 import TPInferenceClusterStatus
 from tpi_operator.core import render as r
+from tpi_operator.core.capacity import Capacity
 
 
 # ------------------------------------------------------------------------------------- time
@@ -131,6 +132,10 @@ class Observation:
     statefulsets: Mapping[int, StsObs] = field(default_factory=dict)
     restarted_at: str | None = None
     free_rank_slots: int | None = None  # None: capacity unknown
+    #: Room under the placement rules (None: only ``free_rank_slots`` is known, or nothing).
+    capacity: Capacity | None = None
+    #: A group's id (``placement.group_id``): it tells groups apart in capacity and seeds jitter.
+    group_id: Callable[[int], str] = lambda group: f"g{group}"
     #: Nodes of the rank pods (only those; a node not listed is taken as healthy).
     nodes: Mapping[str, NodeObs] = field(default_factory=dict)
     #: (kind, name) of shared objects that exist but are not this cluster's -> who has them.

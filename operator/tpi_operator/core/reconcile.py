@@ -107,8 +107,10 @@ def decide(
     shared_at = len(decision.apply)
     touched = {
         a.group: a for a in actions
-        if isinstance(a, recovery.RollGroup) or (isinstance(a, recovery.RecreateGroup) and not a.keep_template)
+        if isinstance(a, recovery.RollGroup | recovery.ReleaseGroup | recovery.ResumeGroup)
+        or (isinstance(a, recovery.RecreateGroup) and not a.keep_template)
     }  # fmt: skip
+    released = {g.group for g in st.groups if g.released_at is not None}  # held at zero pods
     broken = {a.group for a in actions if isinstance(a, recovery.RecreateGroup)}
     in_place = {a.group for a in actions if isinstance(a, recovery.RecreateGroup) and a.keep_template}
     failed = {g.group for g in st.groups if g.failed_generation is not None}  # left alone for debugging
@@ -124,6 +126,15 @@ def decide(
         want = obs.hash_for(gs.tp, gs.batch)
         sts_obs = obs.statefulsets.get(g)
         if g in failed:
+            continue
+        if g in released:  # all-or-nothing: scaled to zero, every pod goes (none serves)
+            desired = render.with_replicas(render.statefulset(spec, ident, gs), 0)
+            if sts_obs is None or sts_obs.object_hash != desired["metadata"]["annotations"][render.A_OBJECT_HASH]:
+                decision.apply.append(desired)
+            decision.delete_pods.extend(
+                PodDelete(p.name, p.uid, BROKEN_GROUP_GRACE_SECONDS) for p in obs.pods
+                if p.group == g and not p.deleting and p.name not in forced
+            )  # fmt: skip
             continue
         stale = [
             PodDelete(p.name, p.uid, BROKEN_GROUP_GRACE_SECONDS) for p in obs.pods
@@ -221,7 +232,8 @@ def events_for(obs: Observation, actions: list[recovery.Action], recovered: list
     events = []
     for a in actions:
         if isinstance(a, recovery.RECORDED) or (isinstance(a, recovery.RollGroup) and a.reason != "Create"):
-            warn = isinstance(a, recovery.MarkFailed | recovery.Degrade) or a.reason == "NodeLost"
+            warn = isinstance(a, recovery.MarkFailed | recovery.Degrade | recovery.ReleaseGroup)
+            warn = warn or a.reason == "NodeLost"
             events.append(Event("Warning" if warn else "Normal", a.kind, f"{a.reason}: {a.message}"))
         elif isinstance(a, recovery.ForceDelete):
             pods = ", ".join(name for name, _ in a.pods)
