@@ -41,3 +41,5 @@ LEASE_LAST_ERROR = PREFIX + "last-error"
 LEASE_OOM_COUNT = PREFIX + "oom-count"
 #: The batch size the runtime runs with now (it halves on an in-process out-of-memory).
 LEASE_LIVE_BATCH_SIZE = PREFIX + "live-batch-size"
+#: Ranks each pod of a StatefulSet (its metadata) or a pod (its template) runs; absent: 1.
+RANKS_PER_POD = PREFIX + "ranks-per-pod"

@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -36,9 +37,9 @@ import pydantic
 
 from tpi_operator import checkpoint, metrics
 from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, TPInferenceClusterSpec, TPInferenceClusterStatus
-from tpi_operator.core import admission, capacity, heartbeat, placement, reconcile, recovery, render, sizing
+from tpi_operator.core import admission, capacity, heartbeat, layout, placement, reconcile, recovery, render, sizing
 from tpi_operator.core import status as status_core
-from tpi_operator.core.observe import NodeObs, Observation, foreign_owner, lease_obs, node_obs, pod_obs, sts_obs
+from tpi_operator.core.observe import NodeObs, Observation, foreign_owner, lease_obs, node_obs, rank_obs, sts_obs
 from tpi_operator.kube import Kube, KubeError, load_configuration
 
 log = logging.getLogger("tpi_operator")
@@ -99,6 +100,7 @@ class Shared:
     node_ready: dict[str, bool | None] = field(default_factory=dict)
     _kube: Kube | None = None
     _executor: ThreadPoolExecutor | None = None
+    _slots: asyncio.Semaphore | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def kube(self) -> Kube:
@@ -112,6 +114,13 @@ class Shared:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.config.workers, thread_name_prefix="reconcile")
             return self._executor
+
+    def slots(self) -> asyncio.Semaphore:
+        """One per reconcile worker: a reconciler takes its snapshot only once a worker is free, so
+        when hundreds of clusters wake together their copies are not all held while they queue."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.workers)
+        return self._slots
 
     def wake(self, namespace: str | None, name: str | None) -> None:
         if namespace and name and (event := self.wakers.get((namespace, name))) is not None:
@@ -331,37 +340,61 @@ async def reconciler(
     uid = body.get("metadata", {}).get("uid", "")
     try:
         while not stopped and uid not in state.gone:
-            wake.clear()
-            snapshot = _plain(body)
-            pods = [copy.deepcopy(p) for p in tpi_pods.get(key, [])]
-            leases = [copy.deepcopy(x) for x in tpi_leases.get(key, [])]
-            stses = [copy.deepcopy(x) for x in tpi_statefulsets.get(key, [])]
-            # The indexes change in this event loop: what the worker thread reads is copied here.
-            # (our own last status write is newer than the body's, as in reconcile_once)
-            world = _world(mem.last_status or snapshot.get("status") or {}, pods, tpi_nodes, tpi_pods)
-            started = time.monotonic()
-            try:
-                outcome = await loop.run_in_executor(
-                    state.executor(), reconcile_once, state, mem, snapshot, pods, leases, stses, world
-                )
-                metrics.RECONCILES.labels(outcome.result).inc()
-            except Exception as e:  # never let one bad reconcile kill the daemon; back off instead
-                log.exception("reconcile of %s/%s failed", namespace, name)
-                metrics.RECONCILES.labels("error").inc()
-                outcome = Outcome(wake_after=min(60.0, state.config.busy_seconds * 5), result="error")
-                kopf.warn(body, reason="ReconcileError", message=str(e)[:1000])
-            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-            # Not kept alive while this cluster sleeps: x 500 clusters, these copies add up.
-            del snapshot, pods, leases, stses, world
+            async with state.slots():
+                outcome = await _reconcile_in_worker(state, mem, key, body, loop, wake, tpi_pods, tpi_leases,
+                                                     tpi_statefulsets, tpi_nodes)  # fmt: skip
             for event in outcome.events:
                 kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1000])
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=outcome.wake_after)
+                await asyncio.wait_for(wake.wait(), timeout=_jittered(outcome.wake_after, state.config))
     finally:
         state.gone.discard(uid)
         if state.wakers.get(key) is wake:  # a same-named successor may have started already
             state.wakers.pop(key, None)
             state.clusters.pop(key, None)
+
+
+async def _reconcile_in_worker(
+    state: Shared,
+    mem: Memory,
+    key: tuple[str, str],
+    body: kopf.Body,
+    loop: asyncio.AbstractEventLoop,
+    wake: asyncio.Event,
+    tpi_pods: kopf.Index,
+    tpi_leases: kopf.Index,
+    tpi_statefulsets: kopf.Index,
+    tpi_nodes: kopf.Index,
+) -> Outcome:
+    """Copy what the worker thread reads (the indexes change in this event loop), then run one
+    reconcile there; our own last status write is newer than the body's, as in reconcile_once."""
+    wake.clear()
+    snapshot = _plain(body)
+    pods = [copy.deepcopy(p) for p in tpi_pods.get(key, [])]
+    leases = [copy.deepcopy(x) for x in tpi_leases.get(key, [])]
+    stses = [copy.deepcopy(x) for x in tpi_statefulsets.get(key, [])]
+    world = _world(mem.last_status or snapshot.get("status") or {}, pods, tpi_nodes, tpi_pods)
+    started = time.monotonic()
+    try:
+        outcome = await loop.run_in_executor(
+            state.executor(), reconcile_once, state, mem, snapshot, pods, leases, stses, world
+        )
+        metrics.RECONCILES.labels(outcome.result).inc()
+    except Exception as e:  # never let one bad reconcile kill the daemon; back off instead
+        log.exception("reconcile of %s/%s failed", *key)
+        metrics.RECONCILES.labels("error").inc()
+        outcome = Outcome(wake_after=min(60.0, state.config.busy_seconds * 5), result="error")
+        kopf.warn(body, reason="ReconcileError", message=str(e)[:1000])
+    metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+    return outcome
+
+
+def _jittered(wake_after: float, config: OperatorConfig) -> float:
+    """Idle resyncs are spread by up to 10%, so clusters created together do not all wake in the
+    same instant forever after; deadlines (backoff, heartbeats, node loss) are kept exact."""
+    if wake_after >= config.idle_seconds:
+        return wake_after * random.uniform(1.0, 1.1)
+    return wake_after
 
 
 def no_finalizer(registry: Any) -> int:
@@ -513,12 +546,19 @@ def reconcile_once(
         events = [] if prev.last_failure == st.last_failure else [reconcile.Event("Warning", e.reason, str(e))]
         return Outcome(config.idle_seconds * 2, "invalid", events)
 
+    if found := layout.problems(spec, desired):  # 'auto' resolved to a size ranksPerPod cannot split
+        msg = found[0]
+        st = status_core.invalid(prev, generation, "InvalidRanksPerPod", msg, now, phase="Failed")
+        _write_status(kube, mem, name, namespace, st)
+        events = [] if prev.last_failure == st.last_failure else [reconcile.Event("Warning", "InvalidRanksPerPod", msg)]
+        return Outcome(config.idle_seconds * 10, "invalid", events)
+
     rank_bytes = sizing.rank_memory_bytes(spec)
     sizes = [s for s in sizing.valid_tp_sizes(info) if sizing.fits(info, s, rank_bytes) is not False]
     sizes = sorted(set(sizes) | {desired})
     ident = render.Identity(name=name, namespace=namespace, uid=meta["uid"])
     restarted_at = (meta.get("annotations") or {}).get(render.A_RESTARTED_AT)
-    pod_list = [p for p in (pod_obs(x) for x in pods) if p is not None]
+    pod_list = [p for x in pods for p in rank_obs(x)]  # one per rank: a pod may run several
     sts_list = [s for s in (sts_obs(x) for x in stses) if s is not None]
     lease_map = {lo.name: lo for lo in (lease_obs(x) for x in leases)}
     mem.leases_seen = heartbeat.track(mem.leases_seen, pod_list, lease_map, now)
@@ -532,8 +572,7 @@ def reconcile_once(
         leases=heartbeat.with_since(lease_map, mem.leases_seen),
         statefulsets={s.group: s for s in sts_list},
         restarted_at=restarted_at,
-        free_rank_slots=None,
-        capacity=_capacity(state, kube, spec, world, ident),
+        **_free_slots(state, kube, spec, world, {layout.ranks_per_pod(spec, s) for s in sizes if s <= desired}, ident),
         group_id=lambda g: placement.group_id(namespace, name, g),
         nodes=_nodes(state, world, now),
         foreign=_foreign(kube, mem, spec, ident),
@@ -590,23 +629,38 @@ def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
     mem.applied[key] = (digest, time.monotonic())
 
 
-def _capacity(
-    state: Shared, kube: Kube, spec: TPInferenceClusterSpec, world: World, ident: render.Identity
-) -> capacity.Capacity | None:
-    """Free room under the placement rules, only when a decision needs it (``_needs_capacity``):
-    the node index, minus what is bound to each candidate node (``_node_usage``, and the rank pods
-    the operator's watch shows now)."""
+def _free_slots(
+    state: Shared,
+    kube: Kube,
+    spec: TPInferenceClusterSpec,
+    world: World,
+    pod_sizes: set[int],
+    ident: render.Identity,
+) -> dict[str, Any]:
+    """Free capacity, only when a decision needs it (``_needs_capacity``): the node index, minus
+    what is bound to each candidate node (``_node_usage``, and the rank pods the operator's watch
+    shows now); in ranks of one-rank pods (``free_rank_slots``), of pods of each other size the
+    group may run (``free_ranks_in_pods``), and as room under the placement rules per pod size
+    (``capacities``)."""
     if world.all_nodes is None:
-        return None
+        return {"free_rank_slots": None}
     names = capacity.candidate_nodes(spec, world.all_nodes)
     try:
         used = _node_usage(state, kube, names, world.rank_pods)
     except KubeError as e:
         log.warning("cannot read what is bound to the nodes (%s); assuming no capacity is free", e)
-        return None
+        return {"free_rank_slots": None}
     groups = spec.replicas + spec.update_strategy.max_surge
     own = frozenset(placement.group_id(ident.namespace, ident.name, g) for g in range(groups))
-    return capacity.snapshot(spec, world.all_nodes, used, world.rank_pods, own)
+    return {
+        "free_rank_slots": capacity.free_rank_slots(spec, world.all_nodes, used),
+        "free_ranks_in_pods": {
+            n: capacity.free_rank_slots(spec, world.all_nodes, used, n) for n in sorted(pod_sizes) if n > 1
+        },
+        "capacities": {
+            n: capacity.snapshot(spec, world.all_nodes, used, world.rank_pods, own, n) for n in sorted(pod_sizes | {1})
+        },
+    }
 
 
 def _node_usage(

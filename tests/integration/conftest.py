@@ -73,6 +73,20 @@ def inject_fault(namespace: str, pod: str, fault: str, restart: bool = True, res
     kubectl("annotate", "pod", pod, "-n", namespace, "--overwrite", *[f"{k}={v}" for k, v in annotations.items()])
 
 
+def inject_exit(namespace: str, pod: str, exit_code: int, message: str, restart_delay: str = "1s") -> None:
+    """Make a pod's container end with reason Error, ``exit_code`` and the termination message
+    ``message`` (as the launcher of several ranks writes it), then restart (kwok stage ``exit``).
+    Only kwoks loaded with this checkout's stages play it (tests/integration/test_ranks_per_pod.py)."""
+    annotations = {
+        "tpi.dev/fault-exit-code": str(exit_code),
+        "tpi.dev/fault-message": message,
+        "tpi.dev/fault-restart": "true",
+        "tpi.dev/fault-restart-delay": restart_delay,
+    }
+    kubectl("annotate", "pod", pod, "-n", namespace, "--overwrite", *[f"{k}={v}" for k, v in annotations.items()])
+    kubectl("annotate", "pod", pod, "-n", namespace, "--overwrite", "tpi.dev/fault=exit")  # last: it plays
+
+
 def make_unschedulable(namespace: str, node: str) -> None:
     """Cordon a node, so the real scheduler reports PodScheduled=False/Unschedulable for pods bound to no other."""
     kubectl("cordon", node)

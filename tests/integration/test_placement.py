@@ -3,7 +3,8 @@ all-or-nothing scheduling, with the real kube-scheduler placing pods on kwok GPU
 
 Each test makes fake nodes of its own (``test_faults.FakeNodes``: labelled and tainted so that only
 its pods land there) with ``nvidia.com/gpu`` allocatable and a rack label, and runs clusters of
-1-GPU ranks (one rank per pod).  The failure policy is the default, except
+1-GPU ranks, one rank per pod (``ranksPerPod: 1``; the placement rules are about pods, and a GPU
+group's default of one pod would leave nothing to place).  The failure policy is the default, except
 ``minTensorParallelSize: 4`` where a test is about a group that cannot degrade.
 """
 
@@ -35,7 +36,7 @@ def gpu_cluster(fake: FakeNodes, name: str = "demo", *, tp: int, replicas: int =
                 **scheduling: object) -> str:
     """A cluster of 1-GPU ranks on this test's nodes, with the default failure policy."""
     doc = json.loads(cluster_yaml(
-        name, tensorParallelSize=tp, replicas=replicas,
+        name, tensorParallelSize=tp, replicas=replicas, ranksPerPod=1,  # the rules are per pod: one rank each
         resources={"cpu": "100m", "memory": "128Mi", "gpus": 1},
         scheduling={"nodeSelector": {TEST_LABEL: fake.id},
                     "tolerations": [{"key": TEST_LABEL, "operator": "Equal", "value": fake.id,

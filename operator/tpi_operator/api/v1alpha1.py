@@ -365,6 +365,11 @@ class TPInferenceClusterSpec(_Model):
                     "failurePolicy.minTensorParallelSize must be <= tensorParallelSize",
                 ),
                 _cel(
+                    "!has(self.ranksPerPod) || type(self.tensorParallelSize) != int"
+                    " || self.tensorParallelSize % self.ranksPerPod == 0",
+                    "ranksPerPod must divide tensorParallelSize: the pods of a group hold equal ranks",
+                ),
+                _cel(
                     "!has(self.failurePolicy) || !has(self.failurePolicy.oomBatchSizeFloor)"
                     " || !has(self.runtime) || !has(self.runtime.maxBatchSize)"
                     " || self.failurePolicy.oomBatchSizeFloor <= self.runtime.maxBatchSize",
@@ -391,6 +396,18 @@ class TPInferenceClusterSpec(_Model):
         },
     )
     replicas: int = Field(1, ge=0, le=1000, description="Independent TP groups (scale subresource).")
+    ranks_per_pod: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description=(
+            "Ranks one pod runs (one process each; the pod requests that many times resources): a "
+            "group is tensorParallelSize / ranksPerPod pods. Must divide tensorParallelSize; a "
+            "degraded size uses the largest divisor of it that is at most this. Unset: the whole "
+            "group in one pod when ranks request nvidia.com/gpu (NVLink/P2P between its GPUs), one "
+            "rank per pod on CPU."
+        ),
+    )
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     resources: RankResources = Field(default_factory=RankResources)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
@@ -425,11 +442,14 @@ class Condition(_Model):
 
 
 class RankStatus(_Model):
-    """One rank pod as last observed."""
+    """One rank as last observed (with several ranks per pod, the pod's fields are shared)."""
 
     group: int
     rank: int
     pod: str
+    local_rank: int | None = Field(
+        None, description="The rank's index inside its pod (set only when pods run several ranks)."
+    )
     node: str | None = None
     phase: str = "Pending"
     ready: bool = False
@@ -442,6 +462,14 @@ class RankStatus(_Model):
     waiting_message: str | None = Field(None, max_length=512, description="The kubelet's message, truncated.")
     last_heartbeat: Timestamp | None = None
     effective_batch_size: int | None = None
+    termination_message: str | None = Field(
+        None,
+        max_length=512,
+        description=(
+            "Why the pod of several ranks last ended, from its launcher's termination message: which "
+            "local rank exited, with which code (e.g. OOMKilled); on the rank it names."
+        ),
+    )
 
 
 class GroupStatus(_Model):

@@ -27,7 +27,8 @@ from tpi_operator.core.sizing import parse_quantity
 Amounts = Mapping[str, float]
 
 
-def rank_request(spec: TPInferenceClusterSpec) -> dict[str, float]:
+def rank_request(spec: TPInferenceClusterSpec, ranks_per_pod: int = 1) -> dict[str, float]:
+    """What one pod of ``ranks_per_pod`` ranks requests (``ranks_per_pod`` x each rank's)."""
     req: dict[str, float] = {}
     if spec.resources.cpu:
         req["cpu"] = parse_quantity(spec.resources.cpu)
@@ -35,6 +36,7 @@ def rank_request(spec: TPInferenceClusterSpec) -> dict[str, float]:
         req["memory"] = parse_quantity(spec.resources.memory)
     if spec.resources.gpus:
         req["nvidia.com/gpu"] = float(spec.resources.gpus)
+    req = {k: v * ranks_per_pod for k, v in req.items()}
     req["pods"] = 1.0
     return req
 
@@ -128,15 +130,20 @@ def node_usage(pods: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]
 
 
 def free_rank_slots(
-    spec: TPInferenceClusterSpec, nodes: Iterable[Mapping[str, Any]], used: Mapping[str, Amounts]
+    spec: TPInferenceClusterSpec,
+    nodes: Iterable[Mapping[str, Any]],
+    used: Mapping[str, Amounts],
+    ranks_per_pod: int = 1,
 ) -> int:
-    """How many ranks of ``spec`` still fit on eligible nodes, given what is bound to each."""
-    req = rank_request(spec)
+    """How many ranks of ``spec`` still fit on eligible nodes, given what is bound to each, when
+    they run ``ranks_per_pod`` to a pod: whole pods only (a node with 3 free GPUs holds one pod
+    of 2 GPU ranks, so 2 ranks, not 3)."""
+    req = rank_request(spec, ranks_per_pod)
     slots = 0
     for node in nodes:
         if node_eligible(node, spec):
             name = (node.get("metadata") or {}).get("name", "")
-            slots += slots_on(req, allocatable(node), used.get(name, {}))
+            slots += slots_on(req, allocatable(node), used.get(name, {})) * ranks_per_pod
     return slots
 
 
@@ -250,14 +257,16 @@ def snapshot(
     used: Mapping[str, Amounts],
     rank_pods: Iterable[Mapping[str, Any]],
     own_groups: frozenset[str],
+    ranks_per_pod: int = 1,
 ) -> Capacity:
-    """The room for ``spec``'s pods under its placement rules. ``rank_pods``: every rank pod the
-    operator sees (all clusters); ``own_groups``: this cluster's group ids (``placement.group_id``)."""
+    """The room for ``spec``'s pods of ``ranks_per_pod`` ranks under its placement rules (in pods).
+    ``rank_pods``: every rank pod the operator sees (all clusters); ``own_groups``: this cluster's
+    group ids (``placement.group_id``)."""
     key = spec.scheduling.topology_key
     exclusive = bool(spec.scheduling.exclusive and key)
     pods = list(rank_pods)
     usage = combined_usage(used, pods)
-    req = rank_request(spec)
+    req = rank_request(spec, ranks_per_pod)
     held: dict[str, set[str]] = {}
     if exclusive and key:
         topo = placement.topology_id(key)

@@ -41,7 +41,9 @@ def track(
     prev: Mapping[str, Seen], pods: Iterable[PodObs], leases: Mapping[str, LeaseObs], now: dt.datetime
 ) -> dict[str, Seen]:
     """The next memory of Leases, from the previous one and what is observed now."""
-    uids = {p.name: p for p in pods if not p.deleting}
+    # Lease -> the rank (pod, local rank) that renews it: ranks.lease_name, the pod's name with
+    # one rank per pod.
+    uids = {p.lease_name: p for p in pods if not p.deleting}
     out: dict[str, Seen] = {}
     for name, lease in leases.items():
         pod, old = uids.get(name), prev.get(name)

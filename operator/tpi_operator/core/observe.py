@@ -5,12 +5,13 @@ Recovery and status never look at raw objects; tests build these dataclasses dir
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tpi_contract import exitcodes, keys
+from tpi_contract import exitcodes, keys, ranks, termination
 
 from tpi_operator.api.v1alpha1 import TPInferenceClusterStatus
 from tpi_operator.core import render as r
@@ -44,11 +45,15 @@ def _int(value: Any, default: int | None = None) -> int | None:
 # ------------------------------------------------------------------------------------- types
 @dataclass(frozen=True)
 class PodObs:
-    """One rank pod."""
+    """One rank, and the pod it runs in.
+
+    A pod of several ranks (``ranksPerPod`` > 1) is observed as one ``PodObs`` per local rank
+    (``rank_obs``), all with the pod's name, uid and container state, so everything that counts or
+    lists ranks (status, readiness, group size) counts ranks, and each rank has its own Lease."""
 
     name: str
     group: int
-    rank: int
+    rank: int  # the global rank: ordinal x ranks_per_pod + local_rank
     uid: str = ""
     incarnation: int = 0
     template_hash: str | None = None
@@ -65,11 +70,33 @@ class PodObs:
     unschedulable_message: str | None = None
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None  # of the current or last container termination
+    local_rank: int = 0
+    ranks_per_pod: int = 1
+    #: The first line of the launcher's termination message (which local rank ended the pod, how).
+    termination_cause: str | None = None
+
+    @property
+    def lease_name(self) -> str:
+        """This rank's heartbeat Lease (``tpi_contract.ranks.lease_name``)."""
+        return ranks.lease_name(self.name, self.local_rank, self.ranks_per_pod)
+
+    @property
+    def who(self) -> str:
+        """The rank, as messages name it."""
+        if self.ranks_per_pod == 1:
+            return self.name
+        return f"{self.name} (local rank {self.local_rank}, rank {self.rank})"
 
     @property
     def oom(self) -> bool:
-        """Killed by the kernel's OOM killer, or the runtime ran out of GPU memory mid-step."""
-        return self.termination_reason == "OOMKilled" or exitcodes.is_out_of_memory(self.exit_code)
+        """Killed by the kernel's OOM killer, or the runtime ran out of GPU memory mid-step.
+
+        With several ranks per pod the launcher exits 137 when the OOM killer struck one of its
+        ranks and says so in the termination message: the container's reason may then be Error."""
+        if self.termination_reason == "OOMKilled" or exitcodes.is_out_of_memory(self.exit_code):
+            return True
+        cause = termination.parse(self.termination_cause)
+        return self.exit_code == 137 and cause is not None and cause.oom_killed
 
     @property
     def crashed(self) -> bool:
@@ -105,6 +132,12 @@ class StsObs:
     template_hash: str | None = None
     incarnation: int = 0
     object_hash: str | None = None
+    ranks_per_pod: int = 1
+
+    @property
+    def ranks(self) -> int:
+        """The group size the StatefulSet runs: its pods x the ranks of each."""
+        return self.replicas * self.ranks_per_pod
 
 
 @dataclass(frozen=True)
@@ -132,8 +165,10 @@ class Observation:
     statefulsets: Mapping[int, StsObs] = field(default_factory=dict)
     restarted_at: str | None = None
     free_rank_slots: int | None = None  # None: capacity unknown
-    #: Room under the placement rules (None: only ``free_rank_slots`` is known, or nothing).
-    capacity: Capacity | None = None
+    #: Ranks that fit as pods of n ranks, per n > 1 (whole pods only; absent: unknown).
+    free_ranks_in_pods: Mapping[int, int] = field(default_factory=dict)
+    #: Room under the placement rules for pods of n ranks, per n (absent: only the counts above).
+    capacities: Mapping[int, Capacity] = field(default_factory=dict)
     #: A group's id (``placement.group_id``): it tells groups apart in capacity and seeds jitter.
     group_id: Callable[[int], str] = lambda group: f"g{group}"
     #: Nodes of the rank pods (only those; a node not listed is taken as healthy).
@@ -143,18 +178,37 @@ class Observation:
     #: Template hash a group would get at (tp, batch); closes over spec and identity.
     hash_for: Callable[[int, int], str] = lambda tp, batch: f"{tp}-{batch}"
 
+    def free_ranks(self, ranks_per_pod: int) -> int | None:
+        """Free capacity in ranks, when they run ``ranks_per_pod`` to a pod (None: unknown)."""
+        if ranks_per_pod == 1 or self.free_rank_slots is None:
+            return self.free_rank_slots
+        return self.free_ranks_in_pods.get(ranks_per_pod)
+
 
 # ----------------------------------------------------------------------------------- parsers
+def rank_obs(pod: Mapping[str, Any]) -> list[PodObs]:
+    """Every rank a pod runs (one per local rank, ``tpi.dev/ranks-per-pod``); [] for pods that
+    are not rank pods."""
+    first = pod_obs(pod)
+    if first is None or first.ranks_per_pod == 1:
+        return [first] if first is not None else []
+    n = first.ranks_per_pod
+    return [
+        dataclasses.replace(first, rank=first.rank + local, local_rank=local) for local in range(n)
+    ]
+
+
 def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
-    """A rank pod from its raw object; None for pods that are not rank pods."""
+    """A rank pod from its raw object (its local rank 0); None for pods that are not rank pods."""
     meta = pod.get("metadata") or {}
     labels = meta.get("labels") or {}
     group = _int(labels.get(r.L_GROUP))
-    rank = _int(labels.get(r.POD_INDEX_LABEL))
-    if rank is None:  # older clusters: the ordinal is the name's suffix
-        rank = _int(str(meta.get("name", "")).rsplit("-", 1)[-1])
-    if group is None or rank is None:
+    ordinal = _int(labels.get(r.POD_INDEX_LABEL))
+    if ordinal is None:  # older clusters: the ordinal is the name's suffix
+        ordinal = _int(str(meta.get("name", "")).rsplit("-", 1)[-1])
+    if group is None or ordinal is None:
         return None
+    n = max(1, _int((meta.get("annotations") or {}).get(r.A_RANKS_PER_POD), 1) or 1)
     status = pod.get("status") or {}
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
     ready = (conditions.get("Ready") or {}).get("status") == "True"
@@ -169,10 +223,11 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
     last = (cs.get("lastState") or {}).get("terminated") or {}
     term = state.get("terminated") or {}
     started = parse_time((state.get("running") or {}).get("startedAt")) or parse_time(status.get("startTime"))
+    message = (term or last).get("message")
     return PodObs(
         name=meta.get("name", ""),
         group=group,
-        rank=rank,
+        rank=ordinal * n,
         uid=meta.get("uid", ""),
         incarnation=_int(labels.get(r.L_INCARNATION), 0) or 0,
         template_hash=labels.get(r.L_TEMPLATE_HASH),
@@ -189,6 +244,8 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
         unschedulable_message=unsched_msg,
         started_at=started,
         finished_at=parse_time((term or last).get("finishedAt")),
+        ranks_per_pod=n,
+        termination_cause=message.split("\n", 1)[0][:512] if n > 1 and message else None,
     )
 
 
@@ -215,6 +272,7 @@ def sts_obs(sts: Mapping[str, Any]) -> StsObs | None:
         template_hash=annotations.get(r.L_TEMPLATE_HASH),
         incarnation=_int(annotations.get(r.L_INCARNATION), 0) or 0,
         object_hash=annotations.get(r.A_OBJECT_HASH),
+        ranks_per_pod=max(1, _int(annotations.get(r.A_RANKS_PER_POD), 1) or 1),
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec, TPInferenceClusterStatus
-from tpi_operator.core import recovery, render, status
+from tpi_operator.core import layout, recovery, render, status
 from tpi_operator.core.observe import Observation
 from tpi_operator.core.status import Recovered
 
@@ -164,19 +164,25 @@ def decide(
                 grace = BROKEN_GROUP_GRACE_SECONDS if g in broken and g not in drained else None
                 decision.delete_pods.append(PodDelete(p.name, p.uid, grace))
     # Leases for every rank of every group at its (possibly not yet rolled) size.
+    # One Lease per rank, named per local rank when pods run several (tpi_contract.ranks); an
+    # untouched group keeps its running StatefulSet's Leases too.
     wanted_leases = set()
     for g in [*range(spec.replicas), *sorted(surge)]:
         sts_obs = obs.statefulsets.get(g)
         size = st.current_tensor_parallel_size or 1
+        layouts = {(size, layout.ranks_per_pod(spec, size))}
         if g not in touched and sts_obs is not None:
-            size = max(size, sts_obs.replicas)
-        for rank in range(size):
-            lease = render.lease(spec, ident, g, rank)
-            name = lease["metadata"]["name"]
-            wanted_leases.add(name)
-            have = obs.leases.get(name)
-            if have is None or have.annotations.get(render.A_OBJECT_HASH) != _hash(lease):
-                decision.apply.append(lease)
+            layouts.add((sts_obs.ranks, sts_obs.ranks_per_pod))
+        for group_size, n in sorted(layouts):
+            for rank in range(group_size):
+                lease = render.lease(spec, ident, g, rank, n)
+                name = lease["metadata"]["name"]
+                if name in wanted_leases:
+                    continue
+                wanted_leases.add(name)
+                have = obs.leases.get(name)
+                if have is None or have.annotations.get(render.A_OBJECT_HASH) != _hash(lease):
+                    decision.apply.append(lease)
     decision.delete_leases = sorted(set(obs.leases) - wanted_leases)
     # first in order: the runtime's Role must name a Lease before its rank renews it
     # Objects of our names that this cluster does not own are left untouched: never adopted (and so
@@ -189,6 +195,11 @@ def decide(
     decision.delete_statefulsets = [
         render.sts_name(ident.name, a.group) for a in actions if isinstance(a, recovery.RemoveGroup)
     ]
+    # One delete per pod (a pod of several ranks is observed once per rank); the first wins.
+    first: dict[str, PodDelete] = {}
+    for d in decision.delete_pods:
+        first.setdefault(d.name, d)
+    decision.delete_pods = list(first.values())
     # Busy (re-check soon) only after changing something; otherwise watch events (pods,
     # StatefulSets, the cluster) and the actions' own deadlines (backoff, heartbeat, timeouts) wake
     # the reconciler. A cluster that is stuck (blocked, degraded, never-ready) must not poll.

@@ -64,7 +64,7 @@ from tpi_operator.api.v1alpha1 import (
     TPInferenceClusterSpec,
     TPInferenceClusterStatus,
 )
-from tpi_operator.core import rollout
+from tpi_operator.core import layout, rollout
 from tpi_operator.core.capacity import Capacity
 from tpi_operator.core.observe import Observation, PodObs, format_time, parse_time
 from tpi_operator.core.sizing import next_smaller
@@ -241,7 +241,7 @@ def group_ready(obs: Observation, group: int, incarnation: int, size: int) -> bo
     if sts is None:
         return False
     pods = current_pods(obs, group, incarnation)
-    return len(pods) == sts.replicas == size and all(
+    return len(pods) == sts.ranks == size and all(
         p.ready and p.template_hash == sts.template_hash for p in pods
     )
 
@@ -273,15 +273,19 @@ def detect_failure(
     for p in pods:
         if p.oom:
             what = "was OOMKilled" if p.termination_reason == "OOMKilled" else "ran out of GPU memory"
+            if p.termination_cause and p.termination_reason != "OOMKilled":
+                what = f"was OOMKilled ({p.termination_cause})"
             return GroupFailure(group, "OOMKilled", f"container of {p.name} {what} (exit code {p.exit_code})")
     for p in pods:
         if p.crashed:
             code = f" (exit code {p.exit_code})" if p.exit_code is not None else ""
             what = p.waiting_reason or p.termination_reason or p.phase
+            if p.termination_cause:
+                what = f"{what} ({p.termination_cause})"
             return GroupFailure(group, "Crash", f"{p.name} crashed: {what}{code}, {p.restarts} restarts")
     recorded = group_status(obs.status, group).pod_uids
     sts = obs.statefulsets.get(group)
-    if recorded and sts is not None and sts.replicas == len(recorded):
+    if recorded and sts is not None and sts.ranks == len(recorded):
         by_rank = {p.rank: p for p in pods}
         for rank, uid in enumerate(recorded):
             pod = by_rank.get(rank)
@@ -295,7 +299,7 @@ def detect_failure(
     for p, since in heartbeat_clocks(obs, pods):
         if obs.now - since > timeout:
             age = (obs.now - since).total_seconds()
-            return GroupFailure(group, "HeartbeatTimeout", f"{p.name} hung: Lease not renewed for {age:.0f}s")
+            return GroupFailure(group, "HeartbeatTimeout", f"{p.who} hung: Lease not renewed for {age:.0f}s")
     return None
 
 
@@ -319,7 +323,7 @@ def heartbeat_clocks(obs: Observation, pods: list[PodObs]) -> list[tuple[PodObs,
     """
     out = []
     for p in pods:
-        lease = obs.leases.get(p.name)
+        lease = obs.leases.get(p.lease_name)
         if p.phase == "Running" and lease is not None and lease.since is not None:
             out.append((p, lease.since))
     return out
@@ -343,24 +347,32 @@ def next_heartbeat_deadline(
 RELEASED_RECHECK_SECONDS = 10.0
 
 
-def pods_at(tp: int) -> int:
-    """A group's pods at size ``tp`` (``render.group_pods``: one per rank until ranksPerPod)."""
-    return tp
+def pods_at(spec: TPInferenceClusterSpec, tp: int) -> int:
+    """A group's pods at size ``tp`` (its StatefulSet's replicas: ``tp / ranksPerPod``)."""
+    return layout.pods_per_group(spec, tp)
 
 
-def capacity_of(obs: Observation) -> Capacity | None:
-    """The room under the placement rules, or only a count of free slots, or None (unknown)."""
-    if obs.capacity is not None:
-        return obs.capacity
-    return None if obs.free_rank_slots is None else Capacity.counting(obs.free_rank_slots)
+def capacity_at(obs: Observation, spec: TPInferenceClusterSpec, tp: int) -> Capacity | None:
+    """The room, in pods of the ranks a group of ``tp`` runs to a pod, under the placement rules;
+    or only a count of free slots; or None (unknown)."""
+    n = layout.ranks_per_pod(spec, tp)
+    if n in obs.capacities:
+        return obs.capacities[n]
+    free = obs.free_ranks(n)
+    return None if free is None else Capacity.counting(free // n)
 
 
 def own_bound(obs: Observation, group: int, incarnation: int) -> dict[str, int]:
-    """node -> the group's current pods bound there (they go when the group is recreated)."""
-    out: dict[str, int] = {}
+    """node -> the group's current pods bound there (they go when the group is recreated).
+    Counted in pods (a pod of several ranks is observed once per rank); a pod of another size
+    counts as one pod of the new size, which can only underestimate the room it frees."""
+    pods: dict[str, str] = {}
     for p in current_pods(obs, group, incarnation):
         if p.node:
-            out[p.node] = out.get(p.node, 0) + 1
+            pods[p.name] = p.node
+    out: dict[str, int] = {}
+    for node in pods.values():
+        out[node] = out.get(node, 0) + 1
     return out
 
 
@@ -516,7 +528,7 @@ def rule_node_lost(ctx: _Ctx) -> None:
             by_node.setdefault(n.name, []).append(p)
         for name, pods in sorted(by_node.items()):
             ctx.add(ForceDelete("NodeLost", f"group {g}: node {name} lost", g, name,
-                                tuple((p.name, p.uid) for p in pods)))  # fmt: skip
+                                tuple(dict.fromkeys((p.name, p.uid) for p in pods))))  # fmt: skip
         current = [p for p, _ in lost if p.incarnation >= ctx.incarnations[g]]
         if current:  # not yet recreated for this loss
             ranks = ", ".join(str(p.rank) for p in sorted(current, key=lambda p: p.rank))
@@ -655,7 +667,7 @@ def rule_unschedulable(ctx: _Ctx) -> None:
         )  # fmt: skip
         if bound:  # all-or-nothing: the bound part holds what the rest can never use
             sts = obs.statefulsets.get(g)
-            count = sts.replicas if sts is not None and sts.replicas else len(pods)
+            count = sts.replicas if sts is not None and sts.replicas else len({p.name for p in pods})
             inc = ctx.incarnations[g] + 1
             gs = group_status(ctx.st, g)
             delay = release_delay(ctx.spec, gs.releases + 1, obs.group_id(g), inc)
@@ -678,11 +690,13 @@ def smaller_fitting(ctx: _Ctx, g: int, bound: dict[str, int]) -> int | None:
     """The largest valid size below the current one (>= minTensorParallelSize) at which group ``g``
     fits under the placement rules, its own bound pods freed; None: none, or degrading is off."""
     fp, obs = ctx.spec.failure_policy, ctx.obs
-    cap = capacity_of(obs) or Capacity.counting(0)  # unknown: only the group's own pods' room
     if not fp.allow_degrade:
         return None
     sizes = [s for s in obs.valid_sizes if fp.min_tensor_parallel_size <= s < ctx.tp]
-    fitting = [s for s in sizes if cap.fits(pods_at(s), bound, obs.group_id(g))]
+    fitting = [
+        s for s in sizes  # unknown capacity: only the room of the group's own pods
+        if (capacity_at(obs, ctx.spec, s) or Capacity.counting(0)).fits(pods_at(ctx.spec, s), bound, obs.group_id(g))
+    ]  # fmt: skip
     return max(fitting) if fitting else None
 
 
@@ -695,7 +709,7 @@ def rule_released(ctx: _Ctx) -> None:
         if gs.released_at is None or g in ctx.failed:
             continue
         ctx.released.add(g)
-        count = gs.release_pods or pods_at(ctx.tp)
+        count = gs.release_pods or pods_at(ctx.spec, ctx.tp)
         retry = parse_time(gs.retry_at) or now
         if now < retry:
             # (a time, not a countdown: the condition's message must not change every pass)
@@ -703,7 +717,7 @@ def rule_released(ctx: _Ctx) -> None:
             ctx.add(Wait("GroupReleased", why, until=retry))
             ctx.add(Blocked("GroupReleased", why))
             continue
-        cap = capacity_of(obs)
+        cap = capacity_at(obs, ctx.spec, ctx.tp)
         if cap is not None and cap.fits(count, {}, obs.group_id(g)):
             msg = f"group {g}: room for all its {count} pods; scaling it back up"
             ctx.add(ResumeGroup("CapacityAvailable", msg, g))
@@ -742,9 +756,11 @@ def rule_grow_back(ctx: _Ctx) -> None:
         return
     bigger = [s for s in obs.valid_sizes if tp < s <= desired]
     if st.degraded_reason == "Unschedulable":
-        cap = capacity_of(obs)
         groups = {obs.group_id(g): own_bound(obs, g, ctx.incarnations[g]) for g in live}
-        bigger = [s for s in bigger if cap is not None and cap.fits_all(pods_at(s), groups)]
+        bigger = [
+            s for s in bigger
+            if (cap := capacity_at(obs, spec, s)) is not None and cap.fits_all(pods_at(spec, s), groups)
+        ]  # fmt: skip
     if not bigger:
         return
     until = grow_back_after(spec, st)
@@ -780,7 +796,7 @@ def template_problem(ctx: _Ctx, g: int) -> str | None:
     sts = ctx.obs.statefulsets.get(g)
     if sts is None or sts.template_hash != ctx.want[g] or proven(ctx, g):
         return None
-    if group_ready(ctx.obs, g, ctx.incarnations[g], sts.replicas):
+    if group_ready(ctx.obs, g, ctx.incarnations[g], sts.ranks):
         return None
     for p in current_pods(ctx.obs, g, ctx.incarnations[g]):
         found = rollout.pod_problem(p)
@@ -798,7 +814,7 @@ def rolled_out(obs: Observation, st: TPInferenceClusterStatus, g: int, want: str
     sts = obs.statefulsets.get(g)
     if sts is None or sts.template_hash != want:
         return False
-    return group_status(st, g).ready_hash == want or group_ready(obs, g, group_incarnation(st, obs, g), sts.replicas)
+    return group_status(st, g).ready_hash == want or group_ready(obs, g, group_incarnation(st, obs, g), sts.ranks)
 
 
 def roll_progress(
@@ -833,7 +849,7 @@ def roll_hold(ctx: _Ctx) -> Hold | None:
         return None
     stuck = next(
         (g for g in ctx.groups if g not in ctx.failed and (s := ctx.obs.statefulsets.get(g)) is not None
-         and s.template_hash == ctx.want[g] and not group_ready(ctx.obs, g, ctx.incarnations[g], s.replicas)),
+         and s.template_hash == ctx.want[g] and not group_ready(ctx.obs, g, ctx.incarnations[g], s.ranks)),
         None,
     )  # fmt: skip
     where = (
@@ -859,7 +875,7 @@ def rule_roll(ctx: _Ctx) -> None:
 
     def is_unavailable(g: int) -> bool:
         sts = obs.statefulsets.get(g)
-        return g in ctx.recreated or sts is None or not group_ready(obs, g, ctx.incarnations[g], sts.replicas)
+        return g in ctx.recreated or sts is None or not group_ready(obs, g, ctx.incarnations[g], sts.ranks)
 
     unavailable = {g for g in ctx.groups if is_unavailable(g)}
     budget = spec.update_strategy.max_unavailable
@@ -933,7 +949,7 @@ def rule_surge(ctx: _Ctx, want: dict[int, str], unavailable: set[int]) -> Surge 
         return None
     stale = [g for g in ctx.groups if g not in ctx.recreated and (s := obs.statefulsets.get(g)) is not None
              and s.template_hash != want[g]]  # fmt: skip
-    if ctx.resized or any(obs.statefulsets[g].replicas != ctx.tp for g in stale):
+    if ctx.resized or any(obs.statefulsets[g].ranks != ctx.tp for g in stale):
         return None  # a resize (degrade, grow-back) is about capacity: no extra group on top
     if not stale and not unavailable:
         return Surge(kept=set(), spare=0)  # roll done: the surge groups go
@@ -954,7 +970,7 @@ def rule_surge(ctx: _Ctx, want: dict[int, str], unavailable: set[int]) -> Surge 
         if failure is not None:  # start it afresh: a broken group never becomes Ready
             ctx.add(RemoveGroup("SurgeFailed", f"surge group {g} failed ({failure.message}); recreating it", g))
             kept.discard(g)
-        elif group_ready(obs, g, inc, sts.replicas):
+        elif group_ready(obs, g, inc, sts.ranks):
             ready += 1
         else:
             why = _surge_unschedulable(ctx, g, inc)

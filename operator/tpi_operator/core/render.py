@@ -6,7 +6,9 @@ reference to the cluster (deleting the cluster garbage-collects everything) and 
 
 Layout, for a cluster ``c`` in namespace ``ns``:
 
-* ``StatefulSet c-g<group>``: one per TP group, ``replicas`` = TP size, ordinal = rank,
+* ``StatefulSet c-g<group>``: one per TP group, ``replicas`` = TP size / ranks per pod
+  (``core.layout``; with one rank per pod the ordinal is the rank, with ``n`` the pod runs
+  ``python -m tpi_runtime launch --ranks-per-pod n`` and ranks ``ordinal x n .. + n - 1``),
   ``podManagementPolicy: Parallel`` (ranks start together) and ``updateStrategy: OnDelete``: the
   operator alone decides when pods are replaced, because a group only works when *all* its
   ranks are replaced together;
@@ -14,7 +16,8 @@ Layout, for a cluster ``c`` in namespace ``ns``:
   ``MASTER_ADDR`` before anything is Ready;
 * ``Service c`` (the endpoint): rank-0 pods only; their readiness (``/readyz``) means the group
   is formed, so only ready groups receive traffic;
-* ``Lease <pod>`` per rank, ``ServiceAccount``/``Role``/``RoleBinding c-runtime`` for heartbeats;
+* ``Lease <pod>`` per rank (``<pod>-r<local rank>`` with several ranks per pod),
+  ``ServiceAccount``/``Role``/``RoleBinding c-runtime`` for heartbeats;
 * ``PodDisruptionBudget c``: evictions take at most ``maxUnavailable`` groups (``disruption_budget``).
 """
 
@@ -23,12 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, replace
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from tpi_contract import defaults, env, keys
+from tpi_contract import defaults, env, keys, ranks, termination
 
 from tpi_operator.api.v1alpha1 import API_VERSION, KIND, TPInferenceClusterSpec
-from tpi_operator.core import placement
+from tpi_operator.core import layout, placement
 
 MASTER_PORT = defaults.RENDEZVOUS_PORT
 MODEL_MOUNT = "/models"
@@ -44,6 +48,7 @@ L_TEMPLATE_HASH = keys.TEMPLATE_HASH
 A_OBJECT_HASH = keys.OBJECT_HASH
 A_RESTARTED_AT = keys.RESTARTED_AT
 A_WORLD_SIZE = keys.WORLD_SIZE
+A_RANKS_PER_POD = keys.RANKS_PER_POD
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,14 @@ class GroupSettings:
     incarnation: int = 0
     restarted_at: str | None = None
 
+    def ranks_per_pod(self, spec: TPInferenceClusterSpec) -> int:
+        return layout.ranks_per_pod(spec, self.tp)
 
-def group_pods(gs: GroupSettings) -> int:
-    """The pods of a group (its StatefulSet's replicas): one per rank until ranksPerPod lands
-    (then ``tp / ranksPerPod``); placement and pod-group counts read it, never ``tp``."""
-    return gs.tp
+
+def group_pods(spec: TPInferenceClusterSpec, gs: GroupSettings) -> int:
+    """The pods of a group (its StatefulSet's replicas, ``tp / ranksPerPod``): placement and the
+    pod-group count read it, never ``tp``."""
+    return ranks.pods_per_group(gs.tp, gs.ranks_per_pod(spec))
 
 
 # ------------------------------------------------------------------------------------ names
@@ -203,28 +211,52 @@ def runtime_env(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings
     def field(path: str) -> dict[str, Any]:
         return {"valueFrom": {"fieldRef": {"fieldPath": path}}}
 
+    if gs.ranks_per_pod(spec) > 1:
+        # The launcher sets RANK and LOCAL_RANK per process from the pod's ordinal (the same
+        # label that gives RANK to a one-rank pod) and gives each local rank its own Lease name.
+        rank_env = [{"name": env.POD_ORDINAL, **field(f"metadata.labels['{POD_INDEX_LABEL}']")}]
+        local_env: list[dict[str, Any]] = []
+    else:
+        rank_env = [{"name": env.RANK, **field(f"metadata.labels['{POD_INDEX_LABEL}']")}]
+        local_env = [{"name": env.LOCAL_RANK, "value": "0"}]
     return [
         {"name": env.POD_NAME, **field("metadata.name")},
         {"name": env.POD_NAMESPACE, **field("metadata.namespace")},
-        {"name": env.RANK, **field(f"metadata.labels['{POD_INDEX_LABEL}']")},
+        *rank_env,
         {"name": env.WORLD_SIZE, "value": str(gs.tp)},
         {"name": env.MASTER_ADDR, "value": master},
         {"name": env.MASTER_PORT, "value": str(MASTER_PORT)},
-        {"name": env.LOCAL_RANK, "value": "0"},
+        *local_env,
         {"name": env.LEASE_NAME, "value": f"$({env.POD_NAME})"},
         {"name": env.HEARTBEAT_INTERVAL_SECONDS, "value": f"{defaults.HEARTBEAT_INTERVAL_SECONDS:g}"},
         {"name": "HOME", "value": "/tmp"},
     ]
 
 
-def _resources(spec: TPInferenceClusterSpec) -> dict[str, Any]:
+def scale_quantity(quantity: str, times: int) -> str:
+    """``times`` x a resource quantity, in its own unit ("4" x 2 = "8", "1.5Gi" x 4 = "6Gi")."""
+    if times == 1:
+        return quantity
+    text = quantity.lstrip("+")
+    digits = len(text) - len(text.lstrip("0123456789."))
+    try:
+        number = Decimal(text[:digits]) * times
+    except InvalidOperation:
+        raise ValueError(f"cannot scale the quantity {quantity!r}") from None
+    out = format(number.normalize(), "f")
+    return out + text[digits:]
+
+
+def _resources(spec: TPInferenceClusterSpec, n: int = 1) -> dict[str, Any]:
+    """Requests = limits: ``n`` x the per-rank amounts, for a pod of ``n`` ranks (every local rank
+    sees all of the pod's GPUs, so NCCL can use P2P/NVLink between them)."""
     amounts: dict[str, Any] = {}
     if spec.resources.cpu:
-        amounts["cpu"] = spec.resources.cpu
+        amounts["cpu"] = scale_quantity(spec.resources.cpu, n)
     if spec.resources.memory:
-        amounts["memory"] = spec.resources.memory
+        amounts["memory"] = scale_quantity(spec.resources.memory, n)
     if spec.resources.gpus:
-        amounts["nvidia.com/gpu"] = str(spec.resources.gpus)
+        amounts["nvidia.com/gpu"] = str(spec.resources.gpus * n)
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
@@ -253,16 +285,19 @@ def incarnation_metadata(
     a recreate is not a rollout): the incarnation, the pod-group name and count (gang schedulers).
     ``pods``: the group's pod count when it is not the one ``gs`` renders (a group healed in place
     keeps its StatefulSet's)."""
-    count = group_pods(gs) if pods is None else pods
+    count = group_pods(spec, gs) if pods is None else pods
     labels, annotations = placement.group_metadata(spec.scheduling, ident.name, gs.group, gs.incarnation, count)
     return {**labels, L_INCARNATION: str(gs.incarnation)}, annotations
 
 
 def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> dict[str, Any]:
     port = spec.runtime.port
+    n = gs.ranks_per_pod(spec)
     http_probe = {"httpGet": {"path": "/healthz", "port": "http"}}
     mounts: list[dict[str, Any]] = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
     # NCCL and gloo exchange tensors through /dev/shm; the container default of 64Mi is too small.
+    # No sizeLimit: the tmpfs is charged to the container's memory limit, which is n x per rank,
+    # so it grows with the ranks that share it.
     volumes: list[dict[str, Any]] = [
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
         {"name": "tmp", "emptyDir": {}},
@@ -274,14 +309,16 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
         "name": "runtime",
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
-        "command": ["python", "-m", "tpi_runtime", "serve"],
+        "command": ["python", "-m", "tpi_runtime", "serve"]
+        if n == 1
+        else ["python", "-m", "tpi_runtime", "launch", "--ranks-per-pod", str(n), "serve"],
         "args": runtime_args(spec, gs.batch),
         "env": runtime_env(spec, ident, gs),
         "ports": [
             {"name": "http", "containerPort": port, "protocol": "TCP"},
             {"name": "dist", "containerPort": MASTER_PORT, "protocol": "TCP"},
         ],
-        "resources": _resources(spec),
+        "resources": _resources(spec, n),
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": "http"},
             "periodSeconds": 5,
@@ -301,6 +338,9 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
         },
         "volumeMounts": mounts,
     }
+    if n > 1:  # the launcher names the local rank that ended the pod there (tpi_contract.termination)
+        container["terminationMessagePath"] = termination.DEFAULT_PATH
+        container["terminationMessagePolicy"] = "File"
     sched = spec.scheduling
     pod_spec: dict[str, Any] = {
         "serviceAccountName": runtime_sa_name(ident.name),
@@ -320,7 +360,7 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
         pod_spec["nodeSelector"] = dict(sched.node_selector)
     if sched.tolerations:
         pod_spec["tolerations"] = [t.wire() for t in sched.tolerations]
-    affinity = placement.affinity(sched, ident.name, group_pods(gs))
+    affinity = placement.affinity(sched, ident.name, group_pods(spec, gs))
     if affinity:
         pod_spec["affinity"] = affinity
     if sched.priority_class_name:
@@ -328,6 +368,8 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
     if sched.scheduler_name:
         pod_spec["schedulerName"] = sched.scheduler_name
     annotations = {A_WORLD_SIZE: str(gs.tp)}
+    if n > 1:
+        annotations[A_RANKS_PER_POD] = str(n)
     if gs.restarted_at:
         annotations[A_RESTARTED_AT] = gs.restarted_at
     return {
@@ -351,20 +393,21 @@ def template_hash(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettin
 def statefulset(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> dict[str, Any]:
     template = pod_template(spec, ident, gs)
     labels = template["metadata"]["labels"]
+    n = gs.ranks_per_pod(spec)
+    annotations = {L_TEMPLATE_HASH: labels[L_TEMPLATE_HASH], L_INCARNATION: labels[L_INCARNATION]}
+    if n > 1:  # observe reads it (the operator's StatefulSet index keeps metadata, not the template)
+        annotations[A_RANKS_PER_POD] = str(n)
     return _stamp(
         {
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
             "metadata": {
                 **_meta(ident, sts_name(ident.name, gs.group), {L_GROUP: str(gs.group)}),
-                "annotations": {
-                    L_TEMPLATE_HASH: labels[L_TEMPLATE_HASH],
-                    L_INCARNATION: labels[L_INCARNATION],
-                },
+                "annotations": annotations,
             },
             "spec": {
                 "serviceName": headless_name(ident.name),
-                "replicas": gs.tp,
+                "replicas": group_pods(spec, gs),
                 "podManagementPolicy": "Parallel",
                 "updateStrategy": {"type": "OnDelete"},
                 "selector": {"matchLabels": {L_CLUSTER: ident.name, L_GROUP: str(gs.group)}},
@@ -434,7 +477,8 @@ def disruption_budget(spec: TPInferenceClusterSpec, ident: Identity) -> dict[str
     With ``maxUnavailable`` pods, each eviction can cost at most one group; once a group is down its
     unready ranks use up the budget, so no pod of another group is evicted until it is Ready again.
     The evicted group's other ranks need no eviction: the operator deletes them itself, and a drain
-    only waits for them to be gone.
+    only waits for them to be gone.  With several ranks per pod nothing changes: one evicted pod
+    still breaks exactly one group, and that group's unready pods use up the budget the same way.
     """
     return _stamp(
         {
@@ -452,9 +496,16 @@ def disruption_budget(spec: TPInferenceClusterSpec, ident: Identity) -> dict[str
     )
 
 
-def lease(spec: TPInferenceClusterSpec, ident: Identity, group: int, rank: int) -> dict[str, Any]:
-    """A rank's heartbeat Lease. Only the fields the operator owns: the runtime renews renewTime."""
-    name = pod_name(ident.name, group, rank)
+def lease(
+    spec: TPInferenceClusterSpec, ident: Identity, group: int, rank: int, ranks_per_pod: int = 1
+) -> dict[str, Any]:
+    """A rank's heartbeat Lease. Only the fields the operator owns: the runtime renews renewTime.
+
+    Named ``ranks.lease_name``: the pod's name with one rank per pod, ``<pod>-r<local rank>``
+    otherwise; its holder is the pod, as the runtime writes it."""
+    ordinal, local = ranks.placement(rank, ranks_per_pod)
+    pod = pod_name(ident.name, group, ordinal)
+    name = ranks.lease_name(pod, local, ranks_per_pod)
     return _stamp(
         {
             "apiVersion": "coordination.k8s.io/v1",
@@ -464,7 +515,7 @@ def lease(spec: TPInferenceClusterSpec, ident: Identity, group: int, rank: int) 
                 "annotations": {L_RANK: str(rank)},
             },
             "spec": {
-                "holderIdentity": name,
+                "holderIdentity": pod,
                 "leaseDurationSeconds": spec.failure_policy.heartbeat_timeout_seconds,
             },
         }

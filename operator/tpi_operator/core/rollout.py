@@ -54,6 +54,8 @@ def describe(pods: list[PodObs]) -> str:
         return "no rank pods"
     parts = []
     for p in pods:
+        if p.local_rank:  # a pod of several ranks is described once
+            continue
         state = p.waiting_reason or p.phase
         parts.append(f"{p.name} {state}{'' if p.ready else ' (not Ready)'}")
     return ", ".join(parts)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from tpi_contract import termination
+
 from tpi_operator.api.v1alpha1 import (
     Condition,
     RankStatus,
@@ -87,17 +89,24 @@ def compute(
     all_running = True
     for gs in st.groups:
         sts = obs.statefulsets.get(gs.group)
-        size = sts.replicas if sts is not None and gs.group not in rolled else st.current_tensor_parallel_size
+        size = sts.ranks if sts is not None and gs.group not in rolled else st.current_tensor_parallel_size
         size = size or 0
         total += size
         pods = current_pods(obs, gs.group, gs.incarnation)
         for p in pods:
-            lease = obs.leases.get(p.name)
+            lease = obs.leases.get(p.lease_name)
+            several = p.ranks_per_pod > 1  # the fields of several ranks per pod (absent otherwise)
+            cause = termination.parse(p.termination_cause)
             ranks.append(
                 RankStatus(
                     group=p.group,
                     rank=p.rank,
                     pod=p.name,
+                    local_rank=p.local_rank if several else None,
+                    # the launcher's message names the local rank that ended the pod: shown on it
+                    termination_message=p.termination_cause
+                    if several and (cause is None or cause.local_rank == p.local_rank)
+                    else None,
                     node=p.node,
                     phase=p.phase,
                     ready=p.ready,
@@ -113,13 +122,13 @@ def compute(
             ready_ranks += 1 if p.ready and p.rank < size else 0
         if len(pods) < size or any(p.phase != "Running" for p in pods):
             all_running = False
-        ready = sts is not None and group_ready(obs, gs.group, gs.incarnation, sts.replicas)
+        ready = sts is not None and group_ready(obs, gs.group, gs.incarnation, sts.ranks)
         ready = ready and gs.group not in rolled
         gs.ready = ready
         if ready and sts is not None:
             gs.ready_hash = sts.template_hash
             batch = group_batch(spec, st, gs.group, obs.restarted_at)
-            if sts.template_hash == obs.hash_for(st.current_tensor_parallel_size or sts.replicas, batch):
+            if sts.template_hash == obs.hash_for(st.current_tensor_parallel_size or sts.ranks, batch):
                 st.ready_spec = spec_digest(obs)  # this spec works (at some size and batch)
         if ready:
             ready_groups += 1

@@ -174,3 +174,58 @@ def test_a_node_going_not_ready_wakes_the_clusters_with_ranks_on_it() -> None:
     assert seen("Unknown") == set()
     assert seen("True") == {"a"}
     assert seen(None, "DELETED") == {"a"}
+
+
+def test_reconcilers_copy_their_state_only_once_a_worker_is_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """500 clusters that wake together must not all hold their snapshots while they queue."""
+    import threading
+
+    import kopf
+
+    state = handlers.Shared(config=handlers.OperatorConfig(workers=2))
+    release, snapshots = threading.Event(), []
+    plain = handlers._plain
+
+    def counting_plain(obj):  # the snapshot each reconcile takes of its cluster
+        snapshots.append(1)
+        return plain(obj)
+
+    def blocked_reconcile(state, mem, body, *rest):  # both workers busy until released
+        release.wait(10)
+        state.gone.add(body["metadata"]["uid"])  # one pass each: then the daemon ends
+        return handlers.Outcome(wake_after=0.01)
+
+    monkeypatch.setattr(handlers, "_plain", counting_plain)
+    monkeypatch.setattr(handlers, "reconcile_once", blocked_reconcile)
+
+    class Running:
+        def __bool__(self) -> bool:
+            return False
+
+    async def run() -> int:
+        memo = kopf.Memo(shared=state)
+        daemons = [
+            asyncio.create_task(handlers.reconciler(
+                name=f"c{i}", namespace="ns", body={"metadata": {"name": f"c{i}", "namespace": "ns", "uid": f"u{i}"}},
+                stopped=Running(), memo=memo, tpi_pods={}, tpi_leases={}, tpi_statefulsets={}, tpi_nodes={},
+            ))
+            for i in range(10)
+        ]  # fmt: skip
+        await asyncio.sleep(0.3)
+        taken = len(snapshots)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*daemons), timeout=10)
+        assert len(snapshots) == 10
+        return taken
+
+    assert asyncio.run(run()) == 2
+
+
+@pytest.mark.parametrize(("wake_after", "lowest", "highest"), [(30.0, 30.0, 33.0), (300.0, 300.0, 330.0),
+                                                              (2.0, 2.0, 2.0), (0.5, 0.5, 0.5)])  # fmt: skip
+def test_idle_resyncs_are_spread_and_deadlines_kept(wake_after: float, lowest: float, highest: float) -> None:
+    config = handlers.OperatorConfig()  # idle_seconds 30
+    seen = [handlers._jittered(wake_after, config) for _ in range(200)]
+    assert lowest <= min(seen) and max(seen) <= highest
+    if lowest != highest:
+        assert len(set(seen)) > 1

@@ -133,3 +133,18 @@ def test_api_rejects_a_topology_key_that_is_no_label_key() -> None:
     with pytest.raises(pydantic.ValidationError):
         sched(topologyKey="not a key")
     assert sched(topologyKey="topology.kubernetes.io/zone").topology_key == "topology.kubernetes.io/zone"
+
+
+@pytest.mark.parametrize(
+    ("ranks_per_pod", "pods", "packed"),
+    [(None, 1, False), (2, 2, True), (1, 4, True), (4, 1, False)],  # None: a GPU group's default, one pod
+)
+def test_placement_and_pod_group_count_follow_the_pods_not_the_ranks(
+    ranks_per_pod: int | None, pods: int, packed: bool
+) -> None:
+    spec = make_spec(resources={"gpus": 1}, **({"ranksPerPod": ranks_per_pod} if ranks_per_pod else {}))
+    sts = render.statefulset(spec, IDENT, render.GroupSettings(group=0, tp=4, batch=8))
+    tmpl = sts["spec"]["template"]
+    assert sts["spec"]["replicas"] == pods
+    assert tmpl["metadata"]["annotations"][keys.POD_GROUP_TOTAL_COUNT] == str(pods)
+    assert ("podAffinity" in (tmpl["spec"].get("affinity") or {})) is packed

@@ -11,7 +11,7 @@ from tpi_operator.api.v1alpha1 import GroupStatus, TPInferenceClusterStatus
 from tpi_operator.core import reconcile, render
 from tpi_operator.core import recovery as rc
 from tpi_operator.core.capacity import Capacity, NodeRoom
-from tpi_operator.core.observe import format_time
+from tpi_operator.core.observe import StsObs, format_time
 
 from tests.unit.operator.op_builders import IDENT, NOW, healthy_pods, make_obs, make_spec
 
@@ -39,10 +39,10 @@ def status(**group: object) -> TPInferenceClusterStatus:
     )
 
 
-def released(retry_in: float, releases: int = 1, incarnation: int = 1) -> TPInferenceClusterStatus:
+def released(retry_in: float, releases: int = 1, incarnation: int = 1, pods: int = 4) -> TPInferenceClusterStatus:
     return status(incarnation=incarnation, released_at=format_time(NOW - dt.timedelta(seconds=30), micro=True),
                   retry_at=format_time(NOW + dt.timedelta(seconds=retry_in), micro=True),
-                  releases=releases, release_pods=4)  # fmt: skip
+                  releases=releases, release_pods=pods)  # fmt: skip
 
 
 def of(actions: list[rc.Action], kind: type) -> list:
@@ -110,7 +110,7 @@ def test_a_released_group_waits_out_its_retry_time_holding_nothing() -> None:
 )  # fmt: skip
 def test_retry_scales_back_up_only_when_the_whole_group_fits(cap: Capacity | None, fp: dict, expected: list) -> None:
     spec = spec_min4(**fp)
-    obs = make_obs(spec, pods=[], status=released(retry_in=-1), capacity=cap, sts_tp={0: 0})
+    obs = make_obs(spec, pods=[], status=released(retry_in=-1), capacities={1: cap} if cap else {}, sts_tp={0: 0})
     actions = rc.plan(spec, obs)
     assert [a.kind for a in actions if a.kind not in ("Wait", "RollGroup")] == expected
     decision = reconcile.decide(spec, IDENT, obs)
@@ -141,3 +141,25 @@ def test_a_ready_group_starts_its_release_backoff_afresh() -> None:
     st = status(incarnation=2, releases=3)
     obs = make_obs(spec, pods=healthy_pods(incarnation=2), status=st)
     assert rc.transition(spec, obs, rc.plan(spec, obs)).groups[0].releases == 0
+
+
+def test_a_group_of_two_ranks_per_pod_is_released_and_counted_in_pods() -> None:
+    spec = make_spec(resources={"gpus": 1}, ranksPerPod=2, failurePolicy={"minTensorParallelSize": 4})
+    bound = {"node": "node-0"}
+    stuck = {"phase": "Pending", "ready": False, "node": None,
+             "unschedulable_since": NOW - dt.timedelta(seconds=TIMEOUT + 1)}  # fmt: skip
+    pods = [
+        dataclasses.replace(p, name=f"demo-g0-{p.rank // 2}", local_rank=p.rank % 2, ranks_per_pod=2,
+                            **(bound if p.rank < 2 else stuck))
+        for p in healthy_pods()
+    ]  # fmt: skip
+    obs = make_obs(spec, pods=pods, status=status(), sts_tp={}, capacities={2: Capacity.counting(0)})
+    obs = dataclasses.replace(obs, statefulsets={0: StsObs(group=0, replicas=2, template_hash="x", ranks_per_pod=2)})
+    [release] = of(rc.plan(spec, obs), rc.ReleaseGroup)
+    assert release.pods == 2 and "1 of its 2 pods" not in release.message  # ranks 2 and 3 are one pod
+    assert "while 1 hold resources (1 on node-0)" in release.message
+    # it comes back only when a pod of 2 ranks fits twice
+    back = make_obs(spec, pods=[], status=released(-1, pods=2), sts_tp={}, capacities={2: Capacity.counting(1)})
+    assert not of(rc.plan(spec, back), rc.ResumeGroup)
+    back = dataclasses.replace(back, capacities={2: Capacity.counting(2)})
+    assert of(rc.plan(spec, back), rc.ResumeGroup)

@@ -86,6 +86,7 @@ def test_model_sources(source, volume_key, model_dir):
 
 def test_resources_and_scheduling():
     _, obj = sts(
+        ranksPerPod=1,  # one rank per pod: the per-rank amounts (GPU ranks default to one pod per group)
         resources={"cpu": "2", "memory": "8Gi", "gpus": 1},
         scheduling={"nodeSelector": {"gpu": "yes"}, "tolerations": [{"key": "g", "operator": "Exists"}],
                     "affinity": {"nodeAffinity": {"x": 1}}},

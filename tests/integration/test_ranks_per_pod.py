@@ -1,0 +1,189 @@
+"""Issue 11 against the real control plane: a GPU group runs as one pod of several ranks.
+
+kwok plays 4-GPU fake nodes of this test's own (labelled and tainted so only its pods land there),
+with a kwok process that loads this checkout's fault stages (the ``exit`` fault: an exit code and a
+termination message, as ``python -m tpi_runtime launch`` writes them). No runtime runs: the test
+renews the per-rank heartbeat Leases itself. The failure policy is the default one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+from tpikit.kube import kubectl, wait_until
+
+from tests.integration.conftest import inject_exit
+from tests.integration.test_faults import TEST_LABEL, Kwok, apply_crd, ready
+from tests.integration.test_operator import Operator, apply, get, pods, renew_leases, status, wait_phase
+from tests.integration.test_rollout import stages
+
+pytestmark = pytest.mark.integration
+LEASES = [f"demo-g0-0-r{r}" for r in range(4)]
+OOM_MESSAGE = (
+    "local rank 2 (rank 2) exited 137: OOMKilled: the kernel's OOM killer struck in this container's cgroup "
+    "(oom_kill 0 -> 1)\nlocal rank 0 (rank 0) exited 143 after the launcher stopped it: killed by SIGTERM"
+)
+
+
+class GpuNodes:
+    """Fake nodes with 4 GPUs each, played by a kwok of this test's own."""
+
+    def __init__(self, kubeconfig: str, tmp: Path) -> None:
+        self.id = f"gpu-{uuid.uuid4().hex[:6]}"
+        self.kwok = Kwok(kubeconfig, self.id, "10.253.0.0/16", tmp / "kwok.log", stages(tmp))
+        self.names: list[str] = []
+
+    def add(self, index: int, gpus: int = 4) -> str:
+        name = f"{self.id}-{index}"
+        amounts = {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": str(gpus), "pods": "110"}
+        node = {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {
+                "name": name,
+                "annotations": {"kwok.x-k8s.io/node": self.id, "node.alpha.kubernetes.io/ttl": "0"},
+                "labels": {"kubernetes.io/hostname": name, "type": "kwok", TEST_LABEL: self.id},
+            },
+            "spec": {"taints": [{"key": TEST_LABEL, "value": self.id, "effect": "NoSchedule"}]},
+            "status": {"allocatable": amounts, "capacity": amounts},
+        }  # fmt: skip
+        self.names.append(name)
+        kubectl("apply", "-f", "-", input=json.dumps(node))
+        wait_until(lambda: ready(name) is True, timeout=60, what=f"node {name} Ready")
+        return name
+
+    def cleanup(self) -> None:
+        self.kwok.kill()
+        for name in self.names:
+            kubectl("delete", "node", name, "--wait=false", check=False)
+
+
+@pytest.fixture()
+def gpu_nodes(kubeconfig: str, tmp_path: Path) -> Iterator[GpuNodes]:
+    fake = GpuNodes(kubeconfig, tmp_path)
+    fake.kwok.start()
+    try:
+        fake.add(0)
+        fake.add(1)
+        yield fake
+    finally:
+        fake.cleanup()
+
+
+@pytest.fixture()
+def op(kubeconfig: str, namespace: str, tmp_path: Path) -> Iterator[Operator]:
+    apply_crd()
+    proc = Operator(kubeconfig, namespace, tmp_path / "operator.log")
+    proc.start()
+    yield proc
+    kubectl("delete", "tpic", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
+    proc.stop()
+    print((tmp_path / "operator.log").read_text()[-20000:])
+
+
+def gpu_cluster(fake: GpuNodes, **spec: object) -> str:
+    """A TP=4 cluster of 1-GPU ranks on this test's nodes; no ranksPerPod (the GPU default)."""
+    base: dict = {
+        "image": "tpi-runtime:test",
+        "model": {"source": {"image": {"path": "/models/tiny"}}},
+        "tensorParallelSize": 4,
+        "resources": {"cpu": "1", "memory": "1Gi", "gpus": 1},
+        "runtime": {"maxBatchSize": 8},
+        "scheduling": {
+            "nodeSelector": {TEST_LABEL: fake.id},
+            "tolerations": [{"key": TEST_LABEL, "operator": "Equal", "value": fake.id, "effect": "NoSchedule"}],
+        },
+        **spec,
+    }
+    return json.dumps({"apiVersion": "tpi.dev/v1alpha1", "kind": "TPInferenceCluster",
+                       "metadata": {"name": "demo"}, "spec": base})  # fmt: skip
+
+
+def lease_names(namespace: str) -> list[str]:
+    items = json.loads(kubectl("get", "leases", "-n", namespace, "-l", "tpi.dev/cluster=demo", "-o", "json"))
+    return sorted(i["metadata"]["name"] for i in items["items"])
+
+
+def test_a_tp4_gpu_group_is_one_pod_of_four_ranks(op: Operator, namespace: str, gpu_nodes: GpuNodes) -> None:
+    apply(namespace, gpu_cluster(gpu_nodes))
+    st = wait_phase(namespace, "Running")
+    live = pods(namespace)
+    assert len(live) == 1, [p["metadata"]["name"] for p in live]
+    pod = live[0]
+    c = pod["spec"]["containers"][0]
+    four = {"cpu": "4", "memory": "4Gi", "nvidia.com/gpu": "4"}  # 4 x the per-rank resources
+    assert c["resources"]["limits"] == four == c["resources"]["requests"]
+    assert c["command"] == ["python", "-m", "tpi_runtime", "launch", "--ranks-per-pod", "4", "serve"]
+    assert pod["spec"]["nodeName"] in gpu_nodes.names
+    assert get(namespace, "statefulset", "demo-g0")["spec"]["replicas"] == 1
+    assert lease_names(namespace) == LEASES
+    role = get(namespace, "role", "demo-runtime")
+    assert sorted(role["rules"][0]["resourceNames"]) == LEASES
+    for name in LEASES:  # the runtime writes holderIdentity = the pod name; the operator sets it too
+        assert get(namespace, "lease", name)["spec"]["holderIdentity"] == "demo-g0-0"
+    assert [(r["rank"], r["pod"], r["localRank"], r["node"]) for r in st["ranks"]] == [
+        (r, "demo-g0-0", r, pod["spec"]["nodeName"]) for r in range(4)
+    ]
+    assert (st["readyRanks"], st["totalRanks"], st["ready"], st["tp"]) == (4, 4, "4/4", "4/4")
+    rows = [line.split() for line in kubectl("get", "tpic", "-n", namespace).splitlines()]
+    assert rows[1][:4] == ["demo", "4/4", "4/4", "Running"]
+
+
+def test_a_stale_lease_of_local_rank_2_recreates_the_group(
+    op: Operator, namespace: str, gpu_nodes: GpuNodes, api_client: client.ApiClient
+) -> None:
+    apply(namespace, gpu_cluster(gpu_nodes))  # default heartbeatTimeoutSeconds (30)
+    wait_phase(namespace, "Running")
+    wait_until(lambda: lease_names(namespace) == LEASES, timeout=30, what="the 4 Leases")
+    renew_leases(api_client, namespace, LEASES)  # every rank beats: its Lease counts from now
+    time.sleep(1.5)
+    renew_leases(api_client, namespace, LEASES)
+    assert status(namespace).get("restarts", 0) == 0
+
+    def hung() -> dict | None:
+        found = next((h for h in status(namespace).get("history", []) if h["reason"] == "HeartbeatTimeout"), None)
+        if found is None:  # local ranks 0, 1 and 3 keep beating; local rank 2 is hung
+            renew_leases(api_client, namespace, [n for n in LEASES if not n.endswith("-r2")])
+        return found
+
+    entry = wait_until(hung, timeout=90, interval=1, what="HeartbeatTimeout recreate")
+    assert entry["action"] == "RecreateGroup", entry
+    assert "demo-g0-0 (local rank 2, rank 2) hung" in entry["message"], entry
+    wait_until(lambda: [p["metadata"]["labels"]["tpi.dev/incarnation"] for p in pods(namespace)] == ["1"],
+               timeout=60, what="the group recreated")  # fmt: skip
+    assert wait_phase(namespace, "Running")["restarts"] == 1
+
+
+def test_launcher_exit_137_with_an_oom_message_halves_the_batch(
+    op: Operator, namespace: str, gpu_nodes: GpuNodes
+) -> None:
+    apply(namespace, gpu_cluster(gpu_nodes))
+    wait_phase(namespace, "Running")
+    inject_exit(namespace, "demo-g0-0", 137, OOM_MESSAGE)  # the kubelet says Error, the launcher OOMKilled
+    wait_until(lambda: status(namespace).get("effectiveMaxBatchSize") == 4, timeout=60, what="batch halved")
+    entries = status(namespace)["history"]
+    assert {"HalveBatch", "RecreateGroup"} <= {h["action"] for h in entries}, entries
+    recreate = next(h for h in entries if h["action"] == "RecreateGroup")
+    assert recreate["reason"] == "OOMKilled" and "local rank 2 (rank 2) exited 137" in recreate["message"]
+    wait_until(lambda: [p["metadata"]["labels"]["tpi.dev/incarnation"] for p in pods(namespace)] == ["1"],
+               timeout=60, what="the group recreated")  # fmt: skip
+    wait_phase(namespace, "Running")
+    args = pods(namespace)[0]["spec"]["containers"][0]["args"]
+    assert args[args.index("--effective-batch-size") + 1] == "4"
+
+
+def test_ranks_per_pod_must_divide_the_group(namespace: str, kubeconfig: str) -> None:
+    apply_crd()
+    for rpp, message in [(3, "ranksPerPod must divide tensorParallelSize"), (0, "spec.ranksPerPod")]:
+        bad = {"apiVersion": "tpi.dev/v1alpha1", "kind": "TPInferenceCluster", "metadata": {"name": "bad"},
+               "spec": {"image": "x", "model": {"source": {"image": {"path": "/m"}}}, "tensorParallelSize": 4,
+                        "ranksPerPod": rpp}}  # fmt: skip
+        with pytest.raises(RuntimeError) as err:
+            apply(namespace, json.dumps(bad))
+        assert message in str(err.value), str(err.value)
+    assert not json.loads(kubectl("get", "tpic", "-n", namespace, "-o", "json"))["items"]
