@@ -21,6 +21,7 @@ from tpikit.kube import kubectl, wait_until
 from tests.integration.test_faults import (  # noqa: F401 - fixtures
     TEST_LABEL,
     FakeNodes,
+    apply_crd,
     crd_applied,
     nodes,
     op,
@@ -44,6 +45,18 @@ def gpu_cluster(fake: FakeNodes, name: str = "demo", *, tp: int, replicas: int =
     ))  # fmt: skip
     doc["spec"]["failurePolicy"] = {"minTensorParallelSize": tp} if no_degrade else {}
     return json.dumps(doc)
+
+
+_crd_at = [0.0]
+
+
+def keep_crd() -> None:
+    """Re-apply this revision's CRD every 15 s during the long waits: a concurrent session applying
+    an older revision would prune the status fields of a release (the operator's status writes then
+    fail, and it acts on nothing until the schema knows them again)."""
+    if time.monotonic() - _crd_at[0] > 15:
+        apply_crd()
+        _crd_at[0] = time.monotonic()
 
 
 def live_pods(namespace: str, cluster: str = "demo") -> list[dict]:
@@ -132,6 +145,7 @@ def test_two_clusters_needing_4_of_6_gpus_end_one_ready_and_the_other_holding_no
     assert split and len([p for p in live_pods(namespace, "a") if p["spec"].get("nodeName")]) == 3
 
     def settled() -> tuple[str, str] | None:
+        keep_crd()
         ready = [c for c in "ab" if get(namespace, "tpic", c).get("status", {}).get("readyRanks") == 4]
         if len(ready) != 1:
             return None
@@ -147,6 +161,7 @@ def test_two_clusters_needing_4_of_6_gpus_end_one_ready_and_the_other_holding_no
     print(f"releases: {winner} {history(namespace, winner, 'ReleaseGroup')}, {loser} {releases}")
     while time.monotonic() - start < CONTENTION_SOAK_SECONDS:
         time.sleep(10)
+        keep_crd()
         assert get(namespace, "tpic", winner)["status"].get("readyRanks") == 4, "the winner lost its group"
         assert not [p for p in live_pods(namespace, loser) if p["spec"].get("nodeName")], "the loser holds GPUs"
     # no split loop: nobody was released again once one group formed
@@ -171,6 +186,7 @@ def test_a_partly_scheduled_group_is_released_and_comes_back_whole(
                timeout=90, what="3 of 4 pods bound")  # fmt: skip
 
     def released() -> dict | None:
+        keep_crd()
         st = get(namespace, "tpic", "demo").get("status", {})
         g = (st.get("groups") or [{}])[0]
         return st if g.get("releasedAt") and not live_pods(namespace) else None
@@ -183,8 +199,12 @@ def test_a_partly_scheduled_group_is_released_and_comes_back_whole(
     assert "3 hold resources" in release[0]["message"], release[0]["message"]
     # room for the whole group: it scales back up after its backoff and forms
     nodes.add("gpu-3", "a", dies=False, gpus=1)
-    st = wait_until(lambda: (s := get(namespace, "tpic", "demo").get("status", {})).get("readyRanks") == 4 and s,
-                    timeout=150, interval=2, what="the group back, whole and Ready")  # fmt: skip
+    def back() -> dict | None:
+        keep_crd()
+        st = get(namespace, "tpic", "demo").get("status", {})
+        return st if st.get("readyRanks") == 4 else None
+
+    st = wait_until(back, timeout=150, interval=2, what="the group back, whole and Ready")
     assert st["groups"][0].get("releasedAt") is None and st["groups"][0]["incarnation"] >= 1
     assert history(namespace, "demo", "ResumeGroup") == 1
     assert {p["metadata"]["labels"]["tpi.dev/pod-group"] for p in live_pods(namespace)} == {
