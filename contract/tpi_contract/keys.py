@@ -16,12 +16,20 @@ GROUP = PREFIX + "group"
 RANK = PREFIX + "rank"
 INCARNATION = PREFIX + "incarnation"
 TEMPLATE_HASH = PREFIX + "template-hash"
+#: A group's pods in one incarnation: ``<cluster>-g<group>-i<incarnation>`` (gang schedulers' unit).
+POD_GROUP = PREFIX + "pod-group"
+#: A group across incarnations and namespaces (a short hash): exclusive placement tells groups apart by it.
+GROUP_ID = PREFIX + "group-id"
+#: On the pods of an exclusive group: a short hash of its topologyKey.
+EXCLUSIVE_TOPOLOGY = PREFIX + "exclusive-topology"
 
 # -- annotations the operator writes --------------------------------------------------------------
 OBJECT_HASH = PREFIX + "object-hash"
 WORLD_SIZE = PREFIX + "world-size"
 #: Set by users on a TPInferenceCluster to restart it (and copied onto the pod template).
 RESTARTED_AT = PREFIX + "restartedAt"
+#: On every rank pod: how many pods its group has (the pod-group's total count).
+POD_GROUP_TOTAL_COUNT = PREFIX + "pod-group-total-count"
 
 #: The runtime flag that carries the batch size the operator assigns to a group.
 ASSIGNED_BATCH_FLAG = "--effective-batch-size"

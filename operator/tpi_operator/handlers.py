@@ -37,7 +37,7 @@ import pydantic
 
 from tpi_operator import checkpoint, metrics
 from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, TPInferenceClusterSpec, TPInferenceClusterStatus
-from tpi_operator.core import admission, capacity, heartbeat, layout, reconcile, recovery, render, sizing
+from tpi_operator.core import admission, capacity, heartbeat, layout, placement, reconcile, recovery, render, sizing
 from tpi_operator.core import status as status_core
 from tpi_operator.core.observe import NodeObs, Observation, foreign_owner, lease_obs, node_obs, rank_obs, sts_obs
 from tpi_operator.kube import Kube, KubeError, load_configuration
@@ -454,6 +454,8 @@ def _needs_capacity(st: Mapping[str, Any], pods: list[dict[str, Any]]) -> bool:
     """Free capacity matters only to a degraded cluster or a rank that cannot be scheduled."""
     if (st.get("currentTensorParallelSize") or 0) < (st.get("desiredTensorParallelSize") or 0):
         return True
+    if any(g.get("releasedAt") for g in st.get("groups") or []):  # it scales back up once it fits
+        return True
     return any(
         c.get("type") == "PodScheduled" and c.get("status") == "False"
         for p in pods
@@ -589,7 +591,8 @@ def reconcile_once(
         leases=heartbeat.with_since(lease_map, mem.leases_seen),
         statefulsets={s.group: s for s in sts_list},
         restarted_at=restarted_at,
-        **_free_slots(state, kube, spec, world, {layout.ranks_per_pod(spec, s) for s in sizes if s <= desired}),
+        **_free_slots(state, kube, spec, world, {layout.ranks_per_pod(spec, s) for s in sizes if s <= desired}, ident),
+        group_id=lambda g: placement.group_id(namespace, name, g),
         nodes=_nodes(state, world, now),
         foreign=_foreign(kube, mem, spec, ident),
         hash_for=reconcile.hash_function(spec, ident, restarted_at),
@@ -646,11 +649,18 @@ def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
 
 
 def _free_slots(
-    state: Shared, kube: Kube, spec: TPInferenceClusterSpec, world: World, pod_sizes: set[int]
+    state: Shared,
+    kube: Kube,
+    spec: TPInferenceClusterSpec,
+    world: World,
+    pod_sizes: set[int],
+    ident: render.Identity,
 ) -> dict[str, Any]:
     """Free capacity, only when a decision needs it (``_needs_capacity``): the node index, minus
-    what is bound to each candidate node (``_node_usage``); in ranks of one-rank pods
-    (``free_rank_slots``) and of pods of each other size the group may run (``free_ranks_in_pods``)."""
+    what is bound to each candidate node (``_node_usage``, and the rank pods the operator's watch
+    shows now); in ranks of one-rank pods (``free_rank_slots``), of pods of each other size the
+    group may run (``free_ranks_in_pods``), and as room under the placement rules per pod size
+    (``capacities``)."""
     if world.all_nodes is None:
         return {"free_rank_slots": None}
     names = capacity.candidate_nodes(spec, world.all_nodes)
@@ -659,10 +669,15 @@ def _free_slots(
     except KubeError as e:
         log.warning("cannot read what is bound to the nodes (%s); assuming no capacity is free", e)
         return {"free_rank_slots": None}
+    groups = spec.replicas + spec.update_strategy.max_surge
+    own = frozenset(placement.group_id(ident.namespace, ident.name, g) for g in range(groups))
     return {
         "free_rank_slots": capacity.free_rank_slots(spec, world.all_nodes, used),
         "free_ranks_in_pods": {
             n: capacity.free_rank_slots(spec, world.all_nodes, used, n) for n in sorted(pod_sizes) if n > 1
+        },
+        "capacities": {
+            n: capacity.snapshot(spec, world.all_nodes, used, world.rank_pods, own, n) for n in sorted(pod_sizes | {1})
         },
     }
 

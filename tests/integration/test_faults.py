@@ -88,8 +88,12 @@ class FakeNodes:
         self.living = Kwok(kubeconfig, f"{self.id}-living", "10.252.0.0/16", tmp / "kwok-living.log")
         self.names: list[str] = []
 
-    def add(self, name: str, zone: str, dies: bool, cpu: str = "1") -> str:
+    def add(
+        self, name: str, zone: str, dies: bool, cpu: str = "1", gpus: int = 0, labels: dict[str, str] | None = None
+    ) -> str:
+        """A node of this test; ``gpus``: its nvidia.com/gpu allocatable, ``labels``: more labels."""
         name = f"{self.id}-{name}"
+        amounts = {"cpu": cpu, "memory": "8Gi", "pods": "110", **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
         node = {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {
@@ -97,12 +101,11 @@ class FakeNodes:
                 "annotations": {"kwok.x-k8s.io/node": (self.dying if dies else self.living).selector,
                                 "node.alpha.kubernetes.io/ttl": "0"},
                 "labels": {"kubernetes.io/hostname": name, "type": "kwok", TEST_LABEL: self.id,
-                           "topology.kubernetes.io/zone": f"{self.id}-{zone}"},
+                           "topology.kubernetes.io/zone": f"{self.id}-{zone}", **(labels or {})},
             },
             "spec": {"taints": [{"key": TEST_LABEL, "value": self.id, "effect": "NoSchedule"}]},
             # room for exactly one 1-CPU rank (by default)
-            "status": {"allocatable": {"cpu": cpu, "memory": "8Gi", "pods": "110"},
-                       "capacity": {"cpu": cpu, "memory": "8Gi", "pods": "110"}},
+            "status": {"allocatable": amounts, "capacity": amounts},
         }  # fmt: skip
         self.names.append(name)
         kubectl("apply", "-f", "-", input=json.dumps(node))

@@ -339,6 +339,8 @@ INVALID = [
     ({"replicas": -1}, "spec.replicas: Invalid value: -1: spec.replicas in body should be greater than or equal to 0"),
     ({"runtime": {"dtype": "int4"}}, 'spec.runtime.dtype: Unsupported value: "int4"'),
     ({"resources": {"cpu": "lots"}}, "spec.resources.cpu in body should match"),
+    ({"scheduling": {"exclusive": True}}, "scheduling.exclusive needs scheduling.topologyKey"),
+    ({"scheduling": {"topologyKey": "not a key"}}, "spec.scheduling.topologyKey in body should match"),
 ]  # fmt: skip
 
 

@@ -175,17 +175,91 @@ class Toleration(_Model):
     toleration_seconds: int | None = None
 
 
+#: A label key (an optional DNS-subdomain prefix and a name), as topologyKey and pod-group keys are.
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+LabelKey = Annotated[str, Field(min_length=1, max_length=316, pattern=LABEL_KEY_PATTERN)]
+
+
+class KueueSpec(_Model):
+    """Admit each group whole through Kueue's pod-group integration (docs/kueue.md)."""
+
+    queue_name: str = Field(
+        min_length=1,
+        max_length=63,
+        description=(
+            "LocalQueue of the cluster's namespace: the pods get kueue.x-k8s.io/queue-name, "
+            "kueue.x-k8s.io/pod-group-name (one group per TP group and incarnation), "
+            "kueue.x-k8s.io/pod-group-total-count and kueue.x-k8s.io/retriable-in-group: 'false'."
+        ),
+    )
+
+
+class PodGroupKeys(_Model):
+    """Where a gang scheduler reads a pod's group: the operator writes the pod-group name and the
+    group's pod count under these keys (e.g. coscheduling's label scheduling.x-k8s.io/pod-group)."""
+
+    name_labels: list[LabelKey] = Field(
+        default_factory=list, max_length=8, description="Pod labels set to the pod-group name."
+    )
+    name_annotations: list[LabelKey] = Field(
+        default_factory=list, max_length=8, description="Pod annotations set to the pod-group name."
+    )
+    count_annotations: list[LabelKey] = Field(
+        default_factory=list, max_length=8, description="Pod annotations set to the group's pod count."
+    )
+
+
 class SchedulingSpec(_Model):
-    """Where rank pods may run."""
+    """Where rank pods may run, and how a group is placed and admitted (README: placement)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.exclusive) || !self.exclusive || has(self.topologyKey)",
+                    "scheduling.exclusive needs scheduling.topologyKey (the domain a group owns)",
+                )
+            ]
+        }
+    )
 
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     affinity: dict[str, Any] | None = Field(
         None,
-        description="core/v1 Affinity, passed through unchanged.",
+        description=(
+            "core/v1 Affinity; the operator's own pod-affinity terms (co-location, topologyKey, "
+            "exclusive) are appended to it, never replacing yours."
+        ),
         json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
     )
     priority_class_name: str | None = None
+    topology_key: LabelKey | None = Field(
+        None,
+        description=(
+            "Node label (e.g. a rack or NVLink-domain label): all pods of a group must run in one "
+            "domain of it (required pod affinity). Unset: a group's pods are only preferred onto "
+            "one node (kubernetes.io/hostname)."
+        ),
+    )
+    exclusive: bool = Field(
+        False,
+        description=(
+            "One group per topologyKey domain (as LeaderWorkerSet's exclusive topology): no pod of "
+            "another exclusive group (any cluster) on the same key may share the domain."
+        ),
+    )
+    scheduler_name: str | None = Field(
+        None, max_length=253, description="The rank pods' schedulerName (a gang scheduler's)."
+    )
+    kueue: KueueSpec | None = Field(None, description="Admit each group whole through Kueue.")
+    pod_group: PodGroupKeys = Field(
+        default_factory=PodGroupKeys,
+        description="Extra keys for the pod-group name and count (Volcano, coscheduling, ...).",
+    )
 
 
 class FailurePolicy(_Model):
@@ -217,7 +291,13 @@ class FailurePolicy(_Model):
         ),
     )
     unschedulable_timeout_seconds: int = Field(
-        120, ge=0, description="A rank Pending-unschedulable for this long triggers a degrade."
+        120,
+        ge=0,
+        description=(
+            "A rank Pending-unschedulable for this long: the cluster degrades to a size that fits; "
+            "when none does, a group holding part of its pods releases them (scaled to zero) and "
+            "retries once capacity for the whole group is free."
+        ),
     )
     node_lost_timeout_seconds: int = Field(
         60,
@@ -430,6 +510,18 @@ class GroupStatus(_Model):
     )
     floor_ooms: int = Field(0, description="OOMs while already at oomBatchSizeFloor.")
     lost_node: str | None = Field(None, description="The node this group was last recreated off.")
+    released_at: Timestamp | None = Field(
+        None,
+        description=(
+            "The group held part of its pods while the rest could not be scheduled: it was scaled to "
+            "zero so it holds nothing (all-or-nothing); set until it is scaled back up."
+        ),
+    )
+    retry_at: Timestamp | None = Field(
+        None, description="A released group is scaled back up from then on, once its whole size fits."
+    )
+    releases: int = Field(0, description="Releases since the group was last Ready (each doubles the backoff).")
+    release_pods: int | None = Field(None, description="The released group's pod count.")
 
 
 class RolloutStatus(_Model):

@@ -1,8 +1,10 @@
 """Free capacity, in ranks: how many more rank pods the nodes could take.  Pure.
 
 A deliberately small model of the scheduler: node selector, taints vs tolerations, cordoning,
-readiness and allocatable minus the requests of pods already bound.  Affinity is ignored, so the
-answer is an upper bound; a wrong guess only costs one more unschedulable timeout.
+readiness and allocatable minus the requests of pods already bound, and the operator's own
+placement rules (``Capacity``: a topologyKey domain must hold a whole group, exclusive domains hold
+one group).  The user's own affinity is ignored, so the answer is an upper bound; a wrong guess
+only costs one more unschedulable timeout.
 
 The shell feeds it from watches and narrow queries, never a list of every pod: nodes come from
 the operator's node index (``slim_node``), and what is bound to a node from a query selected on
@@ -12,9 +14,13 @@ the operator's node index (``slim_node``), and what is bound to a node from a qu
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from tpi_contract import keys
+
 from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec
+from tpi_operator.core import placement
 from tpi_operator.core.sizing import parse_quantity
 
 #: resource -> amount: what one pod requests, or what is bound to one node.
@@ -139,3 +145,152 @@ def free_rank_slots(
             name = (node.get("metadata") or {}).get("name", "")
             slots += slots_on(req, allocatable(node), used.get(name, {})) * ranks_per_pod
     return slots
+
+
+# ------------------------------------------------------------------------------ placement rules
+@dataclass(frozen=True)
+class NodeRoom:
+    """One eligible node: how many more pods of the spec it takes, and where it is."""
+
+    name: str
+    slots: int
+    domain: str | None = None  # its topologyKey label (None: unset, or no topologyKey)
+    #: group ids of the pods of exclusive groups (on the same key) bound here
+    exclusive_groups: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Free room under the placement rules (``core.placement``): does a group of N pods fit?
+
+    Without ``topologyKey`` a group may spread over any nodes, so the free slots are summed (the
+    co-location preference never makes a group unschedulable).  With it, one domain must hold the
+    whole group; with ``exclusive``, a domain holding no pod of another exclusive group.  A group's
+    own bound pods count as room (degrade and grow-back recreate it).  Pods of other groups that were
+    just created and not yet tried by the scheduler (``arriving``) will take slots first: a released
+    group must not rescale into room another group is about to fill.
+    """
+
+    rooms: tuple[NodeRoom, ...] = ()
+    topology_key: str | None = None
+    exclusive: bool = False
+    arriving: int = 0
+
+    @staticmethod
+    def counting(free: int) -> Capacity:
+        """Only a number of free slots known (no topology rules)."""
+        return Capacity(rooms=(NodeRoom("*", free),))
+
+    @property
+    def free(self) -> int:
+        return max(0, sum(r.slots for r in self.rooms) - self.arriving)
+
+    def _domains(self, own: Mapping[str, int], group_ids: frozenset[str]) -> dict[str, int]:
+        """Room per domain for groups ``group_ids`` whose bound pods ``own`` (node -> pods) go."""
+        rooms: dict[str, int] = {}
+        barred: set[str] = set()
+        for r in self.rooms:
+            if r.domain is None:
+                continue  # required affinity on a key the node lacks: never in a domain
+            rooms[r.domain] = rooms.get(r.domain, 0) + r.slots + own.get(r.name, 0)
+            if self.exclusive and r.exclusive_groups - group_ids:
+                barred.add(r.domain)
+        return {d: n for d, n in rooms.items() if d not in barred}
+
+    def fits(self, pods: int, own: Mapping[str, int] | None = None, group_id: str = "") -> bool:
+        """Can one group of ``pods`` pods run (its bound pods ``own`` freed first)?"""
+        own = own or {}
+        if pods <= 0:
+            return True
+        if not self.topology_key:
+            return sum(own.values()) + self.free >= pods
+        return any(n >= pods for n in self._domains(own, frozenset({group_id})).values())
+
+    def fits_all(self, pods: int, groups: Mapping[str, Mapping[str, int]]) -> bool:
+        """Can every group (group id -> its bound pods) run at ``pods`` pods at once (grow-back)?"""
+        if not self.topology_key:
+            return sum(sum(o.values()) for o in groups.values()) + self.free >= pods * len(groups)
+        own: dict[str, int] = {}
+        for o in groups.values():
+            for node, n in o.items():
+                own[node] = own.get(node, 0) + n
+        rooms = sorted(self._domains(own, frozenset(groups)).values(), reverse=True)
+        for _ in groups:  # first fit, biggest domain first; exclusive: one group per domain
+            i = next((i for i, n in enumerate(rooms) if n >= pods), None)
+            if i is None:
+                return False
+            if self.exclusive:
+                rooms.pop(i)
+            else:
+                rooms[i] -= pods
+                rooms.sort(reverse=True)
+        return True
+
+
+def combined_usage(
+    listed: Mapping[str, Amounts], rank_pods: Iterable[Mapping[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Per node, the larger of each amount: the (cached) listing of what is bound there and the
+    rank pods the operator's watch shows now (fresher: a group bound a second ago counts)."""
+    fresh = node_usage(rank_pods)
+    out: dict[str, dict[str, float]] = {}
+    for name in set(listed) | set(fresh):
+        a, b = listed.get(name, {}), fresh.get(name, {})
+        out[name] = {k: max(a.get(k, 0.0), b.get(k, 0.0)) for k in set(a) | set(b)}
+    return out
+
+
+def _arriving(pod: Mapping[str, Any]) -> bool:
+    """Created, not bound, not yet found unschedulable: the scheduler is about to place it."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if (pod.get("spec") or {}).get("nodeName") or meta.get("deletionTimestamp"):
+        return False
+    if status.get("phase") not in (None, "Pending"):
+        return False
+    conditions = status.get("conditions") or []
+    return not any(c.get("type") == "PodScheduled" and c.get("status") == "False" for c in conditions)
+
+
+def snapshot(
+    spec: TPInferenceClusterSpec,
+    nodes: Iterable[Mapping[str, Any]],
+    used: Mapping[str, Amounts],
+    rank_pods: Iterable[Mapping[str, Any]],
+    own_groups: frozenset[str],
+    ranks_per_pod: int = 1,
+) -> Capacity:
+    """The room for ``spec``'s pods of ``ranks_per_pod`` ranks under its placement rules (in pods).
+    ``rank_pods``: every rank pod the operator sees (all clusters); ``own_groups``: this cluster's
+    group ids (``placement.group_id``)."""
+    key = spec.scheduling.topology_key
+    exclusive = bool(spec.scheduling.exclusive and key)
+    pods = list(rank_pods)
+    usage = combined_usage(used, pods)
+    req = rank_request(spec, ranks_per_pod)
+    held: dict[str, set[str]] = {}
+    if exclusive and key:
+        topo = placement.topology_id(key)
+        for p in pods:
+            labels = (p.get("metadata") or {}).get("labels") or {}
+            node = (p.get("spec") or {}).get("nodeName")
+            if node and labels.get(keys.EXCLUSIVE_TOPOLOGY) == topo and labels.get(keys.GROUP_ID):
+                held.setdefault(node, set()).add(labels[keys.GROUP_ID])
+    rooms = []
+    for node in nodes:
+        if not node_eligible(node, spec):
+            continue
+        name = (node.get("metadata") or {}).get("name", "")
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        rooms.append(
+            NodeRoom(
+                name,
+                slots_on(req, allocatable(node), usage.get(name, {})),
+                labels.get(key) if key else None,
+                frozenset(held.get(name, set())),
+            )
+        )
+    arriving = sum(
+        1 for p in pods
+        if _arriving(p) and ((p.get("metadata") or {}).get("labels") or {}).get(keys.GROUP_ID) not in own_groups
+    )  # fmt: skip
+    return Capacity(tuple(sorted(rooms, key=lambda r: r.name)), key, exclusive, arriving)

@@ -15,6 +15,7 @@ from tpi_contract import exitcodes, keys, ranks, termination
 
 from tpi_operator.api.v1alpha1 import TPInferenceClusterStatus
 from tpi_operator.core import render as r
+from tpi_operator.core.capacity import Capacity
 
 
 # ------------------------------------------------------------------------------------- time
@@ -166,6 +167,10 @@ class Observation:
     free_rank_slots: int | None = None  # None: capacity unknown
     #: Ranks that fit as pods of n ranks, per n > 1 (whole pods only; absent: unknown).
     free_ranks_in_pods: Mapping[int, int] = field(default_factory=dict)
+    #: Room under the placement rules for pods of n ranks, per n (absent: only the counts above).
+    capacities: Mapping[int, Capacity] = field(default_factory=dict)
+    #: A group's id (``placement.group_id``): it tells groups apart in capacity and seeds jitter.
+    group_id: Callable[[int], str] = lambda group: f"g{group}"
     #: Nodes of the rank pods (only those; a node not listed is taken as healthy).
     nodes: Mapping[str, NodeObs] = field(default_factory=dict)
     #: (kind, name) of shared objects that exist but are not this cluster's -> who has them.

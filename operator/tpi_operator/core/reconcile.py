@@ -107,8 +107,10 @@ def decide(
     shared_at = len(decision.apply)
     touched = {
         a.group: a for a in actions
-        if isinstance(a, recovery.RollGroup) or (isinstance(a, recovery.RecreateGroup) and not a.keep_template)
+        if isinstance(a, recovery.RollGroup | recovery.ReleaseGroup | recovery.ResumeGroup)
+        or (isinstance(a, recovery.RecreateGroup) and not a.keep_template)
     }  # fmt: skip
+    released = {g.group for g in st.groups if g.released_at is not None}  # held at zero pods
     broken = {a.group for a in actions if isinstance(a, recovery.RecreateGroup)}
     in_place = {a.group for a in actions if isinstance(a, recovery.RecreateGroup) and a.keep_template}
     failed = {g.group for g in st.groups if g.failed_generation is not None}  # left alone for debugging
@@ -125,12 +127,23 @@ def decide(
         sts_obs = obs.statefulsets.get(g)
         if g in failed:
             continue
+        if g in released:  # all-or-nothing: scaled to zero, every pod goes (none serves)
+            desired = render.with_replicas(render.statefulset(spec, ident, gs), 0)
+            if sts_obs is None or sts_obs.object_hash != desired["metadata"]["annotations"][render.A_OBJECT_HASH]:
+                decision.apply.append(desired)
+            decision.delete_pods.extend(
+                PodDelete(p.name, p.uid, BROKEN_GROUP_GRACE_SECONDS) for p in obs.pods
+                if p.group == g and not p.deleting and p.name not in forced
+            )  # fmt: skip
+            continue
         stale = [
             PodDelete(p.name, p.uid, BROKEN_GROUP_GRACE_SECONDS) for p in obs.pods
             if p.group == g and not p.deleting and p.name not in forced and p.incarnation < gs.incarnation
         ]  # fmt: skip
         if g in in_place:
-            decision.patch_statefulsets.append((render.sts_name(ident.name, g), incarnation_patch(gs.incarnation)))
+            pods = sts_obs.replicas if sts_obs is not None else None
+            patch = incarnation_patch(*render.incarnation_metadata(spec, ident, gs, pods))
+            decision.patch_statefulsets.append((render.sts_name(ident.name, g), patch))
             decision.delete_pods.extend(stale)
             continue
         # Untouched groups whose template is out of date keep their StatefulSet until rolled (pods
@@ -199,12 +212,12 @@ def decide(
     return decision
 
 
-def incarnation_patch(incarnation: int) -> dict[str, Any]:
-    """A merge patch moving a StatefulSet to a new incarnation and nothing else."""
-    value = str(incarnation)
+def incarnation_patch(labels: dict[str, str], annotations: dict[str, str]) -> dict[str, Any]:
+    """A merge patch moving a StatefulSet to a new incarnation and nothing else: the pods'
+    incarnation label and their pod-group name and count (``render.incarnation_metadata``)."""
     return {
-        "metadata": {"annotations": {render.L_INCARNATION: value}},
-        "spec": {"template": {"metadata": {"labels": {render.L_INCARNATION: value}}}},
+        "metadata": {"annotations": {render.L_INCARNATION: labels[render.L_INCARNATION]}},
+        "spec": {"template": {"metadata": {"labels": labels, "annotations": annotations}}},
     }
 
 
@@ -230,7 +243,8 @@ def events_for(obs: Observation, actions: list[recovery.Action], recovered: list
     events = []
     for a in actions:
         if isinstance(a, recovery.RECORDED) or (isinstance(a, recovery.RollGroup) and a.reason != "Create"):
-            warn = isinstance(a, recovery.MarkFailed | recovery.Degrade) or a.reason == "NodeLost"
+            warn = isinstance(a, recovery.MarkFailed | recovery.Degrade | recovery.ReleaseGroup)
+            warn = warn or a.reason == "NodeLost"
             events.append(Event("Warning" if warn else "Normal", a.kind, f"{a.reason}: {a.message}"))
         elif isinstance(a, recovery.ForceDelete):
             pods = ", ".join(name for name, _ in a.pods)

@@ -25,7 +25,13 @@ The rules, one function each, in the order ``plan`` applies them:
    template's fault, not the hardware's: it is marked Failed (CrashLoopBackOff) instead, and TP
    is never degraded for it.
 5. ``rule_unschedulable``: a rank Pending-unschedulable for ``unschedulableTimeoutSeconds``
-   degrades to a size that fits (the group's scheduled ranks plus free capacity).
+   degrades to a size that fits (the group's scheduled pods plus free capacity, under the
+   placement rules of ``core.capacity``).  When no smaller size fits and part of the group is
+   bound, that part must not keep holding GPUs the rest cannot use (all-or-nothing): the group is
+   *released* (``ReleaseGroup``: a new incarnation, its StatefulSet scaled to zero).
+   ``rule_released`` scales it back up (``ResumeGroup``) only after a backoff with a per-group
+   jitter *and* only while capacity for the whole group exists, so two groups that split the
+   capacity between them do not split it again (docs/contracts.md, "All-or-nothing scheduling").
 6. ``rule_grow_back``: a degraded cluster grows back (``scaleBackUp``) when every group is Ready,
    it has spent the hysteresis at the degraded size (``grow_back_after``, kept in status) and, for
    capacity degrades, free capacity holds what every group needs (replicas x the added ranks).
@@ -45,6 +51,7 @@ The rules, one function each, in the order ``plan`` applies them:
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, field
 
 from tpi_contract import exitcodes
@@ -58,6 +65,7 @@ from tpi_operator.api.v1alpha1 import (
     TPInferenceClusterStatus,
 )
 from tpi_operator.core import layout, rollout
+from tpi_operator.core.capacity import Capacity
 from tpi_operator.core.observe import Observation, PodObs, format_time, parse_time
 from tpi_operator.core.sizing import next_smaller
 
@@ -115,6 +123,23 @@ class ScaleUp(Action):
 
 
 @dataclass(frozen=True)
+class ReleaseGroup(Action):
+    """Scale a partly scheduled group to zero (a new incarnation): it holds nothing until
+    ``retry_at`` and capacity for all its ``pods`` pods."""
+
+    group: int = 0
+    pods: int = 0
+    retry_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class ResumeGroup(Action):
+    """Scale a released group back up: its whole size fits now."""
+
+    group: int = 0
+
+
+@dataclass(frozen=True)
 class RollGroup(Action):
     """Apply the group's current template and replace its out-of-date pods."""
 
@@ -161,7 +186,7 @@ class Wait(Action):
 
 
 #: Actions recorded in status history and emitted as Events.
-RECORDED = (RecreateGroup, HalveBatch, Degrade, ScaleUp, MarkFailed, Reset, RemoveGroup)
+RECORDED = (RecreateGroup, HalveBatch, Degrade, ScaleUp, MarkFailed, Reset, RemoveGroup, ReleaseGroup, ResumeGroup)
 #: Failures that are the infrastructure's, not the group's: no restart budget, no backoff.
 NOT_COUNTED = ("NodeLost",)
 
@@ -317,6 +342,61 @@ def next_heartbeat_deadline(
     return min(future) if future else None
 
 
+# ---------------------------------------------------------------------- all-or-nothing helpers
+#: How often a released group that does not fit looks at the capacity again (at least).
+RELEASED_RECHECK_SECONDS = 10.0
+
+
+def pods_at(spec: TPInferenceClusterSpec, tp: int) -> int:
+    """A group's pods at size ``tp`` (its StatefulSet's replicas: ``tp / ranksPerPod``)."""
+    return layout.pods_per_group(spec, tp)
+
+
+def capacity_at(obs: Observation, spec: TPInferenceClusterSpec, tp: int) -> Capacity | None:
+    """The room, in pods of the ranks a group of ``tp`` runs to a pod, under the placement rules;
+    or only a count of free slots; or None (unknown)."""
+    n = layout.ranks_per_pod(spec, tp)
+    if n in obs.capacities:
+        return obs.capacities[n]
+    free = obs.free_ranks(n)
+    return None if free is None else Capacity.counting(free // n)
+
+
+def own_bound(obs: Observation, group: int, incarnation: int) -> dict[str, int]:
+    """node -> the group's current pods bound there (they go when the group is recreated).
+    Counted in pods (a pod of several ranks is observed once per rank); a pod of another size
+    counts as one pod of the new size, which can only underestimate the room it frees."""
+    pods: dict[str, str] = {}
+    for p in current_pods(obs, group, incarnation):
+        if p.node:
+            pods[p.name] = p.node
+    out: dict[str, int] = {}
+    for node in pods.values():
+        out[node] = out.get(node, 0) + 1
+    return out
+
+
+def jitter_fraction(group_id: str, incarnation: int) -> float:
+    """A fraction in [0, 1), fixed per group and incarnation, different between groups."""
+    digest = hashlib.sha256(f"{group_id}/{incarnation}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def release_delay(spec: TPInferenceClusterSpec, releases: int, group_id: str, incarnation: int) -> float:
+    """Seconds before a released group may scale back up: the restart backoff for its ``releases``-th
+    release plus a jitter over max(that backoff, unschedulableTimeoutSeconds / 2, 10 s).
+
+    Why the spread is that wide: two groups released together must not look at the free capacity
+    in the same instant, or both see room for themselves and split it again.  The first one to
+    retry scales up; its pods show up in the operator's pod watch well under a second later, and
+    the second one, seeing them (bound or about to be: ``Capacity.arriving``), waits.
+    """
+    fp = spec.failure_policy
+    base = max(backoff_seconds(spec, max(1, releases)), float(fp.backoff_seconds))
+    span = max(base, fp.unschedulable_timeout_seconds / 2, 10.0)
+    return base + jitter_fraction(group_id, incarnation) * span
+
+
 # -------------------------------------------------------------------------------------- plan
 @dataclass
 class _Ctx:
@@ -332,6 +412,7 @@ class _Ctx:
     recreated: set[int] = field(default_factory=set)
     held: set[int] = field(default_factory=set)  # groups waiting on a lost node: no other rule
     failed: set[int] = field(default_factory=set)  # Failed groups: left alone by every rule
+    released: set[int] = field(default_factory=set)  # scaled to zero (all-or-nothing): held at 0
     unschedulable: bool = False
     want: dict[int, str] = field(default_factory=dict)  # each group's wanted template (pass start)
     hold: Hold | None = None  # the roll is held: nothing is rolled, failed groups heal in place
@@ -376,6 +457,7 @@ def plan(spec: TPInferenceClusterSpec, obs: Observation) -> list[Action]:
     ctx.want = wanted_templates(spec, obs, ctx.st, ctx.tp)
     ctx.hold = roll_hold(ctx)
     rule_node_lost(ctx)
+    rule_released(ctx)
     rule_failures(ctx)
     rule_unschedulable(ctx)
     rule_grow_back(ctx)
@@ -461,7 +543,7 @@ def rule_failures(ctx: _Ctx) -> None:
     restart budget degrade, or mark the group Failed."""
     spec, obs, fp, now = ctx.spec, ctx.obs, ctx.spec.failure_policy, ctx.obs.now
     for g in ctx.groups:
-        if g in ctx.held or g in ctx.failed:
+        if g in ctx.held or g in ctx.failed or g in ctx.released:
             continue
         until = awaiting_peer_cause(obs, g, ctx.incarnations[g])
         if until is not None:
@@ -556,7 +638,7 @@ def rule_unschedulable(ctx: _Ctx) -> None:
     obs, fp, now = ctx.obs, ctx.spec.failure_policy, ctx.obs.now
     timeout = dt.timedelta(seconds=fp.unschedulable_timeout_seconds)
     for g in ctx.groups:
-        if ctx.resized or g in ctx.recreated or g in ctx.held or g in ctx.failed:
+        if ctx.resized or g in ctx.recreated or g in ctx.held or g in ctx.failed or g in ctx.released:
             continue
         pods = current_pods(obs, g, ctx.incarnations[g])
         stuck = [p for p in pods if p.phase == "Pending" and p.unschedulable_since is not None]
@@ -567,13 +649,10 @@ def rule_unschedulable(ctx: _Ctx) -> None:
         if now - since < timeout:
             ctx.add(Wait("Unschedulable", f"group {g}: {len(stuck)} rank(s) unschedulable", until=since + timeout))
             continue
-        scheduled = sum(1 for p in pods if p.node)  # ranks: freed when the group is recreated
+        bound = own_bound(obs, g, ctx.incarnations[g])
         detail = stuck[0].unschedulable_message or "no node fits"
         tp = ctx.tp
-        # What fits depends on the size: a smaller group may run fewer ranks (GPUs) to a pod.
-        fitting = [s for s in obs.valid_sizes if s <= scheduled + _free_at(ctx, s)]
-        fit = max(scheduled + _free_at(ctx, s) for s in {*obs.valid_sizes, tp})
-        to = next_smaller(fitting, tp, fp.min_tensor_parallel_size) if fp.allow_degrade else None
+        to = smaller_fitting(ctx, g, bound)
         if to is not None:
             msg = (
                 f"group {g}: {len(stuck)} rank(s) unschedulable for {timeout.seconds}s ({detail}); "
@@ -582,14 +661,85 @@ def rule_unschedulable(ctx: _Ctx) -> None:
             ctx.add(Degrade("Unschedulable", msg, tp, to))
             ctx.tp, ctx.resized = to, True
             break
+        no_size = (
+            f"no smaller valid size >= minTensorParallelSize={fp.min_tensor_parallel_size} fits"
+            if fp.allow_degrade else "degrading is disabled (failurePolicy.allowDegrade: false)"
+        )  # fmt: skip
+        if bound:  # all-or-nothing: the bound part holds what the rest can never use
+            sts = obs.statefulsets.get(g)
+            count = sts.replicas if sts is not None and sts.replicas else len({p.name for p in pods})
+            inc = ctx.incarnations[g] + 1
+            gs = group_status(ctx.st, g)
+            delay = release_delay(ctx.spec, gs.releases + 1, obs.group_id(g), inc)
+            held = ", ".join(f"{n} on {node}" for node, n in sorted(bound.items()))
+            msg = (
+                f"group {g}: {len(stuck)} of its {count} pods unschedulable for {timeout.seconds}s ({detail}) "
+                f"while {sum(bound.values())} hold resources ({held}); {no_size}: releasing the group "
+                f"(scaled to zero) so it holds nothing; it scales back up after {delay:.0f}s, once all "
+                f"{count} pods fit"
+            )
+            ctx.add(ReleaseGroup("Unschedulable", msg, g, count, now + dt.timedelta(seconds=delay)))
+            ctx.add(Blocked("GroupReleased", msg))  # the Degraded condition says why at once
+            ctx.released.add(g)
+            continue
         ctx.add(Blocked("Unschedulable", (
-            f"group {g}: {len(stuck)} rank(s) unschedulable ({detail}) and no smaller valid size "
-            f">= minTensorParallelSize={fp.min_tensor_parallel_size} fits {fit} rank(s)")))  # fmt: skip
+            f"group {g}: {len(stuck)} rank(s) unschedulable ({detail}) and {no_size}")))  # fmt: skip
 
 
-def _free_at(ctx: _Ctx, size: int) -> int:
-    """Free ranks for a group of ``size``, in pods of the ranks that size runs (0: unknown)."""
-    return ctx.obs.free_ranks(layout.ranks_per_pod(ctx.spec, size)) or 0
+def smaller_fitting(ctx: _Ctx, g: int, bound: dict[str, int]) -> int | None:
+    """The largest valid size below the current one (>= minTensorParallelSize) at which group ``g``
+    fits under the placement rules, its own bound pods freed; None: none, or degrading is off."""
+    fp, obs = ctx.spec.failure_policy, ctx.obs
+    if not fp.allow_degrade:
+        return None
+    sizes = [s for s in obs.valid_sizes if fp.min_tensor_parallel_size <= s < ctx.tp]
+    fitting = [
+        s for s in sizes  # unknown capacity: only the room of the group's own pods
+        if (capacity_at(obs, ctx.spec, s) or Capacity.counting(0)).fits(pods_at(ctx.spec, s), bound, obs.group_id(g))
+    ]  # fmt: skip
+    return max(fitting) if fitting else None
+
+
+def rule_released(ctx: _Ctx) -> None:
+    """A released group stays at zero pods until its retry time; then it scales back up once its
+    whole size fits (or, when allowed, degrades to a size that fits); until then it holds nothing."""
+    obs, now = ctx.obs, ctx.obs.now
+    for g in ctx.groups:
+        gs = group_status(ctx.st, g)
+        if gs.released_at is None or g in ctx.failed:
+            continue
+        ctx.released.add(g)
+        count = gs.release_pods or pods_at(ctx.spec, ctx.tp)
+        retry = parse_time(gs.retry_at) or now
+        if now < retry:
+            # (a time, not a countdown: the condition's message must not change every pass)
+            why = f"group {g} was released (all-or-nothing) and holds no pods; it retries at {format_time(retry)}"
+            ctx.add(Wait("GroupReleased", why, until=retry))
+            ctx.add(Blocked("GroupReleased", why))
+            continue
+        cap = capacity_at(obs, ctx.spec, ctx.tp)
+        if cap is not None and cap.fits(count, {}, obs.group_id(g)):
+            msg = f"group {g}: room for all its {count} pods; scaling it back up"
+            ctx.add(ResumeGroup("CapacityAvailable", msg, g))
+            ctx.released.discard(g)
+            continue
+        to = None if ctx.resized else smaller_fitting(ctx, g, {})
+        if to is not None:
+            ctx.add(Degrade("Unschedulable", (
+                f"group {g} was released and its {count} pods still do not fit; degrading tensor "
+                f"parallelism {ctx.tp} -> {to}"), ctx.tp, to))  # fmt: skip
+            ctx.add(ResumeGroup("Degraded", f"group {g}: scaling it back up at size {to}", g))
+            ctx.tp, ctx.resized = to, True
+            ctx.released.discard(g)
+            continue
+        why = (
+            f"group {g} was released (all-or-nothing) and holds no pods: its {count} pods do not fit "
+            f"the free capacity{' under the placement rules' if cap is not None and cap.topology_key else ''}; "
+            "it scales back up once they do"
+        )
+        recheck = max(RELEASED_RECHECK_SECONDS, float(ctx.spec.failure_policy.backoff_seconds))
+        ctx.add(Wait("GroupReleased", why, until=now + dt.timedelta(seconds=recheck)))
+        ctx.add(Blocked("GroupReleased", why))
 
 
 def rule_grow_back(ctx: _Ctx) -> None:
@@ -597,16 +747,19 @@ def rule_grow_back(ctx: _Ctx) -> None:
     (capacity degrades) when the free capacity holds what *every* group needs to grow."""
     spec, obs, fp, st, now = ctx.spec, ctx.obs, ctx.spec.failure_policy, ctx.st, ctx.obs.now
     desired, tp = obs.desired_tp, ctx.tp
-    if ctx.resized or ctx.recreated or ctx.unschedulable or ctx.held or not fp.scale_back_up or tp >= desired:
+    if ctx.resized or ctx.recreated or ctx.unschedulable or ctx.held or ctx.released:
+        return
+    if not fp.scale_back_up or tp >= desired:
         return
     live = [g for g in ctx.groups if g not in ctx.failed]
     if not live or not all(group_ready(obs, g, ctx.incarnations[g], tp) for g in live):
         return
     bigger = [s for s in obs.valid_sizes if tp < s <= desired]
     if st.degraded_reason == "Unschedulable":
+        groups = {obs.group_id(g): own_bound(obs, g, ctx.incarnations[g]) for g in live}
         bigger = [
             s for s in bigger
-            if (free := obs.free_ranks(layout.ranks_per_pod(spec, s))) is not None and (s - tp) * len(live) <= free
+            if (cap := capacity_at(obs, spec, s)) is not None and cap.fits_all(pods_at(spec, s), groups)
         ]  # fmt: skip
     if not bigger:
         return
@@ -728,7 +881,7 @@ def rule_roll(ctx: _Ctx) -> None:
     budget = spec.update_strategy.max_unavailable
     surge = rule_surge(ctx, want, unavailable) if ctx.hold is None else None  # held: no new surge group
     for g in ctx.groups:
-        if g in ctx.recreated or g in ctx.failed:
+        if g in ctx.recreated or g in ctx.failed or g in ctx.released:
             continue
         sts = obs.statefulsets.get(g)
         if sts is None:
@@ -907,6 +1060,21 @@ def transition(
                 touched.add(a.group)
             st.restarts += 1
             st.last_failure = f"{format_time(now)} group {a.group}: {a.reason}: {a.message}"
+        elif isinstance(a, ReleaseGroup):
+            g = gs(a.group)
+            g.incarnation = max(g.incarnation, group_incarnation(obs.status, obs, a.group)) + 1
+            g.released_at = stamp
+            g.retry_at = format_time(a.retry_at or now, micro=True)
+            g.releases += 1
+            g.release_pods = a.pods
+            g.failure_reason, g.failure_message = a.reason, a.message[:1024]
+            g.pod_uids = []
+            touched.add(a.group)
+        elif isinstance(a, ResumeGroup):
+            g = gs(a.group)
+            g.released_at = g.retry_at = None
+            g.release_pods = None
+            touched.add(a.group)
         elif isinstance(a, HalveBatch):
             g = gs(a.group)
             g.max_batch_size, g.batch_basis = a.to_size, basis
@@ -948,6 +1116,9 @@ def transition(
             st.grown_back_at, st.failed_grow_backs = None, 0
     for index in range(spec.replicas):
         gs(index)
+    for g in groups.values():  # a group Ready again starts its release backoff afresh
+        if g.releases and g.released_at is None and group_ready(obs, g.group, g.incarnation, tp):
+            g.releases = 0
     st.groups = [groups[g] for g in sorted(groups) if g < spec.replicas]
     for index in touched & groups.keys():
         groups[index].template_hash = obs.hash_for(tp, group_batch(spec, st, index, obs.restarted_at))

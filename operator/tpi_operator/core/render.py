@@ -32,7 +32,7 @@ from typing import Any
 from tpi_contract import defaults, env, keys, ranks, termination
 
 from tpi_operator.api.v1alpha1 import API_VERSION, KIND, TPInferenceClusterSpec
-from tpi_operator.core import layout
+from tpi_operator.core import layout, placement
 
 MASTER_PORT = defaults.RENDEZVOUS_PORT
 MODEL_MOUNT = "/models"
@@ -72,6 +72,12 @@ class GroupSettings:
 
     def ranks_per_pod(self, spec: TPInferenceClusterSpec) -> int:
         return layout.ranks_per_pod(spec, self.tp)
+
+
+def group_pods(spec: TPInferenceClusterSpec, gs: GroupSettings) -> int:
+    """The pods of a group (its StatefulSet's replicas, ``tp / ranksPerPod``): placement and the
+    pod-group count read it, never ``tp``."""
+    return ranks.pods_per_group(gs.tp, gs.ranks_per_pod(spec))
 
 
 # ------------------------------------------------------------------------------------ names
@@ -266,8 +272,22 @@ def pod_template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSetting
     neutral = template if gs.group == 0 else _template(spec, ident, replace(gs, group=0))
     thash = content_hash(neutral)
     template["metadata"]["labels"][L_TEMPLATE_HASH] = thash
-    template["metadata"]["labels"][L_INCARNATION] = str(gs.incarnation)
+    labels, annotations = incarnation_metadata(spec, ident, gs)
+    template["metadata"]["labels"].update(labels)
+    template["metadata"]["annotations"].update(annotations)
     return template
+
+
+def incarnation_metadata(
+    spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings, pods: int | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The pod labels and annotations that change with the incarnation (outside the template hash:
+    a recreate is not a rollout): the incarnation, the pod-group name and count (gang schedulers).
+    ``pods``: the group's pod count when it is not the one ``gs`` renders (a group healed in place
+    keeps its StatefulSet's)."""
+    count = group_pods(spec, gs) if pods is None else pods
+    labels, annotations = placement.group_metadata(spec.scheduling, ident.name, gs.group, gs.incarnation, count)
+    return {**labels, L_INCARNATION: str(gs.incarnation)}, annotations
 
 
 def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> dict[str, Any]:
@@ -340,10 +360,13 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
         pod_spec["nodeSelector"] = dict(sched.node_selector)
     if sched.tolerations:
         pod_spec["tolerations"] = [t.wire() for t in sched.tolerations]
-    if sched.affinity:
-        pod_spec["affinity"] = sched.affinity
+    affinity = placement.affinity(sched, ident.name, group_pods(spec, gs))
+    if affinity:
+        pod_spec["affinity"] = affinity
     if sched.priority_class_name:
         pod_spec["priorityClassName"] = sched.priority_class_name
+    if sched.scheduler_name:
+        pod_spec["schedulerName"] = sched.scheduler_name
     annotations = {A_WORLD_SIZE: str(gs.tp)}
     if n > 1:
         annotations[A_RANKS_PER_POD] = str(n)
@@ -351,7 +374,11 @@ def _template(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) 
         annotations[A_RESTARTED_AT] = gs.restarted_at
     return {
         "metadata": {
-            "labels": {**cluster_labels(ident.name), L_GROUP: str(gs.group)},
+            "labels": {
+                **cluster_labels(ident.name),
+                L_GROUP: str(gs.group),
+                **placement.static_labels(sched, ident.namespace, ident.name, gs.group),
+            },
             "annotations": annotations,
         },
         "spec": pod_spec,
@@ -380,7 +407,7 @@ def statefulset(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings
             },
             "spec": {
                 "serviceName": headless_name(ident.name),
-                "replicas": ranks.pods_per_group(gs.tp, n),
+                "replicas": group_pods(spec, gs),
                 "podManagementPolicy": "Parallel",
                 "updateStrategy": {"type": "OnDelete"},
                 "selector": {"matchLabels": {L_CLUSTER: ident.name, L_GROUP: str(gs.group)}},
@@ -388,6 +415,14 @@ def statefulset(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings
             },
         }
     )
+
+
+def with_replicas(sts: dict[str, Any], replicas: int) -> dict[str, Any]:
+    """A rendered StatefulSet at another size (a released group: 0), stamped anew."""
+    out = json.loads(json.dumps(sts))
+    out["spec"]["replicas"] = replicas
+    out["metadata"]["annotations"].pop(A_OBJECT_HASH, None)
+    return _stamp(out)
 
 
 def headless_service(spec: TPInferenceClusterSpec, ident: Identity) -> dict[str, Any]:

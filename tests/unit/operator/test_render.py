@@ -97,7 +97,7 @@ def test_resources_and_scheduling():
     assert pod["nodeSelector"] == {"gpu": "yes"} and pod["tolerations"] == [
         {"key": "g", "operator": "Exists"}
     ]
-    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert pod["affinity"]["nodeAffinity"] == {"x": 1}  # the user's, kept (placement terms are added)
 
 
 def test_template_hash_changes_with_spec_size_batch_restart_but_not_incarnation():

@@ -152,7 +152,12 @@ def test_failing_old_template_group_is_healed_in_place_while_the_roll_is_halted(
     assert (recreate.group, recreate.keep_template) == (1, True)
     assert not [a for a in actions if isinstance(a, rc.RollGroup)]
     decision = reconcile.decide(spec, IDENT, obs)
-    assert decision.patch_statefulsets == [("demo-g1", reconcile.incarnation_patch(1))]
+    [(name, patch)] = decision.patch_statefulsets
+    labels = patch["spec"]["template"]["metadata"]["labels"]
+    assert name == "demo-g1" and patch["metadata"]["annotations"] == {"tpi.dev/incarnation": "1"}
+    # the pod-group name follows the incarnation; its count is the StatefulSet's pods
+    assert labels == {"tpi.dev/incarnation": "1", "tpi.dev/pod-group": "demo-g1-i1"}
+    assert patch["spec"]["template"]["metadata"]["annotations"] == {"tpi.dev/pod-group-total-count": "4"}
     assert "demo-g1" not in [o["metadata"]["name"] for o in decision.apply if o["kind"] == "StatefulSet"]
     # (group 0's pods look stale here only because the test's hash_for is not render's)
     g1 = {d.name: d.grace_seconds for d in decision.delete_pods if d.name.startswith("demo-g1")}
