@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
 # `make test-integration`: the integration tier against the local control plane (hack/cluster.sh up).
 #
-# The grow-back soak (tests/integration/test_grow_back.py) is 10 minutes of waiting on fake nodes and
-# a kwok process of its own, with an operator of its own: it runs alongside the rest of the tier
-# instead of after it, and its output follows the tier's. Either failing fails the tier.
+# The long waits run alongside the rest of the tier instead of after it: the grow-back soak
+# (test_grow_back.py, 10 minutes) and the placement tests (test_placement.py: a 5-minute
+# contention soak, a release after the 120 s unschedulable timeout). Each makes fake nodes and a
+# kwok process of its own and starts an operator of its own, so they do not disturb the rest. Their
+# output follows the tier's; any run failing fails the tier.
 #
-#   hack/test-integration.sh [pytest args...]   extra args go to both runs
+#   hack/test-integration.sh [pytest args...]   extra args go to every run
 set -euo pipefail
 
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" integration # HACK, ROOT, VENV, ...
 
-SOAK=tests/integration/test_grow_back.py
-soak_log="$(mktemp -t tpi-soak.XXXXXX)"
-trap 'rm -f "$soak_log"' EXIT
+ALONGSIDE=(tests/integration/test_grow_back.py tests/integration/test_placement.py)
+logdir="$(mktemp -d -t tpi-integration.XXXXXX)"
+trap 'rm -rf "$logdir"' EXIT
 
 cd "$ROOT"
-"$VENV/bin/python" -m pytest "$SOAK" -q -m integration -p no:cacheprovider "$@" >"$soak_log" 2>&1 &
-soak_pid=$!
-rest_rc=0
-"$VENV/bin/python" -m pytest tests/integration -q -m integration --ignore="$SOAK" "$@" || rest_rc=$?
-soak_rc=0
-wait "$soak_pid" || soak_rc=$?
-log "grow-back soak ($SOAK), exit $soak_rc:"
-cat "$soak_log"
-if ((rest_rc != 0 || soak_rc != 0)); then
-  die "integration tier failed (rest: exit $rest_rc, soak: exit $soak_rc)"
-fi
+pids=()
+ignore=()
+for file in "${ALONGSIDE[@]}"; do
+  "$VENV/bin/python" -m pytest "$file" -q -m integration -p no:cacheprovider "$@" \
+    >"$logdir/$(basename "$file").log" 2>&1 &
+  pids+=("$!")
+  ignore+=("--ignore=$file")
+done
+failed=0
+"$VENV/bin/python" -m pytest tests/integration -q -m integration "${ignore[@]}" "$@" || failed=1
+for i in "${!ALONGSIDE[@]}"; do
+  rc=0
+  wait "${pids[$i]}" || rc=$?
+  log "${ALONGSIDE[$i]} (alongside), exit $rc:"
+  cat "$logdir/$(basename "${ALONGSIDE[$i]}").log"
+  ((rc == 0)) || failed=1
+done
+((failed == 0)) || die "integration tier failed"
