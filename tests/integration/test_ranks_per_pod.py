@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from kubernetes import client
 from tpikit.kube import kubectl, wait_until
 
 from tests.integration.conftest import inject_exit
-from tests.integration.test_faults import TEST_LABEL, Kwok, apply_crd, ready
+from tests.integration.test_faults import TEST_LABEL, FakeNodes, apply_crd
 from tests.integration.test_operator import Operator, apply, get, pods, renew_leases, status, wait_phase
-from tests.integration.test_rollout import stages
+from tests.integration.test_rollout import op, stages  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
 LEASES = [f"demo-g0-0-r{r}" for r in range(4)]
@@ -31,62 +30,21 @@ OOM_MESSAGE = (
 )
 
 
-class GpuNodes:
-    """Fake nodes with 4 GPUs each, played by a kwok of this test's own."""
-
-    def __init__(self, kubeconfig: str, tmp: Path) -> None:
-        self.id = f"gpu-{uuid.uuid4().hex[:6]}"
-        self.kwok = Kwok(kubeconfig, self.id, "10.253.0.0/16", tmp / "kwok.log", stages(tmp))
-        self.names: list[str] = []
-
-    def add(self, index: int, gpus: int = 4) -> str:
-        name = f"{self.id}-{index}"
-        amounts = {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": str(gpus), "pods": "110"}
-        node = {
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {
-                "name": name,
-                "annotations": {"kwok.x-k8s.io/node": self.id, "node.alpha.kubernetes.io/ttl": "0"},
-                "labels": {"kubernetes.io/hostname": name, "type": "kwok", TEST_LABEL: self.id},
-            },
-            "spec": {"taints": [{"key": TEST_LABEL, "value": self.id, "effect": "NoSchedule"}]},
-            "status": {"allocatable": amounts, "capacity": amounts},
-        }  # fmt: skip
-        self.names.append(name)
-        kubectl("apply", "-f", "-", input=json.dumps(node))
-        wait_until(lambda: ready(name) is True, timeout=60, what=f"node {name} Ready")
-        return name
-
-    def cleanup(self) -> None:
-        self.kwok.kill()
-        for name in self.names:
-            kubectl("delete", "node", name, "--wait=false", check=False)
-
-
 @pytest.fixture()
-def gpu_nodes(kubeconfig: str, tmp_path: Path) -> Iterator[GpuNodes]:
-    fake = GpuNodes(kubeconfig, tmp_path)
-    fake.kwok.start()
+def gpu_nodes(kubeconfig: str, tmp_path: Path) -> Iterator[FakeNodes]:
+    """Two 4-GPU fake nodes played by a kwok of this test's own (this checkout's stages)."""
+    fake = FakeNodes(kubeconfig, tmp_path)
+    fake.living.config = stages(tmp_path)
+    fake.living.start()
     try:
-        fake.add(0)
-        fake.add(1)
+        for i in range(2):
+            fake.add(f"gpu-{i}", "a", dies=False, cpu="16", gpus=4)
         yield fake
     finally:
         fake.cleanup()
 
 
-@pytest.fixture()
-def op(kubeconfig: str, namespace: str, tmp_path: Path) -> Iterator[Operator]:
-    apply_crd()
-    proc = Operator(kubeconfig, namespace, tmp_path / "operator.log")
-    proc.start()
-    yield proc
-    kubectl("delete", "tpic", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
-    proc.stop()
-    print((tmp_path / "operator.log").read_text()[-20000:])
-
-
-def gpu_cluster(fake: GpuNodes, **spec: object) -> str:
+def gpu_cluster(fake: FakeNodes, **spec: object) -> str:
     """A TP=4 cluster of 1-GPU ranks on this test's nodes; no ranksPerPod (the GPU default)."""
     base: dict = {
         "image": "tpi-runtime:test",
@@ -109,7 +67,11 @@ def lease_names(namespace: str) -> list[str]:
     return sorted(i["metadata"]["name"] for i in items["items"])
 
 
-def test_a_tp4_gpu_group_is_one_pod_of_four_ranks(op: Operator, namespace: str, gpu_nodes: GpuNodes) -> None:
+def test_a_tp4_gpu_group_is_one_pod_of_four_ranks(
+    op: Operator,  # noqa: F811
+    namespace: str,
+    gpu_nodes: FakeNodes,
+) -> None:
     apply(namespace, gpu_cluster(gpu_nodes))
     st = wait_phase(namespace, "Running")
     live = pods(namespace)
@@ -135,7 +97,10 @@ def test_a_tp4_gpu_group_is_one_pod_of_four_ranks(op: Operator, namespace: str, 
 
 
 def test_a_stale_lease_of_local_rank_2_recreates_the_group(
-    op: Operator, namespace: str, gpu_nodes: GpuNodes, api_client: client.ApiClient
+    op: Operator,  # noqa: F811
+    namespace: str,
+    gpu_nodes: FakeNodes,
+    api_client: client.ApiClient,
 ) -> None:
     apply(namespace, gpu_cluster(gpu_nodes))  # default heartbeatTimeoutSeconds (30)
     wait_phase(namespace, "Running")
@@ -160,7 +125,9 @@ def test_a_stale_lease_of_local_rank_2_recreates_the_group(
 
 
 def test_launcher_exit_137_with_an_oom_message_halves_the_batch(
-    op: Operator, namespace: str, gpu_nodes: GpuNodes
+    op: Operator,  # noqa: F811
+    namespace: str,
+    gpu_nodes: FakeNodes,
 ) -> None:
     apply(namespace, gpu_cluster(gpu_nodes))
     wait_phase(namespace, "Running")
