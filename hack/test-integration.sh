@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # `make test-integration`: the integration tier against the local control plane (hack/cluster.sh up).
 #
-# The long waits run alongside the rest of the tier instead of after it: the grow-back soak
-# (test_grow_back.py, 10 minutes) and the placement tests (test_placement.py: a 5-minute
-# contention soak, a release after the 120 s unschedulable timeout). Each makes fake nodes and a
-# kwok process of its own and starts an operator of its own, so they do not disturb the rest. Their
-# output follows the tier's; any run failing fails the tier.
+# The grow-back soak (test_grow_back.py: 10 minutes of waiting on fake nodes, a kwok process and an
+# operator of its own) runs alongside the rest of the tier instead of after it; its output follows
+# the tier's, and either failing fails the tier. Only the soak: with the placement tests
+# (test_placement.py) alongside too, the 2 cores fell behind and a kwok restart the rest of the
+# tier waits for took over 30 s.
 #
 #   hack/test-integration.sh [pytest args...]   extra args go to every run
 set -euo pipefail
@@ -13,7 +13,7 @@ set -euo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" integration # HACK, ROOT, VENV, ...
 
-ALONGSIDE=(tests/integration/test_grow_back.py tests/integration/test_placement.py)
+ALONGSIDE=(tests/integration/test_grow_back.py)
 logdir="$(mktemp -d -t tpi-integration.XXXXXX)"
 trap 'rm -rf "$logdir"' EXIT
 
