@@ -448,6 +448,8 @@ class World:
     all_nodes: list[dict[str, Any]] | None = None
     #: every rank pod the operator watches (all clusters), for capacity without cluster-wide pod reads
     rank_pods: list[dict[str, Any]] = field(default_factory=list)
+    #: every node offering GPUs (slim), for the default ranks per pod of GPU clusters
+    gpu_nodes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _needs_capacity(st: Mapping[str, Any], pods: list[dict[str, Any]]) -> bool:
@@ -466,10 +468,15 @@ def _needs_capacity(st: Mapping[str, Any], pods: list[dict[str, Any]]) -> bool:
 def _world(st: Mapping[str, Any], pods: list[dict[str, Any]], nodes: kopf.Index, rank_pods: kopf.Index) -> World:
     names = {n for p in pods if (n := (p.get("spec") or {}).get("nodeName"))}
     world = World(nodes={n: next(iter(nodes.get(n, [])), None) for n in sorted(names)})
+    world.gpu_nodes = [n for store in nodes.values() for n in store if _offers_gpus(n)]
     if _needs_capacity(st, pods):
         world.all_nodes = [n for store in nodes.values() for n in store]
         world.rank_pods = [p for store in rank_pods.values() for p in store]
     return world
+
+
+def _offers_gpus(node: Mapping[str, Any]) -> bool:
+    return str(((node.get("status") or {}).get("allocatable") or {}).get("nvidia.com/gpu", "0")) not in ("0", "")
 
 
 @dataclass
@@ -572,6 +579,8 @@ def reconcile_once(
         events = [] if prev.last_failure == st.last_failure else [reconcile.Event("Warning", "InvalidRanksPerPod", msg)]
         return Outcome(config.idle_seconds * 10, "invalid", events)
 
+    # Unset ranksPerPod on GPUs: the whole group per pod when it fits the largest eligible node.
+    spec = layout.resolved(spec, desired, capacity.most_gpus_on_a_node(spec, world.gpu_nodes))
     rank_bytes = sizing.rank_memory_bytes(spec)
     sizes = [s for s in sizing.valid_tp_sizes(info) if sizing.fits(info, s, rank_bytes) is not False]
     sizes = sorted(set(sizes) | {desired})

@@ -96,6 +96,28 @@ def test_a_tp4_gpu_group_is_one_pod_of_four_ranks(
     assert rows[1][:4] == ["demo", "4/4", "4/4", "Running"]
 
 
+def test_a_group_bigger_than_a_node_gets_one_pod_per_node(
+    op: Operator,  # noqa: F811
+    namespace: str,
+    gpu_nodes: FakeNodes,
+) -> None:
+    """No ranksPerPod on 4-GPU nodes: a TP 8 group runs as 2 pods of 4 ranks, not one pod of 8
+    that no node can hold."""
+    apply(namespace, gpu_cluster(gpu_nodes, tensorParallelSize=8))
+    st = wait_phase(namespace, "Running")
+    live = pods(namespace)
+    assert len(live) == 2 and get(namespace, "statefulset", "demo-g0")["spec"]["replicas"] == 2
+    for pod in live:
+        c = pod["spec"]["containers"][0]
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == "4"
+        assert c["command"] == ["python", "-m", "tpi_runtime", "launch", "--ranks-per-pod", "4", "serve"]
+    assert sorted(p["spec"]["nodeName"] for p in live) == sorted(gpu_nodes.names)
+    assert [(r["rank"], r["pod"], r["localRank"]) for r in st["ranks"]] == [
+        (r, f"demo-g0-{r // 4}", r % 4) for r in range(8)
+    ]
+    assert (st["readyRanks"], st["tp"]) == (8, "8/8")
+
+
 def test_a_stale_lease_of_local_rank_2_recreates_the_group(
     op: Operator,  # noqa: F811
     namespace: str,

@@ -97,6 +97,28 @@ def slots_on(req: Amounts, alloc: Amounts, used: Amounts) -> int:
     return max(0, fit or 0)
 
 
+#: Taints the node lifecycle sets by itself (not ready, unreachable, cordoned): they say how a
+#: node is now, not what it is, so they do not move the default layout.
+_LIFECYCLE_TAINTS = "node.kubernetes.io/"
+
+
+def most_gpus_on_a_node(spec: TPInferenceClusterSpec, nodes: Iterable[Mapping[str, Any]]) -> int | None:
+    """The most ``nvidia.com/gpu`` any node this cluster's ranks may use offers (None: none offers
+    any): what the default ranks per pod must fit (``layout.resolved``).  Nodes count by their
+    labels and taints, not their health: a node that dies or is cordoned for a while does not
+    re-lay every group out."""
+    tolerations = [t.wire() for t in spec.scheduling.tolerations]
+    found = [0.0]
+    for node in nodes:
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        if any(labels.get(k) != v for k, v in spec.scheduling.node_selector.items()):
+            continue
+        taints = (node.get("spec") or {}).get("taints") or []
+        if all(_tolerated(t, tolerations) for t in taints if not str(t.get("key", "")).startswith(_LIFECYCLE_TAINTS)):
+            found.append(allocatable(node).get("nvidia.com/gpu", 0.0))
+    return int(max(found)) or None
+
+
 def candidate_nodes(spec: TPInferenceClusterSpec, nodes: Iterable[Mapping[str, Any]]) -> list[str]:
     """The nodes whose usage must be read: eligible, and roomy enough for one rank when empty.
     (A node that could not take a rank even empty needs no query.)"""

@@ -2,9 +2,11 @@
 
 ``spec.ranksPerPod`` when set; unset, the default rule:
 
-* GPU ranks (an ``nvidia.com/gpu`` request): the whole group in one pod, so its ranks share the
-  node's NVLink/P2P and ``/dev/shm`` (the GPUs per node are unknown to the operator, so it cannot
-  do better than "the group fits one node"; a group too big for one node needs ``ranksPerPod``);
+* GPU ranks (an ``nvidia.com/gpu`` request): the whole group in one pod whenever it fits one node,
+  so its ranks share the node's NVLink/P2P and ``/dev/shm``. ``resolved`` decides it from the most
+  GPUs any node the cluster may use offers (the node index): the largest divisor of the group
+  that fits such a node, so a TP 16 group on 8-GPU nodes runs 2 pods of 8. No node reports GPUs
+  (none yet, or a pool scaled to zero): the whole group, as the issue's rule for unknown nodes;
 * CPU ranks: one rank per pod. CPU ranks gain nothing from sharing a pod (gloo has no P2P
   transport to gain, and the pod's cores would only be split between them), one pod per rank lets
   the scheduler spread the cores over nodes, and it keeps every existing CPU cluster unchanged.
@@ -19,6 +21,20 @@ from __future__ import annotations
 from tpi_contract import ranks
 
 from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec
+
+
+def resolved(spec: TPInferenceClusterSpec, desired_tp: int, node_gpus: int | None) -> TPInferenceClusterSpec:
+    """The spec with the GPU default decided: unset ``ranksPerPod`` on GPU ranks becomes the
+    largest divisor of ``desired_tp`` whose pod fits a node of ``node_gpus`` GPUs (the most any
+    eligible node offers; None: unknown, the spec is kept and the whole group is one pod).
+
+    A degraded size then uses ``ranks_per_pod_at`` of this value, as for a configured one. The
+    value follows the nodes: when the largest eligible node changes, the groups roll to the new
+    layout (their template changes); set ``ranksPerPod`` to pin it."""
+    if spec.ranks_per_pod is not None or not spec.resources.gpus or not node_gpus:
+        return spec
+    fit = max(1, node_gpus // spec.resources.gpus)
+    return spec.model_copy(update={"ranks_per_pod": ranks.ranks_per_pod_at(desired_tp, min(fit, desired_tp))})
 
 
 def configured(spec: TPInferenceClusterSpec, desired_tp: int) -> int:

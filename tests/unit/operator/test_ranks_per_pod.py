@@ -312,3 +312,40 @@ def test_unschedulable_one_pod_group_degrades_to_pods_that_fit(free_in_pods, exp
     assert [a.kind for a in actions if a.kind != "Wait"] == expected
     if expected[0] == "Degrade":
         assert (actions[0].from_size, actions[0].to_size) == (4, 2)
+
+
+@pytest.mark.parametrize(
+    ("tp", "gpus_per_rank", "node_gpus", "configured", "expected"),
+    [
+        (4, 1, 8, None, 4),  # the group fits one node: one pod
+        (16, 1, 8, None, 8),  # it does not: the largest divisor that fits, 2 pods of 8
+        (12, 1, 8, None, 6),  # 12 on 8-GPU nodes: 2 pods of 6 (8 does not divide 12)
+        (8, 2, 8, None, 4),  # 2 GPUs per rank: 4 ranks fill a node
+        (4, 1, 2, None, 2),
+        (4, 4, 2, None, 1),  # no node holds even one rank: one per pod (it stays Pending, explained)
+        (4, 1, None, None, None),  # no node reports GPUs: the spec is kept (the whole group)
+        (16, 1, 8, 16, 16),  # a configured value is the user's, never overridden
+        (4, 0, 8, None, None),  # CPU ranks: nothing to resolve
+    ],
+)
+def test_gpu_default_fits_the_largest_node(tp, gpus_per_rank, node_gpus, configured, expected):
+    spec = make_spec(tensorParallelSize=tp, ranksPerPod=configured, resources={"cpu": "1", "gpus": gpus_per_rank})
+    assert layout.resolved(spec, tp, node_gpus).ranks_per_pod == expected
+
+
+def test_most_gpus_on_a_node_counts_only_nodes_the_cluster_may_use():
+    from test_capacity import node
+
+    spec = make_spec(resources={"cpu": "1", "gpus": 1})
+    nodes = [node("a", gpus=4), node("b", gpus=8, taints=[{"key": "k", "effect": "NoSchedule"}]),
+             node("c", gpus=8, labels={"pool": "other"}), node("d")]  # fmt: skip
+    pinned = make_spec(resources={"cpu": "1", "gpus": 1}, scheduling={"nodeSelector": {"pool": "main"}})
+    assert capacity.most_gpus_on_a_node(spec, nodes) == 8  # c: no selector, any label will do
+    assert capacity.most_gpus_on_a_node(pinned, nodes) is None
+    assert capacity.most_gpus_on_a_node(spec, nodes[:2]) == 4  # b's taint is not tolerated
+    assert capacity.most_gpus_on_a_node(spec, [node("d")]) is None
+    # A node down or cordoned is still what the pool is made of: the layout does not move.
+    down = node("e", gpus=8, ready="False", unschedulable=True,
+                taints=[{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"},
+                        {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}])  # fmt: skip
+    assert capacity.most_gpus_on_a_node(spec, [node("a", gpus=4), down]) == 8
