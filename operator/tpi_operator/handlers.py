@@ -476,7 +476,7 @@ def _world(st: Mapping[str, Any], pods: list[dict[str, Any]], nodes: kopf.Index,
 
 
 def _offers_gpus(node: Mapping[str, Any]) -> bool:
-    return str(((node.get("status") or {}).get("allocatable") or {}).get("nvidia.com/gpu", "0")) not in ("0", "")
+    return capacity.allocatable(node).get("nvidia.com/gpu", 0.0) > 0
 
 
 @dataclass
