@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+from typing import NoReturn
 
 from tpi_contract import exitcodes
 
@@ -94,7 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError) as e:  # bad tp, dtype, lengths, checkpoint: config, not a crash
         logging.getLogger("tpi_runtime").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
-        return exitcodes.BAD_CONFIG
+        _exit_now(exitcodes.BAD_CONFIG)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Flush and end the process without interpreter teardown.
+
+    A config error can come after the process group formed (the KV budget is agreed by all ranks).
+    Tearing the interpreter down with the group's C++ threads alive may abort ("terminate called
+    without an active exception", SIGABRT), which the operator would read as a crash, not exit 2.
+    Nothing needs cleanup: the shared-memory segment is unlinked once every rank mapped it.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
