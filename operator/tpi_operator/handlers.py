@@ -44,7 +44,8 @@ from tpi_operator.kube import Kube, KubeError, load_configuration
 
 log = logging.getLogger("tpi_operator")
 CLUSTER = render.L_CLUSTER
-#: Shared objects (Services, RBAC) are re-applied at least this often, to heal manual deletes.
+#: Shared objects (Services, RBAC) are re-read and re-applied about this often, to heal manual
+#: deletes: each after a random half to whole period (``_refresh_at``), by an idle pass (``_due``).
 RESYNC_SECONDS = 300.0
 #: What is bound to a node (one field-selected query per node) is shared by all clusters this long.
 CAPACITY_TTL_SECONDS = 10.0
@@ -75,11 +76,12 @@ class Memory:
 
     last_status: dict[str, Any] | None = None
     last_status_write: float = 0.0
+    #: (kind, name) -> (the applied object's hash, monotonic time its periodic re-apply is due)
     applied: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
     model_key: str | None = None
     model_info: sizing.ModelInfo | None = None
     leases_seen: dict[str, heartbeat.Seen] = field(default_factory=dict)
-    #: (kind, name) -> (monotonic time read, who else has it, or None when it is ours or absent)
+    #: (kind, name) -> (monotonic time its re-read is due, who else has it, or None when ours or absent)
     owners: dict[tuple[str, str], tuple[float, str | None]] = field(default_factory=dict)
 
 
@@ -358,7 +360,7 @@ async def reconciler(
         while not stopped and uid not in state.gone:
             async with state.slot(resync):
                 outcome = await _reconcile_in_worker(state, mem, key, body, loop, wake, tpi_pods, tpi_leases,
-                                                     tpi_statefulsets, tpi_nodes)  # fmt: skip
+                                                     tpi_statefulsets, tpi_nodes, refresh_shared=resync)  # fmt: skip
             for event in outcome.events:
                 kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1000])
             try:
@@ -384,6 +386,7 @@ async def _reconcile_in_worker(
     tpi_leases: kopf.Index,
     tpi_statefulsets: kopf.Index,
     tpi_nodes: kopf.Index,
+    refresh_shared: bool = True,
 ) -> Outcome:
     """Copy what the worker thread reads (the indexes change in this event loop), then run one
     reconcile there; our own last status write is newer than the body's, as in reconcile_once."""
@@ -396,7 +399,7 @@ async def _reconcile_in_worker(
     started = time.monotonic()
     try:
         outcome = await loop.run_in_executor(
-            state.executor(), reconcile_once, state, mem, snapshot, pods, leases, stses, world
+            state.executor(), reconcile_once, state, mem, snapshot, pods, leases, stses, world, refresh_shared
         )
         metrics.RECONCILES.labels(outcome.result).inc()
     except Exception as e:  # never let one bad reconcile kill the daemon; back off instead
@@ -529,8 +532,13 @@ def reconcile_once(
     leases: list[dict],
     stses: list[dict],
     world: World | None = None,
+    refresh_shared: bool = True,
 ) -> Outcome:
-    """One level-triggered pass for one cluster (runs in a worker thread): read, decide, apply."""
+    """One level-triggered pass for one cluster (runs in a worker thread): read, decide, apply.
+
+    ``refresh_shared``: this is an idle pass, which re-reads and re-applies the shared objects
+    whose period ran out; a pass woken for something to do leaves that to the next idle pass
+    (``_due``), so the 12 requests do not delay a recovery."""
     kube, config = state.kube(), state.config
     world = world if world is not None else World()
     meta = body["metadata"]
@@ -603,7 +611,7 @@ def reconcile_once(
         **_free_slots(state, kube, spec, world, {layout.ranks_per_pod(spec, s) for s in sizes if s <= desired}, ident),
         group_id=lambda g: placement.group_id(namespace, name, g),
         nodes=_nodes(state, world, now),
-        foreign=_foreign(kube, mem, spec, ident),
+        foreign=_foreign(kube, mem, spec, ident, refresh_shared),
         hash_for=reconcile.hash_function(spec, ident, restarted_at),
     )
     decision = reconcile.decide(
@@ -614,7 +622,7 @@ def reconcile_once(
     # done, rather than acting again on the next pass from a status that never recorded it.
     _write_status(kube, mem, name, namespace, decision.status)
     for obj in decision.apply:
-        _apply(kube, mem, obj)
+        _apply(kube, mem, obj, refresh_shared)
     for sts, patch in decision.patch_statefulsets:  # before the deletes: the new pods get it
         kube.patch("StatefulSet", namespace, sts, patch)
     if decision.delete_pods:
@@ -640,13 +648,27 @@ def reconcile_once(
     return Outcome(decision.wake_after, "ok", decision.events)
 
 
-def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
-    """Apply unless this exact object was applied recently (shared objects are not watched)."""
+def _refresh_at() -> float:
+    """When a shared object is next re-read or re-applied: after a random half to whole
+    RESYNC_SECONDS, so that hundreds of clusters created together do not all come due in the same
+    minute (their 12 requests each once queued a lost node's recovery behind them)."""
+    return time.monotonic() + RESYNC_SECONDS * random.uniform(0.5, 1.0)
+
+
+def _due(refresh_at: float, refresh: bool) -> bool:
+    """A shared object's periodic refresh is due; a pass woken for something to do (a change, a
+    deadline) leaves it to an idle pass unless it is a whole period late (a cluster never idle)."""
+    return time.monotonic() >= refresh_at + (0.0 if refresh else RESYNC_SECONDS)
+
+
+def _apply(kube: Kube, mem: Memory, obj: dict[str, Any], refresh: bool = True) -> None:
+    """Apply unless this exact object was applied and its refresh is not due (shared objects are
+    not watched)."""
     key = (obj["kind"], obj["metadata"]["name"])
     digest = obj["metadata"]["annotations"][render.A_OBJECT_HASH]
     watched = obj["kind"] in ("StatefulSet", "Lease")  # their caches already said "changed"
     seen = mem.applied.get(key)
-    if not watched and seen and seen[0] == digest and time.monotonic() - seen[1] < RESYNC_SECONDS:
+    if not watched and seen and seen[0] == digest and not _due(seen[1], refresh):
         return
     try:
         kube.apply(obj)
@@ -654,7 +676,7 @@ def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
         if e.status == 404 and obj["kind"] == "Lease":
             return  # namespace going away
         raise
-    mem.applied[key] = (digest, time.monotonic())
+    mem.applied[key] = (digest, _refresh_at())
 
 
 def _free_slots(
@@ -734,14 +756,15 @@ def _nodes(state: Shared, world: World, now: dt.datetime) -> dict[str, NodeObs]:
 
 
 def _foreign(
-    kube: Kube, mem: Memory, spec: TPInferenceClusterSpec, ident: render.Identity
+    kube: Kube, mem: Memory, spec: TPInferenceClusterSpec, ident: render.Identity, refresh: bool = True
 ) -> dict[tuple[str, str], str]:
-    """Shared objects of our names that someone else has (one GET each, every RESYNC_SECONDS)."""
+    """Shared objects of our names that someone else has (one GET each when first seen, when its
+    refresh is due (``_due``), and on every pass while someone else has it)."""
     out = {}
     for obj in render.shared_objects(spec, ident, []):
         key = (obj["kind"], obj["metadata"]["name"])
         seen = mem.owners.get(key)
-        if seen is None or time.monotonic() - seen[0] > RESYNC_SECONDS or seen[1] is not None:
+        if seen is None or _due(seen[0], refresh) or seen[1] is not None:
             try:
                 live = kube.request("GET", kube.path(key[0], ident.namespace, key[1]))
                 owner = foreign_owner(live, ident.uid)
@@ -749,7 +772,7 @@ def _foreign(
                 if e.status != 404:
                     raise
                 owner = None
-            seen = mem.owners[key] = (time.monotonic(), owner)
+            seen = mem.owners[key] = (_refresh_at(), owner)
         if seen[1] is not None:
             out[key] = seen[1]
     return out

@@ -253,3 +253,34 @@ def test_idle_resyncs_leave_workers_for_clusters_with_something_to_do() -> None:
         return busy, urgent
 
     assert asyncio.run(run()) == (4 - handlers.RESERVED_WORKERS, True)
+
+
+def _service(digest: str = "h1") -> dict:
+    annotations = {handlers.render.A_OBJECT_HASH: digest}
+    meta = {"name": "demo", "namespace": "ns", "annotations": annotations}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta}
+
+
+def test_shared_objects_refresh_after_a_spread_period_and_only_on_idle_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """500 clusters created together must not all re-apply their shared objects in the same
+    minute, nor make a lost node's recovery pass wait on those requests."""
+    clock = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    due = [handlers._refresh_at() - clock[0] for _ in range(200)]
+    period = handlers.RESYNC_SECONDS
+    assert period / 2 <= min(due) and max(due) <= period and max(due) - min(due) > period / 4
+
+    kube, mem = FakeKube(None), handlers.Memory()
+    applied = lambda: sum(1 for m, _, _ in kube.calls if m == "PATCH")  # noqa: E731 - server-side apply
+    handlers._apply(kube, mem, _service(), refresh=False)  # never applied: applied on any pass
+    assert applied() == 1
+    handlers._apply(kube, mem, _service("h2"), refresh=False)  # changed: applied on any pass
+    assert applied() == 2
+    clock[0] = mem.applied[("Service", "demo")][1]  # the periodic refresh comes due
+    handlers._apply(kube, mem, _service("h2"), refresh=False)  # a recovery pass leaves it
+    assert applied() == 2
+    handlers._apply(kube, mem, _service("h2"), refresh=True)  # the next idle pass does it
+    assert applied() == 3
+    clock[0] = mem.applied[("Service", "demo")][1] + period  # a cluster never idle: a period late
+    handlers._apply(kube, mem, _service("h2"), refresh=False)
+    assert applied() == 4
