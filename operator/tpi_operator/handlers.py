@@ -49,10 +49,17 @@ CLUSTER = render.L_CLUSTER
 RESYNC_SECONDS = 300.0
 #: What is bound to a node (one field-selected query per node) is shared by all clusters this long.
 CAPACITY_TTL_SECONDS = 10.0
-#: Reconcile workers that idle resyncs may not take (kept for clusters with something to do).
-RESERVED_WORKERS = 2
+#: Pod deletes of one pass run this many at a time (a group is recreated by deleting all its pods).
+DELETE_FANOUT = 4
 #: Status is rewritten at most this often when only heartbeat times moved.
 STATUS_REFRESH_SECONDS = 60.0
+
+
+def idle_workers(workers: int) -> int:
+    """Reconcile workers that idle resyncs may hold: half. The rest are kept for clusters with
+    something to do (with 2 of 8 kept, 42 groups whose node-loss deadlines expired together
+    waited up to 7 s for a worker)."""
+    return max(1, workers // 2)
 
 
 @dataclass
@@ -104,6 +111,7 @@ class Shared:
     node_ready: dict[str, bool | None] = field(default_factory=dict)
     _kube: Kube | None = None
     _executor: ThreadPoolExecutor | None = None
+    _fanout: ThreadPoolExecutor | None = None
     _slots: asyncio.Semaphore | None = None
     _resync_slots: asyncio.Semaphore | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -111,7 +119,8 @@ class Shared:
     def kube(self) -> Kube:
         with self._lock:
             if self._kube is None:
-                self._kube = Kube.connect(pool_size=self.config.workers + 2, kubeconfig=self.config.kubeconfig)
+                pool = self.config.workers * (DELETE_FANOUT + 1) + 2  # each worker and its deletes; kopf
+                self._kube = Kube.connect(pool_size=pool, kubeconfig=self.config.kubeconfig)
             return self._kube
 
     def executor(self) -> ThreadPoolExecutor:
@@ -120,18 +129,26 @@ class Shared:
                 self._executor = ThreadPoolExecutor(self.config.workers, thread_name_prefix="reconcile")
             return self._executor
 
+    def fanout(self) -> ThreadPoolExecutor:
+        """Threads for the passes' independent requests (their pod deletes), DELETE_FANOUT per
+        worker; separate from the workers, which wait on them."""
+        with self._lock:
+            if self._fanout is None:
+                self._fanout = ThreadPoolExecutor(self.config.workers * DELETE_FANOUT, thread_name_prefix="fanout")
+            return self._fanout
+
     @contextlib.asynccontextmanager
     async def slot(self, resync: bool = False) -> AsyncIterator[None]:
         """A reconcile worker: a reconciler takes its snapshot only once a worker is free, so when
         hundreds of clusters wake together their copies are not all held while they queue.
 
-        Idle resyncs (nothing changed, the period ran out) hold at most all but RESERVED_WORKERS
-        of them: a cluster woken by a change or a deadline (a node lost, a hang) never queues
-        behind hundreds of resyncs that came due together.
+        Idle resyncs (nothing changed, the period ran out) hold at most half of them
+        (``idle_workers``): a cluster woken by a change or a deadline (a node lost, a hang) never
+        queues behind hundreds of resyncs that came due together.
         """
         if self._slots is None or self._resync_slots is None:
             self._slots = asyncio.Semaphore(self.config.workers)
-            self._resync_slots = asyncio.Semaphore(max(1, self.config.workers - RESERVED_WORKERS))
+            self._resync_slots = asyncio.Semaphore(idle_workers(self.config.workers))
         if resync:
             async with self._resync_slots, self._slots:
                 yield
@@ -629,8 +646,9 @@ def reconcile_once(
         wanted = {g.group: g.incarnation for g in decision.status.groups}
         log.info("%s/%s: deleting pods %s; groups' incarnations %s", namespace, name,
                  ", ".join(f"{d.name}(grace {d.grace_seconds})" for d in decision.delete_pods), wanted)  # fmt: skip
-    for d in decision.delete_pods:
-        kube.delete("Pod", namespace, d.name, grace_seconds=d.grace_seconds, uid=d.uid or None)
+    deletes = [(d.name, d.grace_seconds, d.uid or None) for d in decision.delete_pods]
+    # together, not one after another (a lost node's group waits on them); list() re-raises a failure
+    list(state.fanout().map(lambda d: kube.delete("Pod", namespace, d[0], grace_seconds=d[1], uid=d[2]), deletes))
     for sts in decision.delete_statefulsets:
         kube.delete("StatefulSet", namespace, sts)
     for lease in decision.delete_leases:

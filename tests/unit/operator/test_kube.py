@@ -252,7 +252,7 @@ def test_idle_resyncs_leave_workers_for_clusters_with_something_to_do() -> None:
         await asyncio.gather(*resyncs)
         return busy, urgent
 
-    assert asyncio.run(run()) == (4 - handlers.RESERVED_WORKERS, True)
+    assert asyncio.run(run()) == (handlers.idle_workers(4), True) == (2, True)
 
 
 def _service(digest: str = "h1") -> dict:
