@@ -204,15 +204,21 @@ class Watcher:
             t.start()
 
     def _loop(self, fn: Any, handle: Any, **kw: Any) -> None:
+        resume: dict[str, str] = {}  # the next stream starts where the last ended: a fresh list would lose events
         while not self.stop.is_set():
             w = watch.Watch()
             try:
-                for ev in w.stream(fn, timeout_seconds=120, **kw):
+                for ev in w.stream(fn, timeout_seconds=120, **resume, **kw):
                     handle(ev, time.time())
                     if self.stop.is_set():
                         w.stop()
+            except client.ApiException as e:
+                if e.status == 410:  # too old to resume: a fresh list (events in between are lost)
+                    w.resource_version = None
+                print(f"watch restarted: {e.status} {e.reason}", file=sys.stderr)
             except Exception as e:  # a broken stream is restarted: the bench must not stop watching
                 print(f"watch restarted: {e}", file=sys.stderr)
+            resume = {"resource_version": w.resource_version} if w.resource_version else {}
 
     def _pods(self) -> None:
         def handle(ev: dict, now: float) -> None:
@@ -322,6 +328,13 @@ def cleanup(api: client.ApiClient, timeout: float = 600) -> None:
     kubectl("delete", "namespace", NS, "--wait=false", check=False)
 
 
+def clear_interrupted_run() -> None:
+    """What a bench killed without its cleanup left: its nodes (no kwok plays them any more) and
+    the pods bound to them, which no kubelet finalizes, so the namespace's deletion would wait."""
+    kubectl("delete", "node", "-l", LABEL, "--wait=false", check=False)
+    kubectl("delete", "pods", "-n", NS, "--all", "--force", "--grace-period=0", "--wait=false", check=False)
+
+
 # ------------------------------------------------------------------------------------- main
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -342,8 +355,10 @@ def main() -> int:
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     crd = REPO / "crds" / "tpi.dev_tpinferenceclusters.yaml"
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    clear_interrupted_run()
     kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", timeout=900)
     kubectl("create", "namespace", NS)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench still cleans up (finally)
 
     bench_id = f"bench-{os.getpid()}"
     ranks = args.clusters * args.tp
