@@ -166,6 +166,110 @@ def test_launcher_exit_137_with_an_oom_message_halves_the_batch(
     assert args[args.index("--effective-batch-size") + 1] == "4"
 
 
+@pytest.fixture()
+def bare_nodes(kubeconfig: str, tmp_path: Path) -> Iterator[FakeNodes]:
+    """This test's kwok (this checkout's stages) with no node yet: the test adds its own."""
+    fake = FakeNodes(kubeconfig, tmp_path)
+    fake.living.config = stages(tmp_path)
+    fake.living.start()
+    try:
+        yield fake
+    finally:
+        fake.cleanup()
+
+
+def group_pods(namespace: str, group: int) -> dict[str, tuple[str, str]]:
+    """name -> (uid, image) of the group's live pods."""
+    return {p["metadata"]["name"]: (p["metadata"]["uid"], p["spec"]["containers"][0]["image"])
+            for p in pods(namespace, group) if not p["metadata"].get("deletionTimestamp")}  # fmt: skip
+
+
+def test_a_spec_edit_rolls_four_rank_pods_one_group_at_a_time_and_scale_in_removes_one(
+    op: Operator,  # noqa: F811
+    namespace: str,
+    gpu_nodes: FakeNodes,
+) -> None:
+    """2 groups of one 4-rank pod fill both 4-GPU nodes: the roll replaces group 0's pod, waits
+    until it is Ready, then group 1's; one group serves throughout, and the layout is kept. Then
+    replicas 2 -> 1 removes group 1 whole."""
+    apply(namespace, gpu_cluster(gpu_nodes, replicas=2))
+    wait_phase(namespace, "Running")
+    before = {g: group_pods(namespace, g) for g in (0, 1)}
+    assert [len(before[g]) for g in (0, 1)] == [1, 1], before
+    kubectl("patch", "tpic", "demo", "-n", namespace, "--type=merge", "-p", '{"spec":{"image":"tpi-runtime:v2"}}')
+    min_ready, deadline = 2, time.monotonic() + 180
+    while True:
+        st = status(namespace)
+        now = {g: group_pods(namespace, g) for g in (0, 1)}
+        if all(images == {"tpi-runtime:v2"} for images in ({i for _, i in now[g].values()} for g in (0, 1))) and (
+            st.get("phase") == "Running" and st.get("readyReplicas") == 2
+        ):
+            break
+        min_ready = min(min_ready, st.get("readyReplicas", 0))
+        if {i for _, i in now[0].values()} != {"tpi-runtime:v2"}:  # group 0 first: group 1 untouched
+            assert now[1] == before[1], (now, before)
+        assert time.monotonic() < deadline, f"roll did not finish: {st.get('conditions')}"
+        time.sleep(0.5)
+    assert min_ready >= 1, "both groups were down at once"
+    assert [h["group"] for h in st["history"] if h["action"] == "RollGroup"] == [0, 1], st["history"]
+    for g in (0, 1):
+        (pod,) = pods(namespace, g)
+        assert pod["spec"]["containers"][0]["command"][-3:] == ["--ranks-per-pod", "4", "serve"]
+        assert pod["metadata"]["uid"] not in {u for u, _ in before[g].values()}
+    assert lease_names(namespace) == sorted(f"demo-g{g}-0-r{r}" for g in (0, 1) for r in range(4))
+    assert [(r["group"], r["rank"], r["localRank"]) for r in st["ranks"]] == [
+        (g, r, r) for g in (0, 1) for r in range(4)
+    ]
+    # scale in: group 1's StatefulSet and its 4 Leases go, and the runtime's Role names only group 0's
+    kubectl("patch", "tpic", "demo", "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":1}}')
+    wait_until(lambda: lease_names(namespace) == LEASES and not get(namespace, "statefulset", "demo-g1"),
+               timeout=60, what="group 1 removed")  # fmt: skip
+    assert sorted(get(namespace, "role", "demo-runtime")["rules"][0]["resourceNames"]) == LEASES
+    st = wait_phase(namespace, "Running")
+    assert (st["readyReplicas"], st["readyRanks"], st["totalRanks"]) == (1, 4, 4)
+
+
+def test_a_four_rank_pod_degrades_to_one_pod_of_two_and_grows_back(
+    op: Operator,  # noqa: F811
+    namespace: str,
+    bare_nodes: FakeNodes,
+) -> None:
+    """ranksPerPod 4 on a cluster whose only node has 2 GPUs: the pod of 4 GPUs cannot schedule, so
+    the group degrades to TP 2 as one pod of 2 ranks (never 2 pods of 1); a 4-GPU node joins and
+    the group grows back to one pod of 4 there. Short timeouts: the defaults are test_grow_back's."""
+    bare_nodes.add("gpu-small", "a", dies=False, cpu="16", gpus=2)
+    fp = {"unschedulableTimeoutSeconds": 3, "scaleBackUpDelaySeconds": 5, "minTensorParallelSize": 1}
+    apply(namespace, gpu_cluster(bare_nodes, ranksPerPod=4, failurePolicy=fp))
+    st = wait_until(lambda: (s := status(namespace)).get("currentTensorParallelSize") == 2
+                    and s.get("readyRanks") == 2 and s, timeout=120, what="degraded to TP 2 and serving")  # fmt: skip
+    degrade = next(h for h in st["history"] if h["action"] == "Degrade")
+    assert degrade["reason"] == "Unschedulable" and "nvidia.com/gpu" in degrade["message"], degrade
+    assert st["phase"] == "Degraded" and st["tp"] == "2/4"
+    (pod,) = [p for p in pods(namespace) if not p["metadata"].get("deletionTimestamp")]
+    c = pod["spec"]["containers"][0]
+    assert c["command"][-3:] == ["--ranks-per-pod", "2", "serve"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert get(namespace, "statefulset", "demo-g0")["spec"]["replicas"] == 1
+    assert [(r["rank"], r["pod"], r["localRank"]) for r in st["ranks"]] == [(0, "demo-g0-0", 0), (1, "demo-g0-0", 1)]
+    big = bare_nodes.add("gpu-big", "a", dies=False, cpu="16", gpus=4)
+
+    def grown_back() -> dict | None:
+        s = status(namespace)
+        return (
+            s
+            if (s.get("phase"), s.get("readyRanks"), s.get("currentTensorParallelSize")) == ("Running", 4, 4)
+            else None
+        )
+
+    st = wait_until(grown_back, timeout=180, what="grown back to TP 4")
+    assert [h["action"] for h in st["history"] if h["action"] in ("Degrade", "ScaleUp")] == ["Degrade", "ScaleUp"]
+    (pod,) = [p for p in pods(namespace) if not p["metadata"].get("deletionTimestamp")]
+    assert pod["spec"]["nodeName"] == big
+    assert pod["spec"]["containers"][0]["command"][-3:] == ["--ranks-per-pod", "4", "serve"]
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert st["tp"] == "4/4" and lease_names(namespace) == LEASES
+
+
 def test_ranks_per_pod_must_divide_the_group(namespace: str, kubeconfig: str) -> None:
     apply_crd()
     for rpp, message in [(3, "ranksPerPod must divide tensorParallelSize"), (0, "spec.ranksPerPod")]:
