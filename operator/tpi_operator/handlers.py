@@ -44,8 +44,9 @@ from tpi_operator.kube import Kube, KubeError, load_configuration
 
 log = logging.getLogger("tpi_operator")
 CLUSTER = render.L_CLUSTER
-#: Shared objects (Services, RBAC) are re-read and re-applied about this often, to heal manual
-#: deletes: each after a random half to whole period (``_refresh_at``), by an idle pass (``_due``).
+#: Shared objects (Services, RBAC) are re-read about this often, to heal manual deletes and edits
+#: (re-applied only then): each after a random half to whole period (``_refresh_at``), by an idle
+#: pass (``_due``).
 RESYNC_SECONDS = 300.0
 #: What is bound to a node (one field-selected query per node) is shared by all clusters this long.
 CAPACITY_TTL_SECONDS = 10.0
@@ -83,8 +84,10 @@ class Memory:
 
     last_status: dict[str, Any] | None = None
     last_status_write: float = 0.0
-    #: (kind, name) -> (the applied object's hash, monotonic time its periodic re-apply is due)
-    applied: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
+    #: (kind, name) -> (the applied object's hash, the resourceVersion our apply got back)
+    applied: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    #: shared objects a re-read found deleted or changed by someone else: applied again
+    stale: set[tuple[str, str]] = field(default_factory=set)
     model_key: str | None = None
     model_info: sizing.ModelInfo | None = None
     leases_seen: dict[str, heartbeat.Seen] = field(default_factory=dict)
@@ -553,9 +556,9 @@ def reconcile_once(
 ) -> Outcome:
     """One level-triggered pass for one cluster (runs in a worker thread): read, decide, apply.
 
-    ``refresh_shared``: this is an idle pass, which re-reads and re-applies the shared objects
-    whose period ran out; a pass woken for something to do leaves that to the next idle pass
-    (``_due``), so the 12 requests do not delay a recovery."""
+    ``refresh_shared``: this is an idle pass, which re-reads the shared objects whose period ran
+    out (and re-applies those found deleted or changed); a pass woken for something to do leaves
+    that to the next idle pass (``_due``), so those requests do not delay a recovery."""
     kube, config = state.kube(), state.config
     world = world if world is not None else World()
     meta = body["metadata"]
@@ -639,7 +642,7 @@ def reconcile_once(
     # done, rather than acting again on the next pass from a status that never recorded it.
     _write_status(kube, mem, name, namespace, decision.status)
     for obj in decision.apply:
-        _apply(kube, mem, obj, refresh_shared)
+        _apply(kube, mem, obj)
     for sts, patch in decision.patch_statefulsets:  # before the deletes: the new pods get it
         kube.patch("StatefulSet", namespace, sts, patch)
     if decision.delete_pods:
@@ -667,7 +670,7 @@ def reconcile_once(
 
 
 def _refresh_at() -> float:
-    """When a shared object is next re-read or re-applied: after a random half to whole
+    """When a shared object is next re-read: after a random half to whole
     RESYNC_SECONDS, so that hundreds of clusters created together do not all come due in the same
     minute (their 12 requests each once queued a lost node's recovery behind them)."""
     return time.monotonic() + RESYNC_SECONDS * random.uniform(0.5, 1.0)
@@ -679,22 +682,23 @@ def _due(refresh_at: float, refresh: bool) -> bool:
     return time.monotonic() >= refresh_at + (0.0 if refresh else RESYNC_SECONDS)
 
 
-def _apply(kube: Kube, mem: Memory, obj: dict[str, Any], refresh: bool = True) -> None:
-    """Apply unless this exact object was applied and its refresh is not due (shared objects are
-    not watched)."""
+def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
+    """Apply unless this exact object was applied and no re-read found it deleted or changed since
+    (``_foreign``: shared objects are not watched)."""
     key = (obj["kind"], obj["metadata"]["name"])
     digest = obj["metadata"]["annotations"][render.A_OBJECT_HASH]
     watched = obj["kind"] in ("StatefulSet", "Lease")  # their caches already said "changed"
     seen = mem.applied.get(key)
-    if not watched and seen and seen[0] == digest and not _due(seen[1], refresh):
+    if not watched and seen and seen[0] == digest and key not in mem.stale:
         return
     try:
-        kube.apply(obj)
+        applied = kube.apply(obj)
     except KubeError as e:
         if e.status == 404 and obj["kind"] == "Lease":
             return  # namespace going away
         raise
-    mem.applied[key] = (digest, _refresh_at())
+    mem.applied[key] = (digest, ((applied or {}).get("metadata") or {}).get("resourceVersion", ""))
+    mem.stale.discard(key)
 
 
 def _free_slots(
@@ -777,7 +781,11 @@ def _foreign(
     kube: Kube, mem: Memory, spec: TPInferenceClusterSpec, ident: render.Identity, refresh: bool = True
 ) -> dict[tuple[str, str], str]:
     """Shared objects of our names that someone else has (one GET each when first seen, when its
-    refresh is due (``_due``), and on every pass while someone else has it)."""
+    refresh is due (``_due``), and on every pass while someone else has it).
+
+    A re-read also marks ours stale when it is gone or its resourceVersion is not the one our
+    apply got back (someone edited it; for a PodDisruptionBudget also its status moving), so
+    ``_apply`` re-applies only those rather than every shared object every period."""
     out = {}
     for obj in render.shared_objects(spec, ident, []):
         key = (obj["kind"], obj["metadata"]["name"])
@@ -786,10 +794,14 @@ def _foreign(
             try:
                 live = kube.request("GET", kube.path(key[0], ident.namespace, key[1]))
                 owner = foreign_owner(live, ident.uid)
+                version = (live.get("metadata") or {}).get("resourceVersion")
+                if owner is None and (key not in mem.applied or mem.applied[key][1] != version):
+                    mem.stale.add(key)
             except KubeError as e:
                 if e.status != 404:
                     raise
                 owner = None
+                mem.stale.add(key)
             seen = mem.owners[key] = (_refresh_at(), owner)
         if seen[1] is not None:
             out[key] = seen[1]

@@ -261,26 +261,68 @@ def _service(digest: str = "h1") -> dict:
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta}
 
 
-def test_shared_objects_refresh_after_a_spread_period_and_only_on_idle_passes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """500 clusters created together must not all re-apply their shared objects in the same
-    minute, nor make a lost node's recovery pass wait on those requests."""
+class StoreKube(Kube):
+    """An API server of one namespace's objects, by (kind, name): enough for the shared objects'
+    refresh; counts requests by method."""
+
+    def __init__(self) -> None:
+        super().__init__(api=None)  # type: ignore[arg-type]
+        self.objects: dict[str, dict] = {}
+        self.methods: list[str] = []
+        self.version = 0
+
+    def request(self, method, path, *, body=None, query=None, content_type="application/json"):
+        self.methods.append(method)
+        if method == "GET":
+            if path not in self.objects:
+                raise KubeError(404, json.dumps({"message": "not found"}))
+            return self.objects[path]
+        self.version += 1  # a server-side apply that changed something
+        obj = json.loads(json.dumps(body))
+        obj["metadata"]["resourceVersion"] = str(self.version)
+        self.objects[path] = obj
+        return obj
+
+
+def test_shared_objects_are_reread_after_a_spread_period_on_idle_passes_and_reapplied_only_when_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """500 clusters created together must not all refresh their shared objects in the same minute,
+    a lost node's recovery pass must not wait on those requests, and an untouched object costs one
+    GET per period, not a GET and an apply."""
+    from tpi_operator.core import render
+
     clock = [1000.0]
     monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
     due = [handlers._refresh_at() - clock[0] for _ in range(200)]
     period = handlers.RESYNC_SECONDS
     assert period / 2 <= min(due) and max(due) <= period and max(due) - min(due) > period / 4
 
-    kube, mem = FakeKube(None), handlers.Memory()
-    applied = lambda: sum(1 for m, _, _ in kube.calls if m == "PATCH")  # noqa: E731 - server-side apply
-    handlers._apply(kube, mem, _service(), refresh=False)  # never applied: applied on any pass
-    assert applied() == 1
-    handlers._apply(kube, mem, _service("h2"), refresh=False)  # changed: applied on any pass
-    assert applied() == 2
-    clock[0] = mem.applied[("Service", "demo")][1]  # the periodic refresh comes due
-    handlers._apply(kube, mem, _service("h2"), refresh=False)  # a recovery pass leaves it
-    assert applied() == 2
-    handlers._apply(kube, mem, _service("h2"), refresh=True)  # the next idle pass does it
-    assert applied() == 3
-    clock[0] = mem.applied[("Service", "demo")][1] + period  # a cluster never idle: a period late
-    handlers._apply(kube, mem, _service("h2"), refresh=False)
-    assert applied() == 4
+    spec = handlers.TPInferenceClusterSpec.model_validate(
+        {"image": "x", "model": {"source": {"image": {"path": "/m"}}}, "tensorParallelSize": 2}
+    )
+    ident = render.Identity(name="demo", namespace="ns", uid="u1")
+    shared = render.shared_objects(spec, ident, [])
+    kube, mem = StoreKube(), handlers.Memory()
+
+    def one_pass(refresh: bool) -> list[str]:
+        kube.methods.clear()
+        handlers._foreign(kube, mem, spec, ident, refresh)
+        for obj in shared:
+            handlers._apply(kube, mem, obj)
+        return kube.methods
+
+    first = one_pass(refresh=False)  # a new cluster: each read once (none there), then applied
+    assert first.count("GET") == first.count("PATCH") == len(shared)
+    assert one_pass(refresh=True) == []  # nothing due
+    clock[0] += period  # every re-read is due
+    assert one_pass(refresh=False) == []  # a pass woken for something to do leaves it
+    assert one_pass(refresh=True) == ["GET"] * len(shared)  # an idle pass: read, nothing changed
+    service = next(k for k in kube.objects if "/services/" in k)
+    del kube.objects[service]  # someone deletes the Service
+    kube.objects[next(k for k in kube.objects if "/roles/" in k)]["metadata"]["resourceVersion"] = "edited"
+    clock[0] += period
+    assert one_pass(refresh=True) == ["GET"] * len(shared) + ["PATCH"] * 2  # the Service and the Role
+    assert service in kube.objects
+    clock[0] += 2 * period  # a cluster never idle: a whole period late, its passes re-read anyway
+    assert one_pass(refresh=False) == ["GET"] * len(shared)
