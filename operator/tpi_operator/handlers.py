@@ -697,7 +697,7 @@ def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
         if e.status == 404 and obj["kind"] == "Lease":
             return  # namespace going away
         raise
-    mem.applied[key] = (digest, ((applied or {}).get("metadata") or {}).get("resourceVersion", ""))
+    mem.applied[key] = (digest, _version(applied or {}))
     mem.stale.discard(key)
 
 
@@ -777,15 +777,23 @@ def _nodes(state: Shared, world: World, now: dt.datetime) -> dict[str, NodeObs]:
     return out
 
 
+def _version(obj: dict[str, Any]) -> str:
+    """What changes when someone edits an object: its generation where it has one (a
+    PodDisruptionBudget, whose status the disruption controller rewrites as pods come and go),
+    else its resourceVersion."""
+    meta = obj.get("metadata") or {}
+    return f"g{meta['generation']}" if meta.get("generation") else str(meta.get("resourceVersion", ""))
+
+
 def _foreign(
     kube: Kube, mem: Memory, spec: TPInferenceClusterSpec, ident: render.Identity, refresh: bool = True
 ) -> dict[tuple[str, str], str]:
     """Shared objects of our names that someone else has (one GET each when first seen, when its
     refresh is due (``_due``), and on every pass while someone else has it).
 
-    A re-read also marks ours stale when it is gone or its resourceVersion is not the one our
-    apply got back (someone edited it; for a PodDisruptionBudget also its status moving), so
-    ``_apply`` re-applies only those rather than every shared object every period."""
+    A re-read also marks ours stale when it is gone or its version (``_version``) is not the one
+    our apply got back (someone edited it), so ``_apply`` re-applies only those rather than every
+    shared object every period."""
     out = {}
     for obj in render.shared_objects(spec, ident, []):
         key = (obj["kind"], obj["metadata"]["name"])
@@ -794,8 +802,7 @@ def _foreign(
             try:
                 live = kube.request("GET", kube.path(key[0], ident.namespace, key[1]))
                 owner = foreign_owner(live, ident.uid)
-                version = (live.get("metadata") or {}).get("resourceVersion")
-                if owner is None and (key not in mem.applied or mem.applied[key][1] != version):
+                if owner is None and (key not in mem.applied or mem.applied[key][1] != _version(live)):
                     mem.stale.add(key)
             except KubeError as e:
                 if e.status != 404:

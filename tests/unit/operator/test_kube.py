@@ -280,6 +280,8 @@ class StoreKube(Kube):
         self.version += 1  # a server-side apply that changed something
         obj = json.loads(json.dumps(body))
         obj["metadata"]["resourceVersion"] = str(self.version)
+        if "/poddisruptionbudgets/" in path:  # a kind with a generation (and a status others write)
+            obj["metadata"]["generation"] = 1
         self.objects[path] = obj
         return obj
 
@@ -318,6 +320,10 @@ def test_shared_objects_are_reread_after_a_spread_period_on_idle_passes_and_reap
     clock[0] += period  # every re-read is due
     assert one_pass(refresh=False) == []  # a pass woken for something to do leaves it
     assert one_pass(refresh=True) == ["GET"] * len(shared)  # an idle pass: read, nothing changed
+    pdb = next(k for k in kube.objects if "/poddisruptionbudgets/" in k)
+    kube.objects[pdb]["metadata"]["resourceVersion"] = "status-moved"  # the disruption controller
+    clock[0] += period
+    assert one_pass(refresh=True) == ["GET"] * len(shared)  # its generation is what counts
     service = next(k for k in kube.objects if "/services/" in k)
     del kube.objects[service]  # someone deletes the Service
     kube.objects[next(k for k in kube.objects if "/roles/" in k)]["metadata"]["resourceVersion"] = "edited"
