@@ -31,17 +31,23 @@ OOM_MESSAGE = (
 
 
 @pytest.fixture()
-def gpu_nodes(kubeconfig: str, tmp_path: Path) -> Iterator[FakeNodes]:
-    """Two 4-GPU fake nodes played by a kwok of this test's own (this checkout's stages)."""
+def bare_nodes(kubeconfig: str, tmp_path: Path) -> Iterator[FakeNodes]:
+    """This test's kwok (this checkout's stages) with no node yet: the test adds its own."""
     fake = FakeNodes(kubeconfig, tmp_path)
     fake.living.config = stages(tmp_path)
     fake.living.start()
     try:
-        for i in range(2):
-            fake.add(f"gpu-{i}", "a", dies=False, cpu="16", gpus=4)
         yield fake
     finally:
         fake.cleanup()
+
+
+@pytest.fixture()
+def gpu_nodes(bare_nodes: FakeNodes) -> FakeNodes:
+    """Two 4-GPU fake nodes played by a kwok of this test's own (this checkout's stages)."""
+    for i in range(2):
+        bare_nodes.add(f"gpu-{i}", "a", dies=False, cpu="16", gpus=4)
+    return bare_nodes
 
 
 def gpu_cluster(fake: FakeNodes, **spec: object) -> str:
@@ -164,18 +170,6 @@ def test_launcher_exit_137_with_an_oom_message_halves_the_batch(
     wait_phase(namespace, "Running")
     args = pods(namespace)[0]["spec"]["containers"][0]["args"]
     assert args[args.index("--effective-batch-size") + 1] == "4"
-
-
-@pytest.fixture()
-def bare_nodes(kubeconfig: str, tmp_path: Path) -> Iterator[FakeNodes]:
-    """This test's kwok (this checkout's stages) with no node yet: the test adds its own."""
-    fake = FakeNodes(kubeconfig, tmp_path)
-    fake.living.config = stages(tmp_path)
-    fake.living.start()
-    try:
-        yield fake
-    finally:
-        fake.cleanup()
 
 
 def group_pods(namespace: str, group: int) -> dict[str, tuple[str, str]]:
