@@ -264,7 +264,8 @@ def _slim_pod_status(status: Mapping[str, Any]) -> dict[str, Any]:
 
 @kopf.index("pods", labels={CLUSTER: kopf.PRESENT})
 def tpi_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
-    slim = _slim(body, ["nodeName"])
+    # schedulingGates: a pod a queue (Kueue) holds is waiting, not stalled (observe.pod_obs).
+    slim = _slim(body, ["nodeName", "schedulingGates"])
     slim["status"] = _slim_pod_status(slim["status"])
     # The requests, for capacity where only rank pods can be seen (capacity.node_usage).
     containers = (body.get("spec") or {}).get("containers") or []

@@ -68,6 +68,9 @@ class PodObs:
     waiting_message: str | None = None
     unschedulable_since: dt.datetime | None = None
     unschedulable_message: str | None = None
+    #: ``spec.schedulingGates`` (e.g. Kueue's ``kueue.x-k8s.io/admission``): the pod waits for
+    #: whoever set them to admit it, holding no node; not unschedulable, so no release rule applies.
+    scheduling_gates: tuple[str, ...] = ()
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None  # of the current or last container termination
     local_rank: int = 0
@@ -217,6 +220,7 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
     if sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
         unsched_since = parse_time(sched.get("lastTransitionTime"))
         unsched_msg = sched.get("message")
+    gates = tuple(str(g.get("name", "")) for g in (pod.get("spec") or {}).get("schedulingGates") or [])
     cstatuses = status.get("containerStatuses") or []
     cs = next((c for c in cstatuses if c.get("name") == "runtime"), cstatuses[0] if cstatuses else {})
     state = cs.get("state") or {}
@@ -242,6 +246,7 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
         waiting_message=(state.get("waiting") or {}).get("message"),
         unschedulable_since=unsched_since,
         unschedulable_message=unsched_msg,
+        scheduling_gates=gates,
         started_at=started,
         finished_at=parse_time((term or last).get("finishedAt")),
         ranks_per_pod=n,

@@ -43,7 +43,8 @@ The rules, one function each, in the order ``plan`` applies them:
    The roll is *held* (``roll_hold``) while ``updateStrategy.paused``, while a group on the new
    template shows that it cannot run (``rollout.template_problem``: ErrImagePull,
    CreateContainerConfigError, CrashLoopBackOff...),
-   and once no group became Ready on it for ``progressDeadlineSeconds``: then no further group
+   and once no group became Ready on it for ``progressDeadlineSeconds`` (time a group waits behind
+   scheduling gates, in Kueue's queue, does not count: ``roll_queued``): then no further group
    is rolled, not even one that is down, and a group still on its old template that fails is
    recreated *in place* (``RecreateGroup.keep_template``), so it keeps serving the old template.
 """
@@ -826,6 +827,20 @@ def roll_progress(
     return rollout.key_of(want), len(done), all(g in done or g in failed for g in range(spec.replicas))
 
 
+def roll_queued(
+    spec: TPInferenceClusterSpec, obs: Observation, st: TPInferenceClusterStatus, want: dict[int, str]
+) -> bool:
+    """Does a group on its wanted template, not rolled out yet, wait behind scheduling gates (a
+    queue such as Kueue has not admitted it)?  That wait is the queue's, not the template's."""
+    for g in range(spec.replicas):
+        sts = obs.statefulsets.get(g)
+        if sts is None or sts.template_hash != want[g] or rolled_out(obs, st, g, want[g]):
+            continue
+        if any(p.scheduling_gates and not p.deleting for p in current_pods(obs, g, group_incarnation(st, obs, g))):
+            return True
+    return False
+
+
 def roll_hold(ctx: _Ctx) -> Hold | None:
     """Is the roll held, and why: paused, a group that cannot run the new template, the deadline."""
     us = ctx.spec.update_strategy
@@ -840,7 +855,8 @@ def roll_hold(ctx: _Ctx) -> Hold | None:
     if us.paused:
         return None  # no deadline runs while paused
     key, updated, complete = roll_progress(ctx.spec, ctx.obs, ctx.st, ctx.want)
-    rec = rollout.track(ctx.st.rollout, key, updated, complete, ctx.obs.now)
+    queued = roll_queued(ctx.spec, ctx.obs, ctx.st, ctx.want)
+    rec = rollout.track(ctx.st.rollout, key, updated, complete, ctx.obs.now, queued)
     until = rollout.deadline(rec, us.progress_deadline_seconds)
     if until is None:
         return None
@@ -1133,12 +1149,13 @@ def transition(
 def track_rollout(
     spec: TPInferenceClusterSpec, obs: Observation, st: TPInferenceClusterStatus
 ) -> RolloutStatus | None:
-    """The progress clock of the rollout after this pass (none while paused: a pause is not a stall)."""
+    """The progress clock of the rollout after this pass (none while paused: a pause is not a stall;
+    none while a queue holds a group's pods: a queue is not a stall either)."""
     if spec.update_strategy.paused:
         return None
     want = wanted_templates(spec, obs, st, st.current_tensor_parallel_size or obs.desired_tp)
     key, done, complete = roll_progress(spec, obs, st, want)
-    return rollout.track(obs.status.rollout, key, done, complete, obs.now)
+    return rollout.track(obs.status.rollout, key, done, complete, obs.now, roll_queued(spec, obs, st, want))
 
 
 def next_wake(actions: list[Action], now: dt.datetime, default: float) -> float:

@@ -56,16 +56,21 @@ def describe(pods: list[PodObs]) -> str:
     for p in pods:
         if p.local_rank:  # a pod of several ranks is described once
             continue
-        state = p.waiting_reason or p.phase
+        state = p.waiting_reason or ("SchedulingGated" if p.scheduling_gates else p.phase)
         parts.append(f"{p.name} {state}{'' if p.ready else ' (not Ready)'}")
     return ", ".join(parts)
 
 
 def track(
-    prev: RolloutStatus | None, key: str, updated_ready: int, complete: bool, now: dt.datetime
+    prev: RolloutStatus | None, key: str, updated_ready: int, complete: bool, now: dt.datetime,
+    queued: bool = False,
 ) -> RolloutStatus | None:
-    """The rollout's progress clock: restarted by a new rollout or by one more group Ready on it."""
-    if complete:
+    """The rollout's progress clock: restarted by a new rollout or by one more group Ready on it.
+
+    ``queued``: a group on its new template waits behind scheduling gates (Kueue has not admitted
+    it): the clock stops (no record), and starts afresh once the queue lets the pods go, so the
+    deadline counts the time the template had to become Ready, never the time in a queue."""
+    if complete or queued:
         return None
     if prev is None or prev.key != key or updated_ready > prev.updated_ready:
         return RolloutStatus(key=key, progress_at=format_time(now, micro=True), updated_ready=updated_ready)

@@ -6,8 +6,9 @@ while the others serve) > Running (every group Ready) > Loading (every rank pod 
 loading / group forming) > Pending.
 
 Conditions: Ready (every group Ready); Progressing (False: Complete, RolloutPaused,
-ProgressDeadlineExceeded or Failed; True: Reconciling, Recovering or RolloutHalted, whose message
-names the group, the pod and the kubelet's reason); Degraded (why serving is below the spec).
+ProgressDeadlineExceeded or Failed; True: Reconciling, SchedulingGated (pods held by scheduling
+gates: a queue such as Kueue has not admitted their group yet), Recovering or RolloutHalted, whose
+message names the group, the pod and the kubelet's reason); Degraded (why serving is below the spec).
 """
 
 from __future__ import annotations
@@ -200,6 +201,8 @@ def compute(
             gen,
             now,
         )
+    elif (gated := gated_message(obs, st)) is not None:
+        conds = set_condition(conds, "Progressing", True, "SchedulingGated", gated, gen, now)
     elif not all_ready or rolled:
         conds = set_condition(
             conds, "Progressing", True, "Reconciling", "groups are starting or rolling", gen, now
@@ -228,6 +231,26 @@ def compute(
         conds = set_condition(conds, "Degraded", False, "AsDesired", "running at the desired size", gen, now)
     st.conditions = conds
     return st, recovered
+
+
+def gated_message(obs: Observation, st: TPInferenceClusterStatus) -> str | None:
+    """Which groups wait behind scheduling gates, and why that is not a failure (None: none do).
+
+    A gated pod is not unschedulable: the scheduler has not even looked at it, and it holds no
+    node. With Kueue (``scheduling.kueue``), the group's pods stay gated until its Workload gets
+    quota, however long that takes."""
+    parts = []
+    for gs in st.groups:
+        pods = {p.name: p for p in current_pods(obs, gs.group, gs.incarnation) if p.scheduling_gates and not p.deleting}
+        if pods:
+            gates = sorted({g for p in pods.values() for g in p.scheduling_gates})
+            parts.append(f"group {gs.group}: {len(pods)} pod(s) held by scheduling gates ({', '.join(gates)})")
+    if not parts:
+        return None
+    return (
+        "; ".join(parts) + ": not admitted yet by the queue or gang scheduler that set the gates "
+        "(Kueue: see the group's Workload); they hold no node and are never released for waiting"
+    )
 
 
 def invalid(

@@ -137,6 +137,21 @@ def test_the_pod_index_keeps_what_observe_and_capacity_read() -> None:
     assert "managedFields" not in slim["metadata"]
 
 
+def test_the_pod_index_keeps_a_queued_pods_scheduling_gates() -> None:
+    """Kueue holds a pod group's pods behind a scheduling gate until it admits the group: the index
+    must keep the gate, or the group is taken for a stalled rollout (seen with a real Kueue)."""
+    from tpi_operator.core.observe import pod_obs
+
+    full = _full_rank_pod()
+    del full["spec"]["nodeName"]
+    full["spec"]["schedulingGates"] = [{"name": "kueue.x-k8s.io/admission"}]
+    full["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                          "reason": "SchedulingGated"}]}  # fmt: skip
+    [slim] = handlers.tpi_pods(namespace="ns", labels=full["metadata"]["labels"], body=full).values()
+    seen = pod_obs(slim)
+    assert seen == pod_obs(full) and seen is not None and seen.scheduling_gates == ("kueue.x-k8s.io/admission",)
+
+
 @pytest.mark.parametrize(
     ("status", "conditions", "needed"),
     [
