@@ -274,7 +274,7 @@ def detect_failure(
     for p in pods:
         if p.oom:
             what = "was OOMKilled" if p.termination_reason == "OOMKilled" else "ran out of GPU memory"
-            if p.termination_cause and p.termination_reason != "OOMKilled":
+            if p.termination_cause:  # the launcher's line (which local rank, why) outlives the pod here
                 what = f"was OOMKilled ({p.termination_cause})"
             return GroupFailure(group, "OOMKilled", f"container of {p.name} {what} (exit code {p.exit_code})")
     for p in pods:

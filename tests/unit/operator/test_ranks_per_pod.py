@@ -252,6 +252,7 @@ def test_leases_map_back_to_their_rank_and_a_hung_local_rank_recreates_the_group
     [
         ({"exitCode": 137, "reason": "Error", "message": OOM_MESSAGE}, True),  # the launcher's word
         ({"exitCode": 137, "reason": "OOMKilled"}, True),  # the kubelet's word
+        ({"exitCode": 137, "reason": "OOMKilled", "message": OOM_MESSAGE}, True),  # both
         ({"exitCode": 4, "reason": "Error", "message": "local rank 1 (rank 1) exited 4: out of GPU memory"}, True),
         ({"exitCode": 137, "reason": "Error", "message": "local rank 1 (rank 1) exited 137: killed by SIGKILL"}, False),
         ({"exitCode": 1, "reason": "Error", "message": OOM_MESSAGE}, False),  # not the launcher's OOM exit
@@ -270,6 +271,10 @@ def test_oom_named_by_the_termination_message_halves_the_batch(terminated, oom):
     decision = reconcile.decide(spec, IDENT, obs)
     deleted = [d.name for d in decision.delete_pods]
     assert sorted(deleted) == ["demo-g0-0", "demo-g0-1"]  # once each, though each holds 2 ranks
+    recreate = next(a for a in actions if a.kind == "RecreateGroup")
+    if "message" in terminated and terminated["message"].startswith("local rank 1"):
+        # the history keeps which local rank ended it, also when the kubelet says OOMKilled itself
+        assert terminated["message"].split("\n")[0] in recreate.message, recreate.message
     final, _ = sc.compute(spec, IDENT, obs, obs.status, [])  # what status showed before the recreate
     if "message" in terminated and terminated["message"].startswith("local rank 1"):
         by_rank = {r.rank: r for r in final.ranks}
