@@ -650,9 +650,11 @@ def reconcile_once(
         wanted = {g.group: g.incarnation for g in decision.status.groups}
         log.info("%s/%s: deleting pods %s; groups' incarnations %s", namespace, name,
                  ", ".join(f"{d.name}(grace {d.grace_seconds})" for d in decision.delete_pods), wanted)  # fmt: skip
-    deletes = [(d.name, d.grace_seconds, d.uid or None) for d in decision.delete_pods]
     # together, not one after another (a lost node's group waits on them); list() re-raises a failure
-    list(state.fanout().map(lambda d: kube.delete("Pod", namespace, d[0], grace_seconds=d[1], uid=d[2]), deletes))
+    list(state.fanout().map(
+        lambda d: kube.delete("Pod", namespace, d.name, grace_seconds=d.grace_seconds, uid=d.uid or None),
+        decision.delete_pods,
+    ))  # fmt: skip
     for sts in decision.delete_statefulsets:
         kube.delete("StatefulSet", namespace, sts)
     for lease in decision.delete_leases:
