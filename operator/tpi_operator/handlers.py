@@ -67,7 +67,7 @@ def idle_workers(workers: int) -> int:
 class OperatorConfig:
     """Set by ``__main__`` (through kopf's memo) before kopf starts."""
 
-    workers: int = 8
+    workers: int = 24
     idle_seconds: float = 30.0
     busy_seconds: float = 2.0
     models_root: str | None = None
@@ -639,26 +639,7 @@ def reconcile_once(
         spec, ident, obs, idle_seconds=config.idle_seconds, busy_seconds=config.busy_seconds
     )
 
-    # Bookkeeping first (new incarnations, restart times): if it cannot be written, nothing is
-    # done, rather than acting again on the next pass from a status that never recorded it.
-    _write_status(kube, mem, name, namespace, decision.status)
-    for obj in decision.apply:
-        _apply(kube, mem, obj)
-    for sts, patch in decision.patch_statefulsets:  # before the deletes: the new pods get it
-        kube.patch("StatefulSet", namespace, sts, patch)
-    if decision.delete_pods:
-        wanted = {g.group: g.incarnation for g in decision.status.groups}
-        log.info("%s/%s: deleting pods %s; groups' incarnations %s", namespace, name,
-                 ", ".join(f"{d.name}(grace {d.grace_seconds})" for d in decision.delete_pods), wanted)  # fmt: skip
-    # together, not one after another (a lost node's group waits on them); list() re-raises a failure
-    list(state.fanout().map(
-        lambda d: kube.delete("Pod", namespace, d.name, grace_seconds=d.grace_seconds, uid=d.uid or None),
-        decision.delete_pods,
-    ))  # fmt: skip
-    for sts in decision.delete_statefulsets:
-        kube.delete("StatefulSet", namespace, sts)
-    for lease in decision.delete_leases:
-        kube.delete("Lease", namespace, lease)
+    apply_decision(state, kube, mem, name, namespace, decision)
 
     for a in decision.actions:
         if isinstance(a, (*recovery.RECORDED, recovery.ForceDelete)) or (
@@ -670,6 +651,45 @@ def reconcile_once(
         metrics.RECOVERY_SECONDS.labels(rec.reason or "unknown").observe(rec.seconds)
         log.info("%s/%s: group %d Ready again %.1fs after %s", namespace, name, rec.group, rec.seconds, rec.reason)
     return Outcome(decision.wake_after, "ok", decision.events)
+
+
+def apply_decision(
+    state: Shared, kube: Kube, mem: Memory, name: str, namespace: str, decision: reconcile.Decision
+) -> None:
+    """Carry out one decision, in this order: a lost node's pods (after their groups' new
+    templates, which the replacements must carry), then the status (bookkeeping first: if it
+    cannot be written, nothing else is done, rather than acting again on the next pass from a
+    status that never recorded it), then the objects, the StatefulSets' patches and the deletes."""
+    if decision.force_delete_pods:
+        for obj in decision.apply_first:
+            _apply(kube, mem, obj)
+        for sts, patch in decision.patch_statefulsets:
+            kube.patch("StatefulSet", namespace, sts, patch)
+        names = ", ".join(d.name for d in decision.force_delete_pods)
+        log.info("%s/%s: force-deleting pods %s", namespace, name, names)
+        _delete_pods(state, kube, namespace, decision.force_delete_pods)
+    _write_status(kube, mem, name, namespace, decision.status)
+    for obj in decision.apply:
+        _apply(kube, mem, obj)
+    if not decision.force_delete_pods:
+        for sts, patch in decision.patch_statefulsets:  # before the deletes: the new pods get it
+            kube.patch("StatefulSet", namespace, sts, patch)
+    if decision.delete_pods:
+        wanted = {g.group: g.incarnation for g in decision.status.groups}
+        log.info("%s/%s: deleting pods %s; groups' incarnations %s", namespace, name,
+                 ", ".join(f"{d.name}(grace {d.grace_seconds})" for d in decision.delete_pods), wanted)  # fmt: skip
+    _delete_pods(state, kube, namespace, decision.delete_pods)
+    for sts in decision.delete_statefulsets:
+        kube.delete("StatefulSet", namespace, sts)
+    for lease in decision.delete_leases:
+        kube.delete("Lease", namespace, lease)
+
+
+def _delete_pods(state: Shared, kube: Kube, namespace: str, deletes: list[reconcile.PodDelete]) -> None:
+    """Together, not one after another (a recreated group waits on all of them); re-raises a failure."""
+    list(state.fanout().map(
+        lambda d: kube.delete("Pod", namespace, d.name, grace_seconds=d.grace_seconds, uid=d.uid or None), deletes
+    ))  # fmt: skip
 
 
 def _refresh_at() -> float:

@@ -44,6 +44,13 @@ class Decision:
     recovered: list[Recovered]
     apply: list[dict[str, Any]] = field(default_factory=list)  # server-side apply, in order
     delete_pods: list[PodDelete] = field(default_factory=list)
+    #: Pods on a lost node (grace 0), deleted before the status write, right after their groups'
+    #: new templates (``apply_first``, ``patch_statefulsets``): the deletion is the recovery's first
+    #: step (nodeLostTimeoutSeconds -> action), and repeating it is harmless (no kubelet will
+    #: finalize them), so it does not wait behind the bookkeeping.
+    force_delete_pods: list[PodDelete] = field(default_factory=list)
+    #: The StatefulSets of groups with ``force_delete_pods``, applied before them.
+    apply_first: list[dict[str, Any]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     delete_statefulsets: list[str] = field(default_factory=list)
     #: (StatefulSet, merge patch), before the pod deletes: a group healed in place gets its new
@@ -118,7 +125,7 @@ def decide(
     for a in actions:
         if isinstance(a, recovery.ForceDelete):
             forced.update(a.pods)
-    decision.delete_pods.extend(PodDelete(name, uid, 0) for name, uid in sorted(forced.items()))
+    decision.force_delete_pods = [PodDelete(name, uid, 0) for name, uid in sorted(forced.items())]
     drained = {a.group for a in actions if isinstance(a, recovery.RecreateGroup) and recovery.evicted(obs, a.group)}
     surge = recovery.surge_groups(spec, obs, actions)
     for g in [*range(spec.replicas), *sorted(surge)]:
@@ -195,6 +202,13 @@ def decide(
     decision.delete_statefulsets = [
         render.sts_name(ident.name, a.group) for a in actions if isinstance(a, recovery.RemoveGroup)
     ]
+    # The replacements of a lost node's pods must be made from the new incarnation's template: a
+    # StatefulSet re-applied for such a group goes first, with the force deletes.
+    forced_sts = {render.sts_name(ident.name, a.group) for a in actions if isinstance(a, recovery.ForceDelete)}
+    decision.apply_first = [
+        o for o in decision.apply if o["kind"] == "StatefulSet" and o["metadata"]["name"] in forced_sts
+    ]
+    decision.apply = [o for o in decision.apply if not any(o is first for first in decision.apply_first)]
     # One delete per pod (a pod of several ranks is observed once per rank); the first wins.
     first: dict[str, PodDelete] = {}
     for d in decision.delete_pods:
@@ -203,9 +217,10 @@ def decide(
     # Busy (re-check soon) only after changing something; otherwise watch events (pods,
     # StatefulSets, the cluster) and the actions' own deadlines (backoff, heartbeat, timeouts) wake
     # the reconciler. A cluster that is stuck (blocked, degraded, never-ready) must not poll.
-    changed = [o for o in decision.apply if o["kind"] in ("StatefulSet", "Lease")]  # shared: re-applied
+    changed = [o for o in [*decision.apply_first, *decision.apply] if o["kind"] in ("StatefulSet", "Lease")]
     busy = bool(
-        changed or decision.delete_pods or decision.delete_statefulsets or decision.delete_leases
+        changed or decision.delete_pods or decision.force_delete_pods or decision.delete_statefulsets
+        or decision.delete_leases
         or decision.patch_statefulsets
     )
     decision.wake_after = recovery.next_wake(actions, obs.now, busy_seconds if busy else idle_seconds)

@@ -74,8 +74,14 @@ def test_node_lost_force_deletes_with_grace_0_and_does_not_count_as_a_crash():
     sts = {0: dataclasses.replace(base.statefulsets[0], template_hash=want)}
     obs = dataclasses.replace(obs, pods=pods, statefulsets=sts, status=status(), nodes={"node-1": lost(90)})
     d = reconcile.decide(spec, IDENT, obs)
+    # the lost node's pod goes first (before the status write), with grace 0, after the group's
+    # StatefulSet of the new incarnation (its replacement is made from that); the rest drain briefly
+    assert [(p.name, p.grace_seconds) for p in d.force_delete_pods] == [("demo-g0-1", 0)]
+    assert [o["metadata"]["name"] for o in d.apply_first] == ["demo-g0"]
+    assert d.apply_first[0]["spec"]["template"]["metadata"]["labels"]["tpi.dev/incarnation"] == "1"
+    assert not [o for o in d.apply if o["kind"] == "StatefulSet"]
     grace = {p.name: p.grace_seconds for p in d.delete_pods}
-    assert grace == {"demo-g0-1": 0, "demo-g0-0": 5, "demo-g0-2": 5, "demo-g0-3": 5}
+    assert grace == {"demo-g0-0": 5, "demo-g0-2": 5, "demo-g0-3": 5}
     g = d.status.groups[0]
     assert g.restart_times == [] and g.incarnation == 1  # no restart budget used
     assert g.failure_reason == "NodeLost" and g.lost_node == "node-1"

@@ -347,3 +347,49 @@ def test_shared_objects_are_reread_after_a_spread_period_on_idle_passes_and_reap
     assert service in kube.objects
     clock[0] += 2 * period  # a cluster never idle: a whole period late, its passes re-read anyway
     assert one_pass(refresh=False) == ["GET"] * len(shared)
+
+
+class RecordingKube(Kube):
+    """Records every request as (method, resource path) in order; answers like an API server."""
+
+    def __init__(self) -> None:
+        super().__init__(api=None)  # type: ignore[arg-type]
+        self.calls: list[tuple[str, str]] = []
+
+    def request(self, method, path, *, body=None, query=None, content_type="application/json"):
+        self.calls.append((method, path.rsplit("/namespaces/ns/", 1)[-1]))
+        return {"metadata": {"resourceVersion": "1"}}
+
+
+def test_a_lost_nodes_pods_go_before_the_status_after_their_groups_new_template() -> None:
+    """nodeLostTimeoutSeconds -> action: the force delete must not wait behind the bookkeeping,
+    but the StatefulSet must already make the replacements from the new incarnation."""
+    from tpi_operator.api.v1alpha1 import TPInferenceClusterStatus
+    from tpi_operator.core import reconcile
+
+    def obj(api: str, kind: str, name: str) -> dict:
+        meta = {"name": name, "namespace": "ns", "annotations": {handlers.render.A_OBJECT_HASH: "h"}}
+        return {"apiVersion": api, "kind": kind, "metadata": meta}
+
+    sts, lease = obj("apps/v1", "StatefulSet", "demo-g0"), obj("coordination.k8s.io/v1", "Lease", "demo-g0-r0")
+    decision = reconcile.Decision(
+        actions=[], status=TPInferenceClusterStatus(phase="Recovering"), recovered=[],
+        apply=[lease], apply_first=[sts],
+        force_delete_pods=[reconcile.PodDelete("demo-g0-1", "u1", 0)],
+        delete_pods=[reconcile.PodDelete("demo-g0-0", "u0", 5)],
+    )  # fmt: skip
+    kube, state = RecordingKube(), handlers.Shared()
+    handlers.apply_decision(state, kube, handlers.Memory(), "demo", "ns", decision)
+    assert kube.calls == [
+        ("PATCH", "statefulsets/demo-g0"),
+        ("DELETE", "pods/demo-g0-1"),
+        ("PATCH", "tpinferenceclusters/demo/status"),
+        ("PATCH", "leases/demo-g0-r0"),
+        ("DELETE", "pods/demo-g0-0"),
+    ]
+    kube.calls.clear()  # without a lost node: status first, as always
+    handlers.apply_decision(state, kube, handlers.Memory(), "demo", "ns", reconcile.Decision(
+        actions=[], status=TPInferenceClusterStatus(phase="Recovering"), recovered=[], apply=[sts],
+        delete_pods=[reconcile.PodDelete("demo-g0-0", "u0", 5)],
+    ))  # fmt: skip
+    assert [c[1] for c in kube.calls] == ["tpinferenceclusters/demo/status", "statefulsets/demo-g0", "pods/demo-g0-0"]
