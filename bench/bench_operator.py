@@ -346,8 +346,9 @@ def main() -> int:
     p.add_argument("--steady-seconds", type=float, default=60)
     p.add_argument("--timeout", type=float, default=1800, help="for every cluster to run")
     p.add_argument("--heal-timeout", type=float, default=600, help="for the dead node's groups to be Ready again")
-    p.add_argument("--log", default="/tmp/tpi-bench-operator.log", help="operator log file")
+    p.add_argument("--log", default="/tmp/tpi-bench-operator.log", help="operator log file (JSON lines, timestamped)")
     p.add_argument("--json", help="also write the result here")
+    p.add_argument("--workers", type=int, help="the operator's reconcile workers (default: its own default)")
     args = p.parse_args()
 
     subprocess.run([str(REPO / "hack" / "cluster.sh"), "up"], check=True)
@@ -386,7 +387,8 @@ def main() -> int:
         kubectl("wait", "--for=condition=Ready", *[f"node/{n}" for n in node_names], "--timeout=120s", timeout=150)
         op = subprocess.Popen(
             [sys.executable, "-m", "tpi_operator", "--namespace", NS, "--kubeconfig", str(KUBECONFIG),
-             "--metrics-port", str(port), "--liveness-port", "0", "--log-format", "plain"],
+             "--metrics-port", str(port), "--liveness-port", "0", "--log-format", "json",
+             *(["--workers", str(args.workers)] if args.workers else [])],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         time.sleep(3)
