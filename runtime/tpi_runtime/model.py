@@ -37,6 +37,31 @@ class SeqKV:
 
 
 @dataclass
+class DecodeBucket:
+    """Decoding sequences attended together: ``rows`` of the batch (None: all of it, in order),
+    their [b, nb] block tables padded with the scratch block, and the [b, 1, 1, nb * BLOCK_SIZE]
+    mask (causal, and windowed for sliding-window models)."""
+
+    rows: torch.Tensor | None
+    tables_t: torch.Tensor
+    mask: torch.Tensor
+
+
+def decode_buckets(ctx_lens: Sequence[int]) -> list[list[int]]:
+    """Batch rows grouped so that no row's keys are padded to more than twice its own blocks:
+    one 4k-token sequence among short ones must not make every row gather and attend to 4k keys
+    (that made each step of a batch of 9 take 4x as long). Rows by context length, in order."""
+    order = sorted(range(len(ctx_lens)), key=lambda i: ctx_lens[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and blocks_for(ctx_lens[i]) <= 2 * blocks_for(ctx_lens[buckets[-1][0]]):
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
+@dataclass
 class BatchMeta:
     """Where each token of a packed batch goes.
 
@@ -56,10 +81,8 @@ class BatchMeta:
     # Filled by Transformer.prepare (once per step, shared by every layer):
     slot_mapping: torch.Tensor | None = None  # [N] rows of the flattened cache to write
     seq_kv: list[SeqKV] = field(default_factory=list)
-    # Batched decode only: [B, nb] block tables (padded with the scratch block) and the
-    # [B, 1, 1, nb * BLOCK_SIZE] attention mask (causal, and windowed for sliding-window models).
-    tables_t: torch.Tensor | None = None
-    decode_mask: torch.Tensor | None = None
+    # Batched decode only: the sequences in buckets of similar context length (decode_buckets).
+    decode_buckets: list[DecodeBucket] = field(default_factory=list)
     prepared: bool = False
 
     @classmethod
@@ -223,15 +246,22 @@ class Attention(nn.Module):
         kc.view(-1, self.hkv, self.d)[meta.slot_mapping] = k
         vc.view(-1, self.hkv, self.d)[meta.slot_mapping] = v
         gqa = self.hq != self.hkv
-        if meta.tables_t is not None:
+        if meta.decode_buckets:
             # Batched decode: one query per sequence against its blocks, padded to the longest
-            # table; the mask hides padding, positions past each context and outside the window.
-            b, nb = meta.tables_t.shape
-            keys = kc[meta.tables_t].view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
-            vals = vc[meta.tables_t].view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q.unsqueeze(2), keys, vals, attn_mask=meta.decode_mask, enable_gqa=gqa
-            )
+            # table of its bucket; the mask hides padding, positions past each context and
+            # outside the window.
+            o = q.new_empty(n, self.hq, self.d) if len(meta.decode_buckets) > 1 else None
+            for bucket in meta.decode_buckets:
+                b, nb = bucket.tables_t.shape
+                keys = kc[bucket.tables_t].view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
+                vals = vc[bucket.tables_t].view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
+                qb = q if bucket.rows is None else q[bucket.rows]
+                ob = F.scaled_dot_product_attention(qb.unsqueeze(2), keys, vals, attn_mask=bucket.mask, enable_gqa=gqa)
+                if o is None:
+                    o = ob
+                else:
+                    o[bucket.rows] = ob.squeeze(2)
+            assert o is not None
             return self.o_proj(o.reshape(n, self.hq * self.d))  # type: ignore[no-any-return]
         outs = []
         for skv, s, t, ctx in zip(meta.seq_kv, meta.seq_starts, meta.seq_lens, meta.ctx_lens, strict=True):
@@ -369,15 +399,23 @@ class Transformer(nn.Module):
         rows = slot_mapping(tables, list(zip(pos0, meta.seq_lens, strict=True)))
         meta.slot_mapping = torch.tensor(rows, dtype=torch.long, device=dev)
         if meta.decode_only and len(tables) > 1:
-            nb = max(blocks_for(c) for c in meta.ctx_lens)
-            padded = [[*t[:nb], *[SCRATCH_BLOCK] * (nb - len(t[:nb]))] for t in tables]
-            meta.tables_t = torch.tensor(padded, dtype=torch.long, device=dev)
-            keys = torch.arange(nb * BLOCK_SIZE, device=dev)[None, :]
-            ctx_t = torch.tensor(meta.ctx_lens, dtype=torch.long, device=dev)[:, None]
-            mask = keys < ctx_t
-            if window is not None:  # the query at ctx - 1 sees keys ctx - window .. ctx - 1 only
-                mask &= keys >= ctx_t - window
-            meta.decode_mask = mask[:, None, None, :]
+            groups = decode_buckets(meta.ctx_lens)
+            if len(groups) == 1:  # one batched call, rows in batch order
+                groups = [list(range(len(tables)))]
+            for rows in groups:
+                ctx_lens = [meta.ctx_lens[i] for i in rows]
+                nb = max(blocks_for(c) for c in ctx_lens)
+                padded = [[*t[:nb], *[SCRATCH_BLOCK] * (nb - len(t[:nb]))] for t in (tables[i] for i in rows)]
+                keys = torch.arange(nb * BLOCK_SIZE, device=dev)[None, :]
+                ctx_t = torch.tensor(ctx_lens, dtype=torch.long, device=dev)[:, None]
+                mask = keys < ctx_t
+                if window is not None:  # the query at ctx - 1 sees keys ctx - window .. ctx - 1 only
+                    mask &= keys >= ctx_t - window
+                meta.decode_buckets.append(DecodeBucket(
+                    rows=None if len(groups) == 1 else torch.tensor(rows, dtype=torch.long, device=dev),
+                    tables_t=torch.tensor(padded, dtype=torch.long, device=dev),
+                    mask=mask[:, None, None, :],
+                ))  # fmt: skip
         else:
             meta.seq_kv = []
             for table, p0, ctx in zip(tables, pos0, meta.ctx_lens, strict=True):

@@ -10,7 +10,7 @@ from tpi_runtime.config import ModelConfig
 from tpi_runtime.cuda_graphs import DecodeGraphRunner, batch_buckets, ctx_bucket, make_decode_runner
 from tpi_runtime.dist import Dist, DistEnv
 from tpi_runtime.loader import load_weights
-from tpi_runtime.model import BatchMeta, Transformer
+from tpi_runtime.model import BatchMeta, Transformer, decode_buckets
 from tpi_runtime.testing import load_hf_model
 
 from .rank_worker import PROMPTS
@@ -134,3 +134,29 @@ def test_static_decode_matches_eager_for_every_family(ckpt_families: dict[str, s
     eager = generate(build(d, 6), slots, None)
     model = build(d, 6)
     assert generate(model, slots, DecodeGraphRunner(model, capture=False)) == eager
+
+
+def test_decode_rows_are_bucketed_by_context_length() -> None:
+    # blocks of 16: 1, 256, 3, 19, 2 -> no row padded to more than twice its own blocks
+    assert decode_buckets([5, 4096, 40, 300, 17]) == [[0, 4], [2], [3], [1]]
+    assert decode_buckets([100, 90, 120]) == [[1, 0, 2]]  # similar lengths: one batched call
+    assert decode_buckets([3]) == [[0]]
+
+
+def test_bucketed_batched_decode_matches_each_sequence_alone(ckpt_main: str) -> None:
+    """A long sequence among short ones (the 4k-token prompt that made every decode step of the
+    batch gather 4k keys per row): the rows attended in separate buckets give each row's logits
+    from alone."""
+    model = build(ckpt_main, slots=3)
+    ps = prompts(3)  # 110, 7 and 33 tokens: 7, 1 and 3 blocks, three buckets
+    nxt = []
+    for slot, p in enumerate(ps):
+        logits = model(torch.tensor(p), BatchMeta.build([(slot, 0, len(p))], model.device))
+        nxt.append(int(logits[0].argmax()))
+    seqs = [(slot, len(p), 1) for slot, p in enumerate(ps)]
+    meta = BatchMeta.build(seqs, model.device)
+    together = model(torch.tensor(nxt), meta)
+    assert len(meta.decode_buckets) == 3
+    for slot, (seq, tok) in enumerate(zip(seqs, nxt, strict=True)):
+        alone = model(torch.tensor([tok]), BatchMeta.build([seq], model.device))
+        torch.testing.assert_close(together[slot], alone[0], atol=1e-5, rtol=1e-5)
