@@ -39,7 +39,10 @@ class ShmTransport:
         header = _ALIGN * (2 * world)  # flags (int64, one cache line each) then pids
         total = header + 2 * world * slot_bytes
         if create:
-            with open(path, "wb") as f:
+            # Sized without truncating first ("ab", not "wb"): a peer may already have mapped the
+            # file (torch.from_file extends it) and written its pid; emptying it under that
+            # mapping lost the pid, and a peer touching it meanwhile died of SIGBUS.
+            with open(path, "ab") as f:
                 f.truncate(total)
         mem = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
         self._mem = mem

@@ -146,7 +146,9 @@ def worker_argv(mode: str, *args: str) -> list[str]:
 
 
 def assert_all_ok(results: list[RankResult]) -> None:
-    for r in results:
-        assert r.returncode == 0, (
-            f"rank {r.rank} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-        )
+    """Every rank exited 0; else the failure names every rank that did not, with its output (the
+    first rank's error is often only "connection closed by peer": the cause is in a peer's)."""
+    failed = [r for r in results if r.returncode != 0]
+    assert not failed, "\n".join(
+        f"rank {r.rank} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}" for r in failed
+    )

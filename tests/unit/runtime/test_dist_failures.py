@@ -87,3 +87,19 @@ def test_surviving_rank_exits_when_peer_hangs(ckpt_main: str) -> None:
         assert "collective " in err and " failed" in err
     finally:
         _cleanup(procs)
+
+
+def test_rank_0_sizing_the_shm_file_keeps_what_a_faster_peer_wrote() -> None:
+    """A peer may map rank 0's file (torch.from_file extends it) and write its pid before rank 0
+    sizes it: rank 0 must not empty the file under that mapping (it lost the pid, and a peer
+    touching the mapping meanwhile died of SIGBUS: a rare CI failure of a 4-rank test)."""
+    from tpi_runtime.shm import ShmTransport
+
+    path = ShmTransport.new_path()
+    open(path, "wb").close()  # what rank 0 creates before it broadcasts the path
+    try:
+        peer = ShmTransport(path, rank=1, world=2, slot_bytes=4096, timeout_s=5, create=False)
+        ShmTransport(path, rank=0, world=2, slot_bytes=4096, timeout_s=5, create=True)
+        assert int(peer.pids[1]) == os.getpid()
+    finally:
+        os.unlink(path)
