@@ -205,10 +205,12 @@ def decide(
     # The replacements of a lost node's pods must be made from the new incarnation's template: a
     # StatefulSet re-applied for such a group goes first, with the force deletes.
     forced_sts = {render.sts_name(ident.name, a.group) for a in actions if isinstance(a, recovery.ForceDelete)}
-    decision.apply_first = [
-        o for o in decision.apply if o["kind"] == "StatefulSet" and o["metadata"]["name"] in forced_sts
-    ]
-    decision.apply = [o for o in decision.apply if not any(o is first for first in decision.apply_first)]
+
+    def goes_first(o: dict[str, Any]) -> bool:
+        return o["kind"] == "StatefulSet" and o["metadata"]["name"] in forced_sts
+
+    decision.apply_first = [o for o in decision.apply if goes_first(o)]
+    decision.apply = [o for o in decision.apply if not goes_first(o)]
     # One delete per pod (a pod of several ranks is observed once per rank); the first wins.
     first: dict[str, PodDelete] = {}
     for d in decision.delete_pods:
