@@ -52,6 +52,8 @@ RESYNC_SECONDS = 300.0
 CAPACITY_TTL_SECONDS = 10.0
 #: Pod deletes of one pass run this many at a time (a group is recreated by deleting all its pods).
 DELETE_FANOUT = 4
+#: How long a pod our grace-0 delete removed is taken as gone while the watch still shows it
+FORCE_DELETE_EXPECTATION_SECONDS = 30.0
 #: Status is rewritten at most this often when only heartbeat times moved.
 STATUS_REFRESH_SECONDS = 60.0
 
@@ -93,6 +95,9 @@ class Memory:
     leases_seen: dict[str, heartbeat.Seen] = field(default_factory=dict)
     #: (kind, name) -> (monotonic time its re-read is due, who else has it, or None when ours or absent)
     owners: dict[tuple[str, str], tuple[float, str | None]] = field(default_factory=dict)
+    #: uid -> when (monotonic) our grace-0 delete of that pod returned: gone from the API, though the
+    #: watch may not have said so yet (``unseen_deletes``)
+    force_deleted: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -615,6 +620,7 @@ def reconcile_once(
     sizes = sorted(set(sizes) | {desired})
     ident = render.Identity(name=name, namespace=namespace, uid=meta["uid"])
     restarted_at = (meta.get("annotations") or {}).get(render.A_RESTARTED_AT)
+    pods = unseen_deletes(mem, pods)
     pod_list = [p for x in pods for p in rank_obs(x)]  # one per rank: a pod may run several
     sts_list = [s for s in (sts_obs(x) for x in stses) if s is not None]
     lease_map = {lo.name: lo for lo in (lease_obs(x) for x in leases)}
@@ -667,7 +673,10 @@ def apply_decision(
             kube.patch("StatefulSet", namespace, sts, patch)
         names = ", ".join(d.name for d in decision.force_delete_pods)
         log.info("%s/%s: force-deleting pods %s", namespace, name, names)
+        started = time.monotonic()
         _delete_pods(state, kube, namespace, decision.force_delete_pods)
+        mem.force_deleted.update((d.uid, started) for d in decision.force_delete_pods if d.uid)
+        log.info("%s/%s: force-deleted pods %s in %.2fs", namespace, name, names, time.monotonic() - started)
     _write_status(kube, mem, name, namespace, decision.status)
     for obj in decision.apply:
         _apply(kube, mem, obj)
@@ -690,6 +699,18 @@ def _delete_pods(state: Shared, kube: Kube, namespace: str, deletes: list[reconc
     list(state.fanout().map(
         lambda d: kube.delete("Pod", namespace, d.name, grace_seconds=d.grace_seconds, uid=d.uid or None), deletes
     ))  # fmt: skip
+
+
+def unseen_deletes(mem: Memory, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods without those our own grace-0 deletes removed and the watch still shows, like a
+    Kubernetes controller's expectations: a pass right after a force delete (its StatefulSet's
+    events wake it) would otherwise force-delete them again, a second request per pod while a
+    lost node's groups wait for theirs.  An entry ends when the watch no longer shows the pod,
+    or after FORCE_DELETE_EXPECTATION_SECONDS should its event never come."""
+    now, live = time.monotonic(), {(p.get("metadata") or {}).get("uid") for p in pods}
+    expired = now - FORCE_DELETE_EXPECTATION_SECONDS
+    mem.force_deleted = {uid: at for uid, at in mem.force_deleted.items() if uid in live and at > expired}
+    return [p for p in pods if (p.get("metadata") or {}).get("uid") not in mem.force_deleted]
 
 
 def _refresh_at() -> float:

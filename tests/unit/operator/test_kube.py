@@ -393,3 +393,34 @@ def test_a_lost_nodes_pods_go_before_the_status_after_their_groups_new_template(
         delete_pods=[reconcile.PodDelete("demo-g0-0", "u0", 5)],
     ))  # fmt: skip
     assert [c[1] for c in kube.calls] == ["tpinferenceclusters/demo/status", "statefulsets/demo-g0", "pods/demo-g0-0"]
+
+
+def test_a_force_deleted_pod_the_watch_still_shows_is_not_deleted_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Expectations: the StatefulSet's event after a lost node's force delete wakes the cluster
+    before the pods' DELETED events arrive; that pass must not see (and force-delete) them again."""
+    from tpi_operator.api.v1alpha1 import TPInferenceClusterStatus
+    from tpi_operator.core import reconcile
+
+    clock = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+
+    def pod(name: str, uid: str) -> dict:
+        return {"metadata": {"name": name, "uid": uid}}
+
+    kube, state, mem = RecordingKube(), handlers.Shared(), handlers.Memory()
+    handlers.apply_decision(state, kube, mem, "demo", "ns", reconcile.Decision(
+        actions=[], status=TPInferenceClusterStatus(phase="Recovering"), recovered=[],
+        force_delete_pods=[reconcile.PodDelete("demo-g0-1", "u1", 0)],
+        delete_pods=[reconcile.PodDelete("demo-g0-0", "u0", 5)],  # graceful: Terminating, still seen
+    ))  # fmt: skip
+    watched = [pod("demo-g0-0", "u0"), pod("demo-g0-1", "u1"), pod("demo-g0-2", "u2")]
+    assert [p["metadata"]["uid"] for p in handlers.unseen_deletes(mem, watched)] == ["u0", "u2"]
+    replacement = pod("demo-g0-1", "u9")  # same name, a new pod: seen
+    assert len(handlers.unseen_deletes(mem, [*watched, replacement])) == 3
+    # the watch caught up: the expectation ends (a uid is never reused)
+    assert handlers.unseen_deletes(mem, [watched[0], replacement]) == [watched[0], replacement]
+    assert mem.force_deleted == {}
+    # an event that never comes: after FORCE_DELETE_EXPECTATION_SECONDS the watch is believed again
+    mem.force_deleted["u1"] = clock[0]
+    clock[0] += handlers.FORCE_DELETE_EXPECTATION_SECONDS + 1
+    assert handlers.unseen_deletes(mem, watched) == watched
