@@ -69,7 +69,7 @@ def idle_workers(workers: int) -> int:
 class OperatorConfig:
     """Set by ``__main__`` (through kopf's memo) before kopf starts."""
 
-    workers: int = 24
+    workers: int = 64
     idle_seconds: float = 30.0
     busy_seconds: float = 2.0
     models_root: str | None = None
