@@ -21,7 +21,9 @@ other plays the living nodes (room for every rank plus 5%).  Measures, for N clu
     operator must then force-delete the ranks there and recreate their groups elsewhere.
     failure -> action: from the moment the node-loss timeout expires (the node's Ready
     lastTransitionTime + 60 s) to the watch event of the group's pod on that node being deleted,
-    p50/p99 over the groups there (target p99 <= 2 s); and the time from NotReady until every one
+    p50/p99 over the groups there (target p99 <= 2 s), and to the operator's log lines of sending
+    those deletes and of their answers (its own clock, without the watch's delivery to the bench);
+    and the time from NotReady until every one
     of those groups is Ready again on the living nodes.
 Prints one JSON object (and writes it to --json).
 """
@@ -208,29 +210,36 @@ class Watcher:
         while not self.stop.is_set():
             w = watch.Watch()
             try:
-                for ev in w.stream(fn, timeout_seconds=120, **resume, **kw):
+                # plain dicts: models for every pod event made this watcher lag seconds behind a burst
+                for ev in w.stream(fn, timeout_seconds=120, deserialize=False, **resume, **kw):
                     handle(ev, time.time())
+                    # without models the Watch does not track where it is: the next stream resumes here
+                    if version := ((ev.get("object") or {}).get("metadata") or {}).get("resourceVersion"):
+                        resume = {"resource_version": version}
                     if self.stop.is_set():
                         w.stop()
             except client.ApiException as e:
                 if e.status == 410:  # too old to resume: a fresh list (events in between are lost)
-                    w.resource_version = None
+                    resume = {}
                 print(f"watch restarted: {e.status} {e.reason}", file=sys.stderr)
+            except KeyError as e:  # how the Watch fails on a 410 ERROR event when not deserializing
+                resume = {}
+                print(f"watch restarted: expired ({e})", file=sys.stderr)
             except Exception as e:  # a broken stream is restarted: the bench must not stop watching
                 print(f"watch restarted: {e}", file=sys.stderr)
-            resume = {"resource_version": w.resource_version} if w.resource_version else {}
 
     def _pods(self) -> None:
         def handle(ev: dict, now: float) -> None:
             pod = ev["object"]
-            cluster = (pod.metadata.labels or {}).get("tpi.dev/cluster")
-            cs = (pod.status.container_statuses or [None])[0]
+            meta = pod.get("metadata") or {}
+            cluster = (meta.get("labels") or {}).get("tpi.dev/cluster")
+            cs = ((pod.get("status") or {}).get("containerStatuses") or [{}])[0]
             # kwok reports a crash as kubelet does: terminated first, then restartCount + 1
-            if cs is not None and (cs.restart_count or (cs.state and cs.state.terminated)):
-                self.crash_seen.setdefault(pod.metadata.name, now)
-            if pod.metadata.deletion_timestamp or ev["type"] == "DELETED":
+            if cs.get("restartCount") or (cs.get("state") or {}).get("terminated"):
+                self.crash_seen.setdefault(meta.get("name"), now)
+            if meta.get("deletionTimestamp") or ev["type"] == "DELETED":
                 self.delete_seen.setdefault(cluster, now)
-                if pod.spec.node_name == self.dying_node:
+                if (pod.get("spec") or {}).get("nodeName") == self.dying_node:
                     self.dead_node_delete.setdefault(cluster, now)
 
         self._loop(self.core.list_namespaced_pod, handle, namespace=NS, label_selector="tpi.dev/cluster")
@@ -248,8 +257,9 @@ class Watcher:
 
     def _node(self) -> None:
         def handle(ev: dict, now: float) -> None:
-            cond = ready_condition(ev["object"])
-            if cond is not None and cond.status != "True" and self.not_ready_at is None:
+            conds = (ev["object"].get("status") or {}).get("conditions") or []
+            cond = next((c for c in conds if c.get("type") == "Ready"), None)
+            if cond is not None and cond.get("status") != "True" and self.not_ready_at is None:
                 self.not_ready_at = now
 
         self._loop(self.core.list_node, handle, field_selector=f"metadata.name={self.dying_node}")
@@ -275,7 +285,22 @@ def crash_faults(w: Watcher, n: int, clusters: int, tp: int) -> dict:
     return {"failure_to_action_s": summary(latencies), "without_action_within_10s": missed}
 
 
-def node_death(w: Watcher, core: client.CoreV1Api, dying: Kwok, node: str, timeout: float) -> dict:
+def operator_force_deletes(log: Path, since: float, marker: str) -> dict[str, float]:
+    """cluster -> when the operator logged ``marker`` (sending its force deletes, or their answers)
+    first after ``since``: its own clock, while the watcher's times add the delivery of the pod
+    events to the bench."""
+    out: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if marker not in line:
+            continue
+        rec = json.loads(line)
+        t = dt.datetime.fromisoformat(rec["timestamp"]).timestamp()
+        if t >= since:
+            out.setdefault(rec["message"].split(":", 1)[0].split("/", 1)[-1], t)
+    return out
+
+
+def node_death(w: Watcher, core: client.CoreV1Api, dying: Kwok, node: str, timeout: float, log: Path) -> dict:
     on_node = core.list_namespaced_pod(NS, field_selector=f"spec.nodeName={node}").items
     affected = sorted({p.metadata.labels["tpi.dev/cluster"] for p in on_node})
     out: dict[str, Any] = {"ranks_on_node": len(on_node), "groups_on_node": len(affected)}
@@ -300,6 +325,10 @@ def node_death(w: Watcher, core: client.CoreV1Api, dying: Kwok, node: str, timeo
     acted = [w.dead_node_delete[c] for c in affected if c in w.dead_node_delete]
     back = [t for c in affected if (t := served(c)) is not None]
     out["failure_to_action_s"] = summary([max(0.0, t - due) for t in acted])
+    markers = {"failure_to_delete_sent_s": "force-deleting pods", "failure_to_delete_done_s": "force-deleted pods"}
+    for key, marker in markers.items():
+        logged = operator_force_deletes(log, killed, marker)
+        out[key] = summary([logged[c] - due for c in affected if c in logged])
     out["failure_to_action_early_s"] = round(max([due - t for t in acted if t < due], default=0.0), 3)
     out["not_ready_to_action_s"] = summary([t - w.not_ready_at for t in acted])
     out["not_ready_to_group_ready_s"] = summary([t - w.not_ready_at for t in back])
@@ -365,8 +394,9 @@ def main() -> int:
     ranks = args.clusters * args.tp
     living_nodes = max(1, math.ceil(ranks * 1.05 / args.ranks_per_node))
     logs = Path(args.log).parent
-    dying, living = Kwok(f"{bench_id}-dying", "10.253.0.0/16", logs / "tpi-bench-kwok-dying.log"), Kwok(
-        f"{bench_id}-living", "10.254.0.0/16", logs / "tpi-bench-kwok-living.log"
+    dying, living = (
+        Kwok(f"{bench_id}-dying", "10.253.0.0/16", logs / "tpi-bench-kwok-dying.log"),
+        Kwok(f"{bench_id}-living", "10.254.0.0/16", logs / "tpi-bench-kwok-living.log"),
     )
     dead_node = f"{bench_id}-dying-0"
     node_names = [dead_node] + [f"{bench_id}-live-{i}" for i in range(living_nodes)]
@@ -426,7 +456,7 @@ def main() -> int:
             result["crash"] = crash_faults(w, args.faults, args.clusters, args.tp)
         time.sleep(10)
         op_before, acts_before, t_before = operator_requests(port), operator_actions(port), time.monotonic()
-        result["node_death"] = node_death(w, core, dying, dead_node, args.heal_timeout)
+        result["node_death"] = node_death(w, core, dying, dead_node, args.heal_timeout, Path(args.log))
         phase_s = time.monotonic() - t_before
         result["node_death"]["phase_s"] = round(phase_s, 1)
         result["node_death"]["operator_api_requests_per_min"] = per_minute(operator_requests(port), op_before, phase_s)
