@@ -191,7 +191,7 @@ def test_a_node_going_not_ready_wakes_the_clusters_with_ranks_on_it() -> None:
     assert seen(None, "DELETED") == {"a"}
 
 
-def test_reconcilers_copy_their_state_only_once_a_worker_is_free(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reconcilers_take_their_state_only_once_a_worker_is_free(monkeypatch: pytest.MonkeyPatch) -> None:
     """500 clusters that wake together must not all hold their snapshots while they queue."""
     import threading
 
@@ -199,18 +199,18 @@ def test_reconcilers_copy_their_state_only_once_a_worker_is_free(monkeypatch: py
 
     state = handlers.Shared(config=handlers.OperatorConfig(workers=2))
     release, snapshots = threading.Event(), []
-    plain = handlers._plain
+    world = handlers._world
 
-    def counting_plain(obj):  # the snapshot each reconcile takes of its cluster
+    def counting_world(*args):  # the snapshot each reconcile takes of its cluster's world
         snapshots.append(1)
-        return plain(obj)
+        return world(*args)
 
     def blocked_reconcile(state, mem, body, *rest):  # both workers busy until released
         release.wait(10)
         state.gone.add(body["metadata"]["uid"])  # one pass each: then the daemon ends
         return handlers.Outcome(wake_after=0.01)
 
-    monkeypatch.setattr(handlers, "_plain", counting_plain)
+    monkeypatch.setattr(handlers, "_world", counting_world)
     monkeypatch.setattr(handlers, "reconcile_once", blocked_reconcile)
 
     class Running:
@@ -424,3 +424,27 @@ def test_a_force_deleted_pod_the_watch_still_shows_is_not_deleted_again(monkeypa
     mem.force_deleted["u1"] = clock[0]
     clock[0] += handlers.FORCE_DELETE_EXPECTATION_SECONDS + 1
     assert handlers.unseen_deletes(mem, watched) == watched
+
+
+def test_gpu_nodes_are_parsed_once_per_node_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pass needs the GPU nodes; a node's allocatable is parsed again only when its index
+    value is a new object (any change to the node)."""
+    parsed: list[str] = []
+    offers = handlers._offers_gpus
+
+    def counting(node):
+        parsed.append(node["metadata"]["name"])
+        return offers(node)
+
+    monkeypatch.setattr(handlers, "_offers_gpus", counting)
+
+    def node(name: str, gpus: str) -> dict:
+        return {"metadata": {"name": name}, "status": {"allocatable": {"cpu": "8", "nvidia.com/gpu": gpus}}}
+
+    index = {"a": [node("a", "8")], "b": [node("b", "0")]}
+    cache = handlers.GpuNodes()
+    assert [n["metadata"]["name"] for n in cache.of(index)] == ["a"]
+    assert [n["metadata"]["name"] for n in cache.of(index)] == ["a"] and parsed == ["a", "b"]
+    index["b"] = [node("b", "4")]  # b changed: only b is parsed again
+    del index["a"]  # a went away
+    assert [n["metadata"]["name"] for n in cache.of(index)] == ["b"] and parsed == ["a", "b", "b"]
