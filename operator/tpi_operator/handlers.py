@@ -94,8 +94,8 @@ class Memory:
     leases_seen: dict[str, heartbeat.Seen] = field(default_factory=dict)
     #: (kind, name) -> (monotonic time its re-read is due, who else has it, or None when ours or absent)
     owners: dict[tuple[str, str], tuple[float, str | None]] = field(default_factory=dict)
-    #: uid -> when (monotonic) our grace-0 delete of that pod returned: gone from the API, though the
-    #: watch may not have said so yet (``unseen_deletes``)
+    #: uid -> when (monotonic) our grace-0 delete of that pod was sent; recorded once it returned, so
+    #: the pod is gone from the API though the watch may not have said so yet (``unseen_deletes``)
     force_deleted: dict[str, float] = field(default_factory=dict)
 
 
