@@ -504,11 +504,11 @@ def _world(
     pods: list[dict[str, Any]],
     nodes: kopf.Index,
     rank_pods: kopf.Index,
-    gpu_nodes: GpuNodes | None = None,
+    gpu_nodes: GpuNodes,
 ) -> World:
     names = {n for p in pods if (n := (p.get("spec") or {}).get("nodeName"))}
     world = World(nodes={n: next(iter(nodes.get(n, [])), None) for n in sorted(names)})
-    world.gpu_nodes = (gpu_nodes or GpuNodes()).of(nodes)
+    world.gpu_nodes = gpu_nodes.of(nodes)
     if _needs_capacity(st, pods):
         world.all_nodes = [n for store in nodes.values() for n in store]
         world.rank_pods = [p for store in rank_pods.values() for p in store]
