@@ -114,8 +114,9 @@ def node_doc(name: str, bench_id: str, kwok_selector: str, ranks: int) -> dict:
     }  # fmt: skip
 
 
-def ready_condition(node: Any) -> Any:
-    return next((c for c in (node.status.conditions or []) if c.type == "Ready"), None)
+def ready_condition(node: dict) -> dict | None:
+    """A node's Ready condition, from its plain JSON (as the watch and ``read_node_json`` give it)."""
+    return next((c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
 
 
 # ------------------------------------------------------------------------------- measures
@@ -257,8 +258,7 @@ class Watcher:
 
     def _node(self) -> None:
         def handle(ev: dict, now: float) -> None:
-            conds = (ev["object"].get("status") or {}).get("conditions") or []
-            cond = next((c for c in conds if c.get("type") == "Ready"), None)
+            cond = ready_condition(ev["object"])
             if cond is not None and cond.get("status") != "True" and self.not_ready_at is None:
                 self.not_ready_at = now
 
@@ -285,18 +285,19 @@ def crash_faults(w: Watcher, n: int, clusters: int, tp: int) -> dict:
     return {"failure_to_action_s": summary(latencies), "without_action_within_10s": missed}
 
 
-def operator_force_deletes(log: Path, since: float, marker: str) -> dict[str, float]:
-    """cluster -> when the operator logged ``marker`` (sending its force deletes, or their answers)
-    first after ``since``: its own clock, while the watcher's times add the delivery of the pod
-    events to the bench."""
-    out: dict[str, float] = {}
+def operator_force_deletes(log: Path, since: float, markers: list[str]) -> dict[str, dict[str, float]]:
+    """marker -> cluster -> when the operator first logged that marker (sending its force deletes,
+    or their answers) after ``since``: its own clock, while the watcher's times add the delivery
+    of the pod events to the bench.  One read of the log for all markers."""
+    out: dict[str, dict[str, float]] = {m: {} for m in markers}
     for line in log.read_text(errors="replace").splitlines():
-        if marker not in line:
+        marker = next((m for m in markers if m in line), None)
+        if marker is None:
             continue
         rec = json.loads(line)
         t = dt.datetime.fromisoformat(rec["timestamp"]).timestamp()
         if t >= since:
-            out.setdefault(rec["message"].split(":", 1)[0].split("/", 1)[-1], t)
+            out[marker].setdefault(rec["message"].split(":", 1)[0].split("/", 1)[-1], t)
     return out
 
 
@@ -312,7 +313,8 @@ def node_death(w: Watcher, core: client.CoreV1Api, dying: Kwok, node: str, timeo
         time.sleep(0.5)
     if w.not_ready_at is None:
         raise SystemExit(f"node {node} never went NotReady")
-    transition = ready_condition(core.read_node(node)).last_transition_time
+    raw = json.loads(core.read_node(node, _preload_content=False).data)
+    transition = dt.datetime.fromisoformat((ready_condition(raw) or {})["lastTransitionTime"].replace("Z", "+00:00"))
     due = transition.timestamp() + NODE_LOST_TIMEOUT  # when the operator's node-loss timeout expires
     out["kill_to_not_ready_s"] = round(w.not_ready_at - killed, 1)
 
@@ -326,9 +328,9 @@ def node_death(w: Watcher, core: client.CoreV1Api, dying: Kwok, node: str, timeo
     back = [t for c in affected if (t := served(c)) is not None]
     out["failure_to_action_s"] = summary([max(0.0, t - due) for t in acted])
     markers = {"failure_to_delete_sent_s": "force-deleting pods", "failure_to_delete_done_s": "force-deleted pods"}
+    logged = operator_force_deletes(log, killed, list(markers.values()))
     for key, marker in markers.items():
-        logged = operator_force_deletes(log, killed, marker)
-        out[key] = summary([logged[c] - due for c in affected if c in logged])
+        out[key] = summary([logged[marker][c] - due for c in affected if c in logged[marker]])
     out["failure_to_action_early_s"] = round(max([due - t for t in acted if t < due], default=0.0), 3)
     out["not_ready_to_action_s"] = summary([t - w.not_ready_at for t in acted])
     out["not_ready_to_group_ready_s"] = summary([t - w.not_ready_at for t in back])
