@@ -89,9 +89,10 @@ class FakeNodes:
         self.names: list[str] = []
 
     def add(
-        self, name: str, zone: str, dies: bool, cpu: str = "1", gpus: int = 0, labels: dict[str, str] | None = None
+        self, name: str, zone: str, dies: bool, cpu: str = "1", gpus: int = 0, labels: dict[str, str] | None = None,
+        taints: list[dict] | None = None,
     ) -> str:
-        """A node of this test; ``gpus``: its nvidia.com/gpu allocatable, ``labels``: more labels."""
+        """A node of this test; ``gpus``: its nvidia.com/gpu allocatable, ``labels``/``taints``: more of them."""
         name = f"{self.id}-{name}"
         amounts = {"cpu": cpu, "memory": "8Gi", "pods": "110", **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
         node = {
@@ -103,7 +104,7 @@ class FakeNodes:
                 "labels": {"kubernetes.io/hostname": name, "type": "kwok", TEST_LABEL: self.id,
                            "topology.kubernetes.io/zone": f"{self.id}-{zone}", **(labels or {})},
             },
-            "spec": {"taints": [{"key": TEST_LABEL, "value": self.id, "effect": "NoSchedule"}]},
+            "spec": {"taints": [{"key": TEST_LABEL, "value": self.id, "effect": "NoSchedule"}, *(taints or [])]},
             # room for exactly one 1-CPU rank (by default)
             "status": {"allocatable": amounts, "capacity": amounts},
         }  # fmt: skip

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 from tpikit.kube import kubectl, wait_until
@@ -31,17 +29,20 @@ from tests.integration.test_operator import Operator, apply, cluster_yaml, get
 RACK = "example.com/rack"
 #: Five minutes of the default failure policy: a split of the GPUs must have resolved without a loop.
 CONTENTION_SOAK_SECONDS = 300
+#: On the nodes only the second cluster of the contention test may take, until the split is made.
+SPLIT_TAINT = {"key": "example.com/split", "value": "b", "effect": "NoSchedule"}
 
 
 def gpu_cluster(fake: FakeNodes, name: str = "demo", *, tp: int, replicas: int = 1, no_degrade: bool = False,
-                **scheduling: object) -> str:
-    """A cluster of 1-GPU ranks on this test's nodes, with the default failure policy."""
+                tolerations: tuple[dict, ...] = (), **scheduling: object) -> str:
+    """A cluster of 1-GPU ranks on this test's nodes, with the default failure policy;
+    ``tolerations``: more than the one of this test's nodes."""
     doc = json.loads(cluster_yaml(
         name, tensorParallelSize=tp, replicas=replicas, ranksPerPod=1,  # the rules are per pod: one rank each
         resources={"cpu": "100m", "memory": "128Mi", "gpus": 1},
         scheduling={"nodeSelector": {TEST_LABEL: fake.id},
                     "tolerations": [{"key": TEST_LABEL, "operator": "Equal", "value": fake.id,
-                                     "effect": "NoSchedule"}], **scheduling},
+                                     "effect": "NoSchedule"}, *tolerations], **scheduling},
     ))  # fmt: skip
     doc["spec"]["failurePolicy"] = {"minTensorParallelSize": tp} if no_degrade else {}
     return json.dumps(doc)
@@ -111,23 +112,11 @@ def test_topology_key_and_exclusive_give_each_group_its_own_rack(
     assert history(namespace, "demo", "ReleaseGroup") == 0, st.get("history")
 
 
-@pytest.fixture()
-def first_in_queue() -> Iterator[str]:
-    """A PriorityClass that only orders the scheduler's queue (preemptionPolicy Never: it evicts nobody)."""
-    name = f"tpi-first-{uuid.uuid4().hex[:6]}"
-    kubectl("apply", "-f", "-", input=json.dumps({
-        "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name},
-        "value": 1000, "preemptionPolicy": "Never", "description": "tpi integration test: queue order"}))  # fmt: skip
-    yield name
-    kubectl("delete", "priorityclass", name, "--wait=false", check=False)
-
-
 @pytest.mark.timeout(CONTENTION_SOAK_SECONDS + 300)
 def test_two_clusters_needing_4_of_6_gpus_end_one_ready_and_the_other_holding_none(
     op: Operator,  # noqa: F811
     namespace: str,
     nodes: FakeNodes,  # noqa: F811
-    first_in_queue: str,
 ) -> None:
     """The deadlock of the issue, made on purpose: 6 one-GPU nodes, and each cluster holds 3."""
     for i in range(3):
@@ -136,12 +125,15 @@ def test_two_clusters_needing_4_of_6_gpus_end_one_ready_and_the_other_holding_no
     apply(namespace, gpu_cluster(nodes, "a", tp=4, no_degrade=True))
     wait_until(lambda: len([p for p in live_pods(namespace, "a") if p["spec"].get("nodeName")]) == 3,
                timeout=90, what="a holds 3 GPUs")  # fmt: skip
-    apply(namespace, gpu_cluster(nodes, "b", tp=4, no_degrade=True, priorityClassName=first_in_queue))
+    # The split is made certain with a taint only b tolerates on the next 3 nodes, lifted once b holds
+    # them. (Ordering the scheduler's queue with a PriorityClass was not enough: a pod still backing
+    # off can be popped before a higher-priority one, and once in CI a's 4th pod took one of them.)
+    apply(namespace, gpu_cluster(nodes, "b", tp=4, no_degrade=True, tolerations=(SPLIT_TAINT,)))
     wait_until(lambda: len(live_pods(namespace, "b")) == 4, timeout=60, what="b's pods created")
-    for i in range(3, 6):  # b's pods come first in the queue: b takes these 3, a's 4th gets none
-        nodes.add(f"gpu-{i}", "a", dies=False, gpus=1)
+    new_nodes = [nodes.add(f"gpu-{i}", "a", dies=False, gpus=1, taints=[SPLIT_TAINT]) for i in range(3, 6)]
     split = wait_until(lambda: len([p for p in live_pods(namespace, "b") if p["spec"].get("nodeName")]) == 3,
                        timeout=90, what="b holds 3 GPUs: the split")  # fmt: skip
+    kubectl("taint", "nodes", *new_nodes, f"{SPLIT_TAINT['key']}:NoSchedule-")
     assert split and len([p for p in live_pods(namespace, "a") if p["spec"].get("nodeName")]) == 3
 
     def settled() -> tuple[str, str] | None:
