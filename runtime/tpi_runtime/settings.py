@@ -35,7 +35,8 @@ from . import cgroup_oom
 
 #: --max-num-batched-tokens' default per device. A CPU prefills ~1 token per ms per core, so a
 #: 2048-token chunk would stall running streams for seconds: 64 keeps the longest gap between their
-#: tokens within ~3x a decode step (bench/bench_serving.py's interference run). A GPU takes thousands.
+#: tokens under 3x the median gap (1.5x measured by bench/bench_serving.py's interference run, with
+#: decode rows bucketed by length; README). A GPU takes thousands.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 2048, "cpu": 64}
 
 
