@@ -99,17 +99,8 @@ class ChatFormatter:
             )
             for c in gen.choices
         ]
-        return (
-            ChatResponse(
-                id=str(prep.meta["id"]),
-                created=int(prep.meta["created"]),  # type: ignore[call-overload]
-                model=str(prep.meta["model"]),
-                choices=choices,
-                usage=usage,
-            )
-            .model_dump_json()
-            .encode()
-        )
+        body = ChatResponse.model_validate({**prep.meta, "choices": choices, "usage": usage})
+        return body.model_dump_json().encode()
 
 
 async def handle(request: web.Request, req: ChatCompletionRequest, state: ServerState) -> web.StreamResponse:

@@ -105,17 +105,8 @@ class CompletionFormatter:
             )
             for c in gen.choices
         ]
-        return (
-            CompletionResponse(
-                id=str(prep.meta["id"]),
-                created=int(prep.meta["created"]),  # type: ignore[call-overload]
-                model=str(prep.meta["model"]),
-                choices=choices,
-                usage=usage,
-            )
-            .model_dump_json()
-            .encode()
-        )
+        body = CompletionResponse.model_validate({**prep.meta, "choices": choices, "usage": usage})
+        return body.model_dump_json().encode()
 
 
 async def handle(request: web.Request, req: CompletionRequest, state: ServerState) -> web.StreamResponse:

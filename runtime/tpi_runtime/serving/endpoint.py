@@ -34,7 +34,7 @@ class Prepared:
     stream: bool
     include_usage: bool
     echo_text: str = ""  # echo: the prompt (completions) or the assistant's last message (chat) leads each choice
-    meta: dict[str, object] = field(default_factory=dict)
+    meta: dict[str, object] = field(default_factory=dict)  # id, created, model: shared by every object sent
 
 
 def chunk(prep: Prepared, object_name: str, choices: list[dict[str, object]], usage: object = None) -> bytes:
