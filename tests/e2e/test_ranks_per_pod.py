@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import re
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +33,7 @@ from tests.e2e.conftest import Checkpoint, record_timing
 from tests.e2e.test_tpic import (  # noqa: F401  (big_vocab_checkpoint: a fixture, used by name)
     OOM_MAX_BATCH,
     OOM_MEMORY_LIMIT,
+    FullBatches,
     _mib,
     big_vocab_checkpoint,
     pod_uids,
@@ -239,13 +239,6 @@ def test_cgroup_oom_of_one_local_rank_is_oomkilled_and_halves_the_batch(
     assert _mib(limit) == RANKS_PER_POD * _mib(OOM_MEMORY_LIMIT), limit  # ranksPerPod x the per-rank limit
     old = pod_uids(k, name)
     t0 = time.monotonic()
-    body = Client.body(prompt_ids=[1, 2, 3], max_tokens=48)
-    stop = threading.Event()
-
-    def load() -> None:
-        while not stop.is_set():
-            client.parallel(url, OOM_MAX_BATCH, body, stagger=0)
-
     messages: set[str] = set()  # the launcher's termination messages (short-lived: the pod is recreated)
 
     def oom_in_history() -> list[dict[str, Any]]:
@@ -258,12 +251,8 @@ def test_cgroup_oom_of_one_local_rank_is_oomkilled_and_halves_the_batch(
         messages.update(r["terminationMessage"] for r in st.get("ranks", []) if r.get("terminationMessage"))
         return [h for h in st.get("history") or [] if h["reason"] == "OOMKilled"]
 
-    loader = threading.Thread(target=load, daemon=True)
-    loader.start()
-    try:
+    with FullBatches(client, url) as load:
         hist = wait_until(oom_in_history, timeout=240, interval=0.5, what="an OOMKilled group failure")
-    finally:
-        stop.set()
     t_oom = time.monotonic()
     print(f"\nOOMKilled {t_oom - t0:.1f}s after the first full batch: {hist}; messages {messages}")
     # The launcher's message names the one local rank the kernel killed, and the OOM.
@@ -273,7 +262,7 @@ def test_cgroup_oom_of_one_local_rank_is_oomkilled_and_halves_the_batch(
     assert oom_line.search(recreate["message"]), (hist, messages)
     st = wait_until(lambda: serving_again(k, name, set(old.values())), timeout=300, interval=1, what="recreated")
     record_timing("ranksPerPod=2: recovery after a cgroup OOM kill (seen -> serving)", time.monotonic() - t_oom)
-    loader.join(timeout=300)
+    load.thread.join(timeout=300)
     assert "OOMKilled" in (st.get("lastFailure") or ""), st
     assert st["effectiveMaxBatchSize"] == OOM_MAX_BATCH // 2, st
     args = k.get("pod", f"{name}-g0-0")["spec"]["containers"][0]["args"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -174,6 +175,31 @@ OOM_MAX_BATCH = 64
 OOM_MEMORY_LIMIT = "1160Mi"
 
 
+class FullBatches:
+    """Full batches of long completions to ``url``, sent again and again from a thread while the
+    block runs: all of them in the running batch at once, so that the per-step logits of the big
+    vocabulary grow past the memory limit.  The test polls meanwhile (the operator recreates the
+    group within seconds, so the OOMKilled container status it looks for is short-lived)."""
+
+    def __init__(self, client: Client, url: str) -> None:
+        self.client, self.url = client, url
+        self.results: list[dict[str, Any]] = []  # the last batch's
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._load, daemon=True)
+
+    def _load(self) -> None:
+        body = Client.body(prompt_ids=[1, 2, 3], max_tokens=48)
+        while not self.stop.is_set():
+            self.results[:] = self.client.parallel(self.url, OOM_MAX_BATCH, body, stagger=0)
+
+    def __enter__(self) -> FullBatches:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()  # the batch in flight ends on its own (its pods are being recreated)
+
+
 @pytest.fixture(scope="module")
 def big_vocab_checkpoint(provider: Provider, tmp_path_factory: pytest.TempPathFactory) -> str:
     from tpi_runtime.testing import make_tiny_checkpoint
@@ -204,11 +230,9 @@ def test_oom_killed_rank_halves_batch_and_serves_again(
     assert st.get("effectiveMaxBatchSize") in (None, OOM_MAX_BATCH), st
     old = pod_uids(k, name)
 
-    # A full batch of long completions: the per-step logits exceed the container's memory limit,
-    # the kernel's cgroup OOM killer ends a rank, the kubelet reports OOMKilled.
+    # Full batches: the per-step logits exceed the container's memory limit, the kernel's cgroup
+    # OOM killer ends a rank, the kubelet reports OOMKilled.
     t0 = time.monotonic()
-    # Long completions arriving together, so that all of them are in the running batch at once.
-    body = Client.body(prompt_ids=[1, 2, 3], max_tokens=48)
     seen_oom: dict[str, Any] = {}
 
     def oom_seen() -> bool:
@@ -222,25 +246,10 @@ def test_oom_killed_rank_halves_batch_and_serves_again(
                 seen_oom.setdefault("status_rank", r)
         return bool(seen_oom)
 
-    # Fire full batches from a thread; watch pods and status meanwhile (the operator recreates the
-    # group within seconds, so the OOMKilled container status is short-lived).
-    import threading
-
-    results: list[dict[str, Any]] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        while not stop.is_set():
-            results[:] = client.parallel(url, OOM_MAX_BATCH, body, stagger=0)
-
-    loader = threading.Thread(target=load, daemon=True)
-    loader.start()
-    try:
+    with FullBatches(client, url) as load:
         deadline = time.monotonic() + 240
         while not oom_seen() and time.monotonic() < deadline:
             time.sleep(0.5)
-    finally:
-        stop.set()
     history_oom = [h for h in status(k, name).get("history", []) if h["reason"] == "OOMKilled"]
     if not seen_oom and not history_oom:
         peaks = {
@@ -248,13 +257,13 @@ def test_oom_killed_rank_halves_batch_and_serves_again(
                                      "/sys/fs/cgroup/memory/memory.max_usage_in_bytes", check=False).strip()
             for p in pods_of(k, name)
         }  # fmt: skip
-        raise AssertionError(f"no OOMKilled rank after full batches; peak cgroup usage {peaks}; {results[:2]}")
+        raise AssertionError(f"no OOMKilled rank after full batches; peak cgroup usage {peaks}; {load.results[:2]}")
     t_oom = time.monotonic()
     print(f"\nOOMKilled seen {t_oom - t0:.1f}s after the first full batch was sent: {seen_oom}")
 
     st = wait_until(lambda: serving_again(k, name, set(old.values())), timeout=300, interval=1, what="recreated")
     record_timing("recovery after a cgroup OOM kill (seen -> serving)", time.monotonic() - t_oom)
-    loader.join(timeout=300)
+    load.thread.join(timeout=300)
     hist = [h for h in st.get("history", []) if h["reason"] == "OOMKilled"]
     assert hist and any(f"{name}-g0-" in h["message"] for h in hist), json.dumps(st.get("history"), indent=1)
     assert "OOMKilled" in (st.get("lastFailure") or ""), st
