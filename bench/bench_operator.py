@@ -37,7 +37,6 @@ import math
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,8 @@ from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "hack"))
-from tpikit.kube import BIN, CACHE, KUBECONFIG, kubectl  # noqa: E402
+from tpikit.kube import KUBECONFIG, kubectl  # noqa: E402
+from tpikit.kwok import Kwok, free_port  # noqa: E402
 
 NS = "tpi-bench"
 LABEL = "tpi.dev/bench"
@@ -79,27 +79,6 @@ def manifest(i: int, tp: int, bench_id: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- fake nodes
-class Kwok:
-    """One kwok process playing the nodes annotated ``kwok.x-k8s.io/node=<selector>``."""
-
-    def __init__(self, selector: str, cidr: str, log: Path) -> None:
-        self.selector, self.cidr, self.log = selector, cidr, log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        cmd = [str(BIN / "kwok"), "--kubeconfig", str(KUBECONFIG), "--config", str(CACHE / "cluster" / "kwok.yaml"),
-               "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector",
-               f"kwok.x-k8s.io/node={self.selector}", "--cidr", self.cidr,
-               "--server-address", f"127.0.0.1:{free_port()}", "--node-lease-duration-seconds", "40"]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        """A dead kubelet: no goodbye, the node Leases just stop."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-
 def node_doc(name: str, bench_id: str, kwok_selector: str, ranks: int) -> dict:
     alloc = {"cpu": f"{ranks * RANK_CPU_M}m", "memory": f"{ranks * RANK_MEM_MI}Mi", "pods": str(ranks)}
     return {
@@ -168,12 +147,6 @@ def operator_actions(port: int) -> dict[str, float]:
 def per_minute(after: dict[str, float], before: dict[str, float], seconds: float) -> dict[str, float]:
     delta = {k: (v - before.get(k, 0.0)) * 60 / seconds for k, v in after.items()}
     return {k: round(v, 1) for k, v in sorted(delta.items(), key=lambda kv: -kv[1]) if v > 0}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -397,8 +370,8 @@ def main() -> int:
     living_nodes = max(1, math.ceil(ranks * 1.05 / args.ranks_per_node))
     logs = Path(args.log).parent
     dying, living = (
-        Kwok(f"{bench_id}-dying", "10.253.0.0/16", logs / "tpi-bench-kwok-dying.log"),
-        Kwok(f"{bench_id}-living", "10.254.0.0/16", logs / "tpi-bench-kwok-living.log"),
+        Kwok(KUBECONFIG, f"{bench_id}-dying", "10.253.0.0/16", logs / "tpi-bench-kwok-dying.log"),
+        Kwok(KUBECONFIG, f"{bench_id}-living", "10.254.0.0/16", logs / "tpi-bench-kwok-living.log"),
     )
     dead_node = f"{bench_id}-dying-0"
     node_names = [dead_node] + [f"{bench_id}-live-{i}" for i in range(living_nodes)]

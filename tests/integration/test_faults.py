@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -22,13 +20,13 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client
-from tpikit.kube import BIN, CACHE, kubectl, wait_until
+from tpikit.kube import kubectl, wait_until
+from tpikit.kwok import Kwok
 
 from tests.integration.conftest import inject_fault
-from tests.integration.test_operator import CRD, Operator, apply, cluster_yaml, free_port, get, renew_leases
+from tests.integration.test_operator import CRD, Operator, apply, cluster_yaml, get, renew_leases
 
 pytestmark = pytest.mark.integration
-STAGES = CACHE / "cluster" / "kwok.yaml"  # the stages hack/cluster.sh renders for its kwok
 TEST_LABEL = "tpi.dev/fault-test"
 
 
@@ -56,28 +54,6 @@ def op(kubeconfig: str, namespace: str, crd_applied: None, tmp_path: Path) -> It
 
 
 # ------------------------------------------------------------------------------- fake nodes
-class Kwok:
-    """One kwok process playing the nodes annotated ``kwok.x-k8s.io/node=<selector>``."""
-
-    def __init__(self, kubeconfig: str, selector: str, cidr: str, log: Path, config: Path = STAGES) -> None:
-        self.kubeconfig, self.selector, self.cidr, self.log = kubeconfig, selector, cidr, log
-        self.config = config
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        cmd = [str(BIN / "kwok"), "--kubeconfig", self.kubeconfig, "--config", str(self.config),
-               "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector",
-               f"kwok.x-k8s.io/node={self.selector}", "--cidr", self.cidr,
-               "--server-address", f"127.0.0.1:{free_port()}", "--node-lease-duration-seconds", "40"]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        """A dead kubelet: no goodbye, the node Leases just stop."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-
 class FakeNodes:
     """This test's nodes: only pods that select ``TEST_LABEL=<id>`` and tolerate its taint land here."""
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ import pytest
 from kubernetes import client
 from tpi_contract import keys
 from tpikit.kube import REPO, kubectl, wait_until
+from tpikit.kwok import free_port
 
 from tests.integration.conftest import inject_fault
 
@@ -37,21 +36,6 @@ CRD = REPO / "crds" / "tpi.dev_tpinferenceclusters.yaml"
 def crd(kubeconfig: str) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
     kubectl("wait", "--for=condition=Established", "crd/tpinferenceclusters.tpi.dev", "--timeout=60s")
-
-
-def free_port() -> int:
-    """A port to listen on, below Linux's ephemeral range (32768+): a port the kernel hands out
-    (bind to 0) is soon reused as the local port of some outgoing connection, and an operator
-    started a second later then fails to listen on it (seen with test runs side by side)."""
-    for _ in range(100):
-        port = random.randrange(20000, 32000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 class Operator:

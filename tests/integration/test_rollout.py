@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 from tpikit.kube import REPO, kubectl, wait_until
+from tpikit.kwok import STAGES
 
 from tests.integration.conftest import inject_fault
-from tests.integration.test_faults import STAGES, TEST_LABEL, FakeNodes, apply_crd
+from tests.integration.test_faults import TEST_LABEL, FakeNodes, apply_crd
 from tests.integration.test_operator import Operator, apply, cluster_yaml, get, pods, status
 
 pytestmark = pytest.mark.integration
