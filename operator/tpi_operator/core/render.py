@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -415,6 +416,21 @@ def statefulset(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings
             },
         }
     )
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``: changed keys, None for
+    removed ones, lists whole.  (Rendered objects hold no nulls, which a merge patch reads as
+    removals.)"""
+    out: dict[str, Any] = dict.fromkeys(old.keys() - new.keys())
+    for key, value in new.items():
+        was = old.get(key)
+        if isinstance(value, dict) and isinstance(was, dict):
+            if sub := merge_patch(was, value):
+                out[key] = sub
+        elif key not in old or was != value:
+            out[key] = value
+    return out
 
 
 def with_replicas(sts: dict[str, Any], replicas: int) -> dict[str, Any]:

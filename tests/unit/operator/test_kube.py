@@ -393,6 +393,13 @@ def test_a_lost_nodes_pods_go_before_the_status_after_their_groups_new_template(
         delete_pods=[reconcile.PodDelete("demo-g0-0", "u0", 5)],
     ))  # fmt: skip
     assert [c[1] for c in kube.calls] == ["tpinferenceclusters/demo/status", "statefulsets/demo-g0", "pods/demo-g0-0"]
+    kube.calls.clear()  # a recreate as a merge patch of the StatefulSet: it, too, goes before the force delete
+    handlers.apply_decision(state, kube, handlers.Memory(), "demo", "ns", reconcile.Decision(
+        actions=[], status=TPInferenceClusterStatus(phase="Recovering"), recovered=[],
+        patch_statefulsets=[("demo-g0", {"metadata": {"labels": {"x": "1"}}})],
+        force_delete_pods=[reconcile.PodDelete("demo-g0-1", "u1", 0)],
+    ))  # fmt: skip
+    assert [c[1] for c in kube.calls] == ["statefulsets/demo-g0", "pods/demo-g0-1", "tpinferenceclusters/demo/status"]
 
 
 def test_a_force_deleted_pod_the_watch_still_shows_is_not_deleted_again(monkeypatch: pytest.MonkeyPatch) -> None:
