@@ -278,6 +278,13 @@ def test_stale_lease_recreates_group(
     st = wait_phase(namespace, "Running")
     assert st["restarts"] == 1
     assert {p["metadata"]["labels"]["tpi.dev/incarnation"] for p in pods(namespace)} == {"1"}
+    # The recreate moved the StatefulSet to incarnation 1 with a merge patch (an Update of the
+    # operator's field manager; its applies are Apply), not by re-applying the whole object.
+    sts = json.loads(kubectl("get", "statefulset", "demo-g0", "-n", namespace, "-o", "json", "--show-managed-fields"))
+    assert sts["spec"]["template"]["metadata"]["labels"]["tpi.dev/incarnation"] == "1"
+    managed = sts["metadata"]["managedFields"]
+    updates = [m for m in managed if m["manager"] == "tpi-operator" and m["operation"] == "Update"]
+    assert updates and "f:template" in json.dumps(updates[0]["fieldsV1"]), managed
 
 
 def test_unschedulable_rank_degrades(operator: Operator, namespace: str) -> None:
