@@ -7,9 +7,8 @@ here) and objects, write status, post the Events listed here.  It decides nothin
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tpi_operator.api.v1alpha1 import TPInferenceClusterSpec, TPInferenceClusterStatus
@@ -259,7 +258,7 @@ def incarnation_move(
     None: anything else differs (a roll, a resize), apply it all."""
     if running is None or running.object_hash is None or running.incarnation == gs.incarnation:
         return None
-    before = render.statefulset(spec, ident, dataclasses.replace(gs, incarnation=running.incarnation))
+    before = render.statefulset(spec, ident, replace(gs, incarnation=running.incarnation))
     if before["metadata"]["annotations"][render.A_OBJECT_HASH] != running.object_hash:
         return None
     return render.merge_patch(before, desired)
