@@ -97,6 +97,8 @@ class Memory:
     #: uid -> when (monotonic) our grace-0 delete of that pod was sent; recorded once it returned, so
     #: the pod is gone from the API though the watch may not have said so yet (``unseen_deletes``)
     force_deleted: dict[str, float] = field(default_factory=dict)
+    #: the same for the StatefulSets we deleted (a surge group done, a scale-down)
+    deleted_statefulsets: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -652,7 +654,8 @@ def reconcile_once(
     sizes = sorted(set(sizes) | {desired})
     ident = render.Identity(name=name, namespace=namespace, uid=meta["uid"])
     restarted_at = (meta.get("annotations") or {}).get(render.A_RESTARTED_AT)
-    pods = unseen_deletes(mem, pods)
+    pods = unseen_deletes(mem.force_deleted, pods)
+    stses = unseen_deletes(mem.deleted_statefulsets, stses)
     pod_list = [p for x in pods for p in rank_obs(x)]  # one per rank: a pod may run several
     sts_list = [s for s in (sts_obs(x) for x in stses) if s is not None]
     lease_map = {lo.name: lo for lo in (lease_obs(x) for x in leases)}
@@ -677,7 +680,8 @@ def reconcile_once(
         spec, ident, obs, idle_seconds=config.idle_seconds, busy_seconds=config.busy_seconds
     )
 
-    apply_decision(state, kube, mem, name, namespace, decision)
+    sts_uids = {m.get("name"): m.get("uid") for m in (x.get("metadata") or {} for x in stses)}
+    apply_decision(state, kube, mem, name, namespace, decision, sts_uids)
 
     for a in decision.actions:
         if isinstance(a, (*recovery.RECORDED, recovery.ForceDelete)) or (
@@ -692,7 +696,13 @@ def reconcile_once(
 
 
 def apply_decision(
-    state: Shared, kube: Kube, mem: Memory, name: str, namespace: str, decision: reconcile.Decision
+    state: Shared,
+    kube: Kube,
+    mem: Memory,
+    name: str,
+    namespace: str,
+    decision: reconcile.Decision,
+    sts_uids: Mapping[str, str | None] | None = None,
 ) -> None:
     """Carry out one decision, in this order: a lost node's pods (after their groups' new
     templates, which the replacements must carry), then the status (bookkeeping first: if it
@@ -722,6 +732,8 @@ def apply_decision(
     _delete_pods(state, kube, namespace, decision.delete_pods)
     for sts in decision.delete_statefulsets:
         kube.delete("StatefulSet", namespace, sts)
+        if uid := (sts_uids or {}).get(sts):  # ``sts_uids``: name -> uid of the StatefulSets observed
+            mem.deleted_statefulsets[uid] = time.monotonic()
     for lease in decision.delete_leases:
         kube.delete("Lease", namespace, lease)
 
@@ -733,16 +745,19 @@ def _delete_pods(state: Shared, kube: Kube, namespace: str, deletes: list[reconc
     ))  # fmt: skip
 
 
-def unseen_deletes(mem: Memory, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The pods without those our own grace-0 deletes removed and the watch still shows, like a
-    Kubernetes controller's expectations: a pass right after a force delete (its StatefulSet's
-    events wake it) would otherwise force-delete them again, a second request per pod while a
-    lost node's groups wait for theirs.  An entry ends when the watch no longer shows the pod,
-    or after FORCE_DELETE_EXPECTATION_SECONDS should its event never come."""
-    now, live = time.monotonic(), {(p.get("metadata") or {}).get("uid") for p in pods}
+def unseen_deletes(deleted: dict[str, float], objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects without those our own deletes removed and the watch still shows (``deleted``:
+    uid -> when the delete returned), like a Kubernetes controller's expectations: a pass right
+    after a force delete (its StatefulSet's events wake it) would otherwise force-delete the pods
+    again, a second request per pod while a lost node's groups wait for theirs, and a pass right
+    after a surge group's StatefulSet went would remove (and record) it again.  An entry ends when
+    the watch no longer shows the object, or after FORCE_DELETE_EXPECTATION_SECONDS should its
+    event never come; ``deleted`` is pruned in place."""
+    now, live = time.monotonic(), {(o.get("metadata") or {}).get("uid") for o in objs}
     expired = now - FORCE_DELETE_EXPECTATION_SECONDS
-    mem.force_deleted = {uid: at for uid, at in mem.force_deleted.items() if uid in live and at > expired}
-    return [p for p in pods if (p.get("metadata") or {}).get("uid") not in mem.force_deleted]
+    for uid in [uid for uid, at in deleted.items() if uid not in live or at <= expired]:
+        del deleted[uid]
+    return [o for o in objs if (o.get("metadata") or {}).get("uid") not in deleted]
 
 
 def _refresh_at() -> float:

@@ -421,16 +421,35 @@ def test_a_force_deleted_pod_the_watch_still_shows_is_not_deleted_again(monkeypa
         delete_pods=[reconcile.PodDelete("demo-g0-0", "u0", 5)],  # graceful: Terminating, still seen
     ))  # fmt: skip
     watched = [pod("demo-g0-0", "u0"), pod("demo-g0-1", "u1"), pod("demo-g0-2", "u2")]
-    assert [p["metadata"]["uid"] for p in handlers.unseen_deletes(mem, watched)] == ["u0", "u2"]
+    assert [p["metadata"]["uid"] for p in handlers.unseen_deletes(mem.force_deleted, watched)] == ["u0", "u2"]
     replacement = pod("demo-g0-1", "u9")  # same name, a new pod: seen
-    assert len(handlers.unseen_deletes(mem, [*watched, replacement])) == 3
+    assert len(handlers.unseen_deletes(mem.force_deleted, [*watched, replacement])) == 3
     # the watch caught up: the expectation ends (a uid is never reused)
-    assert handlers.unseen_deletes(mem, [watched[0], replacement]) == [watched[0], replacement]
+    assert handlers.unseen_deletes(mem.force_deleted, [watched[0], replacement]) == [watched[0], replacement]
     assert mem.force_deleted == {}
     # an event that never comes: after FORCE_DELETE_EXPECTATION_SECONDS the watch is believed again
     mem.force_deleted["u1"] = clock[0]
     clock[0] += handlers.FORCE_DELETE_EXPECTATION_SECONDS + 1
-    assert handlers.unseen_deletes(mem, watched) == watched
+    assert handlers.unseen_deletes(mem.force_deleted, watched) == watched
+
+
+def test_a_deleted_statefulset_the_watch_still_shows_is_not_removed_again() -> None:
+    """A surge group's StatefulSet, once deleted, is out of the next pass's observation until the
+    watch drops it: that pass decided RemoveGroup again and recorded it twice in the history
+    (once in CI, test_zero_downtime's max-surge roll)."""
+    from tpi_operator.api.v1alpha1 import TPInferenceClusterStatus
+    from tpi_operator.core import reconcile
+
+    kube, state, mem = RecordingKube(), handlers.Shared(), handlers.Memory()
+    handlers.apply_decision(state, kube, mem, "demo", "ns", reconcile.Decision(
+        actions=[], status=TPInferenceClusterStatus(phase="Running"), recovered=[],
+        delete_statefulsets=["demo-g1"],
+    ), {"demo-g0": "s0", "demo-g1": "s1"})  # fmt: skip
+    assert ("DELETE", "statefulsets/demo-g1") in kube.calls
+    watched = [{"metadata": {"name": "demo-g0", "uid": "s0"}}, {"metadata": {"name": "demo-g1", "uid": "s1"}}]
+    assert handlers.unseen_deletes(mem.deleted_statefulsets, watched) == watched[:1]
+    assert handlers.unseen_deletes(mem.deleted_statefulsets, watched[:1]) == watched[:1]
+    assert mem.deleted_statefulsets == {}  # the watch caught up
 
 
 def test_gpu_nodes_are_parsed_once_per_node_version(monkeypatch: pytest.MonkeyPatch) -> None:
