@@ -51,7 +51,8 @@ RESYNC_SECONDS = 300.0
 CAPACITY_TTL_SECONDS = 10.0
 #: Pod deletes of one pass run this many at a time (a group is recreated by deleting all its pods).
 DELETE_FANOUT = 4
-#: How long a pod our grace-0 delete removed is taken as gone while the watch still shows it
+#: How long an object our delete removed (a force-deleted pod, a StatefulSet) is taken as gone while the
+#: watch still shows it (``unseen_deletes``)
 FORCE_DELETE_EXPECTATION_SECONDS = 30.0
 #: Status is rewritten at most this often when only heartbeat times moved.
 STATUS_REFRESH_SECONDS = 60.0
