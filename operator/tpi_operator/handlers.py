@@ -100,6 +100,8 @@ class Memory:
     force_deleted: dict[str, float] = field(default_factory=dict)
     #: the same for the StatefulSets we deleted (a surge group done, a scale-down)
     deleted_statefulsets: dict[str, float] = field(default_factory=dict)
+    #: StatefulSet name -> (when, the annotations) of our last apply (``unseen_applies``)
+    applied_statefulsets: dict[str, tuple[float, dict[str, str]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -656,7 +658,7 @@ def reconcile_once(
     ident = render.Identity(name=name, namespace=namespace, uid=meta["uid"])
     restarted_at = (meta.get("annotations") or {}).get(render.A_RESTARTED_AT)
     pods = unseen_deletes(mem.force_deleted, pods)
-    stses = unseen_deletes(mem.deleted_statefulsets, stses)
+    stses = unseen_applies(mem.applied_statefulsets, unseen_deletes(mem.deleted_statefulsets, stses))
     pod_list = [p for x in pods for p in rank_obs(x)]  # one per rank: a pod may run several
     sts_list = [s for s in (sts_obs(x) for x in stses) if s is not None]
     lease_map = {lo.name: lo for lo in (lease_obs(x) for x in leases)}
@@ -761,6 +763,26 @@ def unseen_deletes(deleted: dict[str, float], objs: list[dict[str, Any]]) -> lis
     return [o for o in objs if (o.get("metadata") or {}).get("uid") not in deleted]
 
 
+def unseen_applies(
+    applied: dict[str, tuple[float, dict[str, str]]], stses: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The StatefulSets with the annotations of our last apply where the watch still shows an
+    older version (its object hash differs): a pass woken by a pod event before the StatefulSet's
+    own event would otherwise roll the group again and record the roll twice (once in CI,
+    test_zero_downtime's max-surge roll).  An entry ends once the watch shows our object, or after
+    FORCE_DELETE_EXPECTATION_SECONDS; ``applied`` is pruned in place."""
+    expired, out = time.monotonic() - FORCE_DELETE_EXPECTATION_SECONDS, []
+    for sts in stses:
+        meta = sts.get("metadata") or {}
+        seen = applied.get(meta.get("name"))
+        if seen is not None and (seen[0] <= expired or (meta.get("annotations") or {}).get(
+                render.A_OBJECT_HASH) == seen[1].get(render.A_OBJECT_HASH)):  # fmt: skip
+            del applied[meta.get("name")]
+            seen = None
+        out.append(sts if seen is None else {**sts, "metadata": {**meta, "annotations": seen[1]}})
+    return out
+
+
 def _refresh_at() -> float:
     """When a shared object is next re-read: after a random half to whole
     RESYNC_SECONDS, so that hundreds of clusters created together do not all come due in the same
@@ -791,6 +813,8 @@ def _apply(kube: Kube, mem: Memory, obj: dict[str, Any]) -> None:
         raise
     mem.applied[key] = (digest, _version(applied or {}))
     mem.stale.discard(key)
+    if obj["kind"] == "StatefulSet":
+        mem.applied_statefulsets[obj["metadata"]["name"]] = (time.monotonic(), obj["metadata"]["annotations"])
 
 
 def _free_slots(

@@ -474,3 +474,26 @@ def test_gpu_nodes_are_parsed_once_per_node_version(monkeypatch: pytest.MonkeyPa
     index["b"] = [node("b", "4")]  # b changed: only b is parsed again
     del index["a"]  # a went away
     assert [n["metadata"]["name"] for n in cache.of(index)] == ["b"] and parsed == ["a", "b", "b"]
+
+
+def test_an_applied_statefulset_the_watch_shows_old_is_seen_as_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A roll's StatefulSet apply, then a pass woken by a pod event before the StatefulSet's own:
+    it sees the template we applied (the roll is not decided and recorded again) until the watch
+    shows our object, and the watch again after FORCE_DELETE_EXPECTATION_SECONDS."""
+    clock = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    kube, mem = RecordingKube(), handlers.Memory()
+    h = handlers.render.A_OBJECT_HASH
+    new = {"apiVersion": "apps/v1", "kind": "StatefulSet",
+           "metadata": {"name": "demo-g0", "annotations": {h: "new", "t": "2"}}}  # fmt: skip
+    handlers._apply(kube, mem, new)
+    old = {"metadata": {"name": "demo-g0", "uid": "s0", "annotations": {h: "old", "t": "1"}}}
+    other = {"metadata": {"name": "demo-g1", "uid": "s1", "annotations": {h: "x"}}}
+    [seen, untouched] = handlers.unseen_applies(mem.applied_statefulsets, [old, other])
+    assert seen["metadata"]["annotations"]["t"] == "2" and seen["metadata"]["uid"] == "s0" and untouched is other
+    caught_up = {"metadata": {**old["metadata"], "annotations": new["metadata"]["annotations"]}}
+    assert handlers.unseen_applies(mem.applied_statefulsets, [caught_up]) == [caught_up]
+    assert mem.applied_statefulsets == {}
+    handlers._apply(kube, mem, new)
+    clock[0] += handlers.FORCE_DELETE_EXPECTATION_SECONDS + 1
+    assert handlers.unseen_applies(mem.applied_statefulsets, [old]) == [old]
