@@ -716,6 +716,7 @@ def apply_decision(
             _apply(kube, mem, obj)
         for sts, patch in decision.patch_statefulsets:
             kube.patch("StatefulSet", namespace, sts, patch)
+            mem.applied_statefulsets.pop(sts, None)  # our apply is no longer the latest version
         names = ", ".join(d.name for d in decision.force_delete_pods)
         log.info("%s/%s: force-deleting pods %s", namespace, name, names)
         started = time.monotonic()
@@ -728,6 +729,7 @@ def apply_decision(
     if not decision.force_delete_pods:
         for sts, patch in decision.patch_statefulsets:  # before the deletes: the new pods get it
             kube.patch("StatefulSet", namespace, sts, patch)
+            mem.applied_statefulsets.pop(sts, None)  # our apply is no longer the latest version
     if decision.delete_pods:
         wanted = {g.group: g.incarnation for g in decision.status.groups}
         log.info("%s/%s: deleting pods %s; groups' incarnations %s", namespace, name,
@@ -772,6 +774,9 @@ def unseen_applies(
     test_zero_downtime's max-surge roll).  An entry ends once the watch shows our object, or after
     FORCE_DELETE_EXPECTATION_SECONDS; ``applied`` is pruned in place."""
     expired, out = time.monotonic() - FORCE_DELETE_EXPECTATION_SECONDS, []
+    names = {(sts.get("metadata") or {}).get("name") for sts in stses}
+    for gone in [name for name in applied if name not in names]:  # deleted since: nothing to show
+        del applied[gone]
     for sts in stses:
         meta = sts.get("metadata") or {}
         seen = applied.get(meta.get("name"))

@@ -394,12 +394,15 @@ def test_a_lost_nodes_pods_go_before_the_status_after_their_groups_new_template(
     ))  # fmt: skip
     assert [c[1] for c in kube.calls] == ["tpinferenceclusters/demo/status", "statefulsets/demo-g0", "pods/demo-g0-0"]
     kube.calls.clear()  # a recreate as a merge patch of the StatefulSet: it, too, goes before the force delete
-    handlers.apply_decision(state, kube, handlers.Memory(), "demo", "ns", reconcile.Decision(
+    mem = handlers.Memory()
+    mem.applied_statefulsets["demo-g0"] = (0.0, {})  # an earlier apply: the patch supersedes it
+    handlers.apply_decision(state, kube, mem, "demo", "ns", reconcile.Decision(
         actions=[], status=TPInferenceClusterStatus(phase="Recovering"), recovered=[],
         patch_statefulsets=[("demo-g0", {"metadata": {"labels": {"x": "1"}}})],
         force_delete_pods=[reconcile.PodDelete("demo-g0-1", "u1", 0)],
     ))  # fmt: skip
     assert [c[1] for c in kube.calls] == ["statefulsets/demo-g0", "pods/demo-g0-1", "tpinferenceclusters/demo/status"]
+    assert mem.applied_statefulsets == {}
 
 
 def test_a_force_deleted_pod_the_watch_still_shows_is_not_deleted_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -497,3 +500,6 @@ def test_an_applied_statefulset_the_watch_shows_old_is_seen_as_applied(monkeypat
     handlers._apply(kube, mem, new)
     clock[0] += handlers.FORCE_DELETE_EXPECTATION_SECONDS + 1
     assert handlers.unseen_applies(mem.applied_statefulsets, [old]) == [old]
+    handlers._apply(kube, mem, new)  # the StatefulSet is deleted since: the entry goes
+    assert handlers.unseen_applies(mem.applied_statefulsets, [other]) == [other]
+    assert mem.applied_statefulsets == {}
