@@ -39,6 +39,7 @@ from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION, TPInferenceCluster
 from tpi_operator.core import admission, capacity, heartbeat, layout, placement, reconcile, recovery, render, sizing
 from tpi_operator.core import status as status_core
 from tpi_operator.core.observe import NodeObs, Observation, foreign_owner, lease_obs, node_obs, rank_obs, sts_obs
+from tpi_operator.kopf_costs import ClusterEssenceStorage, QuietWatchHandlers
 from tpi_operator.kube import Kube, KubeError, load_configuration
 
 log = logging.getLogger("tpi_operator")
@@ -216,13 +217,16 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Everything the reconciler needs lives in status and labels; kopf's own bookkeeping goes into
     # annotations (our status schema is strict and would prune kopf's fields anyway).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.tpi.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = ClusterEssenceStorage(
         prefix="kopf.tpi.dev", key="last-handled-configuration"
     )
     # No handler needs a finalizer (see no_finalizer below); kopf still removes this one from
     # clusters that an older operator blocked with it.
     settings.persistence.finalizer = "tpi.dev/daemon"
     settings.posting.level = logging.WARNING  # Events: we post our own; kopf only its warnings
+    objects_log = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, QuietWatchHandlers) for f in objects_log.filters):
+        objects_log.addFilter(QuietWatchHandlers(WATCH_HANDLERS))
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
@@ -363,6 +367,10 @@ async def cluster_event(type: str | None, uid: str, name: str, namespace: str, m
         state = shared(memo)
         state.gone.add(uid)
         state.wake(namespace, name)
+
+
+#: The ``on.event`` handlers, called once per watch event: kopf's log line for each success is dropped.
+WATCH_HANDLERS = tuple(f.__name__ for f in (node_changed, pod_changed, statefulset_changed, cluster_event))
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=2.0)
