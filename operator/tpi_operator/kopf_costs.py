@@ -28,11 +28,13 @@ class ClusterEssenceStorage(kopf.AnnotationsDiffBaseStorage):
       gets the same essence from a copy of only those fields;
     * every other kind gets an empty essence: their handlers are ``on.event`` and indexes, which
       never read it (kopf computes change and spawning causes only for kinds that have such
-      handlers; ``changing_kinds`` in the tests checks that only the clusters do).
+      handlers; a unit test checks that only the clusters do);
+    * a body without a kind (kopf's lists and watch events always set it) is built kopf's way.
     """
 
     def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
-        if body.get("kind") != KIND:
+        kind = body.get("kind")
+        if kind is not None and kind != KIND:
             return cast(kopf.BodyEssence, {})
         if extra_fields:  # a handler that reads a status field: kopf's own way
             return super().build(body=body, extra_fields=extra_fields)

@@ -77,12 +77,18 @@ def test_a_changed_spec_still_changes_the_essence() -> None:
     assert ours.build(body=kopf.Body(status_only)) == ours.build(body=kopf.Body(body))
 
 
-@pytest.mark.parametrize("kind", ["Pod", "StatefulSet", "Lease", "Node", None])
+@pytest.mark.parametrize("kind", ["Pod", "StatefulSet", "Lease", "Node"])
 def test_other_kinds_get_an_empty_essence(kind) -> None:
-    body = {"metadata": {"name": "p", "annotations": {"a": "b"}}, "spec": {"nodeName": "n"}}
-    if kind:
-        body["kind"] = kind
+    body = {"kind": kind, "metadata": {"name": "p", "annotations": {"a": "b"}}, "spec": {"nodeName": "n"}}
     assert ClusterEssenceStorage(prefix=PREFIX, key=KEY).build(body=kopf.Body(body)) == {}
+
+
+def test_a_body_without_a_kind_is_built_kopfs_way() -> None:
+    body = _cluster()
+    del body["kind"]
+    stock = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key=KEY).build(body=kopf.Body(body))
+    assert ClusterEssenceStorage(prefix=PREFIX, key=KEY).build(body=kopf.Body(body)) == stock
+    assert stock["spec"]["replicas"] == 2
 
 
 def test_only_the_clusters_have_handlers_that_read_an_essence() -> None:
