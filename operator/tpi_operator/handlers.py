@@ -53,7 +53,7 @@ CAPACITY_TTL_SECONDS = 10.0
 #: Pod deletes of one pass run this many at a time (a group is recreated by deleting all its pods).
 DELETE_FANOUT = 4
 #: How long an object our delete removed (a force-deleted pod, a StatefulSet) is taken as gone while the
-#: watch still shows it (``unseen_deletes``)
+#: watch still shows it (``unseen_deletes``), and a StatefulSet we applied as applied (``unseen_applies``)
 FORCE_DELETE_EXPECTATION_SECONDS = 30.0
 #: Status is rewritten at most this often when only heartbeat times moved.
 STATUS_REFRESH_SECONDS = 60.0
@@ -722,9 +722,7 @@ def apply_decision(
     if decision.force_delete_pods:
         for obj in decision.apply_first:
             _apply(kube, mem, obj)
-        for sts, patch in decision.patch_statefulsets:
-            kube.patch("StatefulSet", namespace, sts, patch)
-            mem.applied_statefulsets.pop(sts, None)  # our apply is no longer the latest version
+        _patch_statefulsets(kube, mem, namespace, decision.patch_statefulsets)
         names = ", ".join(d.name for d in decision.force_delete_pods)
         log.info("%s/%s: force-deleting pods %s", namespace, name, names)
         started = time.monotonic()
@@ -735,9 +733,7 @@ def apply_decision(
     for obj in decision.apply:
         _apply(kube, mem, obj)
     if not decision.force_delete_pods:
-        for sts, patch in decision.patch_statefulsets:  # before the deletes: the new pods get it
-            kube.patch("StatefulSet", namespace, sts, patch)
-            mem.applied_statefulsets.pop(sts, None)  # our apply is no longer the latest version
+        _patch_statefulsets(kube, mem, namespace, decision.patch_statefulsets)  # before the deletes: new pods get it
     if decision.delete_pods:
         wanted = {g.group: g.incarnation for g in decision.status.groups}
         log.info("%s/%s: deleting pods %s; groups' incarnations %s", namespace, name,
@@ -749,6 +745,12 @@ def apply_decision(
             mem.deleted_statefulsets[uid] = time.monotonic()
     for lease in decision.delete_leases:
         kube.delete("Lease", namespace, lease)
+
+
+def _patch_statefulsets(kube: Kube, mem: Memory, namespace: str, patches: list[tuple[str, dict[str, Any]]]) -> None:
+    for sts, patch in patches:
+        kube.patch("StatefulSet", namespace, sts, patch)
+        mem.applied_statefulsets.pop(sts, None)  # our apply is no longer the latest version
 
 
 def _delete_pods(state: Shared, kube: Kube, namespace: str, deletes: list[reconcile.PodDelete]) -> None:
