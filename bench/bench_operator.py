@@ -205,15 +205,13 @@ class Watcher:
             try:
                 # plain dicts: models for every pod event made this watcher lag seconds behind a burst
                 for ev in w.stream(fn, timeout_seconds=120, deserialize=False, **resume, **kw):
-                    if stop.is_set():
+                    if stop.is_set() or self.stop.is_set():
                         w.stop()
                         break
                     handle(ev, time.time())
                     # without models the Watch does not track where it is: the next stream resumes here
                     if version := ((ev.get("object") or {}).get("metadata") or {}).get("resourceVersion"):
                         resume = {"resource_version": version}
-                    if self.stop.is_set():
-                        w.stop()
             except client.ApiException as e:
                 if e.status == 410:  # too old to resume: a fresh list (events in between are lost)
                     resume = {}
