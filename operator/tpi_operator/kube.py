@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
+from urllib3.util.ssl_ import create_urllib3_context
 
 from tpi_operator import metrics
 from tpi_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
@@ -68,6 +71,38 @@ def load_configuration(kubeconfig: str | None = None) -> client.Configuration:
     return cfg
 
 
+#: The per-connection TLS arguments the kubernetes client hands urllib3, which a shared context replaces.
+_PER_CONNECTION_TLS = ("ca_certs", "ca_cert_data", "cert_file", "key_file")
+
+
+def tls_context(cfg: client.Configuration) -> ssl.SSLContext:
+    """One client TLS context for every connection, with the CA and client certificate of `cfg`
+    loaded once: the settings urllib3 itself would use (``create_urllib3_context``)."""
+    ctx = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED if cfg.verify_ssl else ssl.CERT_NONE)
+    if cfg.ssl_ca_cert or cfg.ca_cert_data:
+        ctx.load_verify_locations(cafile=cfg.ssl_ca_cert, cadata=cfg.ca_cert_data)
+    if cfg.cert_file:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    return ctx
+
+
+def share_tls_context(api: client.ApiClient) -> None:
+    """Make every new connection of `api` use one TLS context.
+
+    Given file names, urllib3 builds a fresh context for each new connection and loads the CA and
+    the client key into it again (~1.4 ms of CPU here). The operator's reconcilers open up to a
+    connection each when a node dies and ~170 grace-0 deletes go out at once, so that was ~0.25 s
+    of CPU on the path to those deletes. kopf's own client also builds its context once. Not
+    through a proxy (urllib3 treats the context differently there); before the first request.
+    """
+    manager = api.rest_client.pool_manager
+    if type(manager) is not urllib3.PoolManager or len(manager.pools):
+        return
+    manager.connection_pool_kw["ssl_context"] = tls_context(api.configuration)
+    for key in _PER_CONNECTION_TLS:
+        manager.connection_pool_kw.pop(key, None)
+
+
 @dataclass
 class Kube:
     api: client.ApiClient
@@ -76,7 +111,9 @@ class Kube:
     def connect(cls, pool_size: int = 8, kubeconfig: str | None = None) -> Kube:
         cfg = load_configuration(kubeconfig)
         cfg.connection_pool_maxsize = pool_size
-        return cls(client.ApiClient(configuration=cfg))
+        api = client.ApiClient(configuration=cfg)
+        share_tls_context(api)
+        return cls(api)
 
     # ------------------------------------------------------------------------------ transport
     def request(
