@@ -1,5 +1,6 @@
 """kube.share_tls_context against a real TLS server that requires a client certificate: every new
-connection reuses one context (the CA and the client key loaded once), and verification is kept."""
+connection reuses one context (the CA and the client key loaded once) and resumes the TLS session
+of an earlier one, the client still authenticated; verification is kept."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     client_names: list[str]
+    resumed: list[bool]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -63,6 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
         cert = self.connection.getpeercert()  # type: ignore[attr-defined]
         subject = dict(x[0] for x in cert["subject"])
         self.server.client_names.append(subject["commonName"])  # type: ignore[attr-defined]
+        self.server.resumed.append(self.connection.session_reused)  # type: ignore[attr-defined]
         body = json.dumps({"items": []}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -75,20 +78,30 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture()
-def server(certs: Path) -> Iterator[_Server]:
-    """An HTTPS server on 127.0.0.1 that requires a client certificate signed by `ca`."""
+def _serve(certs: Path, port: int = 0) -> _Server:
+    """An HTTPS server on 127.0.0.1 that requires a client certificate signed by `ca` (its own
+    session ticket keys: a new one refuses the tickets of an earlier one, as a restarted API server)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(certs / "server.crt", certs / "server.key")
     ctx.load_verify_locations(certs / "ca.crt")
     ctx.verify_mode = ssl.CERT_REQUIRED
-    srv = _Server(("127.0.0.1", 0), _Handler)
-    srv.client_names = []
+    srv = _Server(("127.0.0.1", port), _Handler)
+    srv.client_names, srv.resumed = [], []
     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
+    return srv
+
+
+def _stop(srv: _Server) -> None:
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture()
+def server(certs: Path) -> Iterator[_Server]:
+    srv = _serve(certs)
+    yield srv
+    _stop(srv)
 
 
 def _kubeconfig(certs: Path, port: int, ca: str = "ca") -> str:
@@ -125,12 +138,14 @@ def _list_concurrently(kube: Kube, n: int) -> None:
         assert list(pool.map(lambda _: kube.list("Pod", "ns"), range(n))) == [[]] * n
 
 
-def test_new_connections_share_one_tls_context_and_still_present_the_client_certificate(
+def test_new_connections_share_one_tls_context_resume_the_session_and_keep_the_client_identity(
     certs: Path, server: _Server, per_connection_contexts: list[int]
 ) -> None:
     kube = Kube.connect(pool_size=4, kubeconfig=_kubeconfig(certs, server.server_address[1]))
+    kube.list("Pod", "ns")  # the first connection: a full handshake, and a session ticket
     _list_concurrently(kube, 12)
-    assert server.client_names == ["tpi-operator"] * 12  # 12 connections, each with the client cert
+    assert server.client_names == ["tpi-operator"] * 13  # 13 connections, each the client's identity
+    assert server.resumed == [False] + [True] * 12
     assert per_connection_contexts == []
 
 
@@ -141,6 +156,7 @@ def test_the_kubernetes_clients_own_pool_builds_a_context_per_connection(
     cfg = load_configuration(_kubeconfig(certs, server.server_address[1]))
     _list_concurrently(Kube(client.ApiClient(configuration=cfg)), 12)
     assert len(per_connection_contexts) == 12
+    assert server.resumed == [False] * 12
 
 
 def test_the_shared_context_still_verifies_the_server(certs: Path, server: _Server) -> None:
@@ -148,3 +164,20 @@ def test_the_shared_context_still_verifies_the_server(certs: Path, server: _Serv
     with pytest.raises(urllib3.exceptions.MaxRetryError, match="CERTIFICATE_VERIFY_FAILED"):
         kube.list("Pod", "ns")
     assert server.client_names == []
+
+
+def test_a_refused_ticket_falls_back_to_a_full_handshake(certs: Path, server: _Server) -> None:
+    port = server.server_address[1]
+    kube = Kube.connect(pool_size=4, kubeconfig=_kubeconfig(certs, port))
+    kube.list("Pod", "ns")
+    kube.list("Pod", "ns")
+    assert server.resumed == [False, True]
+    _stop(server)
+    restarted = _serve(certs, port)  # new ticket keys: the kept ticket is refused
+    try:
+        kube.list("Pod", "ns")
+        kube.list("Pod", "ns")
+        assert restarted.client_names == ["tpi-operator"] * 2
+        assert restarted.resumed == [False, True]  # a full handshake, then its own new ticket
+    finally:
+        _stop(restarted)
