@@ -16,7 +16,6 @@ the medians over the rounds, and the ratios ours / theirs.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -26,15 +25,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "contract"), str(REPO / "hack")]
+from bench_statefulset_writes import apiserver_cpu_s  # noqa: E402
 from kubernetes import client  # noqa: E402
 from tpi_operator.kube import Kube, KubeError, load_configuration  # noqa: E402
 from tpikit.kube import KUBECONFIG  # noqa: E402
-
-
-def apiserver_cpu_s() -> float:
-    pid = subprocess.run(["pgrep", "-f", "bin/kube-apiserver"], capture_output=True, text=True, check=True).stdout
-    fields = Path(f"/proc/{pid.split()[0]}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def new_client(kind: str, pool: int) -> Kube:
