@@ -124,7 +124,8 @@ def share_tls_context(api: client.ApiClient) -> None:
     the client key into it again (~1.4 ms of CPU here). The operator's reconcilers open up to a
     connection per delete when a node dies and ~170 grace-0 deletes go out at once, so that, and
     the full handshakes, cost ~0.5 s of CPU on the path to those deletes on both sides. kopf's own
-    client also builds its context once. Not through a proxy (urllib3 treats the context
+    client also builds its context once, so, as with kopf, a CA or client certificate replaced on
+    disk takes effect when the operator restarts. Not through a proxy (urllib3 treats the context
     differently there); before the first request.
     """
     manager = api.rest_client.pool_manager
