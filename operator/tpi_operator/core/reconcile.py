@@ -150,8 +150,9 @@ def decide(
         ]  # fmt: skip
         if g in in_place:
             pods = sts_obs.replicas if sts_obs is not None else None
-            patch = incarnation_patch(*render.incarnation_metadata(spec, ident, gs, pods))
-            decision.patch_statefulsets.append((render.sts_name(ident.name, g), patch))
+            if sts_obs is None or sts_obs.incarnation != gs.incarnation:  # a lost node's group may keep it
+                patch = incarnation_patch(*render.incarnation_metadata(spec, ident, gs, pods))
+                decision.patch_statefulsets.append((render.sts_name(ident.name, g), patch))
             decision.delete_pods.extend(stale)
             continue
         # Untouched groups whose template is out of date keep their StatefulSet until rolled (pods

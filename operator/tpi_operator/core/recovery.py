@@ -9,7 +9,9 @@ The rules, one function each, in the order ``plan`` applies them:
    ``nodeLostTimeoutSeconds``: the group's pods on that node are force-deleted (grace 0, even when
    already Terminating: no kubelet will finalize them) and the group is recreated elsewhere.  This
    is the infrastructure's failure: no restart budget, no backoff.  Until then the group is left
-   alone by the other failure rules.
+   alone by the other failure rules.  When every pod of the group's incarnation was on lost
+   nodes, nothing is left to tell its replacements from, so the group keeps its incarnation
+   (``keeps_incarnation``) and its StatefulSet is not written at all.
 3. ``rule_failures``: a group with a crashed container, an OOM-killed container, a
    deleted/replaced rank pod or a hung rank (its Lease not seen renewed for
    ``heartbeatTimeoutSeconds`` while the pod runs, see ``core.heartbeat``) is recreated as a whole:
@@ -67,7 +69,7 @@ from tpi_operator.api.v1alpha1 import (
 )
 from tpi_operator.core import layout, rollout
 from tpi_operator.core.capacity import Capacity
-from tpi_operator.core.observe import Observation, PodObs, format_time, parse_time
+from tpi_operator.core.observe import NodeObs, Observation, PodObs, format_time, parse_time
 from tpi_operator.core.sizing import next_smaller
 
 
@@ -89,10 +91,12 @@ class RecreateGroup(Action):
     """Delete every pod of a group (new incarnation) so all ranks re-form the process group.
 
     ``keep_template``: the group's roll is held, so it comes back on the template it runs now
-    (only its incarnation changes) rather than on the wanted one."""
+    (only its incarnation changes) rather than on the wanted one.
+    ``new_incarnation``: False when no pod of the group's incarnation is left (``keeps_incarnation``)."""
 
     group: int = 0
     keep_template: bool = False
+    new_incarnation: bool = True
 
 
 @dataclass(frozen=True)
@@ -531,12 +535,45 @@ def rule_node_lost(ctx: _Ctx) -> None:
             ctx.add(ForceDelete("NodeLost", f"group {g}: node {name} lost", g, name,
                                 tuple(dict.fromkeys((p.name, p.uid) for p in pods))))  # fmt: skip
         current = [p for p, _ in lost if p.incarnation >= ctx.incarnations[g]]
-        if current:  # not yet recreated for this loss
+        keep = keeps_incarnation(ctx, g, lost)
+        if current and not (keep and recreated_for(group_status(ctx.st, g), {n.name for _, n in lost})):
             ranks = ", ".join(str(p.rank) for p in sorted(current, key=lambda p: p.rank))
             secs = (obs.now - since).total_seconds()
             msg = f"node {node.name} {node.why} for {secs:.0f}s; rank(s) {ranks} of group {g} were on it"
-            ctx.add(RecreateGroup("NodeLost", msg, g, keep_template=heals_in_place(ctx, g)))
+            ctx.add(RecreateGroup("NodeLost", msg, g, keep_template=heals_in_place(ctx, g), new_incarnation=not keep))
             ctx.recreated.add(g)
+
+
+def gang_scheduled(spec: TPInferenceClusterSpec) -> bool:
+    """Does a gang scheduler or queue admit the group by its pod-group name (one per incarnation)?"""
+    sched = spec.scheduling
+    keys = sched.pod_group
+    return bool(
+        sched.kueue is not None or sched.scheduler_name
+        or keys.name_labels or keys.name_annotations or keys.count_annotations
+    )  # fmt: skip
+
+
+def keeps_incarnation(ctx: _Ctx, g: int, lost: list[tuple[PodObs, NodeObs]]) -> bool:
+    """Can a lost node's group come back in the incarnation it has?  Yes when every pod of that
+    incarnation is on a lost node (force-deleted now): no pod is left that its replacements must be
+    told apart from, and a pod-group name is not reused for a gang scheduler.  Then the StatefulSet
+    is left as it is and re-creates the pods from its template: no StatefulSet write, no
+    ControllerRevision and no StatefulSet status per group ahead of the deletes (when a node dies,
+    the bulk of the API server's work: bench/bench_operator.py)."""
+    if gang_scheduled(ctx.spec):
+        return False
+    on_lost = {(p.name, p.rank) for p, _ in lost}
+    incarnation = ctx.incarnations[g]
+    return not any(
+        p.group == g and p.incarnation >= incarnation and (p.name, p.rank) not in on_lost for p in ctx.obs.pods
+    )
+
+
+def recreated_for(gs: GroupStatus, nodes: set[str]) -> bool:
+    """Was the group already recreated, in its incarnation, for the loss of one of ``nodes`` and not
+    Ready since?  A pod that outlives its force delete (a finalizer) is then not a second loss."""
+    return gs.failure_reason == "NodeLost" and gs.failing_since is not None and gs.lost_node in nodes
 
 
 def rule_failures(ctx: _Ctx) -> None:
@@ -1062,7 +1099,7 @@ def transition(
             groups[a.group] = fresh_group(gs(a.group))
         elif isinstance(a, RecreateGroup):
             g = gs(a.group)
-            g.incarnation = max(g.incarnation, group_incarnation(obs.status, obs, a.group)) + 1
+            g.incarnation = max(g.incarnation, group_incarnation(obs.status, obs, a.group)) + int(a.new_incarnation)
             if a.reason not in NOT_COUNTED:  # a lost node is not the group's crash loop
                 g.restart_times = [format_time(t, micro=True) for t in restarts_in_window(spec, g, now)] + [stamp]
                 g.restart_times = g.restart_times[-(spec.failure_policy.max_group_restarts + 1) :]

@@ -14,7 +14,7 @@ message names the group, the pod and the kubelet's reason); Degraded (why servin
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tpi_contract import termination
 
@@ -29,6 +29,7 @@ from tpi_operator.core.observe import Observation, format_time, parse_time
 from tpi_operator.core.recovery import (
     Action,
     Blocked,
+    ForceDelete,
     Hold,
     RollGroup,
     current_pods,
@@ -82,6 +83,10 @@ def compute(
     """Fill the observed parts of ``st`` (the result of ``recovery.transition``)."""
     st = st.model_copy(deep=True)
     now = obs.now
+    # Pods force-deleted by this pass are gone: a group that keeps its incarnation (a lost node's,
+    # ``recovery.keeps_incarnation``) must not look Ready on them.
+    forced = {uid for a in actions if isinstance(a, ForceDelete) for _, uid in a.pods}
+    obs = replace(obs, pods=[p for p in obs.pods if p.uid not in forced]) if forced else obs
     recovered: list[Recovered] = []
     rolled = {a.group for a in actions if isinstance(a, RollGroup)}
     ranks: list[RankStatus] = []

@@ -157,6 +157,80 @@ def test_a_recreate_of_an_unchanged_statefulset_is_a_small_merge_patch_not_a_who
     assert [o["metadata"]["name"] for o in d.apply_first] == ["demo-g0"]
 
 
+def whole_group_on(node: str, spec: TPInferenceClusterSpec, **group) -> tuple[reconcile.Decision, object]:
+    """Every rank of group 0 on ``node`` (lost 90 s ago), its StatefulSet our own rendering."""
+    running = observe.sts_obs(render.statefulset(spec, IDENT, render.GroupSettings(group=0, tp=4, batch=8)))
+    assert running is not None
+    pods = [dataclasses.replace(p, template_hash=running.template_hash, node=node) for p in healthy_pods()]
+    obs = make_obs(spec, pods=pods, status=status(**group), nodes={node: lost(90)})
+    obs = dataclasses.replace(obs, hash_for=reconcile.hash_function(spec, IDENT, None), statefulsets={0: running})
+    return reconcile.decide(spec, IDENT, obs), obs
+
+
+def test_a_group_wholly_on_the_lost_node_comes_back_without_a_statefulset_write():
+    """No pod of the group is left to tell its replacements from: it keeps its incarnation and its
+    StatefulSet, whose controller re-creates the pods.  A node's death then costs the API server no
+    StatefulSet write, ControllerRevision or StatefulSet status per group ahead of the deletes."""
+    spec = make_spec()
+    d, obs = whole_group_on("node-1", spec)
+    assert [(p.name, p.grace_seconds) for p in d.force_delete_pods] == [(f"demo-g0-{r}", 0) for r in range(4)]
+    assert not d.apply_first and not d.patch_statefulsets and not d.delete_pods
+    assert not [o for o in d.apply if o["kind"] == "StatefulSet"]
+    [recreate] = [a for a in d.actions if isinstance(a, rc.RecreateGroup)]
+    assert not recreate.new_incarnation and "rank(s) 0, 1, 2, 3" in recreate.message
+    g = d.status.groups[0]
+    assert g.incarnation == 0 and g.pod_uids == [] and g.restart_times == []
+    assert g.failure_reason == "NodeLost" and g.lost_node == "node-1"
+    assert {e.reason for e in d.events if e.type == "Warning"} == {"ForceDelete", "RecreateGroup"}
+
+    # A pod that outlives its force delete (a finalizer) is deleted again, not a second loss.
+    again = dataclasses.replace(obs, status=d.status)
+    assert kinds(rc.plan(spec, again)) == ["ForceDelete"]
+    # The replacements, same incarnation, on a living node: a group coming up, not a failure.
+    fresh = [dataclasses.replace(p, uid=f"new-{p.rank}", node="node-9", phase="Pending", ready=False)
+             for p in obs.pods]  # fmt: skip
+    later = dataclasses.replace(again, pods=fresh, nodes={"node-9": NodeObs("node-9")})
+    d2 = reconcile.decide(spec, IDENT, later)
+    assert not [a for a in d2.actions if isinstance(a, rc.RecreateGroup)]
+    assert not d2.delete_pods and not d2.force_delete_pods and not d2.patch_statefulsets
+    # ... and once they serve, a later loss of their node is a new loss, recorded again.
+    serving = [dataclasses.replace(p, phase="Running", ready=True) for p in fresh]
+    ready = reconcile.decide(spec, IDENT, dataclasses.replace(later, pods=serving)).status
+    assert ready.groups[0].failing_since is None
+    gone = dataclasses.replace(later, pods=serving, status=ready, nodes={"node-9": lost(61)})
+    assert kinds(rc.plan(spec, gone)) == ["ForceDelete", "RecreateGroup"]
+
+
+@pytest.mark.parametrize(
+    "scheduling",
+    [
+        {"kueue": {"queueName": "gpus"}},  # Kueue admits each incarnation's pod group once
+        {"podGroup": {"nameLabels": ["scheduling.x-k8s.io/pod-group"]}},
+        {"schedulerName": "volcano"},
+    ],
+)
+def test_a_gang_scheduled_group_gets_a_new_pod_group_even_when_wholly_lost(scheduling):
+    spec = make_spec(scheduling=scheduling)
+    d, _ = whole_group_on("node-1", spec)
+    [recreate] = [a for a in d.actions if isinstance(a, rc.RecreateGroup)]
+    assert recreate.new_incarnation and d.status.groups[0].incarnation == 1
+    [(name, patch)] = d.patch_statefulsets
+    assert name == "demo-g0" and patch["spec"]["template"]["metadata"]["labels"]["tpi.dev/incarnation"] == "1"
+
+
+def test_a_rank_elsewhere_makes_the_lost_nodes_group_a_new_incarnation():
+    """A rank of the incarnation not on the lost node (here Pending, on no node) must be told apart
+    from the replacements: the group is recreated in a new incarnation, as before."""
+    spec = make_spec()
+    d, obs = whole_group_on("node-1", spec)
+    pods = [*obs.pods[:3], dataclasses.replace(obs.pods[3], node=None, phase="Pending", ready=False)]
+    d = reconcile.decide(spec, IDENT, dataclasses.replace(obs, pods=pods))
+    [recreate] = [a for a in d.actions if isinstance(a, rc.RecreateGroup)]
+    assert recreate.new_incarnation and d.status.groups[0].incarnation == 1
+    assert [p.name for p in d.force_delete_pods] == ["demo-g0-0", "demo-g0-1", "demo-g0-2"]
+    assert [p.name for p in d.delete_pods] == ["demo-g0-3"] and d.patch_statefulsets
+
+
 def test_node_lost_budget_untouched_even_at_the_limit():
     spec = make_spec(failurePolicy={"maxGroupRestarts": 1})
     times = [format_time(NOW - dt.timedelta(seconds=30), micro=True)]
