@@ -206,7 +206,14 @@ def test_zone_dies_nothing_evicted(op: Operator, namespace: str, nodes: FakeNode
     dead.append(nodes.add("dead-2", "b", dies=True))  # 3 of 4 in zone b die: a partial disruption
     nodes.add("live-0", "b", dies=False)
     nodes.add("live-1", "c", dies=False)
+    before = get(namespace, "statefulset", "demo-g0")["metadata"]
     _heal_node_loss(namespace, nodes, dead, evicted=False)
+    # Every pod of the group was on the dead nodes: it came back in the same incarnation, from the
+    # StatefulSet as it was (not written: no new ControllerRevision while the node's deletes wait).
+    after = get(namespace, "statefulset", "demo-g0")["metadata"]
+    assert after["generation"] == before["generation"], "the StatefulSet's spec was written"
+    assert get(namespace, "tpic", "demo")["status"]["groups"][0].get("incarnation", 0) == 0
+    assert {p["metadata"]["labels"]["tpi.dev/incarnation"] for p in all_pods(namespace)} == {"0"}
 
 
 # -------------------------------------------------------------------------------- no spin
