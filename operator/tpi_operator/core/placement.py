@@ -142,3 +142,13 @@ def group_metadata(
     for key in sched.pod_group.count_annotations:
         annotations[key] = count
     return labels, annotations
+
+
+def gang_scheduled(sched: SchedulingSpec) -> bool:
+    """Does a gang scheduler or queue admit a group by the pod-group name ``group_metadata`` writes
+    (one per incarnation), or may a scheduler of the user's read it?"""
+    keys = sched.pod_group
+    return bool(
+        sched.kueue is not None or sched.scheduler_name
+        or keys.name_labels or keys.name_annotations or keys.count_annotations
+    )  # fmt: skip

@@ -67,7 +67,7 @@ from tpi_operator.api.v1alpha1 import (
     TPInferenceClusterSpec,
     TPInferenceClusterStatus,
 )
-from tpi_operator.core import layout, rollout
+from tpi_operator.core import layout, placement, rollout
 from tpi_operator.core.capacity import Capacity
 from tpi_operator.core.observe import NodeObs, Observation, PodObs, format_time, parse_time
 from tpi_operator.core.sizing import next_smaller
@@ -544,16 +544,6 @@ def rule_node_lost(ctx: _Ctx) -> None:
             ctx.recreated.add(g)
 
 
-def gang_scheduled(spec: TPInferenceClusterSpec) -> bool:
-    """Does a gang scheduler or queue admit the group by its pod-group name (one per incarnation)?"""
-    sched = spec.scheduling
-    keys = sched.pod_group
-    return bool(
-        sched.kueue is not None or sched.scheduler_name
-        or keys.name_labels or keys.name_annotations or keys.count_annotations
-    )  # fmt: skip
-
-
 def keeps_incarnation(ctx: _Ctx, g: int, lost: list[tuple[PodObs, NodeObs]]) -> bool:
     """Can a lost node's group come back in the incarnation it has?  Yes when every pod of that
     incarnation is on a lost node (force-deleted now): no pod is left that its replacements must be
@@ -561,7 +551,7 @@ def keeps_incarnation(ctx: _Ctx, g: int, lost: list[tuple[PodObs, NodeObs]]) -> 
     is left as it is and re-creates the pods from its template: no StatefulSet write, no
     ControllerRevision and no StatefulSet status per group ahead of the deletes (when a node dies,
     the bulk of the API server's work: bench/bench_operator.py)."""
-    if gang_scheduled(ctx.spec):
+    if placement.gang_scheduled(ctx.spec.scheduling):
         return False
     on_lost = {(p.name, p.rank) for p, _ in lost}
     incarnation = ctx.incarnations[g]
