@@ -157,12 +157,12 @@ def test_a_recreate_of_an_unchanged_statefulset_is_a_small_merge_patch_not_a_who
     assert [o["metadata"]["name"] for o in d.apply_first] == ["demo-g0"]
 
 
-def whole_group_on(node: str, spec: TPInferenceClusterSpec, **group) -> tuple[reconcile.Decision, object]:
+def whole_group_on(node: str, spec: TPInferenceClusterSpec) -> tuple[reconcile.Decision, observe.Observation]:
     """Every rank of group 0 on ``node`` (lost 90 s ago), its StatefulSet our own rendering."""
     running = observe.sts_obs(render.statefulset(spec, IDENT, render.GroupSettings(group=0, tp=4, batch=8)))
     assert running is not None
     pods = [dataclasses.replace(p, template_hash=running.template_hash, node=node) for p in healthy_pods()]
-    obs = make_obs(spec, pods=pods, status=status(**group), nodes={node: lost(90)})
+    obs = make_obs(spec, pods=pods, status=status(), nodes={node: lost(90)})
     obs = dataclasses.replace(obs, hash_for=reconcile.hash_function(spec, IDENT, None), statefulsets={0: running})
     return reconcile.decide(spec, IDENT, obs), obs
 
