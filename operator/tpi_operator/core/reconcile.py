@@ -7,6 +7,7 @@ here) and objects, write status, post the Events listed here.  It decides nothin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -77,6 +78,7 @@ def settings_for(
 def hash_function(
     spec: TPInferenceClusterSpec, ident: render.Identity, restarted_at: str | None
 ) -> Callable[[int, int], str]:
+    @functools.cache  # a pass asks for the same (tp, batch) several times; each renders a pod template
     def hash_for(tp: int, batch: int) -> str:
         gs = render.GroupSettings(group=0, tp=tp, batch=batch, restarted_at=restarted_at)
         return render.template_hash(spec, ident, gs)

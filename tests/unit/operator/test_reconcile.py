@@ -115,3 +115,21 @@ def test_objects_of_our_names_owned_by_others_are_left_alone_and_reported():
     # reported once: the next pass (same conflict, already in status) posts no new Event
     again = reconcile.decide(spec, IDENT, dataclasses.replace(obs, status=d.status))
     assert "Conflict" not in [e.reason for e in again.events]
+
+
+def test_a_pass_renders_each_template_hash_once(monkeypatch):
+    """decide compares every group with the template it should run, several times a pass: the
+    pod template behind a (tp, batch) is rendered once per pass, not once per question."""
+    rendered: list[tuple[int, int]] = []
+    real = render.template_hash
+
+    def counting(spec, ident, gs):
+        rendered.append((gs.tp, gs.batch))
+        return real(spec, ident, gs)
+
+    monkeypatch.setattr(render, "template_hash", counting)
+    spec = make_spec(replicas=3)
+    obs = real_obs(spec)
+    reconcile.decide(spec, IDENT, obs)
+    assert rendered and len(rendered) == len(set(rendered))
+    assert obs.hash_for(4, 8) == real(spec, IDENT, render.GroupSettings(group=0, tp=4, batch=8, restarted_at=None))
