@@ -25,7 +25,9 @@ other plays the living nodes (room for every rank plus 5%).  Measures, for N clu
     <= 2 s), and to the operator's log lines of sending
     those deletes and of their answers (its own clock, without the watch's delivery to the bench);
     and the time from NotReady until every one
-    of those groups is Ready again on the living nodes.
+    of those groups is Ready again on the living nodes.  What shares the 2 cores then: the CPU
+    seconds of the operator, the control plane's processes and the living nodes' kwok in the 5 s
+    after the timeout.
 Prints one JSON object (and writes it to --json).
 """
 
@@ -52,7 +54,7 @@ from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "hack"))
-from tpikit.kube import KUBECONFIG, kubectl  # noqa: E402
+from tpikit.kube import CLUSTER_DIR, KUBECONFIG, kubectl  # noqa: E402
 from tpikit.kwok import Kwok, free_port  # noqa: E402
 
 NS = "tpi-bench"
@@ -106,6 +108,28 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """Each process's CPU seconds so far (user + system, from /proc/PID/stat); a gone one is left out."""
+    out = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def control_plane_pids() -> dict[str, int]:
+    """hack/cluster.sh's processes, from its pid files."""
+    pids = {}
+    for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"):
+        path = CLUSTER_DIR / "pids" / name
+        if path.exists():
+            pids[name] = int(path.read_text().strip())
+    return pids
 
 
 def request_counts() -> dict[str, float]:
@@ -303,7 +327,14 @@ def operator_force_deletes(log: Path, since: float, markers: list[str]) -> dict[
 
 
 def node_death(
-    w: Watcher, core: client.CoreV1Api, dying: Kwok, node: str, timeout: float, log: Path, passes: Callable[[], float]
+    w: Watcher,
+    core: client.CoreV1Api,
+    dying: Kwok,
+    node: str,
+    timeout: float,
+    log: Path,
+    passes: Callable[[], float],
+    processes: dict[str, int],
 ) -> dict:
     on_node = core.list_namespaced_pod(NS, field_selector=f"spec.nodeName={node}").items
     affected = sorted({p.metadata.labels["tpi.dev/cluster"] for p in on_node})
@@ -324,10 +355,12 @@ def node_death(
     out["kill_to_not_ready_s"] = round(w.not_ready_at - killed, 1)
     while time.time() < due:
         time.sleep(0.02)
-    at_due = passes()
+    at_due, cpu_at_due = passes(), cpu_seconds(processes)
     while time.time() < due + 5:
         time.sleep(0.02)
     out["operator_passes_first_5s"] = passes() - at_due  # every cluster's, idle resyncs (~80) included
+    cpu = cpu_seconds(processes)
+    out["cpu_seconds_first_5s"] = {k: round(v - cpu_at_due[k], 2) for k, v in cpu.items() if k in cpu_at_due}
 
     def served(cluster: str) -> float | None:
         act = w.dead_node_delete.get(cluster)
@@ -469,8 +502,11 @@ def main() -> int:
             result["crash"] = crash_faults(w, args.faults, args.clusters, args.tp)
         time.sleep(10)
         op_before, acts_before, t_before = operator_requests(port), operator_actions(port), time.monotonic()
+        processes = {"operator": op.pid, **control_plane_pids()}
+        if living.proc is not None:
+            processes["kwok (living nodes)"] = living.proc.pid
         result["node_death"] = node_death(w, core, dying, dead_node, args.heal_timeout, Path(args.log),
-                                          lambda: operator_passes(port))  # fmt: skip
+                                          lambda: operator_passes(port), processes)  # fmt: skip
         phase_s = time.monotonic() - t_before
         result["node_death"]["phase_s"] = round(phase_s, 1)
         result["node_death"]["operator_api_requests_per_min"] = per_minute(operator_requests(port), op_before, phase_s)
