@@ -23,11 +23,12 @@ other plays the living nodes (room for every rank plus 5%).  Measures, for N clu
     lastTransitionTime + 60 s) to the watch event of the group's pod on that node being deleted
     (a watch of that node's pods only, from then on), p50/p99 over the groups there (target p99
     <= 2 s), and to the operator's log lines of sending
-    those deletes and of their answers (its own clock, without the watch's delivery to the bench);
+    those deletes and of their answers (its own clock, without the watch's delivery to the bench),
+    and per group the earlier of the watch event and the answer (the delete was done by then);
     and the time from NotReady until every one
     of those groups is Ready again on the living nodes.  What shares the 2 cores then: the CPU
     seconds of the operator, the control plane's processes and the living nodes' kwok in the 5 s
-    after the timeout.
+    after the timeout, and the operator's own API requests around it.
 Prints one JSON object (and writes it to --json).
 """
 
@@ -335,6 +336,7 @@ def node_death(
     log: Path,
     passes: Callable[[], float],
     processes: dict[str, int],
+    requests: Callable[[], dict[str, float]],
 ) -> dict:
     on_node = core.list_namespaced_pod(NS, field_selector=f"spec.nodeName={node}").items
     affected = sorted({p.metadata.labels["tpi.dev/cluster"] for p in on_node})
@@ -353,6 +355,9 @@ def node_death(
     transition = dt.datetime.fromisoformat((ready_condition(raw) or {})["lastTransitionTime"].replace("Z", "+00:00"))
     due = transition.timestamp() + NODE_LOST_TIMEOUT  # when the operator's node-loss timeout expires
     out["kill_to_not_ready_s"] = round(w.not_ready_at - killed, 1)
+    while time.time() < due - 0.5:
+        time.sleep(0.02)
+    requests_before = requests()  # ahead of the deadline: the operator is busiest right after it
     while time.time() < due:
         time.sleep(0.02)
     at_due, cpu_at_due = passes(), cpu_seconds(processes)
@@ -361,6 +366,8 @@ def node_death(
     out["operator_passes_first_5s"] = passes() - at_due  # every cluster's, idle resyncs (~80) included
     cpu = cpu_seconds(processes)
     out["cpu_seconds_first_5s"] = {k: round(v - cpu_at_due[k], 2) for k, v in cpu.items() if k in cpu_at_due}
+    sent = {k: v - requests_before.get(k, 0.0) for k, v in requests().items()}
+    out["operator_api_requests_from_0.5s_before_to_5s_after"] = {k: v for k, v in sorted(sent.items()) if v}
 
     def served(cluster: str) -> float | None:
         act = w.dead_node_delete.get(cluster)
@@ -375,6 +382,11 @@ def node_death(
     logged = operator_force_deletes(log, killed, list(markers.values()))
     for key, marker in markers.items():
         out[key] = summary([logged[marker][c] - due for c in affected if c in logged[marker]])
+    # The delete was carried out by whichever saw it first: the watch (usually) or the operator's
+    # answer (when the watch's delivery to this process lags: once 1.2 s behind it at p99).
+    answered = logged[markers["failure_to_delete_done_s"]]
+    earliest = [min(w.dead_node_delete[c], answered.get(c, math.inf)) for c in affected if c in w.dead_node_delete]
+    out["failure_to_action_seen_or_answered_s"] = summary([max(0.0, t - due) for t in earliest])
     out["failure_to_action_early_s"] = round(max([due - t for t in acted if t < due], default=0.0), 3)
     out["not_ready_to_action_s"] = summary([t - w.not_ready_at for t in acted])
     out["not_ready_to_group_ready_s"] = summary([t - w.not_ready_at for t in back])
@@ -506,7 +518,8 @@ def main() -> int:
         if living.proc is not None:
             processes["kwok (living nodes)"] = living.proc.pid
         result["node_death"] = node_death(w, core, dying, dead_node, args.heal_timeout, Path(args.log),
-                                          lambda: operator_passes(port), processes)  # fmt: skip
+                                          lambda: operator_passes(port), processes,
+                                          lambda: operator_requests(port))  # fmt: skip
         phase_s = time.monotonic() - t_before
         result["node_death"]["phase_s"] = round(phase_s, 1)
         result["node_death"]["operator_api_requests_per_min"] = per_minute(operator_requests(port), op_before, phase_s)
