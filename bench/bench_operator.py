@@ -124,13 +124,8 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 
 
 def control_plane_pids() -> dict[str, int]:
-    """hack/cluster.sh's processes, from its pid files."""
-    pids = {}
-    for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"):
-        path = CLUSTER_DIR / "pids" / name
-        if path.exists():
-            pids[name] = int(path.read_text().strip())
-    return pids
+    """hack/cluster.sh's processes by name, from its pid files (the control plane and its own kwok)."""
+    return {path.name: int(path.read_text().strip()) for path in sorted((CLUSTER_DIR / "pids").glob("*"))}
 
 
 def request_counts() -> dict[str, float]:
@@ -383,7 +378,7 @@ def node_death(
     for key, marker in markers.items():
         out[key] = summary([logged[marker][c] - due for c in affected if c in logged[marker]])
     # The delete was carried out by whichever saw it first: the watch (usually) or the operator's
-    # answer (when the watch's delivery to this process lags: once 1.2 s behind it at p99).
+    # answer (when the watch's delivery to this process lags behind it).
     answered = logged[markers["failure_to_delete_done_s"]]
     earliest = [min(w.dead_node_delete[c], answered.get(c, math.inf)) for c in affected if c in w.dead_node_delete]
     out["failure_to_action_seen_or_answered_s"] = summary([max(0.0, t - due) for t in earliest])
