@@ -81,18 +81,24 @@ def random_prompts(n: int, length: int, seed: int) -> list[str]:
 
 
 def free_port(span: int = 1) -> int:
-    while True:
+    """A free port with `span - 1` free ports after it. A span is drawn below the kernel's
+    ephemeral range: its later ports are not held until the ranks bind them, and inside that
+    range the kernel may hand them to any socket meanwhile (torchrun's store, gloo)."""
+    if span == 1:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if all(_port_free(port + i) for i in range(1, span)):
+            return int(s.getsockname()[1])
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(10_000, ephemeral_low - span)
+        if all(_port_free(port + i) for i in range(span)):
             return port
 
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind(("0.0.0.0", port))  # the runtime binds every interface
         except OSError:
             return False
     return True

@@ -5,6 +5,7 @@ metrics on PORT + 1 (no EADDRINUSE)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,15 +21,26 @@ from tests.unit.runtime.test_server import REPO, free_port
 
 
 def two_free_ports() -> int:
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
+    """A port P with P + 1 free too, both below the kernel's ephemeral range. P + 1 is not held
+    between this check and rank 1's bind, and inside the ephemeral range the kernel may hand it
+    to any socket meanwhile (torchrun's store connections, gloo's listeners): CI once saw rank 1
+    fail with EADDRINUSE that way."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, ephemeral_low - 1)
+        if all(bindable(p) for p in (port, port + 1)):
+            return port
     raise AssertionError("no two consecutive free ports")
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))  # the runtime binds every interface
+        except OSError:
+            return False
+    return True
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
