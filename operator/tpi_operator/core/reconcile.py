@@ -124,10 +124,7 @@ def decide(
     broken = {a.group for a in actions if isinstance(a, recovery.RecreateGroup)}
     in_place = {a.group for a in actions if isinstance(a, recovery.RecreateGroup) and a.keep_template}
     failed = {g.group for g in st.groups if g.failed_generation is not None}  # left alone for debugging
-    forced: dict[str, str] = {}
-    for a in actions:
-        if isinstance(a, recovery.ForceDelete):
-            forced.update(a.pods)
+    forced = recovery.force_deleted(actions)
     decision.force_delete_pods = [PodDelete(name, uid, 0) for name, uid in sorted(forced.items())]
     drained = {a.group for a in actions if isinstance(a, recovery.RecreateGroup) and recovery.evicted(obs, a.group)}
     surge = recovery.surge_groups(spec, obs, actions)

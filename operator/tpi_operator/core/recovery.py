@@ -108,6 +108,11 @@ class ForceDelete(Action):
     pods: tuple[tuple[str, str], ...] = ()  # (name, uid)
 
 
+def force_deleted(actions: list[Action]) -> dict[str, str]:
+    """Name -> uid of every pod this pass force-deletes (a pod of several ranks appears once)."""
+    return {name: uid for a in actions if isinstance(a, ForceDelete) for name, uid in a.pods}
+
+
 @dataclass(frozen=True)
 class HalveBatch(Action):
     group: int = 0

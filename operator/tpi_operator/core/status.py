@@ -29,10 +29,10 @@ from tpi_operator.core.observe import Observation, format_time, parse_time
 from tpi_operator.core.recovery import (
     Action,
     Blocked,
-    ForceDelete,
     Hold,
     RollGroup,
     current_pods,
+    force_deleted,
     group_batch,
     group_ready,
     spec_digest,
@@ -85,7 +85,7 @@ def compute(
     now = obs.now
     # Pods force-deleted by this pass are gone: a group that keeps its incarnation (a lost node's,
     # ``recovery.keeps_incarnation``) must not look Ready on them.
-    forced = {uid for a in actions if isinstance(a, ForceDelete) for _, uid in a.pods}
+    forced = set(force_deleted(actions).values())
     obs = replace(obs, pods=[p for p in obs.pods if p.uid not in forced]) if forced else obs
     recovered: list[Recovered] = []
     rolled = {a.group for a in actions if isinstance(a, RollGroup)}

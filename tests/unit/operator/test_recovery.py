@@ -329,3 +329,22 @@ def test_a_failed_peer_report_waits_briefly_for_the_peers_own_cause(rank1, rank0
     assert bool(peer_waits) == waits
     if waits:
         assert peer_waits[0].until == ended + rc.PEER_CAUSE_GRACE
+
+
+def force(group: int, *pods: tuple[str, str]) -> rc.ForceDelete:
+    return rc.ForceDelete("NodeLost", "", group, "n1", pods)
+
+
+@pytest.mark.parametrize(
+    ("actions", "expected"),
+    [
+        ([], {}),
+        ([rc.Hold("Paused", "")], {}),
+        ([force(0, ("c-g0-0", "u0"), ("c-g0-1", "u1"))], {"c-g0-0": "u0", "c-g0-1": "u1"}),
+        ([force(0, ("c-g0-0", "u0")), force(1, ("c-g1-0", "u2"))], {"c-g0-0": "u0", "c-g1-0": "u2"}),
+        # a pod named twice (a pod of several ranks is observed once per rank) is deleted once
+        ([force(0, ("p", "u"), ("p", "u"))], {"p": "u"}),
+    ],
+)
+def test_force_deleted_names_every_pod_once(actions: list[rc.Action], expected: dict[str, str]) -> None:
+    assert rc.force_deleted(actions) == expected
