@@ -22,9 +22,9 @@ from tests.unit.runtime.test_server import REPO, free_port
 
 def two_free_ports() -> int:
     """A port P with P + 1 free too, both below the kernel's ephemeral range. P + 1 is not held
-    between this check and rank 1's bind, and inside the ephemeral range the kernel may hand it
-    to any socket meanwhile (torchrun's store connections, gloo's listeners): CI once saw rank 1
-    fail with EADDRINUSE that way."""
+    between this check and rank 1's bind, and inside that range Linux gives bind(0) odd ports and
+    connect() even ones: an odd P from bind(0) makes P + 1 the next source port of any outgoing
+    connection (torchrun's store clients, gloo). CI once saw rank 1 fail with EADDRINUSE so."""
     ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     rng = random.Random()
     for _ in range(200):
