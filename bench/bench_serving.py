@@ -14,7 +14,10 @@ Hugging Face's `transformers serve --continuous-batching` on the same checkpoint
    (the best of torch sum / self-dot / matrix-vector over a 1 GiB float32 buffer) against our
    batch-1 decode (TP=1, the engine in-process): fraction = tokens/s x bytes read per token (every
    weight but the embedding table, plus the K/V of the mean context) / bandwidth. Target >= 0.85.
-3. **Long-prompt interference.** 8 streams decode; once each has streamed 16 tokens a
+3. **The matrix products' ceiling** (bench/bench_ceiling.py, in its own process): the output
+   tokens/s that the model's matrix products alone allow at the c=16 step on this machine, and
+   what share of it the c=16 target (2x theirs, this run) and ours are.
+4. **Long-prompt interference.** 8 streams decode; once each has streamed 16 tokens a
    `--long-len`-token prompt arrives. The longest gap between two tokens of any stream from its
    arrival until its first token (+ 8 more stream tokens), against the median gap of the same
    streams over the whole run. Target < 3x. Ours (TP=1) and theirs.
@@ -345,6 +348,26 @@ def print_ratios(rows: dict[str, list[RunSummary]], theirs: str) -> dict[str, An
     return out
 
 
+def ceiling(args: argparse.Namespace, rows: dict[str, list[RunSummary]], theirs: str, ours: str) -> dict[str, Any]:
+    """bench/bench_ceiling.py in its own process: the output tokens/s the matrix products alone
+    allow at c=16, against what the c=16 target asks for (2x theirs, measured in this run)."""
+    print("\nthe c=16 target against the matrix products' ceiling (bench/bench_ceiling.py):", flush=True)
+    out = args.log_dir / "ceiling.json"
+    cmd = [sys.executable, str(REPO / "bench" / "bench_ceiling.py"), "--json", str(out)]
+    cmd += ["--logit-rows", "16", "--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    subprocess.run(cmd, check=True, env={k: v for k, v in os.environ.items() if not k.startswith("TPI_")})
+    result = json.loads(out.read_text())
+    top = result["ceiling_output_tok_s"]
+    i = args.concurrency.index(16)
+    needed = 2 * rows[theirs][i].output_throughput
+    print(f"  the target, 2 x {theirs}'s {rows[theirs][i].output_throughput:.1f} = {needed:.1f} output tok/s: "
+          f"{needed / top:.2f} of the ceiling")  # fmt: skip
+    if ours in rows:
+        got = rows[ours][i].output_throughput
+        print(f"  {ours}: {got:.1f} output tok/s: {got / top:.2f} of it")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
@@ -354,6 +377,7 @@ def main() -> None:
     ap.add_argument("--systems", default="ours-tp1,ours-tp2,hf", help="comma-separated subset")
     ap.add_argument("--skip-interference", action="store_true")
     ap.add_argument("--skip-roofline", action="store_true")
+    ap.add_argument("--skip-ceiling", action="store_true", help="skip bench_ceiling.py (with c=16 and theirs)")
     ap.add_argument("--json", type=Path, help="write every number here too")
     ap.add_argument("--log-dir", type=Path, default=Path("/tmp/tpi-bench-serving"))
     args = ap.parse_args()
@@ -411,6 +435,8 @@ def main() -> None:
         roof += ["--prompt-len", str(args.input_len), "--new-tokens", str(args.output_len)]
         subprocess.run(roof, check=True, env={k: v for k, v in os.environ.items() if not k.startswith("TPI_")})
         result["roofline"] = json.loads(out.read_text())
+    if theirs in rows and 16 in args.concurrency and not args.skip_ceiling:
+        result["ceiling"] = ceiling(args, rows, theirs, systems["ours-tp1"].name)
     if inter:
         print(f"\nlong-prompt interference: 8 streams, a {args.long_len}-token prompt arrives")
         for name, r in inter.items():
