@@ -56,7 +56,8 @@ from kubernetes import client, config, watch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "hack"))
 from tpikit.kube import CLUSTER_DIR, KUBECONFIG, kubectl  # noqa: E402
-from tpikit.kwok import Kwok, free_port  # noqa: E402
+from tpikit.kwok import Kwok  # noqa: E402
+from tpikit.ports import free_port  # noqa: E402
 
 NS = "tpi-bench"
 LABEL = "tpi.dev/bench"

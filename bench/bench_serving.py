@@ -39,7 +39,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,9 +51,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "runtime"))
 sys.path.insert(0, str(REPO / "contract"))
 sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "hack"))
 
 from bench_runtime import CONFIG as RUNTIME_BENCH_CONFIG  # noqa: E402
 from serving_stats import RequestResult, RunSummary, interference, ratio, summarize  # noqa: E402
+from tpikit.ports import free_port  # noqa: E402
 
 CACHE = Path(os.environ.get("TPI_CACHE", Path.home() / ".cache" / "tpi"))
 CKPT = CACHE / "bench-serving-ckpt"
@@ -81,30 +82,6 @@ def random_prompts(n: int, length: int, seed: int) -> list[str]:
     words = tiny_vocab(int(CONFIG["vocab_size"]))[len(SPECIAL_TOKENS) :]  # type: ignore[call-overload]
     rng = random.Random(seed)
     return [" ".join(rng.choices(words, k=length)) for _ in range(n)]
-
-
-def free_port(span: int = 1) -> int:
-    """A free port with `span - 1` free ports after it. A span is drawn below the kernel's
-    ephemeral range: its later ports are not held until the ranks bind them, and inside that
-    range the kernel may hand them to any socket meanwhile (torchrun's store, gloo)."""
-    if span == 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    while True:
-        port = random.randrange(10_000, ephemeral_low - span)
-        if all(_port_free(port + i) for i in range(span)):
-            return port
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))  # the runtime binds every interface
-        except OSError:
-            return False
-    return True
 
 
 # --- servers -------------------------------------------------------------------------------------

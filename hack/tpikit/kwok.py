@@ -1,34 +1,18 @@
 """kwok processes of a test's or a benchmark's own, beside the local cluster's: each plays only the
 fake nodes annotated ``kwok.x-k8s.io/node=<selector>``, so killing one is a dead kubelet (its node
-Leases stop, and kube-controller-manager marks its nodes Unknown), and free ports to listen on."""
+Leases stop, and kube-controller-manager marks its nodes Unknown)."""
 
 from __future__ import annotations
 
-import random
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
 from .kube import BIN, CACHE
+from .ports import free_port
 
 #: The stages hack/cluster.sh renders for its own kwok (pods turn Running and Ready, nodes renew).
 STAGES = CACHE / "cluster" / "kwok.yaml"
-
-
-def free_port() -> int:
-    """A port to listen on, below Linux's ephemeral range (32768+): a port the kernel hands out
-    (bind to 0) is soon reused as the local port of some outgoing connection, and a process
-    started a second later then fails to listen on it (seen with test runs side by side)."""
-    for _ in range(100):
-        port = random.randrange(20000, 32000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 class Kwok:

@@ -23,7 +23,7 @@ import pytest
 from kubernetes import client
 from tpi_contract import keys
 from tpikit.kube import REPO, kubectl, wait_until
-from tpikit.kwok import free_port
+from tpikit.ports import free_port
 
 from tests.integration.conftest import inject_fault
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 from tpi_runtime.testing import make_tiny_checkpoint
+from tpikit.ports import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 WORKER = Path(__file__).with_name("rank_worker.py")
@@ -27,12 +27,6 @@ LLAMA3_ROPE = {
     # Small on purpose: test prompts (~40 positions) cross all three llama3 frequency bands.
     "original_max_position_embeddings": 32,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import pytest
 from tpi_runtime.testing import make_tiny_checkpoint
+from tpikit.ports import free_port
 
-from tests.unit.runtime.test_server import Server, error_of, free_port, metric_samples
+from tests.unit.runtime.test_server import Server, error_of, metric_samples
 
 LONG = 4000  # tokens: a few seconds of decoding on CPU
 R0 = (("rank", "0"),)

@@ -13,8 +13,9 @@ from tpi_runtime.__main__ import build_parser
 from tpi_runtime.config import ModelConfig, check_tp, valid_tp_sizes
 from tpi_runtime.settings import DistEnv, HeartbeatSettings, RuntimeSettings, SettingsError
 from tpi_runtime.testing import TINY_CONFIG, load_hf_model
+from tpikit.ports import free_port
 
-from .conftest import assert_all_ok, free_port, rank_env, run_ranks
+from .conftest import assert_all_ok, rank_env, run_ranks
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"],

@@ -26,8 +26,8 @@ from tpi_runtime.dist import Dist, DistEnv
 from tpi_runtime.loader import load_weights
 from tpi_runtime.model import BatchMeta, Transformer
 from tpi_runtime.testing import load_hf_model, make_tiny_checkpoint
+from tpikit.ports import free_port
 
-from .conftest import free_port
 from .test_families import PROMPT as FPROMPT
 from .test_families import hf_greedy
 from .test_parity import PROMPT, STEPS, TOL, hf_reference

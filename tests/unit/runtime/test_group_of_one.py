@@ -10,8 +10,8 @@ from tpi_runtime.config import ModelConfig
 from tpi_runtime.dist import Dist, DistEnv
 from tpi_runtime.loader import load_weights
 from tpi_runtime.model import BatchMeta, Transformer
+from tpikit.ports import free_port
 
-from .conftest import free_port
 from .test_parity import PROMPT
 
 

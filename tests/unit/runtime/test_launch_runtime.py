@@ -21,9 +21,7 @@ import pytest
 from openai import OpenAI
 from tpi_contract import exitcodes, termination
 from tpi_runtime.testing import make_tiny_checkpoint
-
-from tests.unit.runtime.test_local_mode import two_free_ports
-from tests.unit.runtime.test_server import free_port
+from tpikit.ports import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 PROMPT = "the cat sees a dog and the bird"
@@ -63,7 +61,7 @@ class Pod:
     """The launcher and its two local ranks, as the container of a 2-rank pod runs them."""
 
     def __init__(self, ckpt: str, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.port = two_free_ports()  # rank 0 on port, local rank 1's probes on port + 1
+        self.port = free_port(span=2)  # rank 0 on port, local rank 1's probes on port + 1
         self.tlog = tmp / "termination-log"
         self.log = tmp / "pod.log"
         cmd = [

@@ -5,9 +5,7 @@ metrics on PORT + 1 (no EADDRINUSE)."""
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,31 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 from tpi_runtime.testing import make_tiny_checkpoint
+from tpikit.ports import free_port
 
-from tests.unit.runtime.test_server import REPO, free_port
-
-
-def two_free_ports() -> int:
-    """A port P with P + 1 free too, both below the kernel's ephemeral range. P + 1 is not held
-    between this check and rank 1's bind, and inside that range Linux gives bind(0) odd ports and
-    connect() even ones: an odd P from bind(0) makes P + 1 the next source port of any outgoing
-    connection (torchrun's store clients, gloo). CI once saw rank 1 fail with EADDRINUSE so."""
-    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(10_000, ephemeral_low - 1)
-        if all(bindable(p) for p in (port, port + 1)):
-            return port
-    raise AssertionError("no two consecutive free ports")
-
-
-def bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))  # the runtime binds every interface
-        except OSError:
-            return False
-    return True
+from tests.unit.runtime.test_server import REPO
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
@@ -58,7 +34,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
 
 def test_readme_torchrun_command(tmp_path: Path) -> None:
     model = make_tiny_checkpoint(tmp_path / "tiny")
-    port = two_free_ports()
+    port = free_port(span=2)  # rank 0's API on port, local rank 1's probes on port + 1
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     cmd = [torchrun, "--nproc-per-node", "2", "-m", "tpi_runtime", "serve", "--model", model, "--port", str(port)]
     env = {

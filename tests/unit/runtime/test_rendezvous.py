@@ -21,9 +21,10 @@ from tpi_contract import defaults
 from tpi_operator.api.v1alpha1 import FailurePolicy
 from tpi_runtime.rendezvous import LOG_EVERY_S
 from tpi_runtime.testing import make_tiny_checkpoint
+from tpikit.ports import free_port
 
 from .conftest import WORKER, rank_env
-from .test_server import Server, complete, error_of, free_port
+from .test_server import Server, complete, error_of
 
 #: What the operator passes with the default failure policy (the old rendezvous deadline).
 DIST_TIMEOUT_S = defaults.collective_timeout_seconds(FailurePolicy().heartbeat_timeout_seconds)

@@ -26,17 +26,12 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from tpi_runtime.serving.detokenizer import IncrementalDetokenizer
 from tpi_runtime.testing import TINY_CONFIG, load_hf_model, make_tiny_checkpoint
+from tpikit.ports import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 MAX_MODEL_LEN = 128
 EOS = TINY_CONFIG["eos_token_id"]
 PROMPT = "the cat sees a dog and the bird"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
