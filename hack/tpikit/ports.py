@@ -12,11 +12,11 @@ _LOW, _HIGH = 20000, 32000
 
 def free_port(span: int = 1) -> int:
     """A port P such that P .. P + span - 1 are free on every interface (servers bind 0.0.0.0),
-    drawn below the ephemeral range. Ports there are free for a reason that lasts: a port the
-    kernel hands out is soon the local port of some outgoing connection, and a process started a
-    second later fails to listen on it (seen with test runs side by side). bind(0) gets odd ports
-    and connect() takes even ones, so P + 1 of such a port is the next source port of any
-    connection: CI saw local rank 1 of a torchrun fail to listen on it."""
+    drawn below the ephemeral range, where a free port stays free until a server binds it. Inside
+    the range the kernel soon hands a port out again as the local port of an outgoing connection,
+    and a process started a second later fails to listen on it (seen with test runs side by
+    side). And bind(0) gets odd ports while connect() takes even ones, so P + 1 of a bind(0) port
+    is the next local port of any connection: CI saw local rank 1 of a torchrun fail on it."""
     for _ in range(200):
         port = random.randrange(_LOW, _HIGH - span)
         if all(_bindable(port + i) for i in range(span)):
