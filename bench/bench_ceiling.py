@@ -64,22 +64,24 @@ def measure(cfg: dict[str, Any], step_tokens: int, logit_rows: int, input_len: i
     if threads := ProcessSettings.from_env(os.environ).num_threads:  # as the engine sets them
         torch.set_num_threads(threads)
     cpu = torch.device("cpu")
-    layers = [
-        [linear_weight(o, i, dtype=torch.float32, device=cpu).normal_() for o, i in layer_shapes(cfg)]
+    shapes = layer_shapes(cfg)
+    xs = {i: torch.randn(step_tokens, i) for _, i in shapes}
+    # (input, weight) per product, layer after layer
+    products = [
+        (xs[i], linear_weight(o, i, dtype=torch.float32, device=cpu).normal_())
         for _ in range(cfg["num_hidden_layers"])
+        for o, i in shapes
     ]
     head = linear_weight(cfg["vocab_size"], cfg["hidden_size"], dtype=torch.float32, device=cpu).normal_()
-    xs = {i: torch.randn(step_tokens, i) for _, i in layer_shapes(cfg)}
     rows = torch.randn(logit_rows, cfg["hidden_size"])
 
     def decoder_products() -> None:
-        for weights in layers:
-            for w, (_, i) in zip(weights, layer_shapes(cfg), strict=True):
-                linear(xs[i], w)
+        for x, w in products:
+            linear(x, w)
 
     layers_s = best_seconds(decoder_products)
     head_s = best_seconds(lambda: linear(rows, head))
-    per_token_flops = 2 * cfg["num_hidden_layers"] * sum(o * i for o, i in layer_shapes(cfg))
+    per_token_flops = 2 * cfg["num_hidden_layers"] * sum(o * i for o, i in shapes)
     per_row_flops = 2 * cfg["vocab_size"] * cfg["hidden_size"]
     tokens = input_len + output_len - 1
     request_s = tokens * layers_s / step_tokens + output_len * head_s / logit_rows
