@@ -43,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "runtime"), str(REPO / "contract")]  # the device runs it from a bare checkout
+# The device runs it from a bare checkout: the runtime, the contract and hack/tpikit from the tree.
+sys.path[:0] = [str(REPO / "runtime"), str(REPO / "contract"), str(REPO / "hack")]
 
 import torch  # noqa: E402
+from tpikit.ports import free_port  # noqa: E402
 
 SHAPE_8B: dict[str, Any] = {
     "vocab_size": 128256,
@@ -582,7 +584,6 @@ def nccl_check(rep: Report, device: torch.device, work: Path) -> None:
     if device.type != "cuda":
         rep.add("nccl", "world-size-1 group", "skipped: no CUDA", key="nccl.status")
         return
-    import socket
 
     import torch.distributed as tdist
     from tpi_runtime.config import ModelConfig
@@ -593,10 +594,7 @@ def nccl_check(rep: Report, device: torch.device, work: Path) -> None:
 
     ckpt = make_tiny_checkpoint(work / "nccl-tiny", tokenizer=False)
     cfg = ModelConfig.from_pretrained(ckpt)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = DistEnv(0, 1, 0, "127.0.0.1", port)
+    env = DistEnv(0, 1, 0, "127.0.0.1", free_port())
 
     def tokens(d: Dist) -> list[int]:
         m = Transformer(cfg, d, dtype=torch.float32, device=device)

@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "runtime"))
 sys.path.insert(0, str(REPO / "contract"))
+sys.path.insert(0, str(REPO / "hack"))
+
+from tpikit.ports import free_port  # noqa: E402
 
 CKPT = Path(os.environ.get("TPI_CACHE", Path.home() / ".cache" / "tpi")) / "bench-ckpt"
 CONFIG = {
@@ -164,9 +166,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_ours(tp: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for r in range(tp):
         env = dict(
