@@ -135,7 +135,8 @@ END = _END  # what a request listener receives after the last token (or after a 
 class Request:
     """One generation request; iterate it to receive generated token ids as they are produced.
 
-    The token that triggered a stop (eos or a stop_token_id) is not yielded.
+    The token that triggered a stop (eos or a stop_token_id) is not yielded, nor is any token
+    after the caller's cancel().
     """
 
     def __init__(
@@ -182,6 +183,8 @@ class Request:
                 return
             if isinstance(item, RequestError):
                 raise item
+            if self._cancel is not None:
+                continue  # cancelled: drop what the engine made before it saw the cancel, wait for END
             yield item.token if isinstance(item, TokenLogprobs) else item
 
     def cancel(self, reason: str = "abort") -> None:
