@@ -229,7 +229,11 @@ def scenario_controls(engine: Engine) -> dict[str, Any]:
             )
         )
         out["stop_tok"] = stop_tok
-    time.sleep(1.2)  # idle: the step counter must still advance (idle broadcasts)
+    # Idle: the step counter must still advance (idle broadcasts every 0.5 s). Waited for, not
+    # slept for, so that a loaded machine that delays the engine thread cannot fail the test.
+    idle_from, deadline = engine.stats().step, time.monotonic() + 10
+    while engine.stats().step < idle_from + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     out["stats"] = engine.stats().__dict__
     return out
 

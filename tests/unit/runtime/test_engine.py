@@ -85,7 +85,7 @@ def test_validation_cancel_stop_tokens_and_idle_steps(ckpt_main: str) -> None:
     assert res["stopped"]["finish"] == "stop"
     st = res["stats"]
     assert st["running"] == 0 and st["queue_depth"] == 0
-    # 1.2 s idle with a 0.5 s idle interval: at least 2 idle steps beyond the work steps.
+    # The scenario waits (up to 10 s) for 2 idle steps beyond the work steps.
     assert st["step"] >= len(res["steps"]) + 2
     assert outs[1]["stats"]["step"] >= len(res["steps"]) + 2
 
