@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -72,6 +73,17 @@ def run_kubectl(
     if check and result.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
+
+
+def nested_make(target: str, timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
+    """`make -C REPO target` from a test that `make test` runs: on the images this run already put
+    on the node (TPI_E2E_SKIP_BUILD=1), without the outer make's jobserver; ``env`` on top."""
+    child = {**os.environ, "TPI_E2E_SKIP_BUILD": "1", **env}
+    child.pop("MAKEFLAGS", None)
+    child.pop("MAKELEVEL", None)
+    return subprocess.run(
+        ["make", "-C", str(REPO), target], env=child, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 60, interval: float = 0.5, what: str = "") -> T:

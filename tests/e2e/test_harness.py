@@ -7,24 +7,13 @@ bring-up steps are already done by this run, so each call only re-checks them (s
 
 from __future__ import annotations
 
-import os
 import subprocess
 
-from tpikit.kube import REPO
+from tpikit.kube import nested_make
 
 
 def _make_e2e(selection: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "TPI_E2E_TESTS": "tests/harness",
-        "TPI_E2E_SKIP_BUILD": "1",  # this session's images are already on the node
-        "E2E_ARGS": f"-k {selection}",
-    }
-    env.pop("MAKEFLAGS", None)  # a nested make must not inherit the outer one's jobserver
-    env.pop("MAKELEVEL", None)
-    return subprocess.run(
-        ["make", "-C", str(REPO), "e2e"], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
+    return nested_make("e2e", timeout=600, TPI_E2E_TESTS="tests/harness", E2E_ARGS=f"-k {selection}")
 
 
 def test_a_failing_e2e_test_fails_make_e2e() -> None:
