@@ -325,15 +325,23 @@ def print_ratios(rows: dict[str, list[RunSummary]], theirs: str) -> dict[str, An
     return out
 
 
+def run_sub_bench(script: str, log_dir: Path, *args: str) -> dict[str, Any]:
+    """bench/<script> in a process of its own, with the runtime's defaults (no TPI_* settings of
+    this shell); returns what it wrote with --json."""
+    out = log_dir / Path(script).with_suffix(".json").name
+    cmd = [sys.executable, str(REPO / "bench" / script), *args, "--json", str(out)]
+    subprocess.run(cmd, check=True, env={k: v for k, v in os.environ.items() if not k.startswith("TPI_")})
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
 def ceiling(args: argparse.Namespace, rows: dict[str, list[RunSummary]], theirs: str, ours: str) -> dict[str, Any]:
     """bench/bench_ceiling.py in its own process: the output tokens/s the matrix products alone
     allow at c=16, against what the c=16 target asks for (2x theirs, measured in this run)."""
     print("\nthe c=16 target against the matrix products' ceiling (bench/bench_ceiling.py):", flush=True)
-    out = args.log_dir / "ceiling.json"
-    cmd = [sys.executable, str(REPO / "bench" / "bench_ceiling.py"), "--json", str(out)]
-    cmd += ["--logit-rows", "16", "--input-len", str(args.input_len), "--output-len", str(args.output_len)]
-    subprocess.run(cmd, check=True, env={k: v for k, v in os.environ.items() if not k.startswith("TPI_")})
-    result = json.loads(out.read_text())
+    result = run_sub_bench(
+        "bench_ceiling.py", args.log_dir,
+        "--logit-rows", "16", "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+    )  # fmt: skip
     top = result["ceiling_output_tok_s"]
     i = args.concurrency.index(16)
     needed = 2 * rows[theirs][i].output_throughput
@@ -407,11 +415,10 @@ def main() -> None:
     if not args.skip_roofline:
         # Its own process (the engine in-process, no HTTP), alone on the machine like each server.
         print("\nbatch-1 decode against the roofline (bench/bench_roofline.py):", flush=True)
-        out = args.log_dir / "roofline.json"
-        roof = [sys.executable, str(REPO / "bench" / "bench_roofline.py"), "--model", str(model), "--json", str(out)]
-        roof += ["--prompt-len", str(args.input_len), "--new-tokens", str(args.output_len)]
-        subprocess.run(roof, check=True, env={k: v for k, v in os.environ.items() if not k.startswith("TPI_")})
-        result["roofline"] = json.loads(out.read_text())
+        result["roofline"] = run_sub_bench(
+            "bench_roofline.py", args.log_dir,
+            "--model", str(model), "--prompt-len", str(args.input_len), "--new-tokens", str(args.output_len),
+        )  # fmt: skip
     if theirs in rows and 16 in args.concurrency and not args.skip_ceiling:
         result["ceiling"] = ceiling(args, rows, theirs, systems["ours-tp1"].name)
     if inter:
