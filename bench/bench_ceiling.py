@@ -37,12 +37,13 @@ from bench_runtime import CONFIG  # noqa: E402
 from tpi_runtime.settings import DEFAULT_MAX_NUM_BATCHED_TOKENS  # noqa: E402
 
 
-def layer_shapes(cfg: dict[str, Any]) -> list[tuple[int, int]]:
-    """(out, in) of one decoder layer's matrix products, fused as the runtime fuses them."""
+def layer_shapes(cfg: dict[str, Any]) -> list[tuple[int, int, bool]]:
+    """(out, in, row-parallel) of one decoder layer's matrix products, fused as the runtime fuses
+    them; the row-parallel ones (o_proj, down_proj) are stored with their inputs split."""
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
     head_dim = hidden // cfg["num_attention_heads"]
     qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * head_dim
-    return [(qkv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)]
+    return [(qkv, hidden, False), (hidden, hidden, True), (2 * inter, hidden, False), (hidden, inter, True)]
 
 
 def best_seconds(fn: Any, rounds: int = 5, steps: int = 10) -> float:
@@ -65,12 +66,12 @@ def measure(cfg: dict[str, Any], step_tokens: int, logit_rows: int, input_len: i
         torch.set_num_threads(threads)
     cpu = torch.device("cpu")
     shapes = layer_shapes(cfg)
-    xs = {i: torch.randn(step_tokens, i) for _, i in shapes}
+    xs = {i: torch.randn(step_tokens, i) for _, i, _ in shapes}
     # (input, weight) per product, layer after layer
     products = [
-        (xs[i], linear_weight(o, i, dtype=torch.float32, device=cpu).normal_())
+        (xs[i], linear_weight(o, i, dtype=torch.float32, device=cpu, split_inputs=row_parallel).normal_())
         for _ in range(cfg["num_hidden_layers"])
-        for o, i in shapes
+        for o, i, row_parallel in shapes
     ]
     head = linear_weight(cfg["vocab_size"], cfg["hidden_size"], dtype=torch.float32, device=cpu).normal_()
     rows = torch.randn(logit_rows, cfg["hidden_size"])
@@ -81,7 +82,7 @@ def measure(cfg: dict[str, Any], step_tokens: int, logit_rows: int, input_len: i
 
     layers_s = best_seconds(decoder_products)
     head_s = best_seconds(lambda: linear(rows, head))
-    per_token_flops = 2 * cfg["num_hidden_layers"] * sum(o * i for o, i in shapes)
+    per_token_flops = 2 * cfg["num_hidden_layers"] * sum(o * i for o, i, _ in shapes)
     per_row_flops = 2 * cfg["vocab_size"] * cfg["hidden_size"]
     tokens = input_len + output_len - 1
     request_s = tokens * layers_s / step_tokens + output_len * head_s / logit_rows

@@ -19,8 +19,8 @@ import torch
 from tpi_contract import gguf_header
 
 from .gguf_config import config_from_metadata
-from .loader import CheckpointError, LoadReport, logical_rows
-from .tp import ParamPlan, TensorSlice, shard_plan, weight_rows
+from .loader import CheckpointError, LoadReport
+from .tp import ParamPlan, TensorSlice, logical_rows, shard_plan, weight_rows
 
 log = logging.getLogger("tpi_runtime.gguf")
 

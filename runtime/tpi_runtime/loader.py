@@ -22,7 +22,7 @@ from safetensors import safe_open
 from tpi_contract import safetensors_header
 
 from .config import ModelConfig
-from .tp import ParamPlan, TensorSlice, shard_plan, weight_rows
+from .tp import ParamPlan, TensorSlice, logical_rows, shard_plan, weight_rows
 
 log = logging.getLogger("tpi_runtime.loader")
 
@@ -277,11 +277,6 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
         report.seconds,
     )
     return report
-
-
-def logical_rows(weight: torch.Tensor) -> int:
-    """Rows of the [out, in] (or [n]) tensor a parameter holds, whatever its storage layout."""
-    return weight.shape[0] if weight.dim() <= 2 else weight.shape[0] * weight.shape[2]
 
 
 def _numel(shape: tuple[int, ...]) -> int:

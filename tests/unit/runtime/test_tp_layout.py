@@ -1,4 +1,5 @@
-"""The CPU weight layout of tensor-parallel linears: W^T cut into one column block per thread.
+"""The CPU weight layouts of tensor-parallel linears: W^T cut into one block per thread, by output
+columns or (row-parallel layers) by input rows.
 
 The loader writes checkpoint rows through `weight_rows`, the model multiplies with `linear`; both
 must agree with a plain [out, in] weight whatever the block count (thread count at build time).
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from tpi_runtime.tp import linear, linear_weight, weight_rows
+from tpi_runtime.tp import linear, linear_weight, logical_rows, splits_inputs, weight_rows
 
 
 @contextlib.contextmanager
@@ -52,6 +53,38 @@ def test_blocked_layout_matches_plain_linear(
     assert torch.equal(rebuilt, reference)
     x = torch.randn(batch, 5)
     torch.testing.assert_close(linear(x, w), F.linear(x, reference), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("threads", "in_features", "expected_shape", "split"),
+    [
+        (1, 12, (1, 12, 7), False),  # one thread: both cuts are the same [1, in, out]
+        (2, 12, (2, 6, 7), True),
+        (3, 12, (3, 4, 7), True),
+        (2, 13, (1, 13, 7), False),  # not divisible by the threads; 7 outputs are not either
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_split_inputs_layout_matches_plain_linear(
+    threads: int, in_features: int, expected_shape: tuple[int, ...], split: bool, batch: int
+) -> None:
+    torch.manual_seed(0)
+    reference = torch.randn(7, in_features)
+    with torch_threads(threads):
+        w = linear_weight(7, in_features, dtype=torch.float32, device=torch.device("cpu"), split_inputs=True)
+    assert (tuple(w.shape), splits_inputs(w), logical_rows(w)) == (expected_shape, split, 7)
+    for start, stop in [(0, 3), (3, 4), (4, 7)]:  # the loader's row chunks
+        for a, b, view in weight_rows(w, start, stop):
+            assert tuple(view.shape) == (b - a, in_features)
+            view.copy_(reference[a:b])
+    assert torch.equal(torch.cat([v for _, _, v in weight_rows(w, 0, 7)]), reference)
+    x = torch.randn(batch, in_features)
+    torch.testing.assert_close(linear(x, w), F.linear(x, reference), rtol=1e-5, atol=1e-5)
+    # A non-contiguous input, as the MLP's gate half of the fused gate/up output is.
+    wide = torch.randn(batch, 2 * in_features)
+    torch.testing.assert_close(
+        linear(wide[:, :in_features], w), F.linear(wide[:, :in_features], reference), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_gpu_layout_is_the_usual_out_in() -> None:
