@@ -83,6 +83,9 @@ class BatchMeta:
     seq_kv: list[SeqKV] = field(default_factory=list)
     # Batched decode only: the sequences in buckets of similar context length (decode_buckets).
     decode_buckets: list[DecodeBucket] = field(default_factory=list)
+    # Where every layer gathers the K and V blocks it attends to (`gather_blocks`), sized for the
+    # step's largest gather; None when every sequence's blocks are a contiguous view.
+    gather_scratch: tuple[torch.Tensor, torch.Tensor] | None = None
     prepared: bool = False
 
     @classmethod
@@ -253,8 +256,10 @@ class Attention(nn.Module):
             o = q.new_empty(n, self.hq, self.d) if len(meta.decode_buckets) > 1 else None
             for bucket in meta.decode_buckets:
                 b, nb = bucket.tables_t.shape
-                keys = kc[bucket.tables_t].view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
-                vals = vc[bucket.tables_t].view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
+                assert meta.gather_scratch is not None
+                sk, sv = meta.gather_scratch
+                keys = gather_blocks(kc, bucket.tables_t, sk).view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
+                vals = gather_blocks(vc, bucket.tables_t, sv).view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
                 qb = q if bucket.rows is None else q[bucket.rows]
                 ob = F.scaled_dot_product_attention(qb.unsqueeze(2), keys, vals, attn_mask=bucket.mask, enable_gqa=gqa)
                 if o is None:
@@ -267,7 +272,8 @@ class Attention(nn.Module):
         for skv, s, t, ctx in zip(meta.seq_kv, meta.seq_starts, meta.seq_lens, meta.ctx_lens, strict=True):
             qi = q[s : s + t].transpose(0, 1).unsqueeze(0)  # [1, hq, t, d]
             lo = first_key(ctx - t, self.window)  # keys before lo are outside every query's window
-            keys, vals = _seq_keys(kc, skv, lo, ctx), _seq_keys(vc, skv, lo, ctx)
+            sk, sv = meta.gather_scratch or (None, None)
+            keys, vals = _seq_keys(kc, skv, lo, ctx, sk), _seq_keys(vc, skv, lo, ctx, sv)
             if t == 1:
                 oi = F.scaled_dot_product_attention(qi, keys, vals, enable_gqa=gqa)
             elif t == ctx and (self.window is None or ctx <= self.window):
@@ -285,9 +291,26 @@ class Attention(nn.Module):
         return out
 
 
-def _seq_keys(pool: torch.Tensor, skv: SeqKV, lo: int, ctx: int) -> torch.Tensor:
+def gather_blocks(pool: torch.Tensor, index: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """pool[index] for a tensor of block ids, as [index.numel(), BLOCK_SIZE, hkv, d], copied into
+    the step's scratch. Not a fresh tensor per layer: the engine pins glibc's mmap threshold at
+    1 MiB, so each gather above it (16 sequences of 200 tokens: 3.4 MB) was a new mapping whose
+    pages faulted in again, ~1 ms a gather against ~0.05 ms into a buffer already touched; 24 of
+    them made a quarter of a 16-sequence decode step on CPU."""
+    out = scratch[: index.numel()]
+    torch.index_select(pool, 0, index.view(-1), out=out)
+    return out
+
+
+def _seq_keys(
+    pool: torch.Tensor, skv: SeqKV, lo: int, ctx: int, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """[1, hkv, ctx - lo, d]: positions [lo, ctx) of one sequence (a view for contiguous blocks)."""
-    blocks = pool[skv.index]
+    if isinstance(skv.index, slice):
+        blocks = pool[skv.index]
+    else:
+        assert scratch is not None, "BatchMeta not prepared (Transformer.prepare)"
+        blocks = gather_blocks(pool, skv.index, scratch)
     flat = blocks.view(-1, pool.shape[2], pool.shape[3])
     off = skv.b0 * BLOCK_SIZE
     return flat[lo - off : ctx - off].transpose(0, 1).unsqueeze(0)
@@ -427,6 +450,16 @@ class Transformer(nn.Module):
                     else torch.tensor(blocks, dtype=torch.long, device=dev)
                 )
                 meta.seq_kv.append(SeqKV(b0, index))
+        gathered = [b.tables_t.numel() for b in meta.decode_buckets]
+        gathered += [s.index.numel() for s in meta.seq_kv if isinstance(s.index, torch.Tensor)]
+        if gathered:
+            attn = self.layers[0].attn
+            assert isinstance(attn, Attention)
+            shape = (max(gathered), BLOCK_SIZE, attn.hkv, attn.d)
+            meta.gather_scratch = (
+                torch.empty(shape, dtype=self.dtype, device=dev),
+                torch.empty(shape, dtype=self.dtype, device=dev),
+            )
         meta.prepared = True
         return meta
 
