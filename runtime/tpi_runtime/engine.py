@@ -770,7 +770,7 @@ class Engine:
                 torch.cuda.empty_cache()
             return None
 
-    def _step_bytes(self, n_seqs: int, n_tokens: int, max_ctx: int, decode_only: bool, masked: bool = True) -> int:
+    def _step_bytes(self, n_seqs: int, n_tokens: int, max_ctx: int, batched_decode: bool, masked: bool = True) -> int:
         return step_bytes(
             self.config,
             self.rank,
@@ -779,7 +779,7 @@ class Engine:
             n_seqs=n_seqs,
             n_tokens=n_tokens,
             max_ctx=max_ctx,
-            batched_decode=decode_only and n_seqs > 1,
+            batched_decode=batched_decode,
             masked=masked,
         )
 
@@ -793,6 +793,7 @@ class Engine:
             return
         max_ctx = max(p + n for _, p, n in seqs)
         masked = self.config.sliding_window is not None or any(p > 0 and n > 1 for _, p, n in seqs)
-        nbytes = self._step_bytes(len(seqs), n_tokens, max_ctx, all(n == 1 for _, _, n in seqs), masked)
+        batched = sum(n == 1 for _, _, n in seqs) >= 2  # decodes attended together (model.prepare)
+        nbytes = self._step_bytes(len(seqs), n_tokens, max_ctx, batched, masked)
         buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         del buf  # stays in the caching allocator for the forward to reuse

@@ -30,17 +30,18 @@ from .tp import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabPa
 @dataclass
 class SeqKV:
     """Where one sequence's attended keys live: blocks [b0, b1) of its table, as a slice of the
-    pool (contiguous blocks) or an index tensor (a gather)."""
+    pool (contiguous blocks) or an index tensor (a gather). `seq`: its index in the batch."""
 
+    seq: int
     b0: int
     index: slice | torch.Tensor
 
 
 @dataclass
 class DecodeBucket:
-    """Decoding sequences attended together: ``rows`` of the batch (None: all of it, in order),
-    their [b, nb] block tables padded with the scratch block, and the [b, 1, 1, nb * BLOCK_SIZE]
-    mask (causal, and windowed for sliding-window models)."""
+    """Decoding sequences attended together: their tokens' ``rows`` of the packed batch (None: all
+    of it, in order), their [b, nb] block tables padded with the scratch block, and the
+    [b, 1, 1, nb * BLOCK_SIZE] mask (causal, and windowed for sliding-window models)."""
 
     rows: torch.Tensor | None
     tables_t: torch.Tensor
@@ -80,8 +81,10 @@ class BatchMeta:
     block_tables: list[Sequence[int]] | None = None
     # Filled by Transformer.prepare (once per step, shared by every layer):
     slot_mapping: torch.Tensor | None = None  # [N] rows of the flattened cache to write
+    # Sequences attended one by one: prefill chunks, and a decode with no other decode beside it.
     seq_kv: list[SeqKV] = field(default_factory=list)
-    # Batched decode only: the sequences in buckets of similar context length (decode_buckets).
+    # Two or more decoding sequences (a decode-only step, or the decodes beside prefill chunks),
+    # attended batched, in buckets of similar context length (decode_buckets).
     decode_buckets: list[DecodeBucket] = field(default_factory=list)
     # Where every layer gathers the K and V blocks it attends to (`gather_blocks`), sized for the
     # step's largest gather; None when every sequence's blocks are a contiguous view.
@@ -249,15 +252,19 @@ class Attention(nn.Module):
         kc.view(-1, self.hkv, self.d)[meta.slot_mapping] = k
         vc.view(-1, self.hkv, self.d)[meta.slot_mapping] = v
         gqa = self.hq != self.hkv
+        # Every row of the batch in order: one bucket of them all is the output itself.
+        whole = len(meta.decode_buckets) == 1 and meta.decode_buckets[0].rows is None
+        o: torch.Tensor | None = None
+        if not whole and not (len(meta.seq_kv) == 1 and not meta.decode_buckets):
+            o = q.new_empty(n, self.hq, self.d)
+        sk, sv = meta.gather_scratch or (None, None)  # where K/V blocks are gathered, if any are
         if meta.decode_buckets:
             # Batched decode: one query per sequence against its blocks, padded to the longest
             # table of its bucket; the mask hides padding, positions past each context and
             # outside the window.
-            o = q.new_empty(n, self.hq, self.d) if len(meta.decode_buckets) > 1 else None
             for bucket in meta.decode_buckets:
                 b, nb = bucket.tables_t.shape
-                assert meta.gather_scratch is not None
-                sk, sv = meta.gather_scratch
+                assert sk is not None and sv is not None, "BatchMeta not prepared (Transformer.prepare)"
                 keys = gather_blocks(kc, bucket.tables_t, sk).view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
                 vals = gather_blocks(vc, bucket.tables_t, sv).view(b, nb * BLOCK_SIZE, self.hkv, self.d).transpose(1, 2)
                 qb = q if bucket.rows is None else q[bucket.rows]
@@ -266,13 +273,10 @@ class Attention(nn.Module):
                     o = ob
                 else:
                     o[bucket.rows] = ob.squeeze(2)
-            assert o is not None
-            return self.o_proj(o.reshape(n, self.hq * self.d))  # type: ignore[no-any-return]
-        outs = []
-        for skv, s, t, ctx in zip(meta.seq_kv, meta.seq_starts, meta.seq_lens, meta.ctx_lens, strict=True):
+        for skv in meta.seq_kv:
+            s, t, ctx = meta.seq_starts[skv.seq], meta.seq_lens[skv.seq], meta.ctx_lens[skv.seq]
             qi = q[s : s + t].transpose(0, 1).unsqueeze(0)  # [1, hq, t, d]
             lo = first_key(ctx - t, self.window)  # keys before lo are outside every query's window
-            sk, sv = meta.gather_scratch or (None, None)
             keys, vals = _seq_keys(kc, skv, lo, ctx, sk), _seq_keys(vc, skv, lo, ctx, sv)
             if t == 1:
                 oi = F.scaled_dot_product_attention(qi, keys, vals, enable_gqa=gqa)
@@ -285,9 +289,12 @@ class Attention(nn.Module):
                 if self.window is not None:
                     mask &= key_pos > pos[:, None] - self.window
                 oi = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
-            outs.append(oi[0].transpose(0, 1).reshape(t, self.hq * self.d))
-        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        out: torch.Tensor = self.o_proj(o)
+            if o is None:  # the step's one sequence
+                o = oi[0].transpose(0, 1)
+            else:
+                o[s : s + t] = oi[0].transpose(0, 1)
+        assert o is not None
+        out: torch.Tensor = self.o_proj(o.reshape(n, self.hq * self.d))
         return out
 
 
@@ -421,35 +428,43 @@ class Transformer(nn.Module):
         dev = self.device
         rows = slot_mapping(tables, list(zip(pos0, meta.seq_lens, strict=True)))
         meta.slot_mapping = torch.tensor(rows, dtype=torch.long, device=dev)
-        if meta.decode_only and len(tables) > 1:
-            groups = decode_buckets(meta.ctx_lens)
-            if len(groups) == 1:  # one batched call, rows in batch order
-                groups = [list(range(len(tables)))]
-            for rows in groups:
-                ctx_lens = [meta.ctx_lens[i] for i in rows]
-                nb = max(blocks_for(c) for c in ctx_lens)
-                padded = [[*t[:nb], *[SCRATCH_BLOCK] * (nb - len(t[:nb]))] for t in (tables[i] for i in rows)]
-                keys = torch.arange(nb * BLOCK_SIZE, device=dev)[None, :]
-                ctx_t = torch.tensor(ctx_lens, dtype=torch.long, device=dev)[:, None]
-                mask = keys < ctx_t
-                if window is not None:  # the query at ctx - 1 sees keys ctx - window .. ctx - 1 only
-                    mask &= keys >= ctx_t - window
-                meta.decode_buckets.append(DecodeBucket(
-                    rows=None if len(groups) == 1 else torch.tensor(rows, dtype=torch.long, device=dev),
-                    tables_t=torch.tensor(padded, dtype=torch.long, device=dev),
-                    mask=mask[:, None, None, :],
-                ))  # fmt: skip
-        else:
-            meta.seq_kv = []
-            for table, p0, ctx in zip(tables, pos0, meta.ctx_lens, strict=True):
-                b0 = first_key(p0, window) // BLOCK_SIZE
-                blocks = list(table[b0 : blocks_for(ctx)])
-                index: slice | torch.Tensor = (
-                    slice(blocks[0], blocks[-1] + 1)
-                    if _contiguous(blocks)
-                    else torch.tensor(blocks, dtype=torch.long, device=dev)
-                )
-                meta.seq_kv.append(SeqKV(b0, index))
+        # Decodes are attended batched when there are two or more of them, also beside prefill
+        # chunks: one call per bucket instead of one per sequence per layer.
+        decoding = [i for i, k in enumerate(meta.seq_lens) if k == 1]
+        if len(decoding) < 2:
+            decoding = []
+        groups = [[decoding[j] for j in g] for g in decode_buckets([meta.ctx_lens[i] for i in decoding])]
+        in_order = len(decoding) == len(tables)  # a decode-only step: a token per sequence, in order
+        if in_order and len(groups) == 1:  # one batched call, rows in batch order
+            groups = [decoding]
+        for seqs in groups:
+            ctx_lens = [meta.ctx_lens[i] for i in seqs]
+            nb = max(blocks_for(c) for c in ctx_lens)
+            padded = [[*t[:nb], *[SCRATCH_BLOCK] * (nb - len(t[:nb]))] for t in (tables[i] for i in seqs)]
+            keys = torch.arange(nb * BLOCK_SIZE, device=dev)[None, :]
+            ctx_t = torch.tensor(ctx_lens, dtype=torch.long, device=dev)[:, None]
+            mask = keys < ctx_t
+            if window is not None:  # the query at ctx - 1 sees keys ctx - window .. ctx - 1 only
+                mask &= keys >= ctx_t - window
+            rows = [meta.seq_starts[i] for i in seqs]
+            meta.decode_buckets.append(DecodeBucket(
+                rows=None if in_order and len(groups) == 1 else torch.tensor(rows, dtype=torch.long, device=dev),
+                tables_t=torch.tensor(padded, dtype=torch.long, device=dev),
+                mask=mask[:, None, None, :],
+            ))  # fmt: skip
+        batched = set(decoding)
+        meta.seq_kv = []
+        for i, (table, p0, ctx) in enumerate(zip(tables, pos0, meta.ctx_lens, strict=True)):
+            if i in batched:
+                continue
+            b0 = first_key(p0, window) // BLOCK_SIZE
+            blocks = list(table[b0 : blocks_for(ctx)])
+            index: slice | torch.Tensor = (
+                slice(blocks[0], blocks[-1] + 1)
+                if _contiguous(blocks)
+                else torch.tensor(blocks, dtype=torch.long, device=dev)
+            )
+            meta.seq_kv.append(SeqKV(i, b0, index))
         gathered = [b.tables_t.numel() for b in meta.decode_buckets]
         gathered += [s.index.numel() for s in meta.seq_kv if isinstance(s.index, torch.Tensor)]
         if gathered:

@@ -38,13 +38,15 @@ def step_bytes(
     per_token = 5 * cfg.hidden_size + 2 * (hq + 2 * hkv) * d + 2 * hq * d + 2 * il
     activations = n_tokens * per_token * elem
     # Attention working set, one layer at a time: gathered K and V of the sequences attended
-    # together (a batched decode: all of them, padded to the longest; otherwise one sequence at a
-    # time), GQA's broadcast of them to the query heads should the kernel expand it, and a chunk's
-    # mask (boolean, then in the model dtype).
+    # together (with two or more decodes in the step, batched_decode: all of them, padded to the
+    # longest; otherwise one sequence at a time), GQA's broadcast of them to the query heads
+    # should the kernel expand it, and the masks (boolean, then in the model dtype): the batched
+    # decodes' and a chunk's.
     kv_tokens = n_seqs * max_ctx if batched_decode else max_ctx
     gathered = 2 * kv_tokens * (hkv + hq) * d * elem
-    chunk = 1 if batched_decode else min(n_tokens, max_ctx)
-    masks = (n_seqs if batched_decode else 1) * chunk * max_ctx * (1 + elem) if masked or batched_decode else 0
+    decode_masks = n_seqs * max_ctx * (1 + elem) if batched_decode else 0
+    chunk_mask = min(n_tokens, max_ctx) * max_ctx * (1 + elem) if masked and n_tokens > n_seqs else 0
+    masks = decode_masks + chunk_mask
     # float32 logits: this rank's vocabulary shard, the all-gathered rows, and sampling's copies.
     logits = 4 * n_seqs * cfg.vocab_size * 4
     return activations + gathered + masks + logits

@@ -160,3 +160,33 @@ def test_bucketed_batched_decode_matches_each_sequence_alone(ckpt_main: str) -> 
     for slot, (seq, tok) in enumerate(zip(seqs, nxt, strict=True)):
         alone = model(torch.tensor([tok]), BatchMeta.build([seq], model.device))
         torch.testing.assert_close(together[slot], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_decodes_beside_a_prefill_chunk_are_batched_and_match_each_sequence_alone(ckpt_main: str) -> None:
+    """A step that carries a prefill chunk and three decodes (the engine's mixed steps under load):
+    the decodes are attended in buckets, the chunk on its own, each row at its place in the packed
+    batch, and every sequence gets the logits it gets alone."""
+    model = build(ckpt_main, slots=4)
+    ps = prompts(4)  # 110, 7, 33 and 20 tokens
+    nxt = []
+    for slot, p in enumerate(ps[:3]):
+        logits = model(torch.tensor(p), BatchMeta.build([(slot, 0, len(p))], model.device))
+        nxt.append(int(logits[0].argmax()))
+    chunked = ps[3]
+    model(torch.tensor(chunked[:12]), BatchMeta.build([(3, 0, 12)], model.device))
+    # The chunk between the decodes: its 8 rows sit at batch rows 1..8.
+    seqs = [(0, len(ps[0]), 1), (3, 12, 8), (1, len(ps[1]), 1), (2, len(ps[2]), 1)]
+    ids = [nxt[0], *chunked[12:], nxt[1], nxt[2]]
+    meta = BatchMeta.build(seqs, model.device)
+    together = model(torch.tensor(ids), meta)
+    assert [skv.seq for skv in meta.seq_kv] == [1]  # the chunk alone
+    assert len(meta.decode_buckets) == 3  # 7, 1 and 3 blocks: one bucket each
+    assert sorted(int(r) for b in meta.decode_buckets for r in b.rows) == [0, 9, 10]  # type: ignore[union-attr]
+    alone = [
+        model(torch.tensor([nxt[0]]), BatchMeta.build([seqs[0]], model.device))[0],
+        model(torch.tensor(chunked[12:]), BatchMeta.build([seqs[1]], model.device))[0],
+        model(torch.tensor([nxt[1]]), BatchMeta.build([seqs[2]], model.device))[0],
+        model(torch.tensor([nxt[2]]), BatchMeta.build([seqs[3]], model.device))[0],
+    ]
+    for row, expected in zip(together, alone, strict=True):
+        torch.testing.assert_close(row, expected, atol=1e-5, rtol=1e-5)
