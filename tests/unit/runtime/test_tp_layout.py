@@ -98,3 +98,38 @@ def test_empty_row_range_yields_nothing_to_write() -> None:
         w = linear_weight(12, 5, dtype=torch.float32, device=torch.device("cpu"))
     assert sum(v.numel() for _, _, v in weight_rows(w, 12, 12)) == 0
     assert sum(v.numel() for _, _, v in weight_rows(w, 6, 6)) == 0
+
+
+def test_packed_weights_match_plain_linear_at_every_batch_size() -> None:
+    """`pack_for_batches` (oneDNN's packed format, what a batching CPU server multiplies with)
+    keeps each product, for every layout it replaces; half precision and a tied head stay as
+    they are."""
+    from tpi_runtime.tp import ColumnParallelLinear, onednn_packing_available, pack_for_batches
+
+    assert onednn_packing_available(), "this x86 torch build ships oneDNN: packing must work here"
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    with torch_threads(2):
+        model = torch.nn.ModuleList(
+            [
+                ColumnParallelLinear(12, 8, dtype=torch.float32, device=cpu),  # blocks of outputs
+                ColumnParallelLinear(12, 7, dtype=torch.float32, device=cpu),  # one block
+                ColumnParallelLinear(12, 8, dtype=torch.bfloat16, device=cpu),
+            ]
+        )
+        split = linear_weight(8, 12, dtype=torch.float32, device=cpu, split_inputs=True)
+    assert splits_inputs(split)
+    model[1].weight = split  # the row-parallel layout, as RowParallelLinear holds it
+    references = []
+    for layer in model:
+        out = logical_rows(layer.weight)
+        reference = torch.randn(out, 12).to(layer.weight.dtype)
+        for a, b, view in weight_rows(layer.weight, 0, out):
+            view.copy_(reference[a:b])
+        references.append(reference)
+    assert pack_for_batches(model, 64) == 2 * 8 * 12 * 4
+    assert [layer.weight.is_mkldnn for layer in model] == [True, True, False]
+    for layer, reference in zip(model[:2], references[:2], strict=True):
+        for rows in (1, 3, 64):
+            x = torch.randn(rows, 24)[:, :12]  # not contiguous, as the MLP's gate half is
+            torch.testing.assert_close(linear(x, layer.weight), F.linear(x, reference), rtol=1e-5, atol=1e-5)
