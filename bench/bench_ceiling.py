@@ -8,8 +8,10 @@ for (2x transformers CB's output tokens/s, measured in the same bench_serving ru
 Each token of a request goes through the decoder's matrix products (q/k/v, o, gate/up and down of
 every layer), and each output token through the LM head's as well. Nothing else a server does
 (attention, norms, sampling, scheduling, HTTP) is counted, so no server of this model reaches
-the ceiling on this machine. The products use the runtime's own layout and kernel
-(`tp.linear_weight`, `tp.linear`) at the shape of the engine's step under the c=16 load:
+the ceiling on this machine. The products use the runtime's own layouts and kernels
+(`tp.linear_weight`, `tp.packed_weight`, `tp.linear`: oneDNN's packed weights, as the engine packs
+them for a batching server, where this torch build has them) at the shape of the engine's step
+under the c=16 load:
 - `--step-tokens` tokens, which is its default CPU token budget, decodes included;
 - `--logit-rows` of them produce logits.
 Timing: best of 5 rounds of 10 steps, with a separate weight per layer, as in the model, so the
@@ -60,20 +62,22 @@ def best_seconds(fn: Any, rounds: int = 5, steps: int = 10) -> float:
 def measure(cfg: dict[str, Any], step_tokens: int, logit_rows: int, input_len: int, output_len: int) -> dict[str, Any]:
     import torch
     from tpi_runtime.settings import ProcessSettings
-    from tpi_runtime.tp import linear, linear_weight
+    from tpi_runtime.tp import linear, linear_weight, onednn_packing_available, packed_weight
 
     if threads := ProcessSettings.from_env(os.environ).num_threads:  # as the engine sets them
         torch.set_num_threads(threads)
     cpu = torch.device("cpu")
     shapes = layer_shapes(cfg)
     xs = {i: torch.randn(step_tokens, i) for _, i, _ in shapes}
+    packed = onednn_packing_available()  # as the engine decides for max_batch_size > 1
+
+    def weight(out: int, inputs: int, row_parallel: bool = False) -> torch.Tensor:
+        w = linear_weight(out, inputs, dtype=torch.float32, device=cpu, split_inputs=row_parallel).normal_()
+        return packed_weight(w, step_tokens) if packed else w
+
     # (input, weight) per product, layer after layer
-    products = [
-        (xs[i], linear_weight(o, i, dtype=torch.float32, device=cpu, split_inputs=row_parallel).normal_())
-        for _ in range(cfg["num_hidden_layers"])
-        for o, i, row_parallel in shapes
-    ]
-    head = linear_weight(cfg["vocab_size"], cfg["hidden_size"], dtype=torch.float32, device=cpu).normal_()
+    products = [(xs[i], weight(o, i, split)) for _ in range(cfg["num_hidden_layers"]) for o, i, split in shapes]
+    head = weight(cfg["vocab_size"], cfg["hidden_size"])
     rows = torch.randn(logit_rows, cfg["hidden_size"])
 
     def decoder_products() -> None:
@@ -88,6 +92,7 @@ def measure(cfg: dict[str, Any], step_tokens: int, logit_rows: int, input_len: i
     request_s = tokens * layers_s / step_tokens + output_len * head_s / logit_rows
     return {
         "threads": torch.get_num_threads(),
+        "onednn_packed": packed,
         "step_tokens": step_tokens,
         "logit_rows": logit_rows,
         "decoder_products_ms_per_step": layers_s * 1e3,
@@ -110,7 +115,8 @@ def main() -> None:
     r = measure(CONFIG, args.step_tokens, args.logit_rows, args.input_len, args.output_len)
     print(
         f"matrix products at the c=16 step ({r['step_tokens']} tokens, {r['logit_rows']} logit rows, "
-        f"{r['threads']} threads): decoder {r['decoder_products_ms_per_step']:.1f} ms "
+        f"{r['threads']} threads{', oneDNN packed weights' if r['onednn_packed'] else ''}): "
+        f"decoder {r['decoder_products_ms_per_step']:.1f} ms "
         f"({r['decoder_gflops']:.0f} GFLOP/s), LM head {r['lm_head_ms_per_step']:.1f} ms "
         f"({r['lm_head_gflops']:.0f} GFLOP/s) -> at most {r['ceiling_output_tok_s']:.0f} output tok/s "
         f"for {args.input_len}-token prompts and {args.output_len} new tokens",

@@ -146,11 +146,16 @@ def pack_for_batches(model: nn.Module, batch_tokens: int) -> int:
         weight = module.weight
         if weight.dim() != 3 or weight.dtype != torch.float32 or weight.device.type != "cpu":
             continue
-        plain = torch.cat([v for _, _, v in weight_rows(weight, 0, logical_rows(weight))])
         del module.weight  # a Parameter; oneDNN's opaque layout is kept as a plain attribute
-        module.weight = torch.ops.mkldnn._reorder_linear_weight(plain, batch_tokens)
-        packed += plain.numel() * plain.element_size()
+        module.weight = packed_weight(weight, batch_tokens)
+        packed += weight.numel() * weight.element_size()
     return packed
+
+
+def packed_weight(weight: torch.Tensor, batch_tokens: int) -> torch.Tensor:
+    """oneDNN's packed copy of a CPU weight in a `linear_weight` layout (`pack_for_batches`)."""
+    plain = torch.cat([v for _, _, v in weight_rows(weight, 0, logical_rows(weight))])  # [out, in]
+    return torch.ops.mkldnn._reorder_linear_weight(plain, batch_tokens)  # type: ignore[no-any-return]
 
 
 class ColumnParallelLinear(nn.Module):
