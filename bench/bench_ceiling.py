@@ -62,7 +62,7 @@ def best_seconds(fn: Any, rounds: int = 5, steps: int = 10) -> float:
 def measure(cfg: dict[str, Any], step_tokens: int, logit_rows: int, input_len: int, output_len: int) -> dict[str, Any]:
     import torch
     from tpi_runtime.settings import ProcessSettings
-    from tpi_runtime.tp import linear, linear_weight, onednn_packing_available, packed_weight
+    from tpi_runtime.tp import linear, linear_weight, onednn_packing_available, packed_weight, plain_weight
 
     if threads := ProcessSettings.from_env(os.environ).num_threads:  # as the engine sets them
         torch.set_num_threads(threads)
@@ -73,7 +73,7 @@ def measure(cfg: dict[str, Any], step_tokens: int, logit_rows: int, input_len: i
 
     def weight(out: int, inputs: int, row_parallel: bool = False) -> torch.Tensor:
         w = linear_weight(out, inputs, dtype=torch.float32, device=cpu, split_inputs=row_parallel).normal_()
-        return packed_weight(w, step_tokens) if packed else w
+        return packed_weight(plain_weight(w), step_tokens) if packed else w
 
     # (input, weight) per product, layer after layer
     products = [(xs[i], weight(o, i, split)) for _ in range(cfg["num_hidden_layers"]) for o, i, split in shapes]

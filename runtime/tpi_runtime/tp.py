@@ -143,18 +143,26 @@ def pack_for_batches(model: nn.Module, batch_tokens: int) -> int:
     for module in model.modules():
         if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
             continue
-        weight = module.weight
-        if weight.dim() != 3 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        if module.weight.dim() != 3 or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
             continue
-        del module.weight  # a Parameter; oneDNN's opaque layout is kept as a plain attribute
-        module.weight = packed_weight(weight, batch_tokens)
-        packed += weight.numel() * weight.element_size()
+        plain = plain_weight(module.weight)
+        # The Parameter is its storage's last reference: it goes before the packed copy is made,
+        # so loading peaks at one extra copy of the largest weight (a container's memory limit
+        # is sized for the steps, not for the load).
+        del module.weight
+        module.weight = packed_weight(plain, batch_tokens)  # oneDNN's opaque layout, not a Parameter
+        packed += plain.numel() * plain.element_size()
+        del plain
     return packed
 
 
-def packed_weight(weight: torch.Tensor, batch_tokens: int) -> torch.Tensor:
-    """oneDNN's packed copy of a CPU weight in a `linear_weight` layout (`pack_for_batches`)."""
-    plain = torch.cat([v for _, _, v in weight_rows(weight, 0, logical_rows(weight))])  # [out, in]
+def plain_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A contiguous [out, in] copy of a weight in any `linear_weight` layout."""
+    return torch.cat([v for _, _, v in weight_rows(weight, 0, logical_rows(weight))])
+
+
+def packed_weight(plain: torch.Tensor, batch_tokens: int) -> torch.Tensor:
+    """oneDNN's packed copy of an [out, in] float32 weight, for `batch_tokens` rows per product."""
     return torch.ops.mkldnn._reorder_linear_weight(plain, batch_tokens)  # type: ignore[no-any-return]
 
 
