@@ -77,7 +77,6 @@ class BatchMeta:
     seq_lens: list[int]
     ctx_lens: list[int]
     last_token_idx: torch.Tensor  # [B] long: which tokens produce logits
-    decode_only: bool
     block_tables: list[Sequence[int]] | None = None
     # Filled by Transformer.prepare (once per step, shared by every layer):
     slot_mapping: torch.Tensor | None = None  # [N] rows of the flattened cache to write
@@ -126,7 +125,6 @@ class BatchMeta:
             last_token_idx=torch.tensor(
                 [s + k - 1 for s, k in zip(starts, lens, strict=True)], dtype=torch.long, device=device
             ),
-            decode_only=all(k == 1 for k in lens),
             block_tables=tables,
         )
 
