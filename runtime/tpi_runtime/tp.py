@@ -120,8 +120,7 @@ def onednn_packing_available() -> bool:
     if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return False
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(torch.eye(2), 1)
-        y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), packed, None, "none", [None], "")
+        y = linear(torch.ones(1, 2), packed_weight(torch.eye(2), 1))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
     return bool(torch.equal(y, torch.ones(1, 2)))
@@ -146,10 +145,7 @@ def pack_for_batches(model: nn.Module, batch_tokens: int) -> int:
         if module.weight.dim() != 3 or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
             continue
         plain = plain_weight(module.weight)
-        # The Parameter is its storage's last reference: it goes before the packed copy is made,
-        # so loading peaks at one extra copy of the largest weight (a container's memory limit
-        # is sized for the steps, not for the load).
-        del module.weight
+        del module.weight  # its storage's last reference: freed before the packed copy is made
         module.weight = packed_weight(plain, batch_tokens)  # oneDNN's opaque layout, not a Parameter
         packed += plain.numel() * plain.element_size()
         del plain
