@@ -370,9 +370,9 @@ class Engine:
         self.comm_device = self.device if self.dist.backend == "nccl" else torch.device("cpu")
         self.model = Transformer(cfg, self.dist, dtype=self.dtype, device=self.device)
         self.load_report: LoadReport = ckpt.load_weights(self.model, self.rank, self.world_size)
-        cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32
-        if max_batch_size > 1 and cpu_float32 and onednn_packing_available():
-            packed = pack_for_batches(self.model, self.max_num_batched_tokens)  # batched steps 1.3-2.3x faster
+        # Batched steps 1.3-2.3x faster; pack_for_batches takes the CPU float32 weights only.
+        batching = max_batch_size > 1 and onednn_packing_available()
+        if batching and (packed := pack_for_batches(self.model, self.max_num_batched_tokens)):
             log.info("rank %d: %.1f MiB of linear weights packed for oneDNN (batching)", self.rank, packed / 2**20)
         if mid_forward_fault is not None:
             fault = mid_forward_fault  # after layer 0 ran: at TP > 1 its all-reduces are done
