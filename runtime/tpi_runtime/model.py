@@ -444,9 +444,9 @@ class Transformer(nn.Module):
             mask = keys < ctx_t
             if window is not None:  # the query at ctx - 1 sees keys ctx - window .. ctx - 1 only
                 mask &= keys >= ctx_t - window
-            rows = [meta.seq_starts[i] for i in seqs]
+            token_rows = [meta.seq_starts[i] for i in seqs]
             meta.decode_buckets.append(DecodeBucket(
-                rows=None if in_order and len(groups) == 1 else torch.tensor(rows, dtype=torch.long, device=dev),
+                rows=None if in_order and len(groups) == 1 else torch.tensor(token_rows, dtype=torch.long, device=dev),
                 tables_t=torch.tensor(padded, dtype=torch.long, device=dev),
                 mask=mask[:, None, None, :],
             ))  # fmt: skip

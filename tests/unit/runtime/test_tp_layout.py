@@ -13,7 +13,16 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from tpi_runtime.tp import linear, linear_weight, logical_rows, splits_inputs, weight_rows
+from tpi_runtime.tp import (
+    ColumnParallelLinear,
+    linear,
+    linear_weight,
+    logical_rows,
+    onednn_packing_available,
+    pack_for_batches,
+    splits_inputs,
+    weight_rows,
+)
 
 
 @contextlib.contextmanager
@@ -104,8 +113,6 @@ def test_packed_weights_match_plain_linear_at_every_batch_size() -> None:
     """`pack_for_batches` (oneDNN's packed format, what a batching CPU server multiplies with)
     keeps each product, for every layout it replaces; half precision and a tied head stay as
     they are."""
-    from tpi_runtime.tp import ColumnParallelLinear, onednn_packing_available, pack_for_batches
-
     assert onednn_packing_available(), "this x86 torch build ships oneDNN: packing must work here"
     torch.manual_seed(0)
     cpu = torch.device("cpu")
