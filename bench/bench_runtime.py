@@ -79,6 +79,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from tpi_runtime.engine import Engine, SamplingParams
     from tpi_runtime.settings import ProcessSettings
+    from tpi_runtime.tp import weight_bytes
 
     baseline_kib = _status_kib("VmRSS")  # after imports, before the process group and weights
 
@@ -142,7 +143,7 @@ def worker(args: argparse.Namespace) -> None:
     if engine.rank == 0:
         threading.Thread(target=drive, daemon=True).start()
     engine.run_forever(stop)
-    local = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    local = weight_bytes(engine.model)  # with the weights a batching engine packed for oneDNN
     replicated = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters() if "norm" in n)
     kv = sum(2 * b.attn.k_cache.numel() * 4 for b in engine.model.layers)
     print(

@@ -152,6 +152,14 @@ def pack_for_batches(model: nn.Module, batch_tokens: int) -> int:
     return packed
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the model holds: its parameters and the oneDNN-packed linear weights
+    `pack_for_batches` put in their place (plain tensors, so ``parameters()`` no longer lists them)."""
+    weights = [getattr(m, "weight", None) for m in model.modules()]
+    packed = sum(w.numel() * w.element_size() for w in weights if isinstance(w, torch.Tensor) and w.is_mkldnn)
+    return packed + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def plain_weight(weight: torch.Tensor) -> torch.Tensor:
     """A contiguous [out, in] copy of a weight in any `linear_weight` layout."""
     return torch.cat([v for _, _, v in weight_rows(weight, 0, logical_rows(weight))])

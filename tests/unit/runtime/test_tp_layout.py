@@ -21,6 +21,7 @@ from tpi_runtime.tp import (
     onednn_packing_available,
     pack_for_batches,
     splits_inputs,
+    weight_bytes,
     weight_rows,
 )
 
@@ -134,8 +135,11 @@ def test_packed_weights_match_plain_linear_at_every_batch_size() -> None:
         for a, b, view in weight_rows(layer.weight, 0, out):
             view.copy_(reference[a:b])
         references.append(reference)
+    unpacked = weight_bytes(model)
+    assert unpacked == 2 * 8 * 12 * 4 + 8 * 12 * 2
     assert pack_for_batches(model, 64) == 2 * 8 * 12 * 4
     assert [layer.weight.is_mkldnn for layer in model] == [True, True, False]
+    assert weight_bytes(model) == unpacked  # packed weights are no parameters, and still count
     for layer, reference in zip(model[:2], references[:2], strict=True):
         for rows in (1, 3, 64):
             x = torch.randn(rows, 24)[:, :12]  # not contiguous, as the MLP's gate half is
