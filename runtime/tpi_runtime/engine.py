@@ -19,6 +19,7 @@ import collections
 import ctypes
 import itertools
 import logging
+import math
 import secrets
 import threading
 import time
@@ -82,6 +83,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # k: each token is pushed as TokenLogprobs (top k alternatives)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,7 @@ def _row_params(p: SamplingParams) -> RowParams:
         p.frequency_penalty,
         p.repetition_penalty,
         p.logprobs,
+        p.logit_bias,
     )
 
 
@@ -515,6 +518,8 @@ class Engine:
             or not 0 <= params.min_p <= 1
         ):
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= min_p <= 1")
+        if any(not 0 <= t < self.config.vocab_size or not math.isfinite(b) for t, b in params.logit_bias):
+            raise ValueError(f"logit_bias needs token ids in [0, {self.config.vocab_size}) and finite biases")
         eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
         req = Request(
             f"req-{next(self._ids)}", prompt_ids, params, frozenset(params.stop_token_ids) | eos, self._wake, listener

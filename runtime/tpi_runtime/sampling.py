@@ -29,6 +29,7 @@ class RowParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: off; k: the chosen token's logprob and the top k
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,19 @@ def apply_penalties(x: torch.Tensor, params: list[RowParams], history: list[RowH
     return torch.nan_to_num(x, nan=0.0, posinf=big, neginf=-big)
 
 
+def apply_logit_bias(x: torch.Tensor, params: list[RowParams]) -> torch.Tensor:
+    """OpenAI's logit_bias on [B, V] logits: each row's (token, bias) pairs added in one scattered
+    add, from one host-to-device copy of every row's pairs (exact: ids < 2**53 in float64)."""
+    triples = [(row, tok, bias) for row, p in enumerate(params) for tok, bias in p.logit_bias]
+    if not triples:
+        return x
+    t = torch.tensor(triples, dtype=torch.float64).to(x.device, non_blocking=True)
+    rows, toks = t[:, 0].long(), t[:, 1].long()
+    x = x.index_put((rows, toks), t[:, 2].to(x.dtype), accumulate=True)
+    big = torch.finfo(x.dtype).max  # a bias on a logit near the float maximum: still sampled
+    return torch.nan_to_num(x, posinf=big, neginf=-big)
+
+
 def _logprobs(x: torch.Tensor, tokens: torch.Tensor, params: list[RowParams]) -> list[Sampled]:
     lp = x.log_softmax(dim=-1)
     chosen = lp.gather(-1, tokens.clamp(min=0)[:, None]).squeeze(-1).tolist()
@@ -109,12 +123,14 @@ def sample(
     generator's seed and its draw number only, so seeded requests reproduce in any batch:
     `positions` (e.g. each row's count of generated tokens) fixes that number, so that a caller
     that samples a row a varying number of times still draws the same numbers for its tokens.
-    Logprobs are those of the distribution after penalties, before temperature and truncation."""
+    Logprobs are those of the distribution after penalties and logit_bias, before temperature and
+    truncation."""
     x = logits.float()
     bad = ~torch.isfinite(x).all(dim=-1)
     x = torch.where(bad[:, None], torch.zeros((), device=x.device), x)
     if history is not None:
         x = apply_penalties(x, params, history)
+    x = apply_logit_bias(x, params)
     tok = torch.where(bad, -1, _pick(x, params, generators, positions))
     if any(p.logprobs is not None for p in params):
         return _logprobs(x, tok, params)

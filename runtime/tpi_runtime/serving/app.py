@@ -104,12 +104,24 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def models(request: web.Request) -> web.Response:
-    st = request.app[_STATE]
+def _model_card(st: ServerState) -> dict[str, Any]:
     card: dict[str, Any] = {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "tpi"}
     if st.engine is not None:
         card["max_model_len"] = st.engine.max_model_len
-    return _json(200, {"object": "list", "data": [card]})
+    return card
+
+
+async def models(request: web.Request) -> web.Response:
+    return _json(200, {"object": "list", "data": [_model_card(request.app[_STATE])]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """OpenAI's ``GET /v1/models/{model}`` (the client's ``models.retrieve``)."""
+    st = request.app[_STATE]
+    name = request.match_info["model"]
+    if name != st.model_name:
+        raise ApiError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+    return _json(200, _model_card(st))
 
 
 async def v1_completions(request: web.Request) -> web.StreamResponse:
@@ -136,9 +148,10 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_get("/metrics", metrics, allow_head=False)
     if state.rank == 0:
         app.router.add_get("/v1/models", models, allow_head=False)
+        app.router.add_get("/v1/models/{model:.+}", model, allow_head=False)  # ids may contain '/'
         app.router.add_post("/v1/completions", v1_completions)
         app.router.add_post("/v1/chat/completions", v1_chat)
     else:
-        for path in _API_PATHS:
+        for path in (*_API_PATHS, "/v1/models/{model:.+}"):
             app.router.add_route("*", path, rank0_only)
     return app

@@ -10,7 +10,7 @@ from aiohttp import web
 from . import endpoint
 from .chat_template import TemplateError
 from .endpoint import Prepared
-from .errors import ApiError, bad_request
+from .errors import ApiError, bad_request, unsupported
 from .generation import Event, Generation
 from .logprobs import chat_logprobs
 from .protocol import ChatChoice, ChatCompletionRequest, ChatMessageOut, ChatResponse, Usage
@@ -23,6 +23,7 @@ def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
         raise ApiError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    refuse_tool_calls(req)
     template = state.chat_template
     if template is None or engine.tokenizer is None:
         raise bad_request(state.chat_template_error, "messages", "chat_template_missing")
@@ -37,7 +38,9 @@ def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
     if max_tokens < 1:
         endpoint.check_context(len(ids), 1, engine.max_model_len)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = endpoint.sampling_params(req, max_tokens, template.stop_token_ids(engine.tokenizer), logprobs)
+    params = endpoint.sampling_params(
+        req, max_tokens, engine.config.vocab_size, template.stop_token_ids(engine.tokenizer), logprobs
+    )
     endpoint.check_context(len(ids), params.max_tokens, engine.max_model_len)
     last = req.messages[-1]
     echo = last.as_template_dict()["content"] or "" if req.echo and last.role == "assistant" else ""
@@ -51,6 +54,28 @@ def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
         echo_text=echo,
         meta=endpoint.new_meta("chatcmpl", state.model_name),
     )
+
+
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def refuse_tool_calls(req: ChatCompletionRequest) -> None:
+    """A 400 for a request that lets the model call a tool: this server has no parser that turns a
+    reply into ``tool_calls``, so such a reply would come back as plain text. Tools offered with
+    ``tool_choice: "none"`` (or functions with ``function_call: "none"``) are accepted: the reply is
+    text either way, as asked."""
+    for tools, choice, tools_name, choice_name in (
+        (req.tools, req.tool_choice, "tools", "tool_choice"),
+        (req.functions, req.function_call, "functions", "function_call"),
+    ):
+        if isinstance(choice, str) and choice not in TOOL_CHOICES:
+            raise bad_request(f"'{choice_name}' must be one of {', '.join(TOOL_CHOICES)} or an object", choice_name)
+        if isinstance(choice, dict) or choice == "required" or (tools and choice != "none"):
+            raise unsupported(
+                f"tool calling is not supported by this server; send '{choice_name}': 'none' with "
+                f"'{tools_name}', or no '{tools_name}'",
+                choice_name if choice is not None else tools_name,
+            )
 
 
 class ChatFormatter:

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from . import endpoint
 from .endpoint import Prepared
-from .errors import ApiError, bad_request
+from .errors import ApiError, bad_request, unsupported
 from .generation import Event, Generation
 from .logprobs import completion_logprobs
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
@@ -34,13 +34,15 @@ def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
     engine = state.require_engine()
     if req.model is not None and req.model != state.model_name:
         raise ApiError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
+    if req.suffix:  # insertion needs a model trained for it and its template; never silently dropped
+        raise unsupported("'suffix' is not supported by this server", "suffix")
     stop = req.stop_list()
     if stop and engine.tokenizer is None:
         raise bad_request("stop strings need a tokenizer; this checkpoint has none", "stop", "tokenizer_missing")
     ids = _prompt_ids(req, engine.tokenizer)
     if not ids:
         raise bad_request("the prompt is empty", "prompt")
-    params = endpoint.sampling_params(req, req.max_tokens, logprobs=req.logprobs)
+    params = endpoint.sampling_params(req, req.max_tokens, engine.config.vocab_size, logprobs=req.logprobs)
     endpoint.check_context(len(ids), params.max_tokens, engine.max_model_len)
     echo = ""
     if req.echo:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from tpi_runtime.engine import RequestError, SamplingParams
 
-from .errors import ApiError, bad_request
+from .errors import ApiError, bad_request, unsupported
 from .generation import Event, Generation
 from .protocol import SamplingFields, Usage
 
@@ -53,8 +53,21 @@ class Formatter(Protocol):
 
 
 def sampling_params(
-    req: SamplingFields, max_tokens: int | None, extra_stop_ids: tuple[int, ...] = (), logprobs: int | None = None
+    req: SamplingFields,
+    max_tokens: int | None,
+    vocab_size: int,
+    extra_stop_ids: tuple[int, ...] = (),
+    logprobs: int | None = None,
 ) -> SamplingParams:
+    """The engine's parameters for what both endpoints accept; a 400 for what they cannot honour."""
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        raise unsupported(
+            f"'response_format' of type {fmt.type[:40]!r} is not supported by this server (it has no "
+            "constrained decoding); omit it or send {\"type\": \"text\"}",
+            "response_format",
+            "unsupported_value",
+        )
     return SamplingParams(
         max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -68,7 +81,24 @@ def sampling_params(
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logprobs=logprobs,
+        logit_bias=logit_bias(req, vocab_size),
     )
+
+
+def logit_bias(req: SamplingFields, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` as (token id, bias) pairs; a 400 naming the first key that is not a
+    token id of this model (a decimal string below the vocabulary size)."""
+    pairs = []
+    for key, bias in (req.logit_bias or {}).items():
+        # Length first: int() refuses strings of over 4300 digits with a ValueError of its own.
+        if not (key.isascii() and key.isdigit() and len(key) <= 12 and int(key) < vocab_size):
+            raise bad_request(
+                f"'logit_bias' key {key[:24]!r} is not a token id of this model (a decimal integer in "
+                f"[0, {vocab_size}))",
+                "logit_bias",
+            )
+        pairs.append((int(key), bias))
+    return tuple(pairs)
 
 
 def check_context(prompt_len: int, max_tokens: int, max_model_len: int) -> None:

@@ -37,6 +37,11 @@ def bad_request(message: str, param: str | None, code: str | None = "invalid_val
     return ApiError(HTTPStatus.BAD_REQUEST, message, param=param, code=code)
 
 
+def unsupported(message: str, param: str, code: str = "unsupported_parameter") -> ApiError:
+    """A valid OpenAI field this server cannot honour: refused, never silently ignored."""
+    return ApiError(HTTPStatus.BAD_REQUEST, message, param=param, code=code)
+
+
 def unavailable(message: str, code: str) -> ApiError:
     return ApiError(HTTPStatus.SERVICE_UNAVAILABLE, message, code=code, type_="service_unavailable")
 

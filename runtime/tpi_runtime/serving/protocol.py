@@ -4,6 +4,10 @@ Field names and defaults follow OpenAI, plus vLLM's extensions (top_k, min_p, re
 stop_token_ids, ignore_eos) and ``token_ids`` in completion choices. Bounds are Field constraints,
 so an out-of-range or wrongly typed value is a 400 before anything reaches the engine. Validation is
 strict (JSON true is not 1, "5" is not 5). Unknown fields are accepted and logged, as vLLM does.
+OpenAI fields this server cannot honour (``response_format`` other than text, tool calling,
+``suffix``) are declared here so that the endpoints refuse them with a 400 (``unsupported``)
+instead of ignoring them: a client asking for JSON or a tool call must not get plain text back as
+if it had.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ MAX_N = 16
 TokenId = Annotated[int, Field(ge=0)]
 Prob = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+MAX_LOGIT_BIAS = 1024  # entries per request: each is one scattered add on the device
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]  # OpenAI's range
 
 
 class _Request(BaseModel):
@@ -33,6 +39,11 @@ class _Request(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str  # only "text" is served; the endpoints refuse the others
 
 
 class SamplingFields(_Request):
@@ -54,6 +65,9 @@ class SamplingFields(_Request):
     presence_penalty: Penalty | None = 0.0
     frequency_penalty: Penalty | None = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0, allow_inf_nan=False)] | None = 1.0
+    #: OpenAI's: token id (a decimal string) -> a bias added to its logit before sampling.
+    logit_bias: Annotated[dict[str, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     def stop_list(self) -> list[str]:
@@ -98,6 +112,11 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
+    # Tool calling is not served: declared so that a request relying on it is refused (chat.py).
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None  # the deprecated form of tools
+    function_call: str | dict[str, Any] | None = None
     #: vLLM's: when the last message is the assistant's (a reply to continue), it leads the reply.
     echo: bool | None = False
 

@@ -198,6 +198,7 @@ def scenario_controls(engine: Engine) -> dict[str, Any]:
         ("out_of_range", [1, engine.config.vocab_size], SamplingParams()),
         ("too_long", [1] * 10, SamplingParams(max_tokens=engine.max_model_len)),
         ("bad_top_p", [1, 2], SamplingParams(top_p=0.0)),
+        ("bad_logit_bias", [1, 2], SamplingParams(logit_bias=((engine.config.vocab_size, 1.0),))),
     ]:
         try:
             engine.submit(ids, sp)

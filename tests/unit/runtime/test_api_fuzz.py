@@ -38,6 +38,8 @@ SAMPLING = {
     "repetition_penalty": st.floats(min_value=1e-6, max_value=2),
     "ignore_eos": st.booleans(),
     "stream": st.booleans(),
+    "logit_bias": st.dictionaries(st.integers(min_value=0, max_value=256).map(str), st.floats(-100, 100), max_size=3),
+    "response_format": st.just({"type": "text"}),
     "some_unknown_field": ANY,
 }
 COMPLETION = st.fixed_dictionaries(
@@ -58,7 +60,10 @@ CHAT = st.fixed_dictionaries(
         "max_completion_tokens": st.integers(min_value=1, max_value=6),
     },
 )
-FIELDS = sorted({*SAMPLING, "prompt", "messages", "logprobs", "echo", "top_logprobs", "stream_options"})
+FIELDS = sorted({
+    *SAMPLING, "prompt", "messages", "logprobs", "echo", "top_logprobs", "stream_options",
+    "suffix", "tools", "tool_choice", "functions", "function_call",
+})  # fmt: skip
 
 
 @pytest.fixture(scope="module")

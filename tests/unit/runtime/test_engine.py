@@ -75,6 +75,7 @@ def test_validation_cancel_stop_tokens_and_idle_steps(ckpt_main: str) -> None:
     assert "out of range" in errs["out_of_range"]
     assert "max_model_len" in errs["too_long"]
     assert "top_p" in errs["bad_top_p"]
+    assert "logit_bias" in errs["bad_logit_bias"]
     # Tokens the engine made before it saw the cancel are dropped, however slow the reader.
     assert res["cancel"]["finish"] == "abort" and res["cancel"]["n"] == 3
     assert res["cancel_stop"]["finish"] == "stop"

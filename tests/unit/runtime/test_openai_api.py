@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError, NotFoundError, OpenAI
 from tpi_runtime.testing import make_tiny_checkpoint
 
-from tests.unit.runtime.test_server import Server, start_group, stop_group
+from tests.unit.runtime.test_server import MAX_MODEL_LEN, Server, start_group, stop_group
 
 PROMPT = "the cat sees a dog and the bird"
 TEMPLATE = (
@@ -186,3 +186,66 @@ def test_chat_echo_continues_the_assistants_last_message(client: OpenAI) -> None
     )
     assert not (user_last.choices[0].message.content or "").startswith(MESSAGES[0]["content"])
 
+
+
+def test_logit_bias_forces_and_bans_tokens(client: OpenAI) -> None:
+    """OpenAI's logit_bias, greedy: -100 bans the token the model would pick, +100 forces one,
+    streamed or not, on both endpoints."""
+    base: dict[str, Any] = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    plain = client.completions.create(**base).choices[0].model_extra["token_ids"]  # type: ignore[index]
+    banned = client.completions.create(**base, logit_bias={str(plain[0]): -100})
+    assert banned.choices[0].model_extra["token_ids"][0] != plain[0]  # type: ignore[index]
+    forced = next(t for t in range(100, 200) if t not in plain)  # a word token, not a special one
+    bias = {str(forced): 100}
+    out = client.completions.create(**base, logit_bias=bias).choices[0].model_extra["token_ids"]  # type: ignore[index]
+    assert out == [forced] * 4
+    streamed = client.completions.create(**base, logit_bias=bias, stream=True)
+    assert [t for c in streamed if c.choices for t in c.choices[0].model_extra["token_ids"]] == out  # type: ignore[index]
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, temperature=0, logit_bias=bias)  # type: ignore[arg-type]
+    assert chat.choices[0].model_extra["token_ids"] == [forced] * 3  # type: ignore[index]
+
+
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fields", "param", "code"),
+    [
+        ("chat", {"response_format": {"type": "json_object"}}, "response_format", "unsupported_value"),
+        ("completions", {"extra_body": {"response_format": {"type": "json_schema"}}}, "response_format",
+         "unsupported_value"),
+        ("chat", {"tools": [TOOL]}, "tools", "unsupported_parameter"),  # tool_choice defaults to auto
+        ("chat", {"tools": [TOOL], "tool_choice": "required"}, "tool_choice", "unsupported_parameter"),
+        ("chat", {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "lookup"}}},
+         "tool_choice", "unsupported_parameter"),
+        ("chat", {"tool_choice": "sometimes"}, "tool_choice", "invalid_value"),
+        ("chat", {"extra_body": {"functions": [TOOL["function"]]}}, "functions", "unsupported_parameter"),
+        ("completions", {"suffix": " the end"}, "suffix", "unsupported_parameter"),
+        ("completions", {"logit_bias": {"cat": 1}}, "logit_bias", "invalid_value"),
+        ("completions", {"logit_bias": {"257": 1}}, "logit_bias", "invalid_value"),  # the vocabulary is 257
+        ("chat", {"logit_bias": {"5": 100.5}}, "logit_bias", "invalid_value"),
+    ],
+)  # fmt: skip
+def test_what_the_server_cannot_honour_is_refused_not_ignored(
+    client: OpenAI, endpoint: str, fields: dict[str, Any], param: str, code: str
+) -> None:
+    """A field this server cannot honour is a 400 naming it: a client asking for JSON or a tool call
+    must not get plain text back as if it had."""
+    with pytest.raises(BadRequestError) as err:
+        if endpoint == "chat":
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, **fields)  # type: ignore[arg-type]
+        else:
+            client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, **fields)
+    assert (err.value.param, err.value.code) == (param, code), err.value.message
+
+
+def test_tools_declined_text_format_and_models_retrieve_are_served(client: OpenAI) -> None:
+    """What can be honoured is: tools offered with tool_choice "none" (the reply is text, as
+    asked), response_format text, and `models.retrieve` (GET /v1/models/{model})."""
+    kw: dict[str, Any] = {"tools": [TOOL], "tool_choice": "none", "response_format": {"type": "text"}}
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, **kw)  # type: ignore[arg-type]
+    assert chat.choices[0].message.content and not chat.choices[0].message.tool_calls
+    card = client.models.retrieve("tiny")
+    assert (card.id, card.model_extra["max_model_len"]) == ("tiny", MAX_MODEL_LEN)  # type: ignore[index]
+    with pytest.raises(NotFoundError):
+        client.models.retrieve("gpt-4")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tpi_runtime.sampling import RowHistory, RowParams, apply_penalties, sample
+from tpi_runtime.sampling import RowHistory, RowParams, apply_logit_bias, apply_penalties, sample
 
 V = 50
 
@@ -21,6 +21,7 @@ EDGE_PARAMS = [
     RowParams(temperature=5.0, top_p=0.5, top_k=3, min_p=0.2),
     RowParams(presence_penalty=-2.0, frequency_penalty=-2.0, repetition_penalty=2.0, logprobs=20),
     RowParams(presence_penalty=2.0, frequency_penalty=2.0, repetition_penalty=1e-3, logprobs=0),
+    RowParams(temperature=0.9, logit_bias=((0, 100.0), (1, -100.0), (0, 100.0))),
 ]
 
 
@@ -37,6 +38,27 @@ def test_edge_params_always_give_valid_tokens(scale: float) -> None:
         assert out[i].token == best[i]
     assert len(out[10].top) == 20 and out[10].logprob is not None and out[10].logprob <= 0
     assert out[11].top == () and out[11].logprob is not None
+
+
+def test_logit_bias_is_per_row_added_before_the_pick_and_the_logprobs() -> None:
+    """OpenAI's logit_bias: each row's own pairs added to its logits (a key given twice adds
+    twice), +100 forces a token and -100 bans one, greedy or sampled, and the logprobs are those
+    of the biased distribution."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 0.0], [1.0, 2.0, 3.0, 0.0], [1.0, 2.0, 3.0, 0.0]])
+    rows = [RowParams(logit_bias=((3, 1.5), (3, 1.0), (0, -1.0))), RowParams(), RowParams(logit_bias=((1, 0.25),))]
+    assert apply_logit_bias(x, rows).tolist() == [[0.0, 2.0, 3.0, 2.5], [1.0, 2.0, 3.0, 0.0], [1.0, 2.25, 3.0, 0.0]]
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(3))
+    best = logits.argmax(-1).tolist()
+    params = [
+        RowParams(temperature=0.0, logit_bias=((7, 100.0),)),
+        RowParams(temperature=0.0, logit_bias=((best[1], -100.0),)),
+        RowParams(temperature=1.0, logit_bias=((9, 100.0),), logprobs=2),
+        RowParams(temperature=0.0),
+    ]
+    out = sample(logits, params, [torch.Generator().manual_seed(i) for i in range(4)])
+    second = logits[1].topk(2).indices[1].item()
+    assert [s.token for s in out] == [7, second, 9, best[3]]
+    assert out[2].top[0][0] == 9 and out[2].logprob == out[2].top[0][1] > -1e-6
 
 
 def test_a_non_finite_row_fails_alone() -> None:
