@@ -46,15 +46,26 @@ def unavailable(message: str, code: str) -> ApiError:
     return ApiError(HTTPStatus.SERVICE_UNAVAILABLE, message, code=code, type_="service_unavailable")
 
 
+_UNION_MEMBERS = {"str", "int", "float", "bool"}  # pydantic's loc tags of a union's plain members
+
+
 def from_validation(e: ValidationError) -> ApiError:
-    """The first problem pydantic found, as a 400 naming the top-level field."""
-    first = e.errors(include_url=False)[0]
+    """The first field pydantic found wrong, as a 400 naming it. A union field (``prompt``: a string
+    or token ids; ``stop``: a string or a list) fails once per member; the error reported is the
+    first that is not a mere wrong type of a member, so a prompt of [-1] says "greater than or
+    equal to 0" at ``prompt.0``, not "should be a valid string", and a stop of [null] names
+    ``stop.0``."""
+    errors = e.errors(include_url=False)
+    first = errors[0]
     if first["type"] == "json_invalid":
         return bad_request(f"request body is not valid JSON: {first['msg']}", None, "invalid_json")
-    loc = first.get("loc") or ()
-    if not loc:
+    if not first.get("loc"):
         return bad_request("request body must be a JSON object", None, "invalid_type")
-    param = str(loc[0])
+    field = [x for x in errors if x.get("loc") and x["loc"][0] == first["loc"][0]]
+    # Wrong types only: the deepest (a list's bad element, not the "should be a string" of its union).
+    best = next((x for x in field if not x["type"].endswith("_type")), max(field, key=lambda x: len(x["loc"])))
+    # Union members' tags ('str', 'list[constrained-int]', ...) are no place in the request body.
+    loc = [x for x in best["loc"] if not (isinstance(x, str) and ("[" in x or x in _UNION_MEMBERS))]
     where = ".".join(str(x) for x in loc)
-    code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
-    return bad_request(f"'{where}': {first['msg']}", param, code)
+    code = "missing_required_parameter" if best["type"] == "missing" else "invalid_value"
+    return bad_request(f"'{where}': {best['msg']}", str(loc[0]), code)
