@@ -45,13 +45,13 @@ def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
     last = req.messages[-1]
     echo = last.as_template_dict()["content"] or "" if req.echo and last.role == "assistant" else ""
     return Prepared(
-        prompt_ids=ids,
+        prompts=[ids],
         params=params,
         n=req.n or 1,
         stop=req.stop_list(),
         stream=bool(req.stream),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        echo_text=echo,
+        echo_texts=[echo],
         meta=endpoint.new_meta("chatcmpl", state.model_name),
     )
 
@@ -90,11 +90,11 @@ class ChatFormatter:
                 [
                     {
                         "index": i,
-                        "delta": {"role": "assistant", "content": prep.echo_text},
+                        "delta": {"role": "assistant", "content": prep.echo_for(i)},
                         "finish_reason": None,
                         "logprobs": None,
                     }
-                    for i in range(prep.n)
+                    for i in range(prep.num_choices)
                 ],
             )
         ]

@@ -15,19 +15,26 @@ from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, U
 from .state import ServerState
 
 
-def _prompt_ids(req: CompletionRequest, tokenizer: object) -> list[int]:
+def _prompts(req: CompletionRequest, tokenizer: Any) -> list[tuple[str | None, list[int]]]:
+    """The request's prompts, each as (its text, or None for token ids; its token ids): a string or
+    token ids is one prompt; a list of strings or of token-id lists is a batch (OpenAI's), each
+    prompt getting ``n`` choices of its own."""
     prompt = req.prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one: ["text"] or [[ids]]
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise bad_request(
-                "this checkpoint has no tokenizer; send the prompt as token ids", "prompt", "tokenizer_missing"
-            )
-        return list(tokenizer.encode(prompt).ids)  # type: ignore[attr-defined]
-    if prompt and not all(isinstance(x, int) for x in prompt):
-        raise bad_request("only one prompt per request is supported", "prompt")
-    return [int(x) for x in prompt]  # type: ignore[arg-type]
+    single = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
+    batch: list[str] | list[list[int]] = [prompt] if single else prompt  # type: ignore[assignment]
+    if not batch:
+        raise bad_request("the prompt is empty", "prompt")
+    if isinstance(batch[0], str) and tokenizer is None:
+        raise bad_request(
+            "this checkpoint has no tokenizer; send the prompt as token ids", "prompt", "tokenizer_missing"
+        )
+    out: list[tuple[str | None, list[int]]] = [
+        (p, list(tokenizer.encode(p).ids)) if isinstance(p, str) else (None, list(p)) for p in batch
+    ]
+    for i, (_, ids) in enumerate(out):
+        if not ids:
+            raise bad_request("the prompt is empty" if len(out) == 1 else f"prompt {i} of the batch is empty", "prompt")
+    return out
 
 
 def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
@@ -39,26 +46,29 @@ def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
     stop = req.stop_list()
     if stop and engine.tokenizer is None:
         raise bad_request("stop strings need a tokenizer; this checkpoint has none", "stop", "tokenizer_missing")
-    ids = _prompt_ids(req, engine.tokenizer)
-    if not ids:
-        raise bad_request("the prompt is empty", "prompt")
-    params = endpoint.sampling_params(req, req.max_tokens, engine.config.vocab_size, logprobs=req.logprobs)
-    endpoint.check_context(len(ids), params.max_tokens, engine.max_model_len)
-    echo = ""
-    if req.echo:
-        echo = (
-            req.prompt
-            if isinstance(req.prompt, str)
-            else (engine.tokenizer.decode(ids) if engine.tokenizer is not None else "")
+    prompts = _prompts(req, engine.tokenizer)
+    choices = len(prompts) * (req.n or 1)
+    if engine.max_waiting is not None and choices > engine.max_waiting:  # a 429 would never clear
+        raise bad_request(
+            f"{len(prompts)} prompts x n={req.n or 1} are {choices} sequences; this server queues at most "
+            f"{engine.max_waiting} (--max-queue)",
+            "prompt",
         )
+    params = endpoint.sampling_params(req, req.max_tokens, engine.config.vocab_size, logprobs=req.logprobs)
+    for _, ids in prompts:
+        endpoint.check_context(len(ids), params.max_tokens, engine.max_model_len)
+    echo: list[str] = []
+    if req.echo:  # the prompt as sent, or its token ids decoded
+        tok = engine.tokenizer
+        echo = [text if text is not None else (tok.decode(ids) if tok is not None else "") for text, ids in prompts]
     return Prepared(
-        prompt_ids=ids,
+        prompts=[ids for _, ids in prompts],
         params=params,
         n=req.n or 1,
         stop=stop,
         stream=bool(req.stream),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        echo_text=echo,
+        echo_texts=echo,
         meta=endpoint.new_meta("cmpl", state.model_name),
     )
 
@@ -68,15 +78,15 @@ class CompletionFormatter:
         self.tokenizer = tokenizer
 
     def first_chunks(self, prep: Prepared) -> list[bytes]:
-        if not prep.echo_text:
+        if not prep.echo_texts:
             return []
         return [
             endpoint.chunk(
                 prep,
                 "text_completion",
                 [
-                    {"index": i, "text": prep.echo_text, "token_ids": [], "finish_reason": None, "logprobs": None}
-                    for i in range(prep.n)
+                    {"index": i, "text": prep.echo_for(i), "token_ids": [], "finish_reason": None, "logprobs": None}
+                    for i in range(prep.num_choices)
                 ],
             )
         ]
@@ -101,7 +111,7 @@ class CompletionFormatter:
                 text=texts[c.index],
                 token_ids=c.detok.ids,
                 finish_reason=c.finish_reason,
-                logprobs=completion_logprobs(self.tokenizer, c.logprobs, len(prep.echo_text))
+                logprobs=completion_logprobs(self.tokenizer, c.logprobs, len(prep.echo_for(c.index)))
                 if prep.params.logprobs is not None
                 else None,
             )

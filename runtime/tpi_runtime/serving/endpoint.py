@@ -27,14 +27,30 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 @dataclass
 class Prepared:
-    prompt_ids: list[int]
+    """One API request, ready for the engine: ``n`` choices of each prompt (completions take a
+    batch of prompts; chat has one), choice ``i`` of prompt ``i // n`` (OpenAI's order)."""
+
+    prompts: list[list[int]]
     params: SamplingParams
     n: int
     stop: list[str]
     stream: bool
     include_usage: bool
-    echo_text: str = ""  # echo: the prompt (completions) or the assistant's last message (chat) leads each choice
+    # echo: per prompt, the prompt (completions) or the assistant's last message (chat) leads its choices
+    echo_texts: list[str] = field(default_factory=list)
     meta: dict[str, object] = field(default_factory=dict)  # id, created, model: shared by every object sent
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Each prompt counted once, whatever ``n`` (as OpenAI's usage does)."""
+        return sum(len(p) for p in self.prompts)
+
+    def echo_for(self, choice: int) -> str:
+        return self.echo_texts[choice // self.n] if self.echo_texts else ""
 
 
 def chunk(prep: Prepared, object_name: str, choices: list[dict[str, object]], usage: object = None) -> bytes:
@@ -134,8 +150,8 @@ async def run(request: web.Request, state: ServerState, prep: Prepared, fmt: For
     engine = state.require_engine()
     if prep.include_usage and not prep.stream:
         raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
-    gen = Generation(engine, prep.prompt_ids, prep.params, prep.n, prep.stop)
-    state.metrics.prompt_tokens.inc(len(prep.prompt_ids))
+    gen = Generation(engine, prep.prompts, prep.params, prep.n, prep.stop)
+    state.metrics.prompt_tokens.inc(prep.prompt_tokens)
     deadline = asyncio.get_running_loop().time() + state.request_timeout_s
     status, reason = 499, "abort"
     try:
@@ -165,13 +181,13 @@ async def run(request: web.Request, state: ServerState, prep: Prepared, fmt: For
 
 
 async def _collect(prep: Prepared, fmt: Formatter, gen: Generation) -> web.Response:
-    texts = [prep.echo_text] * prep.n
+    texts = [prep.echo_for(i) for i in range(prep.num_choices)]
     async for ev in gen.events():
         texts[ev.index] += ev.text
     usage = Usage(
-        prompt_tokens=len(prep.prompt_ids),
+        prompt_tokens=prep.prompt_tokens,
         completion_tokens=gen.completion_tokens,
-        total_tokens=len(prep.prompt_ids) + gen.completion_tokens,
+        total_tokens=prep.prompt_tokens + gen.completion_tokens,
     )
     return web.Response(body=fmt.response(prep, gen, texts, usage), content_type="application/json")
 
@@ -205,7 +221,7 @@ async def _stream(
     elif prep.include_usage:
         n_gen = gen.completion_tokens
         usage = Usage(
-            prompt_tokens=len(prep.prompt_ids), completion_tokens=n_gen, total_tokens=len(prep.prompt_ids) + n_gen
+            prompt_tokens=prep.prompt_tokens, completion_tokens=n_gen, total_tokens=prep.prompt_tokens + n_gen
         )
         await resp.write(_sse(fmt.usage_chunk(prep, usage)))
     await resp.write(b"data: [DONE]\n\n")

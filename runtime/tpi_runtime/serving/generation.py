@@ -2,7 +2,7 @@
 
 The engine runs on the main thread; each engine request gets a listener that hands tokens to the
 event loop with ``call_soon_threadsafe`` (never blocking the engine), into one queue per API request
-that the handler drains. ``n`` choices are ``n`` engine requests sharing that queue.
+that the handler drains. ``n`` choices of each prompt are ``n`` engine requests sharing that queue.
 """
 
 from __future__ import annotations
@@ -45,18 +45,22 @@ class Event:
 
 
 class Generation:
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, n: int, stop: list[str]) -> None:
-        self.prompt_ids = prompt_ids
+    def __init__(
+        self, engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int, stop: list[str]
+    ) -> None:
+        """``n`` choices of each prompt, choice i of prompt i // n; all submitted, or none."""
         self.t0 = time.monotonic()
         self.t_first: float | None = None
         self._q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self.choices = [Choice(i, IncrementalDetokenizer(engine.tokenizer, prompt_ids, stop)) for i in range(n)]
+        self.choices = [
+            Choice(i, IncrementalDetokenizer(engine.tokenizer, prompts[i // n], stop)) for i in range(len(prompts) * n)
+        ]
         try:
             for c in self.choices:
-                # Seeded n > 1: each choice its own (reproducible) stream.
-                p = params if params.seed is None else replace(params, seed=params.seed + c.index)
-                c.request = engine.submit(prompt_ids, p, listener=self._listener(loop, c.index))
+                # Seeded n > 1: each choice of a prompt its own (reproducible) stream.
+                p = params if params.seed is None else replace(params, seed=params.seed + c.index % n)
+                c.request = engine.submit(prompts[c.index // n], p, listener=self._listener(loop, c.index))
         except BaseException as e:
             self.abort()
             raise _submit_error(e) from None

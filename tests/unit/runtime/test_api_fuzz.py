@@ -45,7 +45,9 @@ SAMPLING = {
 COMPLETION = st.fixed_dictionaries(
     {
         "prompt": st.one_of(
-            st.just("the cat sees"), st.lists(st.integers(min_value=0, max_value=256), min_size=1, max_size=8)
+            st.just("the cat sees"),
+            st.lists(st.integers(min_value=0, max_value=256), min_size=1, max_size=8),
+            st.lists(st.sampled_from(["the cat sees", "a dog"]), min_size=1, max_size=3),  # a batch
         )
     },
     optional={**SAMPLING, "logprobs": st.integers(min_value=0, max_value=20), "echo": st.booleans()},

@@ -249,3 +249,28 @@ def test_tools_declined_text_format_and_models_retrieve_are_served(client: OpenA
     assert (card.id, card.model_extra["max_model_len"]) == ("tiny", MAX_MODEL_LEN)  # type: ignore[index]
     with pytest.raises(NotFoundError):
         client.models.retrieve("gpt-4")
+
+
+def test_a_batch_of_prompts_gets_n_choices_each_in_openai_order(client: OpenAI) -> None:
+    """OpenAI's batched completions: choice i answers prompt i // n, each as if sent alone (greedy),
+    streamed or not; usage counts each prompt once; echo leads each choice with its own prompt."""
+    prompts = [PROMPT, "the dog", "a bird sees the cat"]
+    kw: dict[str, Any] = {"model": "tiny", "max_tokens": 5, "temperature": 0}
+    alone = [client.completions.create(prompt=p, **kw) for p in prompts]
+    batch = client.completions.create(prompt=prompts, n=2, **kw)
+    assert [c.index for c in batch.choices] == list(range(6))
+    for c in batch.choices:
+        ref = alone[c.index // 2].choices[0]
+        assert (c.text, c.model_extra["token_ids"]) == (ref.text, ref.model_extra["token_ids"])  # type: ignore[index]
+    assert batch.usage is not None
+    assert batch.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in alone if r.usage)
+    assert batch.usage.completion_tokens == sum(len(c.model_extra["token_ids"]) for c in batch.choices)  # type: ignore[index]
+    texts: dict[int, str] = {}
+    for chunk in client.completions.create(prompt=prompts, n=2, stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {c.index: c.text for c in batch.choices}
+    ids = [[5, 6, 7], [8, 9]]
+    echoed = client.completions.create(prompt=ids, echo=True, **kw)
+    for c, prompt in zip(echoed.choices, ids, strict=True):  # each led by its own prompt
+        assert c.text == client.completions.create(prompt=prompt, echo=True, **kw).choices[0].text
