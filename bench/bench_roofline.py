@@ -10,6 +10,10 @@ of 5), then decodes `--new-tokens`
 tokens after a `--prompt-len` prompt and takes the median decode-step time; the two are measured
 back to back because a shared VM's speed drifts. Fraction = tokens/s x bytes / bandwidth, with
 the best of each over the rounds (the least disturbed). Target >= 0.85. bench_serving.py runs it.
+
+One more round, not counted in the fraction, times the linear layers' forward calls (hooks around
+each: ~2 us a call) to split the median step into the matrix products (and the GB/s they read
+their weights at) and everything else: norms, attention, RoPE, cache writes, sampling, the loop.
 """
 
 from __future__ import annotations
@@ -90,6 +94,24 @@ def bytes_per_decode_token(model: Path, context: float) -> float:
     return weights + kv_per_token * context
 
 
+def time_products(model: Any) -> tuple[list[float], Any]:
+    """Hooks that add each linear layer's forward time to ``spent[0]`` (reset it per step); returns
+    (spent, a function that removes the hooks)."""
+    from tpi_runtime.tp import ColumnParallelLinear, ParallelLMHead, RowParallelLinear
+
+    spent, started = [0.0], [0.0]
+
+    def before(*_: Any) -> None:
+        started[0] = time.perf_counter()
+
+    def after(*_: Any) -> None:
+        spent[0] += time.perf_counter() - started[0]
+
+    layers = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead))]
+    handles = [h for m in layers for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    return spent, lambda: [h.remove() for h in handles]
+
+
 def measure(model: Path, prompt_len: int, new_tokens: int, rounds: int) -> dict[str, Any]:
     import torch
     from tpi_runtime.engine import Engine, SamplingParams, StepInfo
@@ -109,8 +131,12 @@ def measure(model: Path, prompt_len: int, new_tokens: int, rounds: int) -> dict[
     prompt = [1 + (i * 7919) % 31999 for i in range(prompt_len)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     per_round: list[dict[str, float]] = []
+    parts: dict[str, float] = {}
     stop = threading.Event()
     error: list[BaseException] = []
+
+    def decode_steps(mark: int) -> list[StepInfo]:
+        return [s for s in steps[mark:] if s.num_prefill_tokens == 0 and s.batch_size == 1]
 
     def drive() -> None:
         try:
@@ -119,8 +145,23 @@ def measure(model: Path, prompt_len: int, new_tokens: int, rounds: int) -> dict[
                 bw = read_bandwidth_in_child()
                 mark = len(steps)
                 list(engine.submit(prompt, params))
-                decode = [s.duration_s for s in steps[mark:] if s.num_prefill_tokens == 0 and s.batch_size == 1]
-                per_round.append({"bandwidth": bw, "step_s": statistics.median(decode)})
+                step_s = statistics.median(s.duration_s for s in decode_steps(mark))
+                per_round.append({"bandwidth": bw, "step_s": step_s})
+            # The parts round: each step's products time, read and reset by the on_step hook below.
+            spent, remove = time_products(engine.model)
+            products: dict[int, float] = {}
+
+            def on_step(info: StepInfo) -> None:
+                steps.append(info)
+                products[info.step], spent[0] = spent[0], 0.0
+
+            engine.on_step = on_step
+            mark = len(steps)
+            list(engine.submit(prompt, params))
+            remove()
+            timed = decode_steps(mark)
+            parts["step_s"] = statistics.median(s.duration_s for s in timed)
+            parts["products_s"] = statistics.median(products[s.step] for s in timed)
         except BaseException as e:
             error.append(e)
         finally:
@@ -133,7 +174,9 @@ def measure(model: Path, prompt_len: int, new_tokens: int, rounds: int) -> dict[
     per_token = bytes_per_decode_token(model, prompt_len + (new_tokens - 1) / 2)
     bw = max(r["bandwidth"] for r in per_round)
     tok_s = 1 / min(r["step_s"] for r in per_round)
+    weights = bytes_per_decode_token(model, 0)
     return {
+        "parts": {**parts, "weight_bytes": weights, "products_gbs": weights / parts["products_s"] / 1e9},
         "threads": torch.get_num_threads(),
         "bytes_per_token": per_token,
         "bandwidth_gbs": bw / 1e9,
@@ -167,6 +210,12 @@ def main() -> None:
     for i, x in enumerate(r["rounds"]):
         bw, tok_s, frac = x["bandwidth_gbs"], x["tok_s"], x["fraction"]
         print(f"  round {i}: bandwidth {bw:5.1f} GB/s, decode {tok_s:5.1f} tok/s -> {frac:.2f}")
+    p = r["parts"]
+    print(
+        f"  parts (one more round, linear layers timed with hooks; median step {p['step_s'] * 1e3:.1f} ms): "
+        f"the matrix products {p['products_s'] * 1e3:.1f} ms ({p['weight_bytes'] / 1e6:.0f} MB of weights at "
+        f"{p['products_gbs']:.1f} GB/s), everything else {(p['step_s'] - p['products_s']) * 1e3:.1f} ms"
+    )
     print(
         f"roofline (TP=1, batch 1, {r['threads']} threads): read bandwidth {r['bandwidth_gbs']:.1f} GB/s "
         f"(best of sum/dot/mv over 1 GiB); {r['bytes_per_token'] / 1e6:.0f} MB read per token; decode "
