@@ -76,7 +76,12 @@ def apply_penalties(x: torch.Tensor, params: list[RowParams], history: list[RowH
         seen = _counts([h.context for h in history], n_vocab, dev) > 0
         rp = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
         x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
-    # Penalties at their bounds may overflow huge logits: stay finite so the row is still sampled.
+    return _finite(x)  # penalties at their bounds may overflow huge logits
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """Logits pushed past the float range by a penalty or a bias, clamped back, so their row is
+    still sampled (a non-finite row would fail its request)."""
     big = torch.finfo(x.dtype).max
     return torch.nan_to_num(x, nan=0.0, posinf=big, neginf=-big)
 
@@ -89,9 +94,7 @@ def apply_logit_bias(x: torch.Tensor, params: list[RowParams]) -> torch.Tensor:
         return x
     t = torch.tensor(triples, dtype=torch.float64).to(x.device, non_blocking=True)
     rows, toks = t[:, 0].long(), t[:, 1].long()
-    x = x.index_put((rows, toks), t[:, 2].to(x.dtype), accumulate=True)
-    big = torch.finfo(x.dtype).max  # a bias on a logit near the float maximum: still sampled
-    return torch.nan_to_num(x, posinf=big, neginf=-big)
+    return _finite(x.index_put((rows, toks), t[:, 2].to(x.dtype), accumulate=True))
 
 
 def _logprobs(x: torch.Tensor, tokens: torch.Tensor, params: list[RowParams]) -> list[Sampled]:

@@ -47,13 +47,6 @@ def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
     if stop and engine.tokenizer is None:
         raise bad_request("stop strings need a tokenizer; this checkpoint has none", "stop", "tokenizer_missing")
     prompts = _prompts(req, engine.tokenizer)
-    choices = len(prompts) * (req.n or 1)
-    if engine.max_waiting is not None and choices > engine.max_waiting:  # a 429 would never clear
-        raise bad_request(
-            f"{len(prompts)} prompts x n={req.n or 1} are {choices} sequences; this server queues at most "
-            f"{engine.max_waiting} (--max-queue)",
-            "prompt",
-        )
     params = endpoint.sampling_params(req, req.max_tokens, engine.config.vocab_size, logprobs=req.logprobs)
     for _, ids in prompts:
         endpoint.check_context(len(ids), params.max_tokens, engine.max_model_len)
@@ -61,7 +54,7 @@ def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
     if req.echo:  # the prompt as sent, or its token ids decoded
         tok = engine.tokenizer
         echo = [text if text is not None else (tok.decode(ids) if tok is not None else "") for text, ids in prompts]
-    return Prepared(
+    prep = Prepared(
         prompts=[ids for _, ids in prompts],
         params=params,
         n=req.n or 1,
@@ -71,6 +64,13 @@ def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
         echo_texts=echo,
         meta=endpoint.new_meta("cmpl", state.model_name),
     )
+    if engine.max_waiting is not None and prep.num_choices > engine.max_waiting:  # a 429 would never clear
+        raise bad_request(
+            f"{len(prompts)} prompts x n={prep.n} are {prep.num_choices} sequences; this server queues at most "
+            f"{engine.max_waiting} (--max-queue)",
+            "prompt",
+        )
+    return prep
 
 
 class CompletionFormatter:
