@@ -102,6 +102,11 @@ def test_full_queue_is_429_and_disconnects_free_their_slots(limited: Server) -> 
     assert after[rejected] - before.get(rejected, 0) == 1
     ok = limited.client.post("/v1/completions", json={"prompt": [3, 4], "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and len(ok.json()["choices"][0]["token_ids"]) == 2
+    # More sequences in one request (prompts x n) than the queue holds: a 400, since a 429 and its
+    # Retry-After would never clear.
+    err = error_of(limited.client.post("/v1/completions", json={"prompt": [[3], [4]], "max_tokens": 2}), 400)
+    assert err["param"] == "prompt" and "queues at most 1 (--max-queue)" in err["message"]
+    assert error_of(limited.client.post("/v1/completions", json={"prompt": [3], "n": 2, "max_tokens": 2}), 400)
 
 
 def test_request_deadline(long_ckpt: str, tmp_path: Path) -> None:
