@@ -364,6 +364,7 @@ class Plan:
 
 def bench_ours(rep: Report, ckpt: Path, plan: Plan, bw: float) -> dict[str, Any]:
     from tpi_runtime.engine import Engine
+    from tpi_runtime.tp import weight_bytes as model_weight_bytes
 
     device, dtype, max_batch, batches = plan.device, plan.dtype, plan.max_batch, plan.batches
     new_tokens, prefill_len, decode_prompt_len = plan.new_tokens, plan.prefill_len, plan.decode_prompt_len
@@ -409,7 +410,7 @@ def bench_ours(rep: Report, ckpt: Path, plan: Plan, bw: float) -> dict[str, Any]
         out["prefill_tps"] = prefill_tps
 
         cfg = engine.config
-        weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        weight_bytes = model_weight_bytes(engine.model)  # packed CPU weights included
         embed_bytes = engine.model.embed.weight.numel() * engine.model.embed.weight.element_size()
         kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
         decode_prompts = {b: [prompt(gen, decode_prompt_len, vocab) for _ in range(b)] for b in batches}

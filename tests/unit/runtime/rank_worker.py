@@ -29,6 +29,7 @@ from tpi_runtime.engine import Engine, RequestError, SamplingParams
 from tpi_runtime.kv_cache import BLOCK_SIZE, bytes_per_token
 from tpi_runtime.model import BatchMeta, Transformer
 from tpi_runtime.settings import ProcessSettings
+from tpi_runtime.tp import weight_bytes
 
 CPU = torch.device("cpu")
 #: What the runtime would read from this rank's environment (conftest.rank_env).
@@ -115,7 +116,7 @@ def load(model_dir: str) -> None:
     before = _status_kib("VmRSS")
     report = ckpt.load_weights(model, env.rank, env.world_size)
     peak = _status_kib("VmHWM")
-    local = sum(p.numel() * p.element_size() for p in model.parameters())
+    local = weight_bytes(model)
     emit(
         {
             "rank": env.rank,
