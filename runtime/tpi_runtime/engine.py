@@ -8,9 +8,11 @@ reached their last token and streams tokens to the requests. Ranks > 0 only foll
 When there is no work, rank 0 still broadcasts an idle step every `idle_interval_s`, so every
 rank's step counter (which the heartbeat reports) advances only while the whole group is alive.
 
-Step message: header int64[8] = [kind, n_tokens, n_seqs, step, effective_batch, oom_count, n_blocks, 0],
-then (work steps) payload int64[n_tokens + 3 * n_seqs + n_blocks] = token ids, then (pos0, n,
-table length) per sequence, then the block tables (each up to its last new token's block).
+Step message: header int64[8] = [kind, n_tokens, n_seqs, step, effective_batch, oom_count, n_blocks,
+n_prompt_rows], then (work steps) payload int64[n_tokens + 3 * n_seqs + n_blocks + 3 * n_prompt_rows]
+= token ids, then (pos0, n, table length) per sequence, then the block tables (each up to its last
+new token's block), then (sequence, first row, count) per chunk whose rows' logits are wanted for
+prompt logprobs (every rank takes part in their lm_head all-gathers).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +73,7 @@ _M_MMAP_THRESHOLD = -3  # mallopt parameter, <malloc.h>
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: the request ends after its prompt's prefill ("length"), generating nothing
     temperature: float = 1.0  # 0 -> greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 -> off
@@ -84,6 +86,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # k: each token is pushed as TokenLogprobs (top k alternatives)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    # k: the prompt's tokens' logprobs (top k) are pushed as PromptLogprobs before the first token.
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,21 @@ class TokenLogprobs:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """What a request with ``prompt_logprobs`` set receives before its first token: for each prompt
+    token after the first, its logprob given the tokens before it, from the model's own
+    distribution (no temperature, penalty or bias: they shape the sampling of new tokens only)."""
+
+    entries: tuple[TokenLogprobs, ...]
+
+
+#: Rows of prompt logprobs projected through lm_head at a time: bounds their logits' memory.
+PROMPT_LOGPROBS_ROWS = 64
+#: A prompt-logprobs share of a step: (sequence in the batch, first row of its chunk, row count).
+PromptRows = tuple[int, int, int]
 
 
 class RequestError(Exception):
@@ -172,6 +191,8 @@ class Request:
         self._num_cached = 0  # tokens whose K/V are in the cache
         self._blocks: list[int] = []  # block table (kv_cache.py); SCRATCH_BLOCK where freed
         self._decoding = False  # its prompt is cached: each step now brings one new token
+        self._prompt_lps: list[TokenLogprobs] = []  # prompt_logprobs: entries for tokens 1..len so far
+        self.prompt_logprobs: PromptLogprobs | None = None  # set (and pushed) once complete
         self._generator = torch.Generator().manual_seed(
             params.seed & (2**64 - 1) if params.seed is not None else secrets.randbits(63)
         )  # any int seed: manual_seed takes [0, 2^64)
@@ -186,7 +207,7 @@ class Request:
                 return
             if isinstance(item, RequestError):
                 raise item
-            if self._cancel is not None:
+            if self._cancel is not None or isinstance(item, PromptLogprobs):  # the latter: see .prompt_logprobs
                 continue  # cancelled: drop what the engine made before it saw the cancel, wait for END
             yield item.token if isinstance(item, TokenLogprobs) else item
 
@@ -235,6 +256,22 @@ def _row_params(p: SamplingParams) -> RowParams:
         p.logprobs,
         p.logit_bias,
     )
+
+
+def wanted_prompt_rows(plan: Sequence[Scheduled]) -> list[PromptRows]:
+    """The rows of this step's chunks whose logits give prompt logprobs still missing: the logits at
+    position p give the logprob of prompt token p + 1, wanted for p in [done, prompt length - 1),
+    where ``done`` counts the entries a request has (a preempted request re-prefilling its prompt
+    skips them)."""
+    rows = []
+    for i, s in enumerate(plan):
+        r = s.req
+        if r.params.prompt_logprobs is None:
+            continue
+        first, end = max(s.pos0, len(r._prompt_lps)), min(s.pos0 + s.n, len(r.prompt_ids) - 1)
+        if end > first:
+            rows.append((i, first - s.pos0, end - first))
+    return rows
 
 
 def fake_oom_hooks(
@@ -504,8 +541,11 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of range [0, {self.config.vocab_size})")
-        if params.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
+        k = params.prompt_logprobs
+        if k is not None and not 0 <= k <= self.config.vocab_size:
+            raise ValueError(f"prompt_logprobs must be in [0, {self.config.vocab_size}]")
+        if params.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
@@ -590,11 +630,13 @@ class Engine:
                 last = time.monotonic()
         self._send_header(STEP_SHUTDOWN)
 
-    def _send_header(self, kind: int, n_tokens: int = 0, n_seqs: int = 0, n_blocks: int = 0) -> None:
+    def _send_header(
+        self, kind: int, n_tokens: int = 0, n_seqs: int = 0, n_blocks: int = 0, n_prompt_rows: int = 0
+    ) -> None:
         if self.world_size == 1:
             return
         h = torch.tensor(
-            [kind, n_tokens, n_seqs, self._step, self.effective_batch_size, self._oom_count, n_blocks, 0],
+            [kind, n_tokens, n_seqs, self._step, self.effective_batch_size, self._oom_count, n_blocks, n_prompt_rows],
             dtype=torch.long,
             device=self.comm_device,
         )
@@ -618,15 +660,19 @@ class Engine:
         seqs: list[Seq] = [(s.req._blocks[: blocks_for(s.pos0 + s.n)], s.pos0, s.n) for s in plan]
         ids = [t for s in plan for t in s.req._tokens[s.pos0 : s.pos0 + s.n]]
         n_blocks = sum(len(t) for t, _, _ in seqs)
-        self._send_header(STEP_WORK, len(ids), len(seqs), n_blocks)
+        prompt_rows = wanted_prompt_rows(plan)
+        self._send_header(STEP_WORK, len(ids), len(seqs), n_blocks, len(prompt_rows))
         if self.world_size > 1:
             flat = [x for t, p, n in seqs for x in (p, n, len(t))] + [b for t, _, _ in seqs for b in t]
+            flat += [x for row in prompt_rows for x in row]
             payload = torch.tensor(ids + flat, dtype=torch.long, device=self.comm_device)
             self.dist.broadcast(payload, name="step_payload")
-        logits = self._execute(ids, seqs)
-        if logits is None:
+        out = self._execute(ids, seqs, prompt_rows)
+        if out is None:
             self._handle_oom(batch)
             return
+        logits, kept = out
+        prompt_lps = self._prompt_logprobs(plan, prompt_rows, kept) if kept is not None else {}
         # Only sequences whose chunk reached their last token sample; the others' logits are unused.
         rows = [i for i, s in enumerate(plan) if s.samples]
         done = [plan[i] for i in rows]
@@ -654,8 +700,23 @@ class Engine:
             self._step += 1
             for s in plan:
                 self.scheduler.advance(s)
+            for r, entries in prompt_lps.items():
+                if entries is None:  # non-finite logits in its prompt: only this request fails
+                    self.scheduler.release(r)
+                    r._finish(None, RequestError("the model produced non-finite logits for this request's prompt"))
+                else:
+                    r._prompt_lps.extend(entries)
             for i, (sc, t) in enumerate(zip(done, new, strict=True)):
                 r = sc.req
+                if r.finished:
+                    continue
+                if r.params.prompt_logprobs is not None and r.prompt_logprobs is None:
+                    r.prompt_logprobs = PromptLogprobs(tuple(r._prompt_lps))
+                    r._push(r.prompt_logprobs)
+                if r.params.max_tokens == 0:  # the prompt (and its logprobs) was all it asked for
+                    self.scheduler.release(r)
+                    r._finish("length")
+                    continue
                 if t < 0:  # non-finite logits (or a sampler failure): only this request fails
                     self.scheduler.release(r)
                     why = "the model produced non-finite logits" if sampled else self._last_error
@@ -695,6 +756,51 @@ class Engine:
             except Exception:
                 log.exception("on_step hook failed")
 
+    def _row_logits(self, hidden: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Full-vocabulary float32 logits of ``hidden``'s rows, PROMPT_LOGPROBS_ROWS at a time. At
+        TP > 1 each slice is an all-gather: every rank iterates them all, in the same order."""
+        with torch.inference_mode():
+            for at in range(0, hidden.shape[0], PROMPT_LOGPROBS_ROWS):
+                yield self.model.lm_head(hidden[at : at + PROMPT_LOGPROBS_ROWS]).float()
+
+    def _prompt_logprobs(
+        self, plan: list[Scheduled], prompt_rows: list[PromptRows], hidden: torch.Tensor
+    ) -> dict[Request, list[TokenLogprobs] | None]:
+        """Rank 0: each flagged request's new prompt-logprob entries (None: its logits were not finite)."""
+        owners: list[Request] = []
+        targets: list[int] = []
+        for i, first, count in prompt_rows:
+            s = plan[i]
+            p0 = s.pos0 + first
+            owners += [s.req] * count
+            targets += s.req.prompt_ids[p0 + 1 : p0 + 1 + count]
+        k = max(plan[i].req.params.prompt_logprobs or 0 for i, _, _ in prompt_rows)
+        target = torch.tensor(targets, device=hidden.device)[:, None]
+        chosen, top_lp, top_ids = [], [], []
+        at = 0
+        for logits in self._row_logits(hidden):
+            lp = torch.log_softmax(logits, dim=-1)
+            chosen.append(lp.gather(1, target[at : at + lp.shape[0]])[:, 0])
+            if k:
+                v, ix = lp.topk(k, dim=-1)
+                top_lp.append(v)
+                top_ids.append(ix)
+            at += lp.shape[0]
+        values = torch.cat(chosen).tolist()
+        tops = list(zip(torch.cat(top_ids).tolist(), torch.cat(top_lp).tolist(), strict=True)) if k else []
+        out: dict[Request, list[TokenLogprobs] | None] = {}
+        for j, (r, t, v) in enumerate(zip(owners, targets, values, strict=True)):
+            entries = out.setdefault(r, [])
+            if entries is None:
+                continue
+            if not math.isfinite(v):
+                out[r] = None
+                continue
+            kr = r.params.prompt_logprobs or 0
+            top = tuple(zip(tops[j][0][:kr], tops[j][1][:kr], strict=True)) if kr else ()
+            entries.append(TokenLogprobs(t, v, top))
+        return out
+
     def _handle_oom(self, batch: list[Request]) -> None:
         with self._cv:
             self._oom_count += 1
@@ -721,7 +827,7 @@ class Engine:
     def _follow(self, stop: threading.Event) -> None:
         while not stop.is_set():
             h = torch.empty(_HEADER, dtype=torch.long, device=self.comm_device)
-            kind, n_tokens, n_seqs, step, eff, ooms, n_blocks, _ = self.dist.broadcast(
+            kind, n_tokens, n_seqs, step, eff, ooms, n_blocks, n_rows = self.dist.broadcast(
                 h, name="step_header"
             ).tolist()
             with self._cv:  # mirror rank 0's counters for this rank's heartbeat / metrics
@@ -731,23 +837,33 @@ class Engine:
                 return
             if kind == STEP_IDLE:
                 continue
-            payload = torch.empty(n_tokens + 3 * n_seqs + n_blocks, dtype=torch.long, device=self.comm_device)
+            size = n_tokens + 3 * n_seqs + n_blocks + 3 * n_rows
+            payload = torch.empty(size, dtype=torch.long, device=self.comm_device)
             vals = self.dist.broadcast(payload, name="step_payload").tolist()
-            ids, meta, tables = vals[:n_tokens], vals[n_tokens : n_tokens + 3 * n_seqs], vals[n_tokens + 3 * n_seqs :]
+            ids, meta = vals[:n_tokens], vals[n_tokens : n_tokens + 3 * n_seqs]
+            tables, rows = vals[n_tokens + 3 * n_seqs : size - 3 * n_rows], vals[size - 3 * n_rows :]
             seqs: list[Seq] = []
             at = 0
             for i in range(0, len(meta), 3):
                 pos0, n, k = meta[i : i + 3]
                 seqs.append((tables[at : at + k], pos0, n))
                 at += k
-            self._execute(ids, seqs)
+            prompt_rows = [(rows[i], rows[i + 1], rows[i + 2]) for i in range(0, len(rows), 3)]
+            out = self._execute(ids, seqs, prompt_rows)
+            if out is not None and out[1] is not None:
+                for _ in self._row_logits(out[1]):  # this rank's part of each slice's all-gather
+                    pass
 
     # --- every rank -----------------------------------------------------------------------------
-    def _execute(self, ids: list[int], seqs: list[Seq]) -> torch.Tensor | None:
-        """Run one forward step on this rank; None when any rank is out of memory."""
+    def _execute(
+        self, ids: list[int], seqs: list[Seq], prompt_rows: Sequence[PromptRows] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Run one forward step on this rank: the last tokens' logits, and the final hidden states of
+        ``prompt_rows`` (None without); None when any rank is out of memory."""
         oom = 0
+        n_prompt_rows = sum(c for _, _, c in prompt_rows)
         try:
-            self._preflight(seqs)
+            self._preflight(seqs, n_prompt_rows)
         except (torch.cuda.OutOfMemoryError, MemoryError) as e:
             log.warning("rank %d: %s", self.rank, e)
             oom = 1
@@ -760,10 +876,15 @@ class Engine:
         if oom:
             return None
         try:
-            if self.decode_runner is not None and all(n == 1 for _, _, n in seqs):
-                return self.decode_runner(ids, [(-1, p, n) for _, p, n in seqs], [t for t, _, _ in seqs])
+            if self.decode_runner is not None and not prompt_rows and all(n == 1 for _, _, n in seqs):
+                return self.decode_runner(ids, [(-1, p, n) for _, p, n in seqs], [t for t, _, _ in seqs]), None
             meta = BatchMeta.paged(seqs, self.device)
-            return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), meta)
+            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            if not prompt_rows:
+                return self.model(input_ids, meta), None
+            # The chunk's rows in the packed batch: sequence i's tokens start at meta.seq_starts[i].
+            packed = [meta.seq_starts[i] + first + j for i, first, count in prompt_rows for j in range(count)]
+            return self.model.forward_keeping(input_ids, meta, torch.tensor(packed, device=self.device))
         except torch.cuda.OutOfMemoryError as e:
             # The preflight reserves a step's activations, so this is rare (fragmentation, a
             # neighbour process). Alone, retry smaller; in a group, the peers are mid-collective.
@@ -780,7 +901,15 @@ class Engine:
                 torch.cuda.empty_cache()
             return None
 
-    def _step_bytes(self, n_seqs: int, n_tokens: int, max_ctx: int, batched_decode: bool, masked: bool = True) -> int:
+    def _step_bytes(
+        self,
+        n_seqs: int,
+        n_tokens: int,
+        max_ctx: int,
+        batched_decode: bool,
+        masked: bool = True,
+        prompt_rows: int = 0,
+    ) -> int:
         return step_bytes(
             self.config,
             self.rank,
@@ -791,9 +920,11 @@ class Engine:
             max_ctx=max_ctx,
             batched_decode=batched_decode,
             masked=masked,
+            prompt_rows=prompt_rows,
+            prompt_rows_at_once=PROMPT_LOGPROBS_ROWS,
         )
 
-    def _preflight(self, seqs: list[Seq]) -> None:
+    def _preflight(self, seqs: list[Seq], n_prompt_rows: int = 0) -> None:
         """Reserve this step's activation memory up front: an OOM then happens here, on every rank
         before any collective, instead of mid-forward where the ranks would desynchronise."""
         n_tokens = sum(n for _, _, n in seqs)
@@ -804,6 +935,6 @@ class Engine:
         max_ctx = max(p + n for _, p, n in seqs)
         masked = self.config.sliding_window is not None or any(p > 0 and n > 1 for _, p, n in seqs)
         batched = sum(n == 1 for _, _, n in seqs) >= 2  # decodes attended together (model.prepare)
-        nbytes = self._step_bytes(len(seqs), n_tokens, max_ctx, batched, masked)
+        nbytes = self._step_bytes(len(seqs), n_tokens, max_ctx, batched, masked, n_prompt_rows)
         buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         del buf  # stays in the caching allocator for the forward to reuse

@@ -479,6 +479,15 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """input_ids: [N] packed tokens. Returns float32 logits [B, vocab] for each sequence's last token."""
+        return self.forward_keeping(input_ids, meta, None)[0]
+
+    @torch.inference_mode()
+    def forward_keeping(
+        self, input_ids: torch.Tensor, meta: BatchMeta, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward``'s logits, and the final-normed hidden states of the packed tokens ``rows``
+        (prompt logprobs: the caller projects them through ``lm_head`` a slice at a time, so their
+        full-vocabulary logits never exist for a whole chunk at once)."""
         assert self.cos is not None and self.sin is not None, "call setup_paged_cache first"
         self.prepare(meta)
         cos = self.cos[meta.positions].unsqueeze(1)  # [N, 1, d], broadcast over heads
@@ -486,8 +495,9 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         for blk in self.layers:
             x = blk(x, cos, sin, self.rot, meta)
+        kept = self.norm(x[rows]) if rows is not None else None
         if x.shape[0] != len(meta.seq_lens):  # some sequence brought several tokens (prefill)
             x = x[meta.last_token_idx]
         x = self.norm(x)
         logits: torch.Tensor = self.lm_head(x)
-        return logits.float()
+        return logits.float(), kept

@@ -26,10 +26,13 @@ def step_bytes(
     max_ctx: int,
     batched_decode: bool,
     masked: bool = True,
+    prompt_rows: int = 0,
+    prompt_rows_at_once: int = 1,
 ) -> int:
     """An upper estimate of one step's transient memory on this rank, in bytes. ``masked``: some
     sequence's chunk needs an explicit mask (a chunk after the first, or a sliding window); a
-    whole prompt from position 0 runs causal, without one."""
+    whole prompt from position 0 runs causal, without one. ``prompt_rows``: tokens whose logits
+    give prompt logprobs, projected ``prompt_rows_at_once`` at a time."""
     hq, hkv, _ = local_heads(cfg, rank, world_size)
     d, elem = cfg.head_dim, torch.empty((), dtype=dtype).element_size()
     il = cfg.intermediate_size // world_size
@@ -49,4 +52,6 @@ def step_bytes(
     masks = decode_masks + chunk_mask
     # float32 logits: this rank's vocabulary shard, the all-gathered rows, and sampling's copies.
     logits = 4 * n_seqs * cfg.vocab_size * 4
+    if prompt_rows:  # their kept hidden states, and one slice's logits (shard, gathered, log-softmax)
+        logits += prompt_rows * cfg.hidden_size * elem + 4 * min(prompt_rows, prompt_rows_at_once) * cfg.vocab_size * 4
     return activations + gathered + masks + logits

@@ -258,14 +258,15 @@ def scenario_nonfinite(engine: Engine) -> dict[str, Any]:
     orig = engine._execute
     victim: list[Any] = []
 
-    def poisoned(ids: list[int], seqs: list[Any]) -> Any:
-        logits = orig(ids, seqs)
-        if logits is not None and victim:
-            logits = logits.clone()  # an inference tensor: edit a copy
+    def poisoned(ids: list[int], seqs: list[Any], prompt_rows: Any = ()) -> Any:
+        out = orig(ids, seqs, prompt_rows)
+        if out is not None and victim:
+            logits = out[0].clone()  # an inference tensor: edit a copy
             for i, r in enumerate(engine._running):
                 if r is victim[0] and len(r.output_ids) >= 2:
                     logits[i] = float("nan")
-        return logits
+            out = (logits, out[1])
+        return out
 
     engine._execute = poisoned  # type: ignore[method-assign]
     victim.append(engine.submit(PROMPTS[2], SamplingParams(max_tokens=12, temperature=0.7, seed=1)))
@@ -329,7 +330,33 @@ def scenario_chunked(engine: Engine) -> dict[str, Any]:
     }
 
 
+def scenario_prompt_logprobs(engine: Engine) -> dict[str, Any]:
+    """Prompt logprobs (echo's): a long prompt alone with nothing generated (max_tokens=0), then
+    beside other requests that generate, one of them with prompt logprobs too."""
+    long_prompt = [1, *((13 + 7 * j) % 250 + 3 for j in range(44))]
+
+    def entries(req: Any) -> list[Any]:
+        lps = req.prompt_logprobs
+        return [] if lps is None else [[e.token, e.logprob, [list(t) for t in e.top]] for e in lps.entries]
+
+    def run(prompt: list[int], sp: SamplingParams) -> dict[str, Any]:
+        req = engine.submit(prompt, sp)
+        out = _collect(req)
+        return {**out, "prompt_logprobs": entries(req)}
+
+    alone = run(long_prompt, SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=3))
+    reqs = [
+        engine.submit(PROMPTS[1], SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=0)),
+        engine.submit(PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0)),
+        engine.submit(long_prompt, SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=2)),
+    ]
+    together = [{**_collect(r), "prompt_logprobs": entries(r)} for r in reqs]
+    one_token = run([1], SamplingParams(max_tokens=0, prompt_logprobs=1))
+    return {"long_prompt": long_prompt, "alone": alone, "together": together, "one_token": one_token}
+
+
 SCENARIOS = {
+    "prompt_logprobs": scenario_prompt_logprobs,
     "paged": scenario_paged,
     "chunked": scenario_chunked,
     "nonfinite": scenario_nonfinite,

@@ -58,6 +58,48 @@ def test_concurrent_requests_match_sequential_and_transformers(tp: int, ckpt_mai
         assert outs[1]["stats"]["step"] >= len(res["steps"])
 
 
+def _check_prompt_logprobs(got: list[Any], ref: torch.Tensor, prompt: list[int], k: int) -> None:
+    """got: [token, logprob, top [[id, logprob]...]] for prompt tokens 1..; ref: HF log-softmax rows."""
+    assert [e[0] for e in got] == prompt[1:]
+    for j, (tok, lp, top) in enumerate(got):
+        assert lp == pytest.approx(float(ref[j, tok]), abs=1e-4), f"prompt token {j + 1}"
+        want = ref[j].topk(k) if k else None
+        assert [t[0] for t in top] == ([] if want is None else want.indices.tolist()), f"prompt token {j + 1}"
+        if want is not None:
+            assert [t[1] for t in top] == pytest.approx(want.values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize(("tp", "budget"), [(1, None), (2, "16")])
+def test_prompt_logprobs_match_transformers(tp: int, budget: str | None, ckpt_main: str) -> None:
+    """Each prompt token's logprob given the tokens before it (echo's logprobs), alone and batched,
+    with the default step budget (one chunk) and with 16 tokens a step (a 45-token prompt in
+    chunks, beside decodes)."""
+    from .rank_worker import PROMPTS
+
+    res = run_scenario(ckpt_main, "prompt_logprobs", tp, {"T_MAX_TOKENS": budget} if budget else None)[0]
+    if budget:
+        assert any(0 < s["num_prefill_tokens"] <= int(budget) < 45 for s in res["steps"])
+    hf = load_hf_model(ckpt_main)
+
+    def ref(prompt: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return hf(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+
+    long_prompt = res["long_prompt"]
+    alone = res["alone"]
+    assert alone["tokens"] == [] and alone["finish"] == "length"  # max_tokens=0: the prompt only
+    _check_prompt_logprobs(alone["prompt_logprobs"], ref(long_prompt), long_prompt, 3)
+    cases = [(PROMPTS[1], 0, 6), (PROMPTS[0], None, 6), (long_prompt, 2, 4)]  # (prompt, k, max_tokens)
+    for got, (prompt, k, n) in zip(res["together"], cases, strict=True):
+        if k is None:
+            assert got["prompt_logprobs"] == []
+        else:
+            _check_prompt_logprobs(got["prompt_logprobs"], ref(prompt), prompt, k)
+        assert (got["tokens"], got["finish"]) == hf_greedy(hf, prompt, n)
+    one = res["one_token"]
+    assert (one["tokens"], one["finish"], one["prompt_logprobs"]) == ([], "length", [])
+
+
 def test_sampling_is_seeded_and_top_k1_is_greedy(ckpt_main: str) -> None:
     res = run_scenario(ckpt_main, "sampling")[0]
     assert res["seeded_a"]["tokens"] == res["seeded_b"]["tokens"]
