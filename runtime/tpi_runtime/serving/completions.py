@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -9,7 +10,7 @@ from aiohttp import web
 from . import endpoint
 from .endpoint import Prepared
 from .errors import ApiError, bad_request, unsupported
-from .generation import Event, Generation
+from .generation import Choice, Event, Generation
 from .logprobs import completion_logprobs
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from .state import ServerState
@@ -46,8 +47,12 @@ def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
     stop = req.stop_list()
     if stop and engine.tokenizer is None:
         raise bad_request("stop strings need a tokenizer; this checkpoint has none", "stop", "tokenizer_missing")
+    if req.max_tokens == 0 and not req.echo:
+        raise bad_request("'max_tokens': 0 generates nothing; it is only allowed with 'echo': true", "max_tokens")
     prompts = _prompts(req, engine.tokenizer)
     params = endpoint.sampling_params(req, req.max_tokens, engine.config.vocab_size, logprobs=req.logprobs)
+    if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
+        params = replace(params, prompt_logprobs=req.logprobs)
     for _, ids in prompts:
         endpoint.check_context(len(ids), params.max_tokens, engine.max_model_len)
     echo: list[str] = []
@@ -78,8 +83,8 @@ class CompletionFormatter:
         self.tokenizer = tokenizer
 
     def first_chunks(self, prep: Prepared) -> list[bytes]:
-        if not prep.echo_texts:
-            return []
+        if not prep.echo_texts or prep.params.prompt_logprobs is not None:
+            return []  # with prompt logprobs, each choice's echo goes out with them (chunk)
         return [
             endpoint.chunk(
                 prep,
@@ -92,6 +97,16 @@ class CompletionFormatter:
         ]
 
     def chunk(self, prep: Prepared, ev: Event) -> bytes:
+        if ev.prompt_logprobs is not None:
+            first = prep.prompts[ev.index // prep.n][0]
+            echo = {
+                "index": ev.index,
+                "text": prep.echo_for(ev.index),
+                "token_ids": [],
+                "finish_reason": None,
+                "logprobs": completion_logprobs(self.tokenizer, ev.prompt_logprobs, leading=first),
+            }
+            return endpoint.chunk(prep, "text_completion", [echo])
         choice = {
             "index": ev.index,
             "text": ev.text,
@@ -111,14 +126,19 @@ class CompletionFormatter:
                 text=texts[c.index],
                 token_ids=c.detok.ids,
                 finish_reason=c.finish_reason,
-                logprobs=completion_logprobs(self.tokenizer, c.logprobs, len(prep.echo_for(c.index)))
-                if prep.params.logprobs is not None
-                else None,
+                logprobs=self._logprobs(prep, c) if prep.params.logprobs is not None else None,
             )
             for c in gen.choices
         ]
         body = CompletionResponse.model_validate({**prep.meta, "choices": choices, "usage": usage})
         return body.model_dump_json().encode()
+
+
+    def _logprobs(self, prep: Prepared, c: Choice) -> dict[str, Any]:
+        if c.prompt_logprobs is None:
+            return completion_logprobs(self.tokenizer, c.logprobs)
+        first = prep.prompts[c.index // prep.n][0]
+        return completion_logprobs(self.tokenizer, [*c.prompt_logprobs, *c.logprobs], leading=first)
 
 
 async def handle(request: web.Request, req: CompletionRequest, state: ServerState) -> web.StreamResponse:

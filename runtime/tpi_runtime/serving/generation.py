@@ -15,7 +15,16 @@ from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
 
-from tpi_runtime.engine import END, Engine, QueueFullError, Request, RequestError, SamplingParams, TokenLogprobs
+from tpi_runtime.engine import (
+    END,
+    Engine,
+    PromptLogprobs,
+    QueueFullError,
+    Request,
+    RequestError,
+    SamplingParams,
+    TokenLogprobs,
+)
 
 from .detokenizer import IncrementalDetokenizer
 from .errors import ApiError, bad_request, unavailable
@@ -31,6 +40,7 @@ class Choice:
     finish_reason: str | None = None
     done: bool = False
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # prompt tokens 1.., before any token
 
 
 @dataclass
@@ -42,6 +52,7 @@ class Event:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # set on the choice's first event only
 
 
 class Generation:
@@ -92,6 +103,10 @@ class Generation:
             if isinstance(item, BaseException):
                 self.abort()
                 raise item
+            if isinstance(item, PromptLogprobs):  # comes before the choice's first token
+                c.prompt_logprobs = item.entries
+                yield Event(index, "", prompt_logprobs=item.entries)
+                continue
             if self.t_first is None:
                 self.t_first = time.monotonic()
             lps = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from tpi_runtime.engine import TokenLogprobs
@@ -11,16 +12,20 @@ def _text(tokenizer: Any, token_id: int) -> str:
     return str(tokenizer.decode([token_id], skip_special_tokens=False)) if tokenizer is not None else ""
 
 
-def completion_logprobs(tokenizer: Any, lps: list[TokenLogprobs], offset: int = 0) -> dict[str, Any]:
-    tokens = [_text(tokenizer, t.token) for t in lps]
-    offsets = []
+def completion_logprobs(tokenizer: Any, lps: Sequence[TokenLogprobs], leading: int | None = None) -> dict[str, Any]:
+    """``leading``: a first token without a logprob (an echoed prompt's first: nothing precedes it),
+    listed with null entries as OpenAI's legacy API and vLLM do."""
+    ids = ([] if leading is None else [leading]) + [t.token for t in lps]
+    tokens = [_text(tokenizer, t) for t in ids]
+    offsets, offset = [], 0
     for tok in tokens:
         offsets.append(offset)
         offset += len(tok)
+    none: list[Any] = [] if leading is None else [None]
     return {
         "tokens": tokens,
-        "token_logprobs": [t.logprob for t in lps],
-        "top_logprobs": [{_text(tokenizer, i): lp for i, lp in t.top} for t in lps],
+        "token_logprobs": none + [t.logprob for t in lps],
+        "top_logprobs": none + [{_text(tokenizer, i): lp for i, lp in t.top} for t in lps],
         "text_offset": offsets,
     }
 

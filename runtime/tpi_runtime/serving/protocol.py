@@ -88,6 +88,8 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[str], Field(max_length=MAX_PROMPTS)]
         | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)]
     )
+    #: 0 only with echo: the prompt (and with logprobs its tokens' logprobs), nothing generated.
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None

@@ -50,7 +50,12 @@ COMPLETION = st.fixed_dictionaries(
             st.lists(st.sampled_from(["the cat sees", "a dog"]), min_size=1, max_size=3),  # a batch
         )
     },
-    optional={**SAMPLING, "logprobs": st.integers(min_value=0, max_value=20), "echo": st.booleans()},
+    optional={
+        **SAMPLING,
+        "max_tokens": st.integers(min_value=0, max_value=6),  # 0: the echoed prompt only
+        "logprobs": st.integers(min_value=0, max_value=20),
+        "echo": st.booleans(),
+    },
 )
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": st.text(max_size=12)})
 CHAT = st.fixed_dictionaries(

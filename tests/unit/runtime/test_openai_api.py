@@ -127,8 +127,9 @@ def test_n_logprobs_echo(client: OpenAI) -> None:
     )
     lp = r.choices[0].logprobs
     assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
-    assert len(lp.token_logprobs) == len(r.choices[0].model_extra["token_ids"])  # type: ignore[index]
-    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+    generated = len(r.choices[0].model_extra["token_ids"])  # type: ignore[index]
+    assert r.usage is not None and len(lp.token_logprobs) == r.usage.prompt_tokens + generated  # echo: the prompt's too
+    for chosen, top in zip(lp.token_logprobs[-generated:], lp.top_logprobs[-generated:], strict=True):
         assert len(top) <= 3 and chosen <= 0
         assert chosen == pytest.approx(max(top.values()))  # greedy: the chosen token is the most likely
 
@@ -147,6 +148,61 @@ def test_n_logprobs_echo(client: OpenAI) -> None:
     content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and len(content) == chat.usage.completion_tokens  # type: ignore[union-attr]
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+def test_echo_logprobs_score_the_prompt_like_transformers(client: OpenAI, chat_ckpt: str) -> None:
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs and max_tokens 0 or 1. Every
+    prompt token but the first gets its logprob given the tokens before it (transformers' own)."""
+    import torch
+    from tokenizers import Tokenizer
+    from tpi_runtime.testing import load_hf_model
+
+    ids = Tokenizer.from_file(os.path.join(chat_ckpt, "tokenizer.json")).encode(PROMPT).ids
+    with torch.no_grad():
+        ref = load_hf_model(chat_ckpt)(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+    def check(lp: Any, k: int) -> None:
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes it
+        assert len(lp.tokens) == len(lp.text_offset) == len(lp.token_logprobs) >= len(ids)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        for j, tok in enumerate(ids[1:]):
+            assert lp.token_logprobs[j + 1] == pytest.approx(float(ref[j, tok]), abs=1e-4)
+            want = ref[j].topk(k).values.tolist()
+            assert sorted(lp.top_logprobs[j + 1].values(), reverse=True) == pytest.approx(want, abs=1e-4)
+
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    (c,) = r.choices
+    assert (c.text, c.finish_reason) == (PROMPT, "length") and r.usage is not None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+    assert c.logprobs is not None and len(c.logprobs.tokens or []) == len(ids)
+    check(c.logprobs, 2)
+
+    # Generating too, a batch of two prompts with n=2: each choice scores its own prompt first.
+    r = client.completions.create(
+        model="tiny", prompt=[ids, ids[:4]], max_tokens=1, echo=True, logprobs=1, n=2, temperature=0
+    )
+    assert len(r.choices) == 4
+    for ch in r.choices[:2]:
+        assert ch.logprobs is not None and len(ch.logprobs.token_logprobs or []) == len(ids) + 1
+        check(ch.logprobs, 1)
+    for ch in r.choices[2:]:
+        assert ch.logprobs is not None and ch.logprobs.token_logprobs is not None
+        assert len(ch.logprobs.token_logprobs) == 5
+        assert ch.logprobs.token_logprobs[1:4] == pytest.approx([float(ref[j, ids[j + 1]]) for j in range(3)], abs=1e-4)
+
+    # Streamed: each choice's echo arrives with its prompt's logprobs, then the generated tokens.
+    chunks = list(
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, echo=True, logprobs=2, stream=True)
+    )
+    first = chunks[0].choices[0]
+    assert first.text == PROMPT and first.logprobs is not None
+    assert len(first.logprobs.token_logprobs or []) == len(ids)
+    check(first.logprobs, 2)
+    rest = [ch.choices[0] for ch in chunks[1:] if ch.choices and ch.choices[0].logprobs]
+    assert len(rest) == 3 and all(ch.logprobs.token_logprobs[0] <= 0 for ch in rest)  # type: ignore[union-attr,index]
+
+    with pytest.raises(BadRequestError, match="only allowed with 'echo'"):
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)
 
 
 def test_penalties_min_p_and_unknown_fields_are_accepted(client: OpenAI, group: list[Server]) -> None:
