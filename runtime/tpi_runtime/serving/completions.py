@@ -7,6 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tpi_runtime.engine import TokenLogprobs
+
 from . import endpoint
 from .endpoint import Prepared
 from .errors import ApiError, bad_request, unsupported
@@ -81,6 +83,14 @@ def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
 class CompletionFormatter:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._offsets: dict[int, int] = {}  # streamed: per choice, the text_offset its next token gets
+
+    def _streamed_logprobs(self, index: int, lps: list[TokenLogprobs], leading: int | None = None) -> dict[str, Any]:
+        """One chunk's logprobs, its offsets continuing the choice's earlier chunks (as unstreamed)."""
+        out = completion_logprobs(self.tokenizer, lps, leading, self._offsets.get(index, 0))
+        if out["tokens"]:
+            self._offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1])
+        return out
 
     def first_chunks(self, prep: Prepared) -> list[bytes]:
         if not prep.echo_texts or prep.params.prompt_logprobs is not None:
@@ -104,7 +114,7 @@ class CompletionFormatter:
                 "text": prep.echo_for(ev.index),
                 "token_ids": [],
                 "finish_reason": None,
-                "logprobs": completion_logprobs(self.tokenizer, ev.prompt_logprobs, leading=first),
+                "logprobs": self._streamed_logprobs(ev.index, list(ev.prompt_logprobs), leading=first),
             }
             return endpoint.chunk(prep, "text_completion", [echo])
         choice = {
@@ -112,7 +122,7 @@ class CompletionFormatter:
             "text": ev.text,
             "token_ids": ev.token_ids,
             "finish_reason": ev.finish_reason,
-            "logprobs": completion_logprobs(self.tokenizer, ev.logprobs) if ev.logprobs else None,
+            "logprobs": self._streamed_logprobs(ev.index, ev.logprobs) if ev.logprobs else None,
         }
         return endpoint.chunk(prep, "text_completion", [choice])
 
@@ -132,7 +142,6 @@ class CompletionFormatter:
         ]
         body = CompletionResponse.model_validate({**prep.meta, "choices": choices, "usage": usage})
         return body.model_dump_json().encode()
-
 
     def _logprobs(self, prep: Prepared, c: Choice) -> dict[str, Any]:
         if c.prompt_logprobs is None:

@@ -12,18 +12,21 @@ def _text(tokenizer: Any, token_id: int) -> str:
     return str(tokenizer.decode([token_id], skip_special_tokens=False)) if tokenizer is not None else ""
 
 
-def completion_logprobs(tokenizer: Any, lps: Sequence[TokenLogprobs], leading: int | None = None) -> dict[str, Any]:
+def completion_logprobs(
+    tokenizer: Any, lps: Sequence[TokenLogprobs], leading: int | None = None, offset: int = 0
+) -> dict[str, Any]:
     """``leading``: a first token without a logprob (an echoed prompt's first: nothing precedes it),
-    listed with null entries as OpenAI's legacy API and vLLM do."""
+    listed with null entries as OpenAI's legacy API and vLLM do. ``offset``: the first token's
+    ``text_offset`` (a streamed chunk's: the length of the tokens listed before it)."""
     ids = ([] if leading is None else [leading]) + [t.token for t in lps]
     tokens = [_text(tokenizer, t) for t in ids]
-    offsets, offset = [], 0
+    offsets = []
     for tok in tokens:
         offsets.append(offset)
         offset += len(tok)
     none: list[Any] = [] if leading is None else [None]
     return {
-        "tokens": tokens,
+        "tokens": tokens,  # text_offset of the next token: offsets[-1] + len(tokens[-1])
         "token_logprobs": none + [t.logprob for t in lps],
         "top_logprobs": none + [{_text(tokenizer, i): lp for i, lp in t.top} for t in lps],
         "text_offset": offsets,

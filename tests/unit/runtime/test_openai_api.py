@@ -190,16 +190,19 @@ def test_echo_logprobs_score_the_prompt_like_transformers(client: OpenAI, chat_c
         assert len(ch.logprobs.token_logprobs) == 5
         assert ch.logprobs.token_logprobs[1:4] == pytest.approx([float(ref[j, ids[j + 1]]) for j in range(3)], abs=1e-4)
 
-    # Streamed: each choice's echo arrives with its prompt's logprobs, then the generated tokens.
-    chunks = list(
-        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, echo=True, logprobs=2, stream=True)
-    )
+    # Streamed: each choice's echo arrives with its prompt's logprobs, then the generated tokens;
+    # put together, the chunks' logprobs are the unstreamed ones (text offsets included).
+    kw: dict[str, Any] = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "echo": True, "logprobs": 2}
+    chunks = list(client.completions.create(**kw, temperature=0, stream=True))
     first = chunks[0].choices[0]
     assert first.text == PROMPT and first.logprobs is not None
     assert len(first.logprobs.token_logprobs or []) == len(ids)
     check(first.logprobs, 2)
-    rest = [ch.choices[0] for ch in chunks[1:] if ch.choices and ch.choices[0].logprobs]
-    assert len(rest) == 3 and all(ch.logprobs.token_logprobs[0] <= 0 for ch in rest)  # type: ignore[union-attr,index]
+    whole = client.completions.create(**kw, temperature=0).choices[0].logprobs
+    assert whole is not None
+    streamed = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for lp in streamed for x in getattr(lp, name)] == getattr(whole, name), name
 
     with pytest.raises(BadRequestError, match="only allowed with 'echo'"):
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)
