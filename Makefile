@@ -30,10 +30,11 @@ tools:
 
 lint: venv lint-py lint-shell ## every static check: ruff, mypy (strict, core layers), import-linter contracts, shellcheck
 
-# ruff everywhere; mypy strict on tpi_contract, the operator's api/ and core/ and the runtime's
+# ruff (checks and formatting) everywhere; mypy strict on tpi_contract, the operator's api/ and core/ and the runtime's
 # model/TP/loader/config/settings modules ([tool.mypy]); the layer contracts ([tool.importlinter]).
 lint-py: venv
 	$(VENV)/bin/ruff check operator runtime contract tests bench hack
+	$(VENV)/bin/ruff format --check operator runtime contract tests bench hack
 	$(VENV)/bin/mypy
 	PYTHONPATH=contract:operator:runtime $(VENV)/bin/lint-imports
 

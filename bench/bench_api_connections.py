@@ -81,11 +81,15 @@ def main() -> None:
     print(f"\n{args.requests} GETs from {args.threads} threads on a new client, medians of {args.rounds} rounds:")
     for kind, label in kinds.items():
         wall, cpu, api = med[kind]
-        print(f"  {label:52}: wall {wall * 1e3:5.0f} ms, client CPU {cpu * 1e3:5.0f} ms, "
-              f"API server CPU {api * 1e3:5.0f} ms")
+        print(
+            f"  {label:52}: wall {wall * 1e3:5.0f} ms, client CPU {cpu * 1e3:5.0f} ms, "
+            f"API server CPU {api * 1e3:5.0f} ms"
+        )
     ours, theirs = med["ours"], med["theirs"]
-    print(f"ours / theirs: wall {ours[0] / theirs[0]:.2f}x, client CPU {ours[1] / theirs[1]:.2f}x, "
-          f"API server CPU {ours[2] / theirs[2]:.2f}x (lower is better)")
+    print(
+        f"ours / theirs: wall {ours[0] / theirs[0]:.2f}x, client CPU {ours[1] / theirs[1]:.2f}x, "
+        f"API server CPU {ours[2] / theirs[2]:.2f}x (lower is better)"
+    )
 
 
 if __name__ == "__main__":

@@ -99,8 +99,10 @@ def main() -> None:
     sizes = {"apply": len(json.dumps(rendered(0, 1))), "patch": len(json.dumps(render.merge_patch(*map(
         lambda i: rendered(0, i), (0, 1)))))}  # fmt: skip
     print(f"body: apply {sizes['apply']} B, patch {sizes['patch']} B")
-    print(f"best round: apply {best['apply'][0] * 1e3:.1f} ms CPU, {best['apply'][1] * 1e3:.1f} ms latency; "
-          f"patch {best['patch'][0] * 1e3:.1f} ms CPU, {best['patch'][1] * 1e3:.1f} ms latency")
+    print(
+        f"best round: apply {best['apply'][0] * 1e3:.1f} ms CPU, {best['apply'][1] * 1e3:.1f} ms latency; "
+        f"patch {best['patch'][0] * 1e3:.1f} ms CPU, {best['patch'][1] * 1e3:.1f} ms latency"
+    )
     print(f"merge patch / whole apply: API server CPU {best['patch'][0] / best['apply'][0]:.2f}x, "
           f"latency {best['patch'][1] / best['apply'][1]:.2f}x")  # fmt: skip
 

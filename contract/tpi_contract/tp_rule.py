@@ -30,9 +30,7 @@ def tp_problems(heads: int | None, kv_heads: int | None, intermediate: int | Non
     return problems
 
 
-def valid_tp_sizes(
-    heads: int | None, kv_heads: int | None, intermediate: int | None, limit: int = MAX_TP
-) -> list[int]:
+def valid_tp_sizes(heads: int | None, kv_heads: int | None, intermediate: int | None, limit: int = MAX_TP) -> list[int]:
     """Every size (<= ``limit``) this model can be split into; powers of two when the architecture
     is unknown (no head count and no intermediate size)."""
     if heads is None and intermediate is None:

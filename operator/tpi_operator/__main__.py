@@ -28,13 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where PVCs are mounted as <claimName>/, to read checkpoint headers")  # fmt: skip
     p.add_argument("--allowed-host-path", action="append", default=[], dest="allowed_host_paths",
                    help="allow hostPath model sources under this node path (repeatable); default: none")  # fmt: skip
-    p.add_argument("--workers", type=int, default=64,
-                   help="reconcile worker threads (they mostly wait on the API server)")
+    p.add_argument(
+        "--workers", type=int, default=64, help="reconcile worker threads (they mostly wait on the API server)"
+    )
     p.add_argument("--idle-seconds", type=float, default=30.0, help="resync period of a steady cluster")
     p.add_argument("--busy-seconds", type=float, default=2.0, help="resync period while a cluster changes")
-    p.add_argument(
-        "--log-format", choices=["json", "plain"], default=os.environ.get("TPI_LOG_FORMAT", "json")
-    )
+    p.add_argument("--log-format", choices=["json", "plain"], default=os.environ.get("TPI_LOG_FORMAT", "json"))
     p.add_argument("--verbose", "-v", action="store_true")
     return p.parse_args(argv)
 

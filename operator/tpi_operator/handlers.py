@@ -249,11 +249,7 @@ def _slim(body: Mapping[str, Any], spec_keys: Iterable[str] = ()) -> dict[str, A
     spec = body.get("spec", {}) or {}
     return {
         "metadata": _plain(
-            {
-                k: meta.get(k)
-                for k in ("name", "uid", "labels", "annotations", "deletionTimestamp")
-                if meta.get(k)
-            }
+            {k: meta.get(k) for k in ("name", "uid", "labels", "annotations", "deletionTimestamp") if meta.get(k)}
         ),
         "spec": _plain({k: spec.get(k) for k in spec_keys if k in spec}),
         "status": _plain(body.get("status", {}) or {}),
@@ -687,9 +683,7 @@ def reconcile_once(
         foreign=_foreign(kube, mem, spec, ident, refresh_shared),
         hash_for=reconcile.hash_function(spec, ident, restarted_at),
     )
-    decision = reconcile.decide(
-        spec, ident, obs, idle_seconds=config.idle_seconds, busy_seconds=config.busy_seconds
-    )
+    decision = reconcile.decide(spec, ident, obs, idle_seconds=config.idle_seconds, busy_seconds=config.busy_seconds)
 
     sts_uids = {m.get("name"): m.get("uid") for m in (x.get("metadata") or {} for x in stses)}
     apply_decision(state, kube, mem, name, namespace, decision, sts_uids)

@@ -59,9 +59,7 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         family = _family_switches(arch, d)
         heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
@@ -96,8 +94,7 @@ class ModelConfig:
         )
         if cfg.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
-                f"unsupported rope_scaling type {cfg.rope_type!r}; supported: "
-                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+                f"unsupported rope_scaling type {cfg.rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
         missing = [k for k in _ROPE_KEYS.get(cfg.rope_type, ()) if (cfg.rope_scaling or {}).get(k) is None]
         if missing:  # checked here, not as a KeyError once the RoPE tables are built
@@ -107,8 +104,7 @@ class ModelConfig:
             raise ValueError(f"unsupported partial_rotary_factor={partial}: RoPE over the whole head only")
         if heads % cfg.num_key_value_heads:
             raise ValueError(
-                f"num_attention_heads={heads} is not a multiple of "
-                f"num_key_value_heads={cfg.num_key_value_heads}"
+                f"num_attention_heads={heads} is not a multiple of num_key_value_heads={cfg.num_key_value_heads}"
             )
         return cfg
 

@@ -88,9 +88,7 @@ class Dist:
         if self.grouped and form:
             self.form()
 
-    def form(
-        self, stop: threading.Event | None = None, on_wait: Callable[[list[int]], None] | None = None
-    ) -> None:
+    def form(self, stop: threading.Event | None = None, on_wait: Callable[[list[int]], None] | None = None) -> None:
         """Join the process group: wait without a deadline until every rank is there (see
         ``tpi_runtime.rendezvous``), then form it with the collective timeout, which therefore
         starts only once every rank runs. Raises ``rendezvous.Aborted`` when ``stop`` is set
@@ -126,9 +124,7 @@ class Dist:
             )
         except Exception as e:  # a peer left between the rendezvous and the handshake
             die(f"collective init_process_group failed after {time.monotonic() - t1:.1f}s: {e}")
-        log.info(
-            "process group formed in %.2fs (%.1fs waiting for the ranks)", time.monotonic() - t0, t1 - t0
-        )
+        log.info("process group formed in %.2fs (%.1fs waiting for the ranks)", time.monotonic() - t0, t1 - t0)
         threading.Thread(target=self._watchdog, name="tpi-collective-watchdog", daemon=True).start()
         if self.backend == "gloo" and self.device.type == "cpu" and self._shm_wanted:
             self._setup_shm()
@@ -163,9 +159,7 @@ class Dist:
                 os.unlink(path[0])  # every rank has it mapped (or gave up): nothing leaks on a crash
         if flag.item() and transport is not None:
             self.shm = transport
-            log.info(
-                "same-host ranks: small collectives use shared memory (%d KiB slots)", SHM_SLOT_BYTES >> 10
-            )
+            log.info("same-host ranks: small collectives use shared memory (%d KiB slots)", SHM_SLOT_BYTES >> 10)
 
     # --- watchdog ---------------------------------------------------------------------------
     def _watchdog(self) -> None:

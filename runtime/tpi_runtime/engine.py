@@ -390,9 +390,7 @@ class Engine:
         elif process.num_threads:
             torch.set_num_threads(process.num_threads)
         if dtype == "auto":
-            dtype = (
-                cfg.torch_dtype if self.device.type == "cuda" and cfg.torch_dtype in _DTYPES else "float32"
-            )
+            dtype = cfg.torch_dtype if self.device.type == "cuda" and cfg.torch_dtype in _DTYPES else "float32"
         if dtype not in _DTYPES:
             raise ValueError(f"unsupported dtype {dtype!r} ({', '.join(_DTYPES)})")
         self.dtype = _DTYPES[dtype]
@@ -551,12 +549,7 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len {self.max_model_len}"
             )
-        if (
-            not params.temperature >= 0
-            or not 0 < params.top_p <= 1
-            or params.top_k < 0
-            or not 0 <= params.min_p <= 1
-        ):
+        if not params.temperature >= 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or not 0 <= params.min_p <= 1:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= min_p <= 1")
         if any(not 0 <= t < self.config.vocab_size or not math.isfinite(b) for t, b in params.logit_bias):
             raise ValueError(f"logit_bias needs token ids in [0, {self.config.vocab_size}) and finite biases")
@@ -815,8 +808,7 @@ class Engine:
             else:
                 self.effective_batch_size = max(1, min(old, len(batch)) // 2)
                 self._last_error = (
-                    f"out of memory at batch {len(batch)}; effective batch size {old} -> "
-                    f"{self.effective_batch_size}"
+                    f"out of memory at batch {len(batch)}; effective batch size {old} -> {self.effective_batch_size}"
                 )
             # Every request of the failed step is kept (the scheduler preempts what no longer fits
             # the smaller limits). Their cached token counts did not advance, so whatever K/V the

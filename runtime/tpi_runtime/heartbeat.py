@@ -76,9 +76,7 @@ class LeaseHeartbeat:
             float(stall_threshold) if stall_threshold is not None else defaults.heartbeat_stall_seconds(self.interval)
         )
         # Kept for callers; the operator creates the Lease (with the heartbeat timeout as duration).
-        self.lease_duration_seconds = lease_duration_seconds or max(
-            1, math.ceil(self.stall_threshold + self.interval)
-        )
+        self.lease_duration_seconds = lease_duration_seconds or max(1, math.ceil(self.stall_threshold + self.interval))
         # A hung apiserver connection must not wedge the thread past the next few ticks.
         self._timeout = max(2.0, 2 * self.interval)
         self._stop = threading.Event()

@@ -20,6 +20,8 @@ from .tp import local_heads
 
 BLOCK_SIZE = 16  # tokens per block, as vLLM's default
 SCRATCH_BLOCK = 0
+
+
 class KVCacheTooSmallError(ValueError):
     """The budget cannot hold one max_model_len sequence (the runtime exits BAD_CONFIG)."""
 

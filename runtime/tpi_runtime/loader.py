@@ -71,9 +71,7 @@ def read_header(path: str) -> _Header:
         try:
             dtype, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(
-                f"{path}: corrupt safetensors header entry for tensor {name}: {e}"
-            ) from None
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name}: {e}") from None
         if dtype not in _DTYPES:
             raise CheckpointError(
                 f"{path}: tensor {name} has unsupported dtype {dtype} (supported: {', '.join(_DTYPES)})"
@@ -109,9 +107,7 @@ def checkpoint_files(model_dir: str) -> dict[str, str]:
     if os.path.exists(single):
         return dict.fromkeys(read_header(single).tensors, single)
     pickles = (
-        [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))]
-        if os.path.isdir(model_dir)
-        else []
+        [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(model_dir) else []
     )
     hint = f" (found {pickles[0]}: pickle checkpoints are refused, convert to safetensors)" if pickles else ""
     raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
@@ -208,9 +204,7 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: ModelConfig, rank:
     headers = _validate(cfg, plan, where)
     params = dict(model.named_parameters())
     report = LoadReport(files=sorted(headers))
-    report.bytes_total = sum(
-        _DTYPES[dt] * _numel(shape) for h in headers.values() for dt, shape in h.tensors.values()
-    )
+    report.bytes_total = sum(_DTYPES[dt] * _numel(shape) for h in headers.values() for dt, shape in h.tensors.values())
 
     # file -> row chunks, so each file is processed in one pass of short-lived mappings.
     work: dict[str, list[_Chunk]] = defaultdict(list)

@@ -68,12 +68,8 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine = self._engine_fn()
-        ready = GaugeMetricFamily(
-            "tpi_ready", "1 when weights are loaded and the group is formed", labels=["rank"]
-        )
-        ready.add_metric(
-            [self._rank], 1.0 if engine is not None and getattr(engine, "is_ready", False) else 0.0
-        )
+        ready = GaugeMetricFamily("tpi_ready", "1 when weights are loaded and the group is formed", labels=["rank"])
+        ready.add_metric([self._rank], 1.0 if engine is not None and getattr(engine, "is_ready", False) else 0.0)
         yield ready
         if engine is None:
             return
@@ -123,9 +119,7 @@ class EngineCollector(Collector):
                 g.add_metric(r, float(value))
                 yield g
         last_error = _get(stats, "last_error")
-        err = GaugeMetricFamily(
-            "tpi_last_error_present", "1 when the engine has recorded an error", labels=["rank"]
-        )
+        err = GaugeMetricFamily("tpi_last_error_present", "1 when the engine has recorded an error", labels=["rank"])
         err.add_metric(r, 1.0 if last_error else 0.0)
         yield err
 

@@ -143,8 +143,10 @@ def slot_mapping(tables: Sequence[Sequence[int]], seqs: Sequence[tuple[int, int]
 
 
 def _contiguous(blocks: Sequence[int]) -> bool:
-    return len(blocks) > 0 and blocks[-1] - blocks[0] == len(blocks) - 1 and all(
-        b == blocks[0] + i for i, b in enumerate(blocks)
+    return (
+        len(blocks) > 0
+        and blocks[-1] - blocks[0] == len(blocks) - 1
+        and all(b == blocks[0] + i for i, b in enumerate(blocks))
     )
 
 
@@ -205,23 +207,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch
 
 
 class Attention(nn.Module):
-    def __init__(
-        self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.hq, self.hkv, _ = local_heads(cfg, dist.rank, dist.world_size)
         self.d = cfg.head_dim
-        self.qkv = ColumnParallelLinear(
-            cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, dtype=dtype, device=device
-        )
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, dtype=dtype, device=device)
         self.o_proj = RowParallelLinear(
             self.hq * self.d, cfg.hidden_size, dist, f"o_proj.{layer}", dtype=dtype, device=device
         )
         n_qkv = (self.hq + 2 * self.hkv) * self.d
         self.qkv_bias = (
-            nn.Parameter(torch.empty(n_qkv, dtype=dtype, device=device), requires_grad=False)
-            if cfg.qkv_bias
-            else None
+            nn.Parameter(torch.empty(n_qkv, dtype=dtype, device=device), requires_grad=False) if cfg.qkv_bias else None
         )
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype=dtype, device=device) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype=dtype, device=device) if cfg.qk_norm else None
@@ -307,9 +303,7 @@ def gather_blocks(pool: torch.Tensor, index: torch.Tensor, scratch: torch.Tensor
     return out
 
 
-def _seq_keys(
-    pool: torch.Tensor, skv: SeqKV, lo: int, ctx: int, scratch: torch.Tensor | None = None
-) -> torch.Tensor:
+def _seq_keys(pool: torch.Tensor, skv: SeqKV, lo: int, ctx: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """[1, hkv, ctx - lo, d]: positions [lo, ctx) of one sequence (a view for contiguous blocks)."""
     if isinstance(skv.index, slice):
         blocks = pool[skv.index]
@@ -322,15 +316,11 @@ def _seq_keys(
 
 
 class MLP(nn.Module):
-    def __init__(
-        self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.il = cfg.intermediate_size // dist.world_size
         self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * self.il, dtype=dtype, device=device)
-        self.down = RowParallelLinear(
-            self.il, cfg.hidden_size, dist, f"down_proj.{layer}", dtype=dtype, device=device
-        )
+        self.down = RowParallelLinear(self.il, cfg.hidden_size, dist, f"down_proj.{layer}", dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.il, dim=-1)
@@ -340,9 +330,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(
-        self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, dist: Dist, layer: int, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
@@ -375,9 +363,7 @@ class Transformer(nn.Module):
         )
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
-        self.register_buffer(
-            "rot", rotate_half_matrix(cfg.head_dim, dtype=dtype, device=device), persistent=False
-        )
+        self.register_buffer("rot", rotate_half_matrix(cfg.head_dim, dtype=dtype, device=device), persistent=False)
         self.num_blocks = 0  # usable blocks (the scratch block not counted)
         self.max_len = 0
         self.slot_tables: list[list[int]] = []  # setup_cache only

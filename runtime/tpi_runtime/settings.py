@@ -45,6 +45,8 @@ def max_num_batched_tokens_for(device_type: str, configured: int | None) -> int:
     if configured is not None:
         return configured
     return DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda" if device_type == "cuda" else "cpu"]
+
+
 #: --gpu-memory-utilization's default: the share of the GPU's total memory this process may use
 #: (weights, activations and KV cache together), as vLLM's.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9

@@ -31,9 +31,7 @@ class PeerFailure(RuntimeError):
 
 
 class ShmTransport:
-    def __init__(
-        self, path: str, rank: int, world: int, slot_bytes: int, timeout_s: float, create: bool
-    ) -> None:
+    def __init__(self, path: str, rank: int, world: int, slot_bytes: int, timeout_s: float, create: bool) -> None:
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
         self.slot_bytes = slot_bytes
         header = _ALIGN * (2 * world)  # flags (int64, one cache line each) then pids

@@ -128,6 +128,8 @@ GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3
 # K-quant types have no Python quantizer: random blocks, with each block's scale field(s) set to a
 # small float16 so the weights stay in a sane range. (byte offset of d, of dmin or None)
 _K_SCALES = {"Q2_K": (80, 82), "Q3_K": (108, None), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None)}
+
+
 def _llamacpp_permute(w: Any, n_head: int) -> Any:
     """convert_hf_to_gguf's q/k row permutation for llama-arch files."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -152,10 +154,59 @@ def _byte_level_vocab() -> tuple[list[str], list[str], list[int]]:
 
 # SentencePiece pieces of the tiny "llama" vocabulary, best first: letters, then merged pieces.
 _SPM_PIECES = [
-    "\u2581", "e", "t", "a", "o", "i", "n", "s", "h", "r", "d", "l", "u", "c", "m", "w", "f", "g", "y", "p",
-    "b", "v", "k", ".", ",", "!", "?", "'", "é", "\u2581t", "he", "\u2581the", "in", "er", "\u2581a", "an",
-    "\u2581c", "at", "\u2581cat", "on", "\u2581on", "is", "\u2581is", "\u2581s", "\u2581d", "og", "\u2581dog",
-    "re", "\u2581w", "it", "\u2581it", "\u2581\u2581", "\u2581\u2581\u2581\u2581",
+    "\u2581",
+    "e",
+    "t",
+    "a",
+    "o",
+    "i",
+    "n",
+    "s",
+    "h",
+    "r",
+    "d",
+    "l",
+    "u",
+    "c",
+    "m",
+    "w",
+    "f",
+    "g",
+    "y",
+    "p",
+    "b",
+    "v",
+    "k",
+    ".",
+    ",",
+    "!",
+    "?",
+    "'",
+    "é",
+    "\u2581t",
+    "he",
+    "\u2581the",
+    "in",
+    "er",
+    "\u2581a",
+    "an",
+    "\u2581c",
+    "at",
+    "\u2581cat",
+    "on",
+    "\u2581on",
+    "is",
+    "\u2581is",
+    "\u2581s",
+    "\u2581d",
+    "og",
+    "\u2581dog",
+    "re",
+    "\u2581w",
+    "it",
+    "\u2581it",
+    "\u2581\u2581",
+    "\u2581\u2581\u2581\u2581",
 ]
 
 

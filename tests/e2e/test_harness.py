@@ -29,4 +29,3 @@ def test_a_passing_selection_passes_make_e2e() -> None:
     out = result.stdout + result.stderr
     assert "1 passed" in out, f"the canary did not run: {out[-3000:]}"
     assert result.returncode == 0, f"make e2e failed on a passing selection:\n{out[-3000:]}"
-

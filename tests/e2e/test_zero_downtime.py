@@ -222,8 +222,10 @@ def test_eviction_drains_one_group_and_the_budget_holds_the_other(
 
     def back() -> bool:
         live = pods_of(k, name, 0)
-        return len(live) == 2 and not {p["metadata"]["uid"] for p in live} & old and (
-            status(k, name).get("readyReplicas") == 2
+        return (
+            len(live) == 2
+            and not {p["metadata"]["uid"] for p in live} & old
+            and (status(k, name).get("readyReplicas") == 2)
         )
 
     wait_until(back, timeout=600, interval=1, what="group 0 recreated and Ready")

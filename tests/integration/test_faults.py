@@ -65,7 +65,13 @@ class FakeNodes:
         self.names: list[str] = []
 
     def add(
-        self, name: str, zone: str, dies: bool, cpu: str = "1", gpus: int = 0, labels: dict[str, str] | None = None,
+        self,
+        name: str,
+        zone: str,
+        dies: bool,
+        cpu: str = "1",
+        gpus: int = 0,
+        labels: dict[str, str] | None = None,
         taints: list[dict] | None = None,
     ) -> str:
         """A node of this test; ``gpus``: its nvidia.com/gpu allocatable, ``labels``/``taints``: more of them."""
@@ -153,6 +159,7 @@ def _heal_node_loss(namespace: str, fake: FakeNodes, dead: list[str], evicted: b
     fake.dying.kill()
     wait_until(lambda: all(not_ready_since(n) for n in dead), timeout=150, interval=2, what="nodes NotReady")
     since = min(t for t in (not_ready_since(n) for n in dead[:2]) if t is not None)  # the ranks' nodes
+
     def terminating_on_dead() -> bool:
         return any(p["metadata"].get("deletionTimestamp") for p in all_pods(namespace)
                    if p["spec"].get("nodeName") in dead)  # fmt: skip

@@ -80,9 +80,7 @@ def _wait_renewals(coord: client.CoordinationV1Api, namespace: str, name: str, n
     return seen
 
 
-def test_renews_while_progressing_and_stops_when_stalled(
-    api_client: client.ApiClient, namespace: str
-) -> None:
+def test_renews_while_progressing_and_stops_when_stalled(api_client: client.ApiClient, namespace: str) -> None:
     coord = client.CoordinationV1Api(api_client)
     steps = Counter()
     hb = LeaseHeartbeat(
@@ -137,9 +135,7 @@ def test_renews_while_progressing_and_stops_when_stalled(
         last = _renew_time(coord, namespace, "rank-0")
         time.sleep(STALL + 3 * INTERVAL)
         assert hb._thread is not None and hb._thread.is_alive(), "the heartbeat thread must keep running"
-        assert _renew_time(coord, namespace, "rank-0") == last, (
-            "renewTime moved while the main loop was stuck"
-        )
+        assert _renew_time(coord, namespace, "rank-0") == last, "renewTime moved while the main loop was stuck"
         age = (dt.datetime.now(dt.UTC) - last).total_seconds()
         assert age > STALL, f"renewTime should be stale, is only {age:.2f}s old"
         lease = _read(coord, namespace, "rank-0")
@@ -207,9 +203,7 @@ def _token_kubeconfig(admin_kubeconfig: str, token: str, path: Path) -> None:
                 "apiVersion": "v1",
                 "kind": "Config",
                 "current-context": "sa",
-                "clusters": [
-                    {"name": "c", "cluster": {"server": cluster["server"], "certificate-authority-data": ca}}
-                ],
+                "clusters": [{"name": "c", "cluster": {"server": cluster["server"], "certificate-authority-data": ca}}],
                 "users": [{"name": "sa", "user": {"token": token}}],
                 "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}],
             }
@@ -232,9 +226,7 @@ def test_api_errors_are_retried_and_never_log_the_token(
     token = core.create_namespaced_service_account_token(
         "rank",
         namespace,
-        client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
-        ),
+        client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)),
     ).status.token
     assert token and len(token) > 20
 
@@ -283,9 +275,7 @@ def test_api_errors_are_retried_and_never_log_the_token(
                 namespace,
                 client.V1RoleBinding(
                     metadata=client.V1ObjectMeta(name="rank-lease"),
-                    role_ref=client.V1RoleRef(
-                        api_group="rbac.authorization.k8s.io", kind="Role", name="rank-lease"
-                    ),
+                    role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="rank-lease"),
                     subjects=[client.RbacV1Subject(kind="ServiceAccount", name="rank", namespace=namespace)],
                 ),
             )

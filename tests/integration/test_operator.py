@@ -203,9 +203,7 @@ def test_apply_creates_objects_and_reaches_running(operator: Operator, namespace
     assert wide[1][:5] == rows[1][:5] and wide[1][6] == "0"
 
 
-def test_oom_halves_batch_and_recreates_group(
-    operator: Operator, namespace: str, api_client: client.ApiClient
-) -> None:
+def test_oom_halves_batch_and_recreates_group(operator: Operator, namespace: str, api_client: client.ApiClient) -> None:
     apply(namespace, cluster_yaml(runtime={"maxBatchSize": 8}))
     wait_phase(namespace, "Running")
     inject_fault(namespace, "demo-g0-1", "oom")
@@ -255,15 +253,14 @@ def test_crash_loop_degrades_then_fails(operator: Operator, namespace: str) -> N
     assert status(namespace)["restarts"] == restarts and pods(namespace)
 
 
-def test_stale_lease_recreates_group(
-    operator: Operator, namespace: str, api_client: client.ApiClient
-) -> None:
+def test_stale_lease_recreates_group(operator: Operator, namespace: str, api_client: client.ApiClient) -> None:
     apply(namespace, cluster_yaml(failurePolicy={"heartbeatTimeoutSeconds": 8}))  # the CRD minimum
     wait_phase(namespace, "Running")
     renew_leases(api_client, namespace, ["demo-g0-0", "demo-g0-1"])
     time.sleep(1.5)
     renew_leases(api_client, namespace, ["demo-g0-0", "demo-g0-1"])  # healthy so far
     assert status(namespace).get("restarts", 0) == 0
+
     # rank 1 stops renewing (a hang) while rank 0 keeps beating
     def hung() -> dict | None:
         # look first: a beat sent after the recreate would belong to the new rank 0, which then
@@ -311,9 +308,7 @@ def test_spec_edit_rolls_groups_one_at_a_time(operator: Operator, namespace: str
     apply(namespace, cluster_yaml(replicas=3))
     wait_phase(namespace, "Running")
     old = {g: sts_hash(namespace, g) for g in range(3)}
-    kubectl(
-        "patch", "tpic", "demo", "-n", namespace, "--type=merge", "-p", '{"spec":{"image":"tpi-runtime:v2"}}'
-    )
+    kubectl("patch", "tpic", "demo", "-n", namespace, "--type=merge", "-p", '{"spec":{"image":"tpi-runtime:v2"}}')
     max_rolling = 0
     deadline = time.monotonic() + 120
     while True:
@@ -411,9 +406,7 @@ def test_deleting_cluster_removes_everything(operator: Operator, namespace: str)
             "rolebindings",
             "pods",
         ):
-            items = json.loads(
-                kubectl("get", kind, "-n", namespace, "-l", "tpi.dev/cluster=demo", "-o", "json")
-            )
+            items = json.loads(kubectl("get", kind, "-n", namespace, "-l", "tpi.dev/cluster=demo", "-o", "json"))
             if items["items"]:
                 return False
         return True
@@ -432,8 +425,14 @@ def test_unworkable_clusters_are_explained_without_hot_looping(
                                                   "intermediate_size": 1536, "hidden_size": 384}))  # fmt: skip
     apply(namespace, cluster_yaml("heads", tensorParallelSize=4,
                                   model={"source": {"hostPath": {"path": str(ckpt)}}}))  # fmt: skip
-    apply(namespace, cluster_yaml("huge", resources={"cpu": "1000"},
-                                  failurePolicy={"minTensorParallelSize": 2, "unschedulableTimeoutSeconds": 1}))
+    apply(
+        namespace,
+        cluster_yaml(
+            "huge",
+            resources={"cpu": "1000"},
+            failurePolicy={"minTensorParallelSize": 2, "unschedulableTimeoutSeconds": 1},
+        ),
+    )
     apply(namespace, cluster_yaml("auto", tensorParallelSize="auto"))
 
     def condition(name: str, ctype: str = "Degraded") -> dict:

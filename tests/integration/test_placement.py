@@ -33,8 +33,16 @@ CONTENTION_SOAK_SECONDS = 300
 SPLIT_TAINT = {"key": "example.com/split", "value": "b", "effect": "NoSchedule"}
 
 
-def gpu_cluster(fake: FakeNodes, name: str = "demo", *, tp: int, replicas: int = 1, no_degrade: bool = False,
-                tolerations: tuple[dict, ...] = (), **scheduling: object) -> str:
+def gpu_cluster(
+    fake: FakeNodes,
+    name: str = "demo",
+    *,
+    tp: int,
+    replicas: int = 1,
+    no_degrade: bool = False,
+    tolerations: tuple[dict, ...] = (),
+    **scheduling: object,
+) -> str:
     """A cluster of 1-GPU ranks on this test's nodes, with the default failure policy;
     ``tolerations``: more than the one of this test's nodes."""
     doc = json.loads(cluster_yaml(
@@ -191,6 +199,7 @@ def test_a_partly_scheduled_group_is_released_and_comes_back_whole(
     assert "3 hold resources" in release[0]["message"], release[0]["message"]
     # room for the whole group: it scales back up after its backoff and forms
     nodes.add("gpu-3", "a", dies=False, gpus=1)
+
     def back() -> dict | None:
         keep_crd()
         st = get(namespace, "tpic", "demo").get("status", {})

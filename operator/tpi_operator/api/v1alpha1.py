@@ -102,8 +102,7 @@ class ModelSource(_Model):
             "x-kubernetes-validations": [
                 _cel(
                     "[has(self.pvc), has(self.hostPath), has(self.image)].filter(x, x).size() == 1",
-                    "exactly one of model.source.pvc, model.source.hostPath or model.source.image"
-                    " must be set",
+                    "exactly one of model.source.pvc, model.source.hostPath or model.source.image must be set",
                 ),
                 _cel(
                     "self == oldSelf",
@@ -476,9 +475,7 @@ class GroupStatus(_Model):
     """Bookkeeping of one group; everything recovery needs survives an operator restart here."""
 
     group: int
-    incarnation: int = Field(
-        0, description="Bumped on every recreate; pods of older incarnations are deleted."
-    )
+    incarnation: int = Field(0, description="Bumped on every recreate; pods of older incarnations are deleted.")
     ready: bool = False
     restart_times: list[Timestamp] = Field(default_factory=list, description="Recreates within the window.")
     failing_since: Timestamp | None = Field(None, description="First failure not yet recovered from.")
@@ -589,8 +586,7 @@ class TPInferenceCluster(_Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 _cel(
-                    "self.metadata.name.size() <= 40"
-                    " && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+                    "self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
                     "metadata.name must be a DNS-1035 label of at most 40 characters "
                     "(it prefixes Service, StatefulSet and pod names)",
                 )

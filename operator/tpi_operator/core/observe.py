@@ -196,9 +196,7 @@ def rank_obs(pod: Mapping[str, Any]) -> list[PodObs]:
     if first is None or first.ranks_per_pod == 1:
         return [first] if first is not None else []
     n = first.ranks_per_pod
-    return [
-        dataclasses.replace(first, rank=first.rank + local, local_rank=local) for local in range(n)
-    ]
+    return [dataclasses.replace(first, rank=first.rank + local, local_rank=local) for local in range(n)]
 
 
 def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:

@@ -226,7 +226,10 @@ def decide(
     # the reconciler. A cluster that is stuck (blocked, degraded, never-ready) must not poll.
     changed = [o for o in [*decision.apply_first, *decision.apply] if o["kind"] in ("StatefulSet", "Lease")]
     busy = bool(
-        changed or decision.delete_pods or decision.force_delete_pods or decision.delete_statefulsets
+        changed
+        or decision.delete_pods
+        or decision.force_delete_pods
+        or decision.delete_statefulsets
         or decision.delete_leases
         or decision.patch_statefulsets
     )

@@ -251,9 +251,7 @@ def group_ready(obs: Observation, group: int, incarnation: int, size: int) -> bo
     if sts is None:
         return False
     pods = current_pods(obs, group, incarnation)
-    return len(pods) == sts.ranks == size and all(
-        p.ready and p.template_hash == sts.template_hash for p in pods
-    )
+    return len(pods) == sts.ranks == size and all(p.ready and p.template_hash == sts.template_hash for p in pods)
 
 
 #: A rank that exits ``COLLECTIVE_FAILED`` only says that a peer failed; the peer's own cause (an OOM
@@ -275,9 +273,7 @@ def awaiting_peer_cause(obs: Observation, group: int, incarnation: int) -> dt.da
     return until if obs.now < until else None
 
 
-def detect_failure(
-    spec: TPInferenceClusterSpec, obs: Observation, group: int, incarnation: int
-) -> GroupFailure | None:
+def detect_failure(spec: TPInferenceClusterSpec, obs: Observation, group: int, incarnation: int) -> GroupFailure | None:
     """Why a group must be recreated, if it must."""
     pods = current_pods(obs, group, incarnation)
     for p in pods:
@@ -1058,9 +1054,7 @@ def report_hold(ctx: _Ctx) -> None:
 
 
 # -------------------------------------------------------------------------------- transition
-def transition(
-    spec: TPInferenceClusterSpec, obs: Observation, actions: list[Action]
-) -> TPInferenceClusterStatus:
+def transition(spec: TPInferenceClusterSpec, obs: Observation, actions: list[Action]) -> TPInferenceClusterStatus:
     """The status after ``actions``: bookkeeping only (pods are the shell's business)."""
     st = obs.status.model_copy(deep=True)
     now = obs.now
@@ -1178,9 +1172,7 @@ def transition(
     return st
 
 
-def track_rollout(
-    spec: TPInferenceClusterSpec, obs: Observation, st: TPInferenceClusterStatus
-) -> RolloutStatus | None:
+def track_rollout(spec: TPInferenceClusterSpec, obs: Observation, st: TPInferenceClusterStatus) -> RolloutStatus | None:
     """The progress clock of the rollout after this pass (none while paused: a pause is not a stall;
     none while a queue holds a group's pods: a queue is not a stall either)."""
     if spec.update_strategy.paused:

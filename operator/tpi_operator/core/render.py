@@ -109,9 +109,7 @@ def rank0_selector(name: str) -> str:
 
 # ---------------------------------------------------------------------------------- helpers
 def content_hash(obj: Any, length: int = 10) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
-        :length
-    ]
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
 
 
 def cluster_labels(name: str) -> dict[str, str]:
@@ -205,9 +203,7 @@ def runtime_args(spec: TPInferenceClusterSpec, batch: int) -> list[str]:
 
 def runtime_env(spec: TPInferenceClusterSpec, ident: Identity, gs: GroupSettings) -> list[dict[str, Any]]:
     """The rank environment of docs/contracts.md."""
-    master = (
-        f"{pod_name(ident.name, gs.group, 0)}.{headless_name(ident.name)}.{ident.namespace}.svc.cluster.local"
-    )
+    master = f"{pod_name(ident.name, gs.group, 0)}.{headless_name(ident.name)}.{ident.namespace}.svc.cluster.local"
 
     def field(path: str) -> dict[str, Any]:
         return {"valueFrom": {"fieldRef": {"fieldPath": path}}}
@@ -469,9 +465,7 @@ def client_service(spec: TPInferenceClusterSpec, ident: Identity) -> dict[str, A
             "spec": {
                 "type": "ClusterIP",
                 "selector": {L_CLUSTER: ident.name, POD_INDEX_LABEL: "0"},
-                "ports": [
-                    {"name": "http", "port": spec.runtime.port, "targetPort": "http", "protocol": "TCP"}
-                ],
+                "ports": [{"name": "http", "port": spec.runtime.port, "targetPort": "http", "protocol": "TCP"}],
             },
         }
     )

@@ -62,7 +62,11 @@ def describe(pods: list[PodObs]) -> str:
 
 
 def track(
-    prev: RolloutStatus | None, key: str, updated_ready: int, complete: bool, now: dt.datetime,
+    prev: RolloutStatus | None,
+    key: str,
+    updated_ready: int,
+    complete: bool,
+    now: dt.datetime,
     queued: bool = False,
 ) -> RolloutStatus | None:
     """The rollout's progress clock: restarted by a new rollout or by one more group Ready on it.

@@ -50,9 +50,7 @@ def tp_problems(info: ModelInfo, tp: int) -> list[str]:
 
 def valid_tp_sizes(info: ModelInfo, limit: int = MAX_TP) -> list[int]:
     """Sizes the model can be split into; powers of two when the architecture is unknown."""
-    return tp_rule.valid_tp_sizes(
-        info.num_attention_heads, info.num_key_value_heads, info.intermediate_size, limit
-    )
+    return tp_rule.valid_tp_sizes(info.num_attention_heads, info.num_key_value_heads, info.intermediate_size, limit)
 
 
 # ------------------------------------------------------------------------------- capacity
@@ -112,8 +110,7 @@ def desired_tp(spec: TPInferenceClusterSpec, info: ModelInfo) -> int:
         if problems:
             raise SizingError(
                 "InvalidTensorParallelSize",
-                f"tensorParallelSize={tp} cannot shard this model ({'; '.join(problems)}); "
-                f"valid sizes: {sizes[:16]}",
+                f"tensorParallelSize={tp} cannot shard this model ({'; '.join(problems)}); valid sizes: {sizes[:16]}",
             )
         return tp
     if info.weight_bytes is None:

@@ -143,9 +143,7 @@ def compute(
             if gs.failing_since:
                 since = parse_time(gs.failing_since)
                 if since is not None:
-                    recovered.append(
-                        Recovered(gs.group, gs.failure_reason or "", (now - since).total_seconds())
-                    )
+                    recovered.append(Recovered(gs.group, gs.failure_reason or "", (now - since).total_seconds()))
                 gs.failing_since = None
                 gs.failure_reason = None
     st.ranks = ranks
@@ -209,9 +207,7 @@ def compute(
     elif (gated := gated_message(obs, st)) is not None:
         conds = set_condition(conds, "Progressing", True, "SchedulingGated", gated, gen, now)
     elif not all_ready or rolled:
-        conds = set_condition(
-            conds, "Progressing", True, "Reconciling", "groups are starting or rolling", gen, now
-        )
+        conds = set_condition(conds, "Progressing", True, "Reconciling", "groups are starting or rolling", gen, now)
     else:
         conds = set_condition(conds, "Progressing", False, "Complete", "all groups are up to date", gen, now)
     if st.phase == "Failed":

@@ -80,7 +80,7 @@ def sampling_params(
     if fmt is not None and fmt.type != "text":
         raise unsupported(
             f"'response_format' of type {fmt.type[:40]!r} is not supported by this server (it has no "
-            "constrained decoding); omit it or send {\"type\": \"text\"}",
+            'constrained decoding); omit it or send {"type": "text"}',
             "response_format",
             "unsupported_value",
         )

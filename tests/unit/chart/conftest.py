@@ -40,9 +40,7 @@ class Rendered(list):
 
     def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
         found = [d for d in self.kinds(kind) if name is None or d["metadata"]["name"] == name]
-        assert len(found) == 1, (
-            f"expected one {kind} {name or ''}, got {[d['metadata']['name'] for d in found]}"
-        )
+        assert len(found) == 1, f"expected one {kind} {name or ''}, got {[d['metadata']['name'] for d in found]}"
         return found[0]
 
 

@@ -198,9 +198,7 @@ def test_liveness_probe_and_metrics_port(render) -> None:
 
 
 def test_image_values(render) -> None:
-    c = operator_container(
-        render("image.repository=reg.local/tpi/op", "image.tag=1.2.3", "image.pullPolicy=Always")
-    )
+    c = operator_container(render("image.repository=reg.local/tpi/op", "image.tag=1.2.3", "image.pullPolicy=Always"))
     assert c["image"] == "reg.local/tpi/op:1.2.3"
     assert c["imagePullPolicy"] == "Always"
 
@@ -213,7 +211,8 @@ def test_host_paths_are_refused_unless_allowed(render) -> None:
     assert not [a for a in operator_container(render())["args"] if a.startswith("--allowed-host-path")]
     args = operator_container(render("allowedHostPaths={/var/lib/tpi-e2e,/data}"))["args"]
     assert [a for a in args if a.startswith("--allowed-host-path")] == [
-        "--allowed-host-path=/var/lib/tpi-e2e", "--allowed-host-path=/data"
+        "--allowed-host-path=/var/lib/tpi-e2e",
+        "--allowed-host-path=/data",
     ]
     from tpi_operator.__main__ import parse_args
 
@@ -271,9 +270,7 @@ def test_list_pods_cluster_wide_is_opt_in(render) -> None:
     (cluster_role,) = render("watchNamespaces={team-a}", "rbac.listPodsClusterWide=true").kinds("ClusterRole")
     assert rules_of(cluster_role) == {**CLUSTER_SCOPED_RULES, ("", "pods"): {"list"}}
     # Cluster-wide, the namespaced rules already cover it: the flag adds nothing.
-    assert rules_of(render("rbac.listPodsClusterWide=true").one("ClusterRole")) == rules_of(
-        render().one("ClusterRole")
-    )
+    assert rules_of(render("rbac.listPodsClusterWide=true").one("ClusterRole")) == rules_of(render().one("ClusterRole"))
 
 
 def test_peering_cluster_wide(render) -> None:
@@ -356,9 +353,7 @@ def test_operator_can_grant_the_runtime_role(render) -> None:
             for key, verbs in rules_of(role).items():
                 held.setdefault(key, set()).update(verbs)
         for key, verbs in wanted.items():
-            assert verbs <= held.get(key, set()), (
-                f"{sets}: operator cannot grant {key} {verbs - held.get(key, set())}"
-            )
+            assert verbs <= held.get(key, set()), f"{sets}: operator cannot grant {key} {verbs - held.get(key, set())}"
 
 
 def test_rbac_covers_the_operators_api_calls(render) -> None:
@@ -448,9 +443,7 @@ def test_dashboard_panels(render) -> None:
     def panels_with(pattern: str) -> list[dict[str, Any]]:
         return [p for p in panels if any(re.search(pattern, e) for e in exprs(p))]
 
-    latency = panels_with(
-        r"histogram_quantile\(0\.\d+, sum by \(le[^)]*\) \(rate\(tpi_request_latency_seconds_bucket"
-    )
+    latency = panels_with(r"histogram_quantile\(0\.\d+, sum by \(le[^)]*\) \(rate\(tpi_request_latency_seconds_bucket")
     tokens = panels_with(r"rate\(tpi_generated_tokens_total")
     memory = panels_with(r"tpi_gpu_memory_used_bytes")
     util = panels_with(r"tpi_gpu_utilization_ratio")
@@ -553,8 +546,14 @@ def test_dashboard_metrics_exist_in_the_code(package: str, owns) -> None:
         (["serviceMonitor.enabeld=true"], r"enabeld"),
         (["allowedHostPaths={relative/path}"], r"allowedHostPaths/0"),
     ],
-    ids=["negative-replicas", "unknown-top-level-key", "bad-pull-policy", "bad-namespace", "typo-nested",
-         "relative-host-path"],
+    ids=[
+        "negative-replicas",
+        "unknown-top-level-key",
+        "bad-pull-policy",
+        "bad-namespace",
+        "typo-nested",
+        "relative-host-path",
+    ],
 )
 def test_schema_rejects_bad_values(helm: Path, sets: list[str], message: str) -> None:
     args = ["template", RELEASE, str(CHART)]

@@ -139,14 +139,10 @@ def test_operator_image_has_no_torch(dockerfile) -> None:
     assert "runtime-builder" not in names and "runtime" not in names
     for st in chain:
         for kw, arg in st.instructions:
-            assert "torch" not in arg.lower() or "must not be in the operator image" in arg, (
-                f"{st.name}: {kw} {arg}"
-            )
+            assert "torch" not in arg.lower() or "must not be in the operator image" in arg, f"{st.name}: {kw} {arg}"
     runs = " ".join(stages["operator-builder"].all("RUN"))
     assert "extra-requirements.py operator" in runs
-    assert not [r for r in extras()["operator"] if req_name(r) == "torch"], (
-        "pyproject's operator extra pulls torch"
-    )
+    assert not [r for r in extras()["operator"] if req_name(r) == "torch"], "pyproject's operator extra pulls torch"
 
 
 def test_runtime_installs_torch_in_an_early_layer(dockerfile) -> None:
@@ -159,9 +155,7 @@ def test_runtime_installs_torch_in_an_early_layer(dockerfile) -> None:
     assert "extra-requirements.py runtime torch" in " ".join(st.all("RUN"))
     (arg,) = [a for a in st.all("ARG") if a.startswith("TORCH_REQUIREMENT=")]
     torch_req = shlex.split(arg.partition("=")[2])[0]
-    assert torch_req in extras()["runtime"], (
-        f"TORCH_REQUIREMENT {torch_req} differs from pyproject's runtime extra"
-    )
+    assert torch_req in extras()["runtime"], f"TORCH_REQUIREMENT {torch_req} differs from pyproject's runtime extra"
     wanted = {req_name(r) for r in extras()["runtime"]}
     assert {"torch", "safetensors", "nvidia-ml-py", "tokenizers", "prometheus-client", "kubernetes"} <= wanted
 
@@ -224,9 +218,7 @@ def test_build_images_base_wheelhouse_and_containerd() -> None:
     cmds = commands(build_images("--target", "runtime", "--wheelhouse", "--load", "containerd",
                                  env={"BASE_IMAGE": "tpi/base:bookworm"}))  # fmt: skip
     download = [c for c in cmds if " -m pip download " in c]
-    assert (
-        len(download) == 1 and "--only-binary=:all:" in download[0] and "--python-version 3.11" in download[0]
-    )
+    assert len(download) == 1 and "--only-binary=:all:" in download[0] and "--python-version 3.11" in download[0]
     (build,) = [c for c in cmds if c.startswith("docker build")]
     assert "--target runtime" in build and "--tag tpi/runtime:dev" in build
     assert "--build-arg BASE_IMAGE=tpi/base:bookworm" in build

@@ -33,9 +33,7 @@ def hash_for(tp: int, batch: int) -> str:
     return f"h{tp}-{batch}"
 
 
-def healthy_pods(
-    group: int = 0, tp: int = 4, batch: int = 8, incarnation: int = 0, **kw: Any
-) -> list[PodObs]:
+def healthy_pods(group: int = 0, tp: int = 4, batch: int = 8, incarnation: int = 0, **kw: Any) -> list[PodObs]:
     return [
         PodObs(
             name=f"demo-g{group}-{r}",

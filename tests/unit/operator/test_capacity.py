@@ -51,9 +51,17 @@ GPU_RANK = {"resources": {"cpu": "1", "memory": "1Gi", "gpus": 1}}
         ({**GPU_RANK}, [node("a"), node("b", gpus=2)], [], 2),  # only GPU nodes, 2 GPUs
         ({**RANK, "scheduling": {"nodeSelector": {"pool": "x"}}}, [node("a"), node("b", labels={"pool": "x"})], [], 4),
         ({**RANK}, [node("a", taints=[{"key": "k", "value": "v", "effect": "NoSchedule"}])], [], 0),
-        ({**RANK, "scheduling": {"tolerations": [{"key": "k", "operator": "Equal", "value": "v",
-                                                  "effect": "NoSchedule"}]}},
-         [node("a", taints=[{"key": "k", "value": "v", "effect": "NoSchedule"}])], [], 4),
+        (
+            {
+                **RANK,
+                "scheduling": {
+                    "tolerations": [{"key": "k", "operator": "Equal", "value": "v", "effect": "NoSchedule"}]
+                },
+            },
+            [node("a", taints=[{"key": "k", "value": "v", "effect": "NoSchedule"}])],
+            [],
+            4,
+        ),
         ({**RANK}, [node("a", taints=[{"key": "k", "effect": "PreferNoSchedule"}])], [], 4),
     ],
 )

@@ -243,14 +243,27 @@ def test_node_lost_budget_untouched_even_at_the_limit():
     [
         ({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}, None, ""),
         (
-            {"status": {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown",
-                                        "lastTransitionTime": "2025-01-01T11:59:00Z"}]}},
+            {
+                "status": {
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "Unknown",
+                            "reason": "NodeStatusUnknown",
+                            "lastTransitionTime": "2025-01-01T11:59:00Z",
+                        }
+                    ]
+                }
+            },
             NOW - dt.timedelta(seconds=60),
             "is unreachable (Ready Unknown): NodeStatusUnknown",
         ),
         (
-            {"status": {"conditions": [{"type": "Ready", "status": "False",
-                                        "lastTransitionTime": "2025-01-01T11:59:30Z"}]}},
+            {
+                "status": {
+                    "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": "2025-01-01T11:59:30Z"}]
+                }
+            },
             NOW - dt.timedelta(seconds=30),
             "is NotReady",
         ),

@@ -33,16 +33,12 @@ def test_contract_env_and_command():
     _, obj = sts()
     c = obj["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in c["env"]}
-    assert (
-        env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
-    )
+    assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
     assert env["WORLD_SIZE"]["value"] == "4"
     assert env["MASTER_ADDR"]["value"] == "demo-g1-0.demo-ranks.ns.svc.cluster.local"
     assert env["MASTER_PORT"]["value"] == "29500" and env["LOCAL_RANK"]["value"] == "0"
     assert env["TPI_LEASE_NAME"]["value"] == "$(POD_NAME)"  # the Lease is named after the pod
-    assert [e["name"] for e in c["env"]].index("POD_NAME") < [e["name"] for e in c["env"]].index(
-        "TPI_LEASE_NAME"
-    )
+    assert [e["name"] for e in c["env"]].index("POD_NAME") < [e["name"] for e in c["env"]].index("TPI_LEASE_NAME")
     assert c["command"] == ["python", "-m", "tpi_runtime", "serve"]
     args = c["args"]
     assert args[args.index("--model") + 1] == "/models/tiny"
@@ -94,9 +90,7 @@ def test_resources_and_scheduling():
     pod = obj["spec"]["template"]["spec"]
     res = pod["containers"][0]["resources"]
     assert res["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"} == res["requests"]
-    assert pod["nodeSelector"] == {"gpu": "yes"} and pod["tolerations"] == [
-        {"key": "g", "operator": "Exists"}
-    ]
+    assert pod["nodeSelector"] == {"gpu": "yes"} and pod["tolerations"] == [{"key": "g", "operator": "Exists"}]
     assert pod["affinity"]["nodeAffinity"] == {"x": 1}  # the user's, kept (placement terms are added)
 
 

@@ -167,8 +167,10 @@ def test_failing_old_template_group_is_healed_in_place_while_the_roll_is_halted(
 
 def test_without_a_hold_a_down_out_of_date_group_is_recreated_on_the_new_template():
     spec, obs = cluster(rolled=())
-    obs = dataclasses.replace(obs, pods=[
-        dataclasses.replace(p, restarts=1, exit_code=1) if p.group == 1 and p.rank == 2 else p for p in obs.pods])
+    obs = dataclasses.replace(
+        obs,
+        pods=[dataclasses.replace(p, restarts=1, exit_code=1) if p.group == 1 and p.rank == 2 else p for p in obs.pods],
+    )
     recreate = next(a for a in rc.plan(spec, obs) if isinstance(a, rc.RecreateGroup))
     assert not recreate.keep_template
 

@@ -43,15 +43,27 @@ def summary(actions):
 SURGE_STEPS = [
     # id, groups, surge groups, expected actions (Waits included: they explain the hold)
     ("surge group first", {0: (OLD, True)}, {}, [("RollGroup", "Surge", 1), ("Wait", "RollingUpdate", None)]),
-    ("old group serves until the surge group is Ready", {0: (OLD, True)}, {1: (NEW, False)},
-     [("Wait", "Surge", None), ("Wait", "RollingUpdate", None)]),
+    (
+        "old group serves until the surge group is Ready",
+        {0: (OLD, True)},
+        {1: (NEW, False)},
+        [("Wait", "Surge", None), ("Wait", "RollingUpdate", None)],
+    ),
     ("surge Ready: the old group goes", {0: (OLD, True)}, {1: (NEW, True)}, [("RollGroup", "Update", 0)]),
     ("surge kept while the rolled group loads", {0: (NEW, False)}, {1: (NEW, True)}, []),
-    ("all up to date and Ready: the surge group goes", {0: (NEW, True)}, {1: (NEW, True)},
-     [("RemoveGroup", "SurgeDone", 1)]),
+    (
+        "all up to date and Ready: the surge group goes",
+        {0: (NEW, True)},
+        {1: (NEW, True)},
+        [("RemoveGroup", "SurgeDone", 1)],
+    ),
     ("nothing to roll, no surge group", {0: (NEW, True)}, {}, []),
-    ("a stale surge group is updated", {0: (OLD, True)}, {1: (OLD, True)},
-     [("RollGroup", "Surge", 1), ("Wait", "RollingUpdate", None)]),
+    (
+        "a stale surge group is updated",
+        {0: (OLD, True)},
+        {1: (OLD, True)},
+        [("RollGroup", "Surge", 1), ("Wait", "RollingUpdate", None)],
+    ),
 ]
 
 

@@ -78,9 +78,7 @@ class RankResult:
         for line in reversed(self.stdout.splitlines()):
             if line.startswith("{"):
                 return json.loads(line)
-        raise AssertionError(
-            f"rank {self.rank} printed no JSON result:\n{self.stdout}\n{self.stderr[-3000:]}"
-        )
+        raise AssertionError(f"rank {self.rank} printed no JSON result:\n{self.stdout}\n{self.stderr[-3000:]}")
 
 
 def rank_env(rank: int, world: int, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -99,9 +97,7 @@ def rank_env(rank: int, world: int, port: int, extra: dict[str, str] | None = No
     return env
 
 
-def spawn_ranks(
-    world: int, argv: list[str], extra_env: dict[str, str] | None = None
-) -> list[subprocess.Popen[str]]:
+def spawn_ranks(world: int, argv: list[str], extra_env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
     port = free_port()
     return [
         subprocess.Popen(

@@ -175,16 +175,11 @@ def scenario_sampling(engine: Engine) -> dict[str, Any]:
     seeded = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
     a = _collect(engine.submit(p, seeded))
     # The same seed while other sampled requests run alongside must give the same tokens.
-    others = [
-        engine.submit(q, SamplingParams(max_tokens=20, temperature=1.3, seed=i))
-        for i, q in enumerate(PROMPTS)
-    ]
+    others = [engine.submit(q, SamplingParams(max_tokens=20, temperature=1.3, seed=i)) for i, q in enumerate(PROMPTS)]
     b = _collect(engine.submit(p, seeded))
     for o in others:
         _collect(o)
-    c = _collect(
-        engine.submit(p, SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=99))
-    )
+    c = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=99)))
     top1 = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=0.8, top_k=1, seed=5)))
     greedy = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=0.0)))
     hot = _collect(engine.submit(p, SamplingParams(max_tokens=20, temperature=5.0, seed=7)))
@@ -226,9 +221,7 @@ def scenario_controls(engine: Engine) -> dict[str, Any]:
     if len(ref["tokens"]) >= 5:
         stop_tok = ref["tokens"][4]
         out["stopped"] = _collect(
-            engine.submit(
-                PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(stop_tok,))
-            )
+            engine.submit(PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(stop_tok,)))
         )
         out["stop_tok"] = stop_tok
     # Idle: the step counter must still advance (idle broadcasts every 0.5 s). Waited for, not

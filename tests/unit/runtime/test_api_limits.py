@@ -175,7 +175,7 @@ def test_idle_and_trickling_connections_are_closed(long_ckpt: str, tmp_path: Pat
         slow = socket.create_connection(("127.0.0.1", srv.port))
         slow.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\n\r\n{\"prompt\": "
+            b'Content-Length: 100\r\n\r\n{"prompt": '
         )
         t0 = time.monotonic()
         assert httpx.get(f"{srv.url}/healthz", timeout=10).status_code == 200  # others are served
@@ -192,4 +192,3 @@ def test_idle_and_trickling_connections_are_closed(long_ckpt: str, tmp_path: Pat
         assert httpx.get(f"{srv.url}/healthz", timeout=10).status_code == 200
     finally:
         srv.stop()
-

@@ -65,9 +65,7 @@ def test_config_reads_both_rope_formats() -> None:
     new = ModelConfig.from_dict(new_style)
     assert new.rope_type == "llama3" and new.rope_theta == 500000.0
     assert new.rope_scaling is not None and new.rope_scaling["factor"] == 8.0
-    plain = ModelConfig.from_dict(
-        {**TINY_CONFIG, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
-    )
+    plain = ModelConfig.from_dict({**TINY_CONFIG, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
     assert plain.rope_type == "default" and plain.rope_scaling is None
     with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
         ModelConfig.from_dict({**TINY_CONFIG, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})

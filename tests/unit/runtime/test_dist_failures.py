@@ -54,9 +54,7 @@ def _cleanup(procs: list[subprocess.Popen[str]]) -> None:
 
 
 @pytest.mark.parametrize(("victim", "transport"), [(1, "shm"), (0, "shm"), (1, "gloo")])
-def test_surviving_rank_exits_when_peer_is_killed_mid_request(
-    ckpt_main: str, victim: int, transport: str
-) -> None:
+def test_surviving_rank_exits_when_peer_is_killed_mid_request(ckpt_main: str, victim: int, transport: str) -> None:
     env = {"T_DIST_TIMEOUT": str(TIMEOUT_S), "TPI_SHM_COLLECTIVES": "0" if transport == "gloo" else "1"}
     procs = spawn_ranks(2, worker_argv("stream", ckpt_main), env)
     try:
@@ -67,9 +65,7 @@ def test_surviving_rank_exits_when_peer_is_killed_mid_request(
         assert code == EXIT_COLLECTIVE_FAILED, err[-3000:]
         assert took <= TIMEOUT_S + 6
         assert "collective " in err and " failed" in err
-        assert any(f"collective {kind}/" in err for kind in ("broadcast", "all_reduce", "all_gather")), err[
-            -2000:
-        ]
+        assert any(f"collective {kind}/" in err for kind in ("broadcast", "all_reduce", "all_gather")), err[-2000:]
     finally:
         _cleanup(procs)
 

@@ -44,8 +44,7 @@ def test_concurrent_requests_match_sequential_and_transformers(tp: int, ckpt_mai
     res = outs[0]
     assert res["max_running"] >= 2, "requests were never batched together"
     assert any(
-        s["batch_size"] > 1 and s["num_prefill_tokens"] > 0 and s["num_decode_tokens"] > 0
-        for s in res["steps"]
+        s["batch_size"] > 1 and s["num_prefill_tokens"] > 0 and s["num_decode_tokens"] > 0 for s in res["steps"]
     ), "no step mixed a new prefill with running decodes"
     hf = load_hf_model(ckpt_main)
     for i, prompt in enumerate(PROMPTS):

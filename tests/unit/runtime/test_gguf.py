@@ -336,7 +336,7 @@ def test_llama3_parameters_are_recovered_from_rope_freqs(
     base |= {"num_attention_heads": 4, "head_dim": head_dim, "rope_theta": theta}
     ours = rope_inv_freq(ModelConfig.from_dict({**base, "rope_scaling": got}))
     want = rope_inv_freq(ModelConfig.from_dict({**base, "rope_scaling": hf}))
-    assert torch.allclose(ours, want, rtol=1e-6, atol=0), (ours / want)
+    assert torch.allclose(ours, want, rtol=1e-6, atol=0), ours / want
     assert llama3_from_factors(np.ones(head_dim // 2), theta, head_dim, 8192) is None  # all ones: no scaling
 
 

@@ -318,6 +318,8 @@ def test_pynvml_series_in_metrics() -> None:
         "tpi_gpu_power_watts",
     ):
         assert f"{name}{{" in text, f"{name} missing from /metrics"
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
 def test_cuda_families_match_transformers(family: str, ckpt_families: dict[str, str]) -> None:
     model_dir = ckpt_families[family]

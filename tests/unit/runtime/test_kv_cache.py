@@ -203,8 +203,9 @@ def test_step_estimate_has_no_attention_scores() -> None:
     cfg = ModelConfig.from_dict({**TINY_CONFIG, **shape})
 
     def est(n_tokens: int, ctx: int, masked: bool = True) -> int:
-        one = step_bytes(cfg, 0, 1, torch.bfloat16, n_seqs=1, n_tokens=n_tokens, max_ctx=ctx, batched_decode=False,
-                         masked=masked)
+        one = step_bytes(
+            cfg, 0, 1, torch.bfloat16, n_seqs=1, n_tokens=n_tokens, max_ctx=ctx, batched_decode=False, masked=masked
+        )
         return one
 
     # A whole 4k prompt from position 0 runs causal, without a mask: linear in its length.

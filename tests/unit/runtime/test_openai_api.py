@@ -246,7 +246,6 @@ def test_chat_echo_continues_the_assistants_last_message(client: OpenAI) -> None
     assert not (user_last.choices[0].message.content or "").startswith(MESSAGES[0]["content"])
 
 
-
 def test_logit_bias_forces_and_bans_tokens(client: OpenAI) -> None:
     """OpenAI's logit_bias, greedy: -100 bans the token the model would pick, +100 forces one,
     streamed or not, on both endpoints."""

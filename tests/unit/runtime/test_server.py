@@ -81,9 +81,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"server exited with {self.proc.returncode} while starting:\n{self.logs()}"
-                )
+                raise AssertionError(f"server exited with {self.proc.returncode} while starting:\n{self.logs()}")
             try:
                 if self.client.get("/readyz", timeout=2).status_code == 200:
                     return
@@ -122,9 +120,7 @@ def server(ckpt: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
     }
-    srv = Server(
-        ckpt, free_port(), env, tmp_path_factory.mktemp("logs") / "server.log", "--served-model-name", "tiny"
-    )
+    srv = Server(ckpt, free_port(), env, tmp_path_factory.mktemp("logs") / "server.log", "--served-model-name", "tiny")
     try:
         srv.wait_ready()
         yield srv
@@ -387,13 +383,9 @@ def test_bad_request_is_rejected_and_server_keeps_serving(
 
 def test_malformed_http_is_rejected_and_server_keeps_serving(server: Server) -> None:
     c = server.client
-    err = error_of(
-        c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400
-    )
+    err = error_of(c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert err["code"] == "invalid_json"
-    error_of(
-        c.post("/v1/completions", content=b"\xff\xfe", headers={"content-type": "application/json"}), 400
-    )
+    error_of(c.post("/v1/completions", content=b"\xff\xfe", headers={"content-type": "application/json"}), 400)
     error_of(c.get("/no/such/path"), 404)
     error_of(c.post("/healthz", json={}), 405)
     r = c.get("/v1/completions")
@@ -428,10 +420,7 @@ def test_client_disconnect_mid_stream_frees_the_slot(server: Server) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         m = metric_samples(server)
-        if (
-            m.get(aborted, 0) > before.get(aborted, 0)
-            and m[("tpi_running_batch_size", (("rank", "0"),))] == 0
-        ):
+        if m.get(aborted, 0) > before.get(aborted, 0) and m[("tpi_running_batch_size", (("rank", "0"),))] == 0:
             break
         time.sleep(0.1)
     else:
@@ -535,9 +524,7 @@ def test_text_assembler_never_emits_partial_characters(byte_bpe: Any) -> None:
     ("stop", "expected"),
     [(["本語"], "héllo 日"), (["lo 日"], "hél"), (["zz", " wor"], "héllo 日本語"), (["héllo"], "")],
 )
-def test_text_assembler_cuts_at_stop_strings_spanning_tokens(
-    byte_bpe: Any, stop: list[str], expected: str
-) -> None:
+def test_text_assembler_cuts_at_stop_strings_spanning_tokens(byte_bpe: Any, stop: list[str], expected: str) -> None:
     deltas, final, stopped = assemble(byte_bpe, "héllo 日本語 world", stop)
     assert stopped
     assert final == expected
@@ -563,9 +550,7 @@ def start_group(
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": master,
         }
-        ranks.append(
-            Server(ckpt, free_port(), env, logdir / f"rank{rank}.log", "--served-model-name", "tiny")
-        )
+        ranks.append(Server(ckpt, free_port(), env, logdir / f"rank{rank}.log", "--served-model-name", "tiny"))
     for srv in ranks:
         srv.wait_ready()
     return ranks
