@@ -97,6 +97,7 @@ class TokenLogprobs:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...]
+    rank: int | None = None  # prompt tokens: 1 + how many tokens were more likely (vLLM's)
 
 
 @dataclass(frozen=True)
@@ -769,17 +770,19 @@ class Engine:
             targets += s.req.prompt_ids[p0 + 1 : p0 + 1 + count]
         k = max(plan[i].req.params.prompt_logprobs or 0 for i, _, _ in prompt_rows)
         target = torch.tensor(targets, device=hidden.device)[:, None]
-        chosen, top_lp, top_ids = [], [], []
+        chosen, ranks, top_lp, top_ids = [], [], [], []
         at = 0
         for logits in self._row_logits(hidden):
             lp = torch.log_softmax(logits, dim=-1)
-            chosen.append(lp.gather(1, target[at : at + lp.shape[0]])[:, 0])
+            mine = lp.gather(1, target[at : at + lp.shape[0]])
+            chosen.append(mine[:, 0])
+            ranks.append((lp > mine).sum(dim=-1) + 1)
             if k:
                 v, ix = lp.topk(k, dim=-1)
                 top_lp.append(v)
                 top_ids.append(ix)
             at += lp.shape[0]
-        values = torch.cat(chosen).tolist()
+        values, places = torch.cat(chosen).tolist(), torch.cat(ranks).tolist()
         tops = list(zip(torch.cat(top_ids).tolist(), torch.cat(top_lp).tolist(), strict=True)) if k else []
         out: dict[Request, list[TokenLogprobs] | None] = {}
         for j, (r, t, v) in enumerate(zip(owners, targets, values, strict=True)):
@@ -791,7 +794,7 @@ class Engine:
                 continue
             kr = r.params.prompt_logprobs or 0
             top = tuple(zip(tops[j][0][:kr], tops[j][1][:kr], strict=True)) if kr else ()
-            entries.append(TokenLogprobs(t, v, top))
+            entries.append(TokenLogprobs(t, v, top, places[j]))
         return out
 
     def _handle_oom(self, batch: list[Request]) -> None:

@@ -53,6 +53,7 @@ def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         echo_texts=[echo],
         meta=endpoint.new_meta("chatcmpl", state.model_name),
+        vllm_prompt_logprobs=req.prompt_logprobs,
     )
 
 
@@ -124,7 +125,10 @@ class ChatFormatter:
             )
             for c in gen.choices
         ]
-        body = ChatResponse.model_validate({**prep.meta, "choices": choices, "usage": usage})
+        prompt_lps = endpoint.prompt_logprobs(self.tokenizer, prep, gen.choices[0])  # one prompt for every choice
+        body = ChatResponse.model_validate(
+            {**prep.meta, "choices": choices, "usage": usage, "prompt_logprobs": prompt_lps}
+        )
         return body.model_dump_json().encode()
 
 

@@ -54,7 +54,7 @@ def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
     prompts = _prompts(req, engine.tokenizer)
     params = endpoint.sampling_params(req, req.max_tokens, engine.config.vocab_size, logprobs=req.logprobs)
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
-        params = replace(params, prompt_logprobs=req.logprobs)
+        params = replace(params, prompt_logprobs=max(req.logprobs, req.prompt_logprobs or 0))
     for _, ids in prompts:
         endpoint.check_context(len(ids), params.max_tokens, engine.max_model_len)
     echo: list[str] = []
@@ -63,6 +63,7 @@ def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
         echo = [text if text is not None else (tok.decode(ids) if tok is not None else "") for text, ids in prompts]
     prep = Prepared(
         prompts=[ids for _, ids in prompts],
+        vllm_prompt_logprobs=req.prompt_logprobs,
         params=params,
         n=req.n or 1,
         stop=stop,
@@ -137,6 +138,7 @@ class CompletionFormatter:
                 token_ids=c.detok.ids,
                 finish_reason=c.finish_reason,
                 logprobs=self._logprobs(prep, c) if prep.params.logprobs is not None else None,
+                prompt_logprobs=endpoint.prompt_logprobs(self.tokenizer, prep, c),
             )
             for c in gen.choices
         ]
@@ -144,10 +146,12 @@ class CompletionFormatter:
         return body.model_dump_json().encode()
 
     def _logprobs(self, prep: Prepared, c: Choice) -> dict[str, Any]:
-        if c.prompt_logprobs is None:
+        if c.prompt_logprobs is None or not prep.echo_texts:
             return completion_logprobs(self.tokenizer, c.logprobs)
         first = prep.prompts[c.index // prep.n][0]
-        return completion_logprobs(self.tokenizer, [*c.prompt_logprobs, *c.logprobs], leading=first)
+        k = prep.params.logprobs or 0  # the top alternatives asked for here (prompt_logprobs may ask more)
+        lps = [replace(e, top=e.top[:k]) for e in c.prompt_logprobs]
+        return completion_logprobs(self.tokenizer, [*lps, *c.logprobs], leading=first)
 
 
 async def handle(request: web.Request, req: CompletionRequest, state: ServerState) -> web.StreamResponse:

@@ -9,14 +9,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
 from tpi_runtime.engine import RequestError, SamplingParams
 
 from .errors import ApiError, bad_request, unsupported
-from .generation import Event, Generation
+from .generation import Choice, Event, Generation
+from .logprobs import vllm_prompt_logprobs
 from .protocol import SamplingFields, Usage
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class Prepared:
     # echo: per prompt, the prompt (completions) or the assistant's last message (chat) leads its choices
     echo_texts: list[str] = field(default_factory=list)
     meta: dict[str, object] = field(default_factory=dict)  # id, created, model: shared by every object sent
+    vllm_prompt_logprobs: int | None = None  # the request's prompt_logprobs: vLLM's field in the response
 
     @property
     def num_choices(self) -> int:
@@ -51,6 +53,14 @@ class Prepared:
 
     def echo_for(self, choice: int) -> str:
         return self.echo_texts[choice // self.n] if self.echo_texts else ""
+
+
+def prompt_logprobs(tokenizer: Any, prep: Prepared, c: Choice) -> list[dict[str, Any] | None] | None:
+    """vLLM's ``prompt_logprobs`` of choice ``c``'s prompt, when the request asked for them."""
+    k = prep.vllm_prompt_logprobs
+    if k is None or c.prompt_logprobs is None:
+        return None
+    return vllm_prompt_logprobs(tokenizer, c.prompt_logprobs, k)
 
 
 def chunk(prep: Prepared, object_name: str, choices: list[dict[str, object]], usage: object = None) -> bytes:
@@ -84,6 +94,13 @@ def sampling_params(
             "response_format",
             "unsupported_value",
         )
+    if req.prompt_logprobs is not None and req.stream:
+        raise unsupported(
+            "'prompt_logprobs' is not available with 'stream': true (as in vLLM); completions stream "
+            "the prompt's logprobs with 'echo' and 'logprobs'",
+            "prompt_logprobs",
+            "unsupported_value",
+        )
     return SamplingParams(
         max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -98,6 +115,7 @@ def sampling_params(
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logprobs=logprobs,
         logit_bias=logit_bias(req, vocab_size),
+        prompt_logprobs=req.prompt_logprobs,
     )
 
 

@@ -33,6 +33,18 @@ def completion_logprobs(
     }
 
 
+def vllm_prompt_logprobs(tokenizer: Any, entries: Sequence[TokenLogprobs], k: int) -> list[dict[str, Any] | None]:
+    """vLLM's shape: per prompt token (None for the first), token id -> logprob, rank and text,
+    for the token itself and the k most likely."""
+    out: list[dict[str, Any] | None] = [None]
+    for e in entries:
+        row = {str(e.token): {"logprob": e.logprob, "rank": e.rank, "decoded_token": _text(tokenizer, e.token)}}
+        for rank, (i, lp) in enumerate(e.top[:k], 1):
+            row.setdefault(str(i), {"logprob": lp, "rank": rank, "decoded_token": _text(tokenizer, i)})
+        out.append(row)
+    return out
+
+
 def _chat_entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
     text = _text(tokenizer, token_id)
     return {"token": text, "logprob": logprob, "bytes": list(text.encode())}

@@ -70,6 +70,8 @@ class SamplingFields(_Request):
     logit_bias: Annotated[dict[str, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    #: vLLM's: each prompt token's logprob, rank and the top k alternatives (not streamed).
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -142,6 +144,7 @@ class CompletionChoice(BaseModel):
     token_ids: list[int]  # extension: the generated ids (the e2e tier reads them)
     finish_reason: str | None
     logprobs: dict[str, Any] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's (the request's prompt_logprobs)
 
 
 class CompletionResponse(BaseModel):
@@ -173,6 +176,7 @@ class ChatResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's (the request's prompt_logprobs)
 
 
 class ChatDelta(BaseModel):

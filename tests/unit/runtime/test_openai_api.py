@@ -150,16 +150,25 @@ def test_n_logprobs_echo(client: OpenAI) -> None:
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
 
 
-def test_echo_logprobs_score_the_prompt_like_transformers(client: OpenAI, chat_ckpt: str) -> None:
-    """lm-evaluation-harness's loglikelihood request: echo, logprobs and max_tokens 0 or 1. Every
-    prompt token but the first gets its logprob given the tokens before it (transformers' own)."""
+def reference_logprobs(model_dir: str, text: str | list[int]) -> tuple[list[int], Any]:
+    """The prompt's token ids (as the server encodes it) and transformers' log-softmax rows for it."""
     import torch
     from tokenizers import Tokenizer
     from tpi_runtime.testing import load_hf_model
 
-    ids = Tokenizer.from_file(os.path.join(chat_ckpt, "tokenizer.json")).encode(PROMPT).ids
+    ids = (
+        text
+        if isinstance(text, list)
+        else Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json")).encode(text).ids
+    )
     with torch.no_grad():
-        ref = load_hf_model(chat_ckpt)(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        return ids, load_hf_model(model_dir)(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_echo_logprobs_score_the_prompt_like_transformers(client: OpenAI, chat_ckpt: str) -> None:
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs and max_tokens 0 or 1. Every
+    prompt token but the first gets its logprob given the tokens before it (transformers' own)."""
+    ids, ref = reference_logprobs(chat_ckpt, PROMPT)
 
     def check(lp: Any, k: int) -> None:
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes it
@@ -206,6 +215,59 @@ def test_echo_logprobs_score_the_prompt_like_transformers(client: OpenAI, chat_c
 
     with pytest.raises(BadRequestError, match="only allowed with 'echo'"):
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)
+
+
+def test_vllm_prompt_logprobs_on_both_endpoints(client: OpenAI, chat_ckpt: str) -> None:
+    """vLLM's ``prompt_logprobs``: per prompt token (None for the first) the token's own logprob and
+    rank, and the k most likely, keyed by token id."""
+    ids, ref = reference_logprobs(chat_ckpt, PROMPT)
+
+    def check(rows: list[Any], ids: list[int], ref: Any, k: int) -> None:
+        assert rows[0] is None and len(rows) == len(ids)
+        for j, tok in enumerate(ids[1:]):
+            row, want = rows[j + 1], float(ref[j, tok])
+            assert row[str(tok)]["logprob"] == pytest.approx(want, abs=1e-4)
+            assert (
+                1 + int((ref[j] > want + 1e-4).sum()) <= row[str(tok)]["rank"] <= 1 + int((ref[j] > want - 1e-4).sum())
+            )
+            top = ref[j].topk(k) if k else None
+            for rank, (i, lp) in enumerate(
+                zip(top.indices.tolist(), top.values.tolist(), strict=True) if top else [], 1
+            ):
+                assert row[str(i)]["logprob"] == pytest.approx(lp, abs=1e-4)
+                assert row[str(i)]["rank"] == rank or i == tok
+            assert len(row) in (k, k + 1) if k else len(row) == 1
+            assert all(isinstance(e["decoded_token"], str) for e in row.values())
+
+    r = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 2}
+    )
+    (c,) = r.choices
+    assert c.logprobs is None and c.text and not c.text.startswith(PROMPT)  # neither asked for
+    check(c.model_extra["prompt_logprobs"], ids, ref, 2)  # type: ignore[index]
+    # With echo and logprobs too, the legacy list keeps its own k; vLLM's has its own.
+    r = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1, extra_body={"prompt_logprobs": 3}
+    )
+    (c,) = r.choices
+    assert c.logprobs is not None and all(len(t) == 1 for t in (c.logprobs.top_logprobs or [])[1:])
+    check(c.model_extra["prompt_logprobs"], ids, ref, 3)  # type: ignore[index]
+
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=2,
+        n=2,
+        extra_body={"prompt_logprobs": 0},  # type: ignore[arg-type]
+    )
+    assert chat.usage is not None
+    rows = chat.model_extra["prompt_logprobs"]  # type: ignore[index]
+    assert len(rows) == chat.usage.prompt_tokens and all(len(row) == 1 for row in rows[1:])
+    chat_ids = [int(next(iter(row))) for row in rows[1:]]
+    check(rows, [0, *chat_ids], reference_logprobs(chat_ckpt, [1, *chat_ids])[1], 0)  # the template starts with bos
+
+    with pytest.raises(BadRequestError, match="prompt_logprobs"):
+        client.completions.create(model="tiny", prompt=PROMPT, stream=True, extra_body={"prompt_logprobs": 1})
 
 
 def test_penalties_min_p_and_unknown_fields_are_accepted(client: OpenAI, group: list[Server]) -> None:
