@@ -40,6 +40,7 @@ SAMPLING = {
     "stream": st.booleans(),
     "logit_bias": st.dictionaries(st.integers(min_value=0, max_value=256).map(str), st.floats(-100, 100), max_size=3),
     "response_format": st.just({"type": "text"}),
+    "prompt_logprobs": st.integers(min_value=0, max_value=20),  # vLLM's; a 400 with stream
     "some_unknown_field": ANY,
 }
 COMPLETION = st.fixed_dictionaries(
