@@ -20,9 +20,9 @@ from pydantic import BaseModel, ValidationError
 
 from tpi_runtime.metrics import CONTENT_TYPE_LATEST
 
-from . import chat, completions
+from . import chat, completions, tokenize
 from .errors import ApiError, from_validation
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .state import ServerState
 
 log = logging.getLogger("tpi_runtime.serving")
@@ -31,6 +31,7 @@ BODY_READ_TIMEOUT_S = 30.0  # a client trickling its body cannot hold a request 
 _STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
 M = TypeVar("M", bound=BaseModel)
 _API_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+_TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # vLLM's (serving/tokenize.py)
 
 
 def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -136,6 +137,20 @@ async def v1_chat(request: web.Request) -> web.StreamResponse:
     return await chat.handle(request, await _read_model(request, ChatCompletionRequest), st)
 
 
+async def post_tokenize(request: web.Request) -> web.Response:
+    st = request.app[_STATE]
+    return _json(200, tokenize.tokenize(await _read_model(request, TokenizeRequest), st))
+
+
+async def post_detokenize(request: web.Request) -> web.Response:
+    st = request.app[_STATE]
+    return _json(200, tokenize.detokenize(await _read_model(request, DetokenizeRequest), st))
+
+
+async def get_tokenizer_info(request: web.Request) -> web.Response:
+    return _json(200, tokenize.tokenizer_info(request.app[_STATE]))
+
+
 async def rank0_only(request: web.Request) -> web.Response:
     raise ApiError(404, f"no route {request.method} {request.path} (the API is served by rank 0)", code="not_found")
 
@@ -151,7 +166,10 @@ def build_app(state: ServerState) -> web.Application:
         app.router.add_get("/v1/models/{model:.+}", model, allow_head=False)  # ids may contain '/'
         app.router.add_post("/v1/completions", v1_completions)
         app.router.add_post("/v1/chat/completions", v1_chat)
+        app.router.add_post("/tokenize", post_tokenize)
+        app.router.add_post("/detokenize", post_detokenize)
+        app.router.add_get("/tokenizer_info", get_tokenizer_info, allow_head=False)
     else:
-        for path in (*_API_PATHS, "/v1/models/{model:.+}"):
+        for path in (*_API_PATHS, "/v1/models/{model:.+}", *_TOKENIZER_PATHS):
             app.router.add_route("*", path, rank0_only)
     return app

@@ -131,6 +131,26 @@ class ChatCompletionRequest(SamplingFields):
     echo: bool | None = False
 
 
+MAX_TOKENIZE_IDS = 1 << 20  # /detokenize: a 4 MiB body holds fewer ids than this anyway
+
+
+class TokenizeRequest(_Request):
+    """vLLM's ``POST /tokenize``: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (vLLM's)
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Request):
+    """vLLM's ``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=MAX_TOKENIZE_IDS)]
+
+
 # ------------------------------------------------------------------------------ responses
 class Usage(BaseModel):
     prompt_tokens: int

@@ -16,7 +16,7 @@ import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 from tpi_runtime.testing import make_tiny_checkpoint
 
-from tests.unit.runtime.test_server import MAX_MODEL_LEN, Server, start_group, stop_group
+from tests.unit.runtime.test_server import MAX_MODEL_LEN, Server, error_of, start_group, stop_group
 
 PROMPT = "the cat sees a dog and the bird"
 TEMPLATE = (
@@ -268,6 +268,52 @@ def test_vllm_prompt_logprobs_on_both_endpoints(client: OpenAI, chat_ckpt: str) 
 
     with pytest.raises(BadRequestError, match="prompt_logprobs"):
         client.completions.create(model="tiny", prompt=PROMPT, stream=True, extra_body={"prompt_logprobs": 1})
+
+
+def test_vllm_tokenizer_endpoints_as_lm_eval_reads_them(group: list[Server], chat_ckpt: str) -> None:
+    """``/tokenizer_info``, ``/tokenize`` and ``/detokenize``: lm-evaluation-harness's remote
+    tokenizer backend, which it picks when ``/tokenizer_info`` has an ``eos_token`` and ``/tokenize``
+    answers ``tokens``. The ids are transformers' own for the checkpoint's tokenizer."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(chat_ckpt)
+    api = group[0].client
+    info = api.get("/tokenizer_info").json()
+    assert (info["bos_token"], info["eos_token"], info["chat_template"]) == ("<s>", "</s>", TEMPLATE)
+    assert info["model_max_length"] == MAX_MODEL_LEN
+
+    r = api.post("/tokenize", json={"prompt": PROMPT}).json()
+    assert r["tokens"] == hf(PROMPT)["input_ids"] and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == MAX_MODEL_LEN
+    bare = api.post("/tokenize", json={"prompt": PROMPT, "add_special_tokens": False, "model": "tiny"}).json()
+    assert bare["tokens"] == hf(PROMPT, add_special_tokens=False)["input_ids"]
+    # lm-eval's eos id: the eos text encoded without special tokens added
+    eos = api.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
+    assert eos["tokens"] == [hf.eos_token_id]
+    chat_ids = hf.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    if not isinstance(chat_ids, list):  # newer transformers return a BatchEncoding
+        chat_ids = chat_ids["input_ids"]
+    assert api.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"] == chat_ids
+
+    ids = r["tokens"]
+    assert api.post("/detokenize", json={"tokens": ids}).json()["prompt"] == hf.decode(ids)
+    assert api.post("/detokenize", json={"tokens": []}).json()["prompt"] == ""
+
+    for path, body, param in [
+        ("/tokenize", {"prompt": "a", "messages": MESSAGES}, "prompt"),
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": 3}, "prompt"),
+        ("/tokenize", {"messages": []}, "messages"),
+        ("/detokenize", {"tokens": [hf.vocab_size + 100]}, "tokens"),
+        ("/detokenize", {"tokens": [-1]}, "tokens"),
+        ("/detokenize", {}, "tokens"),
+    ]:
+        err = error_of(api.post(path, json=body), 400)
+        assert err["param"] == param, (path, body, err)
+    assert error_of(api.post("/tokenize", json={"prompt": "a", "model": "other"}), 404)["code"] == "model_not_found"
+    for raw in (b"", b"null", b"\xff", b"[" * 100_000):
+        assert api.post("/tokenize", content=raw, headers={"content-type": "application/json"}).status_code == 400
+    assert error_of(group[1].client.post("/tokenize", json={"prompt": "a"}), 404)["code"] == "not_found"
 
 
 def test_penalties_min_p_and_unknown_fields_are_accepted(client: OpenAI, group: list[Server]) -> None:
