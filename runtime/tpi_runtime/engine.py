@@ -507,7 +507,12 @@ class Engine:
             budget, source = kv_cache_memory, f"--kv-cache-memory={kv_cache_memory}"
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            reserve = self._step_bytes(self.max_batch_size, self.max_num_batched_tokens, self.max_model_len, False)
+            reserve = self._step_bytes(
+                n_seqs=self.max_batch_size,
+                n_tokens=self.max_num_batched_tokens,
+                max_ctx=self.max_model_len,
+                batched_decode=False,
+            )
             budget = int(free - (1 - utilization) * total - reserve)
             source = (
                 f"--gpu-memory-utilization={utilization} ({free} bytes free of {total}, "
@@ -896,27 +901,10 @@ class Engine:
                 torch.cuda.empty_cache()
             return None
 
-    def _step_bytes(
-        self,
-        n_seqs: int,
-        n_tokens: int,
-        max_ctx: int,
-        batched_decode: bool,
-        masked: bool = True,
-        prompt_rows: int = 0,
-    ) -> int:
+    def _step_bytes(self, **shape: Any) -> int:
+        """``step_memory.step_bytes`` of this rank's shard of the model, in its dtype."""
         return step_bytes(
-            self.config,
-            self.rank,
-            self.world_size,
-            self.dtype,
-            n_seqs=n_seqs,
-            n_tokens=n_tokens,
-            max_ctx=max_ctx,
-            batched_decode=batched_decode,
-            masked=masked,
-            prompt_rows=prompt_rows,
-            prompt_rows_at_once=PROMPT_LOGPROBS_ROWS,
+            self.config, self.rank, self.world_size, self.dtype, prompt_rows_at_once=PROMPT_LOGPROBS_ROWS, **shape
         )
 
     def _preflight(self, seqs: list[Seq], n_prompt_rows: int = 0) -> None:
@@ -930,6 +918,13 @@ class Engine:
         max_ctx = max(p + n for _, p, n in seqs)
         masked = self.config.sliding_window is not None or any(p > 0 and n > 1 for _, p, n in seqs)
         batched = sum(n == 1 for _, _, n in seqs) >= 2  # decodes attended together (model.prepare)
-        nbytes = self._step_bytes(len(seqs), n_tokens, max_ctx, batched, masked, n_prompt_rows)
+        nbytes = self._step_bytes(
+            n_seqs=len(seqs),
+            n_tokens=n_tokens,
+            max_ctx=max_ctx,
+            batched_decode=batched,
+            masked=masked,
+            prompt_rows=n_prompt_rows,
+        )
         buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         del buf  # stays in the caching allocator for the forward to reuse
