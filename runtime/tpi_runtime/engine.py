@@ -700,9 +700,9 @@ class Engine:
             for s in plan:
                 self.scheduler.advance(s)
             for r, entries in prompt_lps.items():
-                if entries is None:  # non-finite logits in its prompt: only this request fails
+                if isinstance(entries, str):  # only this request fails
                     self.scheduler.release(r)
-                    r._finish(None, RequestError("the model produced non-finite logits for this request's prompt"))
+                    r._finish(None, RequestError(f"{entries} for this request's prompt"))
                 else:
                     r._prompt_lps.extend(entries)
             for i, (sc, t) in enumerate(zip(done, new, strict=True)):
@@ -764,8 +764,8 @@ class Engine:
 
     def _prompt_logprobs(
         self, plan: list[Scheduled], prompt_rows: list[PromptRows], hidden: torch.Tensor
-    ) -> dict[Request, list[TokenLogprobs] | None]:
-        """Rank 0: each flagged request's new prompt-logprob entries (None: its logits were not finite)."""
+    ) -> dict[Request, list[TokenLogprobs] | str]:
+        """Rank 0: each flagged request's new prompt-logprob entries, or why it has none."""
         owners: list[Request] = []
         targets: list[int] = []
         for i, first, count in prompt_rows:
@@ -776,26 +776,33 @@ class Engine:
         k = max(plan[i].req.params.prompt_logprobs or 0 for i, _, _ in prompt_rows)
         target = torch.tensor(targets, device=hidden.device)[:, None]
         chosen, ranks, top_lp, top_ids = [], [], [], []
-        at = 0
-        for logits in self._row_logits(hidden):
-            lp = torch.log_softmax(logits, dim=-1)
-            mine = lp.gather(1, target[at : at + lp.shape[0]])
-            chosen.append(mine[:, 0])
-            ranks.append((lp > mine).sum(dim=-1) + 1)
-            if k:
-                v, ix = lp.topk(k, dim=-1)
-                top_lp.append(v)
-                top_ids.append(ix)
-            at += lp.shape[0]
-        values, places = torch.cat(chosen).tolist(), torch.cat(ranks).tolist()
-        tops = list(zip(torch.cat(top_ids).tolist(), torch.cat(top_lp).tolist(), strict=True)) if k else []
-        out: dict[Request, list[TokenLogprobs] | None] = {}
+        slices = self._row_logits(hidden)
+        try:
+            at = 0
+            for logits in slices:
+                lp = torch.log_softmax(logits, dim=-1)
+                mine = lp.gather(1, target[at : at + lp.shape[0]])
+                chosen.append(mine[:, 0])
+                ranks.append((lp > mine).sum(dim=-1) + 1)
+                if k:
+                    v, ix = lp.topk(k, dim=-1)
+                    top_lp.append(v)
+                    top_ids.append(ix)
+                at += lp.shape[0]
+            values, places = torch.cat(chosen).tolist(), torch.cat(ranks).tolist()
+            tops = list(zip(torch.cat(top_ids).tolist(), torch.cat(top_lp).tolist(), strict=True)) if k else []
+        except Exception as e:  # never let one request's logprobs take the group down
+            log.exception("prompt logprobs failed; failing the requests that asked for them")
+            for _ in slices:  # the all-gathers every other rank still takes part in
+                pass
+            return dict.fromkeys(owners, f"prompt logprobs failed: {type(e).__name__}: {e}")
+        out: dict[Request, list[TokenLogprobs] | str] = {}
         for j, (r, t, v) in enumerate(zip(owners, targets, values, strict=True)):
             entries = out.setdefault(r, [])
-            if entries is None:
+            if isinstance(entries, str):
                 continue
             if not math.isfinite(v):
-                out[r] = None
+                out[r] = "the model produced non-finite logits"
                 continue
             kr = r.params.prompt_logprobs or 0
             top = tuple(zip(tops[j][0][:kr], tops[j][1][:kr], strict=True)) if kr else ()

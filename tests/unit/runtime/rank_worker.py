@@ -348,8 +348,32 @@ def scenario_prompt_logprobs(engine: Engine) -> dict[str, Any]:
     return {"long_prompt": long_prompt, "alone": alone, "together": together, "one_token": one_token}
 
 
+def scenario_prompt_logprobs_failure(engine: Engine) -> dict[str, Any]:
+    """Rank 0's prompt-logprob reduction raises on the first of two 64-row slices: only that request
+    fails, the follower still gets both slices' all-gathers, and the group serves on."""
+    orig = engine._row_logits
+
+    def broken(hidden: Any) -> Any:
+        for logits in orig(hidden):
+            yield logits[:, :0]  # no vocabulary: the reduction's gather raises
+
+    long_prompt = [1, *((13 + 7 * j) % 250 + 3 for j in range(99))]
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    engine._row_logits = broken  # type: ignore[method-assign]
+    failed = _collect(engine.submit(long_prompt, SamplingParams(max_tokens=4, prompt_logprobs=1)))
+    engine._row_logits = orig  # type: ignore[method-assign]
+    after = engine.submit(long_prompt, SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=1))
+    out = _collect(after)
+    return {
+        "failed": failed,
+        "after": {**out, "n_prompt_logprobs": len(after.prompt_logprobs.entries) if after.prompt_logprobs else 0},
+        "plain": _collect(engine.submit(long_prompt, greedy)),
+    }
+
+
 SCENARIOS = {
     "prompt_logprobs": scenario_prompt_logprobs,
+    "prompt_logprobs_failure": scenario_prompt_logprobs_failure,
     "paged": scenario_paged,
     "chunked": scenario_chunked,
     "nonfinite": scenario_nonfinite,

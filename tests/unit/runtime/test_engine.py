@@ -99,6 +99,14 @@ def test_prompt_logprobs_match_transformers(tp: int, budget: str | None, ckpt_ma
     assert (one["tokens"], one["finish"], one["prompt_logprobs"]) == ([], "length", [])
 
 
+def test_a_failing_prompt_logprob_reduction_fails_only_its_request(ckpt_main: str) -> None:
+    outs = run_scenario(ckpt_main, "prompt_logprobs_failure")
+    res = outs[0]
+    assert "prompt logprobs failed" in res["failed"]["error"]
+    assert res["after"]["n_prompt_logprobs"] == 99 and res["after"]["tokens"] == res["plain"]["tokens"]
+    assert outs[1]["stats"]["step"] >= len(res["steps"])  # the follower kept following
+
+
 def test_sampling_is_seeded_and_top_k1_is_greedy(ckpt_main: str) -> None:
     res = run_scenario(ckpt_main, "sampling")[0]
     assert res["seeded_a"]["tokens"] == res["seeded_b"]["tokens"]
