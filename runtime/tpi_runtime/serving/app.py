@@ -119,9 +119,7 @@ async def models(request: web.Request) -> web.Response:
 async def model(request: web.Request) -> web.Response:
     """OpenAI's ``GET /v1/models/{model}`` (the client's ``models.retrieve``)."""
     st = request.app[_STATE]
-    name = request.match_info["model"]
-    if name != st.model_name:
-        raise ApiError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+    st.check_model(request.match_info["model"])
     return _json(200, _model_card(st))
 
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from . import endpoint
 from .chat_template import TemplateError
 from .endpoint import Prepared
-from .errors import ApiError, bad_request, unsupported
+from .errors import bad_request, unsupported
 from .generation import Event, Generation
 from .logprobs import chat_logprobs
 from .protocol import ChatChoice, ChatCompletionRequest, ChatMessageOut, ChatResponse, Usage
@@ -19,8 +19,7 @@ from .state import ServerState
 
 def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
     engine = state.require_engine()
-    if req.model is not None and req.model != state.model_name:
-        raise ApiError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
+    state.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     refuse_tool_calls(req)

@@ -11,7 +11,7 @@ from tpi_runtime.engine import TokenLogprobs
 
 from . import endpoint
 from .endpoint import Prepared
-from .errors import ApiError, bad_request, unsupported
+from .errors import bad_request, unsupported
 from .generation import Choice, Event, Generation
 from .logprobs import completion_logprobs
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
@@ -42,8 +42,7 @@ def _prompts(req: CompletionRequest, tokenizer: Any) -> list[tuple[str | None, l
 
 def prepare(req: CompletionRequest, state: ServerState) -> Prepared:
     engine = state.require_engine()
-    if req.model is not None and req.model != state.model_name:
-        raise ApiError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
+    state.check_model(req.model)
     if req.suffix:  # insertion needs a model trained for it and its template; never silently dropped
         raise unsupported("'suffix' is not supported by this server", "suffix")
     stop = req.stop_list()

@@ -64,6 +64,11 @@ class ServerState:
             return "stopping"
         return "waiting" if self.waiting_for else "loading"
 
+    def check_model(self, name: str | None) -> None:
+        """OpenAI's 404 for a model other than the one served; no name means the served one."""
+        if name is not None and name != self.model_name:
+            raise ApiError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
     def require_engine(self) -> Engine:
         engine = self.engine
         if engine is None or not self.ready:

@@ -10,15 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from .chat_template import TemplateError
-from .errors import ApiError, bad_request
+from .errors import bad_request
 from .protocol import DetokenizeRequest, TokenizeRequest
 from .state import ServerState
 
 
 def _tokenizer(state: ServerState, model: str | None) -> Any:
     engine = state.require_engine()
-    if model is not None and model != state.model_name:
-        raise ApiError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+    state.check_model(model)
     if engine.tokenizer is None:
         raise bad_request("this checkpoint has no tokenizer", None, "tokenizer_missing")
     return engine.tokenizer
