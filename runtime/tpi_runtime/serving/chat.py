@@ -13,8 +13,19 @@ from .endpoint import Prepared
 from .errors import bad_request, unsupported
 from .generation import Event, Generation
 from .logprobs import chat_logprobs
-from .protocol import ChatChoice, ChatCompletionRequest, ChatMessageOut, ChatResponse, Usage
+from .protocol import ChatChoice, ChatCompletionRequest, ChatMessage, ChatMessageOut, ChatResponse, Usage
 from .state import ServerState
+
+
+def render(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    """The conversation as the checkpoint's chat template writes it; a 400 without a template or
+    when the template refuses the messages (its raise_exception)."""
+    if state.chat_template is None:
+        raise bad_request(state.chat_template_error, "messages", "chat_template_missing")
+    try:
+        return state.chat_template.render([m.as_template_dict() for m in messages], add_generation_prompt)
+    except TemplateError as e:
+        raise bad_request(str(e), "messages", "chat_template_error") from None
 
 
 def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
@@ -23,13 +34,11 @@ def prepare(req: ChatCompletionRequest, state: ServerState) -> Prepared:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     refuse_tool_calls(req)
-    template = state.chat_template
-    if template is None or engine.tokenizer is None:
+    if engine.tokenizer is None:
         raise bad_request(state.chat_template_error, "messages", "chat_template_missing")
-    try:
-        text = template.render([m.as_template_dict() for m in req.messages], req.add_generation_prompt)
-    except TemplateError as e:
-        raise bad_request(str(e), "messages", "chat_template_error") from None
+    text = render(state, req.messages, req.add_generation_prompt)
+    template = state.chat_template
+    assert template is not None  # render() refused otherwise
     ids = list(engine.tokenizer.encode(text, add_special_tokens=False).ids)
     if not ids:
         raise bad_request("the rendered conversation is empty", "messages")

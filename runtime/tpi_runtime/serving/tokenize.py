@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .chat_template import TemplateError
+from . import chat
 from .errors import bad_request
 from .protocol import DetokenizeRequest, TokenizeRequest
 from .state import ServerState
@@ -28,12 +28,7 @@ def tokenize(req: TokenizeRequest, state: ServerState) -> dict[str, Any]:
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("send exactly one of 'prompt' or 'messages'", "prompt")
     if req.messages is not None:
-        if state.chat_template is None:
-            raise bad_request(state.chat_template_error, "messages", "chat_template_missing")
-        try:
-            text = state.chat_template.render([m.as_template_dict() for m in req.messages], req.add_generation_prompt)
-        except TemplateError as e:
-            raise bad_request(str(e), "messages", "chat_template_error") from None
+        text = chat.render(state, req.messages, req.add_generation_prompt)
         special = bool(req.add_special_tokens)  # the template writes its own bos (as chat does)
     else:
         text, special = req.prompt or "", req.add_special_tokens is not False
