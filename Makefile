@@ -14,10 +14,10 @@ export PATH := $(BIN):$(PATH)
 export KUBECONFIG := $(word 3,$(HACK_PATHS))
 PYTEST := $(PY) -m pytest
 
-.PHONY: help deps venv tools lint lint-py lint-shell crds test test-unit test-integration e2e cluster-up cluster-down demo bench clean
+.PHONY: help deps venv tools lint lint-py lint-shell crds test test-unit test-integration test-unit-integration e2e cluster-up cluster-down demo bench clean
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
 
 deps: ## install apt packages, the virtualenv and the Kubernetes tools
 	hack/ensure-deps.sh
@@ -45,13 +45,16 @@ lint-shell: ## shellcheck every script in hack/ and .ci/ (following what they so
 crds: venv ## regenerate crds/ (and the chart's copy) from the pydantic models
 	$(PY) hack/gen_crds.py
 
-test: deps lint test-unit test-integration e2e ## every test tier (the README's test command)
+test: deps lint test-unit-integration e2e ## every test tier (the README's test command)
 
 test-unit: venv tools ## unit tier: pure functions, runtime on real gloo processes, chart with real helm
 	$(PYTEST) tests/unit -q
 
 test-integration: deps cluster-up ## integration tier: operator and heartbeat against the real local apiserver (the 10-min soak runs alongside)
 	hack/test-integration.sh
+
+test-unit-integration: deps cluster-up ## the unit tier beside the integration tier, at a lower CPU priority (what make test runs)
+	hack/test-integration.sh --with-unit
 
 e2e: deps ## real-pod tier (a real kubelet node; see README); E2E_ARGS: extra pytest args
 	hack/e2e.sh $(E2E_ARGS)
