@@ -8,7 +8,7 @@
 #     alongside too, the 2 cores fell behind and a kwok restart the rest of the tier waits for took
 #     over 30 s.
 #   - with --with-unit (`make test`), the unit tier, at a lower CPU priority. The integration tier
-#     mostly waits on the operator's and Kubernetes' timers (0.33 of the 2 cores on average,
+#     mostly waits on the operator's and Kubernetes' timers (0.31 of the 2 cores on average,
 #     sampled over a whole run), so the unit tier fills the idle cores instead of taking ~8.5
 #     minutes of its own, and `nice` keeps the control plane, kwok and the operators first
 #     whenever both want a core.
