@@ -164,6 +164,45 @@ def test_fault_then_restart_fills_last_state(namespace: str) -> None:
         assert "tpi.dev/fault" not in annotations and "tpi.dev/fault-state" not in annotations
 
 
+def test_patch_naming_a_previous_pods_uid_is_refused(namespace: str) -> None:
+    """What keeps a fault stage off the replacement of the pod it matched (hack/kwok/fault-stages.yaml:
+    kwok plays delayed and retried stages by name): the real API server refuses a patch whose
+    metadata.uid is not the pod's, on the status subresource too, and changes nothing."""
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(statefulset("s", 1)))
+    old = wait_until(lambda: running_pods(namespace, "s"), what="pod Running")[0]["metadata"]
+    kubectl("delete", "pod", old["name"], "-n", namespace, "--wait=false")
+    new = wait_until(
+        lambda: [p for p in running_pods(namespace, "s") if p["metadata"]["uid"] != old["uid"]],
+        timeout=60,
+        what="the StatefulSet's replacement Running",
+    )[0]["metadata"]
+    assert new["name"] == old["name"]
+
+    def patch(uid: str, annotations: dict | None = None, status: dict | None = None) -> subprocess.CompletedProcess:
+        """A patch as the fault stages make it: metadata.uid beside the annotations, or beside the status."""
+        body: dict = {"metadata": {"uid": uid, **({"annotations": annotations} if annotations else {})}}
+        how = ["--subresource=status", "--type=strategic"] if status else ["--type=merge"]  # as kwok sends them
+        if status:
+            body["status"] = status
+        return subprocess.run(
+            [*kubectl_cmd(), "patch", "pod", new["name"], "-n", namespace, *how, "-p", json.dumps(body)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+
+    status = patch(old["uid"], status={"message": "a stale stage"})
+    assert status.returncode != 0 and "uid" in status.stderr, status.stderr
+    annotations = {"tpi.dev/stale-stage": "true"}
+    meta = patch(old["uid"], annotations=annotations)
+    assert meta.returncode != 0 and "uid" in meta.stderr, meta.stderr
+    pod = pod_json(namespace, new["name"])
+    assert "message" not in pod["status"] and "tpi.dev/stale-stage" not in pod["metadata"].get("annotations", {})
+    # The same patches naming the pod's own uid go through: the uid, nothing else, refused them.
+    assert patch(new["uid"], status={"message": "ok"}).returncode == 0
+    assert patch(new["uid"], annotations=annotations).returncode == 0
+    pod = pod_json(namespace, new["name"])
+    assert pod["status"]["message"] == "ok" and pod["metadata"]["annotations"]["tpi.dev/stale-stage"] == "true"
+
+
 def test_unschedulable_rank_stays_pending(namespace: str) -> None:
     # No fake node has 64 GPUs: the real scheduler reports what it would for a rank that cannot fit.
     kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(statefulset("u", 1, gpus=64)))
