@@ -13,6 +13,8 @@ needs every shape, pointer and index fixed at capture time. So this path works o
   rounded up to a block) above the longest context, with a mask built on the device from the
   positions (causal, and windowed for sliding-window models). Table entries past a context, or
   freed outside a sliding window, point at the scratch block and are masked.
+- Rows attend in calls of at most ``gather_cap // L`` rows (kv_cache.gather_cap_tokens), so a
+  step's gathered K/V has the same bound as on the eager path, whatever the batch.
 - GQA without copies: the g query heads sharing a KV head become g "query rows" of that head, so
   SDPA sees equal head counts and can pick the memory-efficient kernel, which takes a mask.
 
@@ -87,6 +89,7 @@ def static_decode(
         allowed &= keys > positions[:, None] - window
     mask = torch.full((s, L), float("-inf"), dtype=model.dtype, device=ids.device)
     mask = mask.masked_fill_(allowed, 0.0)[:, None, None, :]
+    rows_per_call = max(1, model.gather_cap // L)  # L <= max_len <= gather_cap: at least 1
     x = model.embed(ids)
     for blk in model.layers:
         a = blk.attn
@@ -107,12 +110,18 @@ def static_decode(
         vc.view(-1, hkv, d)[rows] = v
         # Query head h uses KV head h // g (transformers' repeat_kv order): view the g heads of a
         # group as g query rows of one head, so no K/V is repeated and SDPA needs no GQA support.
-        o = F.scaled_dot_product_attention(
-            q.reshape(s, hkv, hq // hkv, d),
-            kc[tables].view(s, L, hkv, d).transpose(1, 2),
-            vc[tables].view(s, L, hkv, d).transpose(1, 2),
-            attn_mask=mask,
-        )
+        # At most `rows_per_call` rows a call: no gather above the model's gather_cap.
+        qg = q.reshape(s, hkv, hq // hkv, d)
+        parts = [
+            F.scaled_dot_product_attention(
+                qg[r : r + rows_per_call],
+                kc[tables[r : r + rows_per_call]].view(-1, L, hkv, d).transpose(1, 2),
+                vc[tables[r : r + rows_per_call]].view(-1, L, hkv, d).transpose(1, 2),
+                attn_mask=mask[r : r + rows_per_call],
+            )
+            for r in range(0, s, rows_per_call)
+        ]
+        o = parts[0] if len(parts) == 1 else torch.cat(parts)
         x = x + a.o_proj(o.reshape(s, hq * d))
         x = x + blk.mlp(blk.post_attn_norm(x))
     return model.lm_head(model.norm(x)).float()

@@ -43,6 +43,7 @@ from .kv_cache import (
     blocks_for,
     bytes_per_token,
     check_fits,
+    gather_cap_tokens,
     num_blocks_for_budget,
 )
 from .loader import LoadReport
@@ -507,12 +508,7 @@ class Engine:
             budget, source = kv_cache_memory, f"--kv-cache-memory={kv_cache_memory}"
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            reserve = self._step_bytes(
-                n_seqs=self.max_batch_size,
-                n_tokens=self.max_num_batched_tokens,
-                max_ctx=self.max_model_len,
-                batched_decode=False,
-            )
+            reserve = self._largest_step_bytes()
             budget = int(free - (1 - utilization) * total - reserve)
             source = (
                 f"--gpu-memory-utilization={utilization} ({free} bytes free of {total}, "
@@ -911,7 +907,23 @@ class Engine:
     def _step_bytes(self, **shape: Any) -> int:
         """``step_memory.step_bytes`` of this rank's shard of the model, in its dtype."""
         return step_bytes(
-            self.config, self.rank, self.world_size, self.dtype, prompt_rows_at_once=PROMPT_LOGPROBS_ROWS, **shape
+            self.config,
+            self.rank,
+            self.world_size,
+            self.dtype,
+            prompt_rows_at_once=PROMPT_LOGPROBS_ROWS,
+            gather_cap=gather_cap_tokens(self.max_model_len),
+            **shape,
+        )
+
+    def _largest_step_bytes(self) -> int:
+        """What the KV cache's sizing on CUDA leaves free for one step: a full token budget beside
+        max_batch_size decodes at max_model_len, attended batched (their gathers capped)."""
+        return self._step_bytes(
+            n_seqs=self.max_batch_size,
+            n_tokens=max(self.max_num_batched_tokens, self.max_batch_size),
+            max_ctx=self.max_model_len,
+            batched_decode=self.max_batch_size >= 2,
         )
 
     def _preflight(self, seqs: list[Seq], n_prompt_rows: int = 0) -> None:

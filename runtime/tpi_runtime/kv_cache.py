@@ -20,6 +20,12 @@ from .tp import local_heads
 
 BLOCK_SIZE = 16  # tokens per block, as vLLM's default
 SCRATCH_BLOCK = 0
+# The most K/V tokens one attention call gathers (per layer, for K and for V). Batched decodes
+# are split into calls of at most this many, so a step's transient memory has a bound whatever
+# the batch, which the KV cache's sizing on CUDA can reserve: 256 decodes at 4k tokens would
+# otherwise gather 1M tokens a layer (4 GiB for an 8B model's K and V in bf16). Above what a CPU
+# batch reaches (64 decodes of ~400 tokens), so CPU steps stay one call.
+GATHER_TOKENS = 32 * 1024
 
 
 class KVCacheTooSmallError(ValueError):
@@ -35,6 +41,12 @@ def bytes_per_token(cfg: ModelConfig, rank: int, world_size: int, dtype: torch.d
 
 def blocks_for(tokens: int) -> int:
     return -(-tokens // BLOCK_SIZE)
+
+
+def gather_cap_tokens(max_model_len: int) -> int:
+    """Keys one attention call gathers at most: GATHER_TOKENS, and never less than one
+    max_model_len sequence (whose keys are gathered in one call)."""
+    return max(GATHER_TOKENS, blocks_for(max_model_len) * BLOCK_SIZE)
 
 
 def num_blocks_for_budget(budget_bytes: int, per_token: int) -> int:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .dist import Dist
-from .kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, blocks_for
+from .kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, blocks_for, gather_cap_tokens
 from .tp import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, local_heads
 
 
@@ -48,14 +48,21 @@ class DecodeBucket:
     mask: torch.Tensor
 
 
-def decode_buckets(ctx_lens: Sequence[int]) -> list[list[int]]:
+def decode_buckets(ctx_lens: Sequence[int], max_tokens: int | None = None) -> list[list[int]]:
     """Batch rows grouped so that no row's keys are padded to more than twice its own blocks:
     one 4k-token sequence among short ones must not make every row gather and attend to 4k keys
-    (that made each step of a batch of 9 take 4x as long). Rows by context length, in order."""
+    (that made each step of a batch of 9 take 4x as long). Rows by context length, in order.
+    ``max_tokens``: no bucket gathers more keys (rows x its longest table's blocks x BLOCK_SIZE);
+    a row alone may (kv_cache.gather_cap_tokens is never below one max_model_len sequence)."""
     order = sorted(range(len(ctx_lens)), key=lambda i: ctx_lens[i])
     buckets: list[list[int]] = []
     for i in order:
-        if buckets and blocks_for(ctx_lens[i]) <= 2 * blocks_for(ctx_lens[buckets[-1][0]]):
+        nb = blocks_for(ctx_lens[i])  # the bucket's longest so far: rows come shortest first
+        if (
+            buckets
+            and nb <= 2 * blocks_for(ctx_lens[buckets[-1][0]])
+            and (max_tokens is None or (len(buckets[-1]) + 1) * nb * BLOCK_SIZE <= max_tokens)
+        ):
             buckets[-1].append(i)
         else:
             buckets.append([i])
@@ -366,12 +373,14 @@ class Transformer(nn.Module):
         self.register_buffer("rot", rotate_half_matrix(cfg.head_dim, dtype=dtype, device=device), persistent=False)
         self.num_blocks = 0  # usable blocks (the scratch block not counted)
         self.max_len = 0
+        self.gather_cap = 0  # keys one attention call gathers at most (kv_cache.gather_cap_tokens)
         self.slot_tables: list[list[int]] = []  # setup_cache only
 
     def setup_paged_cache(self, num_blocks: int, max_len: int) -> int:
         """Preallocate `num_blocks` usable blocks (+ the scratch block) per layer and the RoPE tables
         for positions < max_len; returns the cache size in bytes."""
         self.num_blocks, self.max_len = num_blocks, max_len
+        self.gather_cap = gather_cap_tokens(max_len)
         nbytes = 0
         for blk in self.layers:
             assert isinstance(blk, Block)
@@ -417,7 +426,8 @@ class Transformer(nn.Module):
         decoding = [i for i, k in enumerate(meta.seq_lens) if k == 1]
         if len(decoding) < 2:
             decoding = []
-        groups = [[decoding[j] for j in g] for g in decode_buckets([meta.ctx_lens[i] for i in decoding])]
+        ctx_of_decodes = [meta.ctx_lens[i] for i in decoding]
+        groups = [[decoding[j] for j in g] for g in decode_buckets(ctx_of_decodes, self.gather_cap)]
         in_order = len(decoding) == len(tables)  # a decode-only step: a token per sequence, in order
         if in_order and len(groups) == 1:  # one batched call, rows in batch order
             groups = [decoding]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
+from .kv_cache import BLOCK_SIZE, blocks_for
 from .tp import local_heads
 
 
@@ -28,11 +29,13 @@ def step_bytes(
     masked: bool = True,
     prompt_rows: int = 0,
     prompt_rows_at_once: int = 1,
+    gather_cap: int | None = None,
 ) -> int:
     """An upper estimate of one step's transient memory on this rank, in bytes. ``masked``: some
     sequence's chunk needs an explicit mask (a chunk after the first, or a sliding window); a
     whole prompt from position 0 runs causal, without one. ``prompt_rows``: tokens whose logits
-    give prompt logprobs, projected ``prompt_rows_at_once`` at a time."""
+    give prompt logprobs, projected ``prompt_rows_at_once`` at a time. ``gather_cap``: the most
+    keys one attention call gathers (kv_cache.gather_cap_tokens; None: no bound)."""
     hq, hkv, _ = local_heads(cfg, rank, world_size)
     d, elem = cfg.head_dim, torch.empty((), dtype=dtype).element_size()
     il = cfg.intermediate_size // world_size
@@ -42,10 +45,13 @@ def step_bytes(
     activations = n_tokens * per_token * elem
     # Attention working set, one layer at a time: gathered K and V of the sequences attended
     # together (with two or more decodes in the step, batched_decode: all of them, padded to the
-    # longest; otherwise one sequence at a time), GQA's broadcast of them to the query heads
-    # should the kernel expand it, and the masks (boolean, then in the model dtype): the batched
-    # decodes' and a chunk's.
-    kv_tokens = n_seqs * max_ctx if batched_decode else max_ctx
+    # longest, in calls of at most gather_cap keys; otherwise one sequence at a time; whole
+    # blocks either way), GQA's broadcast of them to the query heads should the kernel expand
+    # it, and the masks (boolean, then in the model dtype): the batched decodes' and a chunk's.
+    seq_tokens = blocks_for(max_ctx) * BLOCK_SIZE
+    kv_tokens = n_seqs * seq_tokens if batched_decode else seq_tokens
+    if gather_cap is not None:
+        kv_tokens = min(kv_tokens, max(gather_cap, seq_tokens))
     gathered = 2 * kv_tokens * (hkv + hq) * d * elem
     decode_masks = n_seqs * max_ctx * (1 + elem) if batched_decode else 0
     chunk_mask = min(n_tokens, max_ctx) * max_ctx * (1 + elem) if masked and n_tokens > n_seqs else 0
