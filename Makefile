@@ -12,7 +12,6 @@ PY := $(VENV)/bin/python
 BIN := $(word 2,$(HACK_PATHS))
 export PATH := $(BIN):$(PATH)
 export KUBECONFIG := $(word 3,$(HACK_PATHS))
-PYTEST := $(PY) -m pytest
 
 .PHONY: help deps venv tools lint lint-py lint-shell crds test test-unit test-integration test-unit-integration e2e cluster-up cluster-down demo bench clean
 
@@ -48,7 +47,7 @@ crds: venv ## regenerate crds/ (and the chart's copy) from the pydantic models
 test: deps lint test-unit-integration e2e ## every test tier (the README's test command)
 
 test-unit: venv tools ## unit tier: pure functions, runtime on real gloo processes, chart with real helm
-	$(PYTEST) tests/unit -q
+	hack/test-unit.sh
 
 test-integration: deps cluster-up ## integration tier: operator and heartbeat against the real local apiserver (the 10-min soak runs alongside)
 	hack/test-integration.sh

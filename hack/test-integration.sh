@@ -40,7 +40,7 @@ alongside() { # name, command...: start it in the background, its output to $log
 }
 alongside "$SOAK" "$VENV/bin/python" -m pytest "$SOAK" -q -m integration -p no:cacheprovider "$@"
 if ((with_unit)); then
-  alongside "the unit tier (tests/unit)" nice -n "$UNIT_NICENESS" "$VENV/bin/python" -m pytest tests/unit -q
+  alongside "the unit tier (hack/test-unit.sh)" nice -n "$UNIT_NICENESS" "$HACK/test-unit.sh"
 fi
 failed=0
 "$VENV/bin/python" -m pytest tests/integration -q -m integration "--ignore=$SOAK" "$@" || failed=1
