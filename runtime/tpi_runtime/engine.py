@@ -138,6 +138,8 @@ class EngineStats:
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
     kv_blocks_freed_by_window: int = 0
+    kv_blocks_cached: int = 0
+    prefix_cache_hit_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,7 @@ class Request:
         self._tokens = list(prompt_ids)  # prompt + generated so far
         self._num_cached = 0  # tokens whose K/V are in the cache
         self._blocks: list[int] = []  # block table (kv_cache.py); SCRATCH_BLOCK where freed
+        self._entries: list[int] = []  # the prefix-cache entry each of its leading cached blocks ends
         self._decoding = False  # its prompt is cached: each step now brings one new token
         self._prompt_lps: list[TokenLogprobs] = []  # prompt_logprobs: entries for tokens 1..len so far
         self.prompt_logprobs: PromptLogprobs | None = None  # set (and pushed) once complete
@@ -334,6 +337,7 @@ class Engine:
         kv_cache_memory: int | None = None,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         max_num_batched_tokens: int | None = None,
+        prefix_caching: bool = True,
         stop: threading.Event | None = None,
         on_wait: Callable[[list[int]], None] | None = None,
     ) -> None:
@@ -342,7 +346,8 @@ class Engine:
         bytes; else on CUDA ``gpu_memory_utilization`` of the GPU's total memory minus what is in
         use after the weights and one full step's activations; else (CPU) max_batch_size x
         max_model_len tokens. ``max_num_batched_tokens``: the step's token budget (chunked prefill;
-        None: the device's DEFAULT_MAX_NUM_BATCHED_TOKENS).
+        None: the device's DEFAULT_MAX_NUM_BATCHED_TOKENS). ``prefix_caching``: share the KV
+        blocks of a common prefix between requests (scheduler.py).
         ``stop`` ends the wait for missing ranks (``rendezvous.Aborted``); ``on_wait`` hears which
         ranks are still missing."""
         self.is_ready = False
@@ -449,6 +454,7 @@ class Engine:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             window=cfg.sliding_window,
+            prefix_caching=prefix_caching,
         )
         self._waiting = self.scheduler.waiting  # the same objects: submit() and stats() read them
         self._running = self.scheduler.running
@@ -497,6 +503,7 @@ class Engine:
             kv_cache_memory=settings.kv_cache_memory,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             max_num_batched_tokens=settings.max_num_batched_tokens,
+            prefix_caching=settings.prefix_caching == "on",
             stop=stop,
             on_wait=on_wait,
         )
@@ -583,6 +590,8 @@ class Engine:
                 kv_blocks_total=self.scheduler.alloc.num_blocks,
                 kv_blocks_used=self.scheduler.alloc.used,
                 kv_blocks_freed_by_window=self.scheduler.window_freed,
+                kv_blocks_cached=self.scheduler.alloc.cached,
+                prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
             )
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -823,7 +832,9 @@ class Engine:
                 )
             # Every request of the failed step is kept (the scheduler preempts what no longer fits
             # the smaller limits). Their cached token counts did not advance, so whatever K/V the
-            # step wrote is rewritten.
+            # step wrote is rewritten; what the step cached is not (after the release above: a
+            # failed request's blocks are uncached too).
+            self.scheduler.step_failed()
         log.warning("%s (oom_count=%d)", self._last_error, self._oom_count)
 
     # --- ranks > 0 ----------------------------------------------------------------------------

@@ -10,7 +10,9 @@ Only rank 0 allocates; it broadcasts each step's block tables, so followers need
 
 from __future__ import annotations
 
+import collections
 import heapq
+import itertools
 import math
 
 import torch
@@ -69,31 +71,158 @@ def check_fits(num_blocks: int, per_token: int, budget_bytes: int, max_model_len
 
 
 class BlockAllocator:
-    """Free blocks 1..num_blocks, lowest first: a lone sequence's blocks then come out contiguous,
-    which the attention reads as a view instead of a gather.
+    """The pool's blocks 1..num_blocks. A sequence's next block is the one after its last when
+    that one is free (or cached and held by none), else the lowest free one; a new table that the
+    free blocks cannot hold starts at the least recently released cached block instead. A lone
+    sequence's blocks then stay contiguous, also when earlier sequences' cached blocks fill the
+    pool, and the attention reads them as a view instead of a gather.
+
+    Blocks are reference-counted, and full ones can be kept in a prefix cache: a block holding
+    tokens t after a cached prefix (its parent entry) is found again by (parent, t), so sequences
+    whose tokens start the same way (the ``n`` choices of one prompt, a shared system prompt, a
+    preempted sequence coming back) share those blocks instead of recomputing them. A cached block
+    no sequence holds stays cached until the pool needs it, the least recently released first.
 
     ``limit`` caps the blocks in use below the pool (the effective batch size scales it down after
     an out-of-memory; see docs/contracts.md)."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
+        # Neither held nor cached: a set, and a heap of them for the lowest (entries of blocks
+        # taken out of order stay in it until popped or compacted, and are skipped).
+        self._free_set = set(range(1, num_blocks + 1))
         self._free = list(range(1, num_blocks + 1))  # sorted: already a heap
+        self._refs: dict[int, int] = {}  # block -> sequences holding it (> 0)
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, held by none
+        self._by_key: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent entry, tokens) -> block
+        self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self._entry_of: dict[int, int] = {}  # cached block -> its entry (a fresh number per caching)
+        self._entries = itertools.count(1)  # 0: the empty prefix
         self.limit = num_blocks
 
     @property
     def used(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Blocks some sequence holds (a shared block counts once)."""
+        return len(self._refs)
+
+    @property
+    def cached(self) -> int:
+        """Blocks in the prefix cache, held or not."""
+        return len(self._key_of)
 
     @property
     def available(self) -> int:
-        return max(0, min(len(self._free), self.limit - self.used))
+        return max(0, min(len(self._free_set) + len(self._lru), self.limit - self.used))
 
-    def allocate(self, n: int) -> list[int]:
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
+        """``n`` blocks for a sequence whose table ends with block ``after`` (None: a new table)."""
         if n > self.available:
             raise RuntimeError(f"{n} blocks asked, {self.available} available")  # callers check first
-        return [heapq.heappop(self._free) for _ in range(n)]
+        out: list[int] = []
+        prev = after
+        if prev is None and n > len(self._free_set) and self._lru:
+            # A released table went into the cache head first: its blocks come back in order.
+            prev, _ = self._lru.popitem(last=False)
+            self._uncache(prev)
+            self._refs[prev] = 1
+            out.append(prev)
+        for _ in range(n - len(out)):
+            b = self._take_after(prev) if prev is not None else None
+            if b is None:
+                b = self._take_lowest_free()
+            if b is None:  # evict the least recently released cached block
+                b, _ = self._lru.popitem(last=False)
+                self._uncache(b)
+            self._refs[b] = 1
+            out.append(b)
+            prev = b
+        return out
 
     def free(self, blocks: list[int]) -> None:
+        """Drop one hold on each block (SCRATCH_BLOCK entries are skipped); cached ones enter the
+        eviction order in the order given (a table's, head first)."""
         for b in blocks:
-            if b != SCRATCH_BLOCK:
-                heapq.heappush(self._free, b)
+            if b == SCRATCH_BLOCK:
+                continue
+            left = self._refs[b] - 1
+            if left:
+                self._refs[b] = left
+                continue
+            del self._refs[b]
+            if b in self._key_of:
+                self._lru[b] = None
+            else:
+                self._release(b)
+
+    def _take_after(self, prev: int) -> int | None:
+        b = prev + 1
+        if b in self._free_set:
+            self._free_set.remove(b)
+            return b
+        if b in self._lru:  # contiguity is worth more than a cached block no one holds
+            del self._lru[b]
+            self._uncache(b)
+            return b
+        return None
+
+    def _take_lowest_free(self) -> int | None:
+        while self._free:
+            b = heapq.heappop(self._free)
+            if b in self._free_set:
+                self._free_set.remove(b)
+                return b
+        return None
+
+    def _release(self, b: int) -> None:
+        self._free_set.add(b)
+        heapq.heappush(self._free, b)
+        if len(self._free) > 2 * len(self._free_set) + 64:  # drop the entries of blocks taken since
+            self._free = sorted(self._free_set)
+
+    # --- the prefix cache ---
+    def lookup(self, parent: int, tokens: tuple[int, ...]) -> int | None:
+        """The cached block holding ``tokens`` after the prefix entry ``parent`` (0: at position 0)."""
+        return self._by_key.get((parent, tokens))
+
+    def entry(self, block: int) -> int:
+        """The prefix entry a cached block ends: the parent of the block after it."""
+        return self._entry_of[block]
+
+    def share_cost(self, blocks: list[int]) -> int:
+        """How much ``available`` drops when ``share(blocks)`` takes them: cached blocks no one holds."""
+        return sum(b not in self._refs for b in blocks)
+
+    def share(self, blocks: list[int]) -> None:
+        """Hold cached blocks (found by ``lookup``) once more each."""
+        for b in blocks:
+            self._lru.pop(b, None)
+            self._refs[b] = self._refs.get(b, 0) + 1
+
+    def cache(self, parent: int, tokens: tuple[int, ...], block: int) -> tuple[int, bool]:
+        """Cache a full, held ``block`` as ``tokens`` after the entry ``parent``. Returns the entry the
+        prefix now ends at (an existing one when a block already holds the same prefix, or when
+        ``block`` is already cached, found by lookup) and whether ``block`` was newly cached."""
+        found = self._by_key.get((parent, tokens))
+        if found is not None:
+            return self._entry_of[found], False
+        if block in self._key_of:
+            return self._entry_of[block], False
+        entry = next(self._entries)
+        self._by_key[(parent, tokens)] = block
+        self._key_of[block] = (parent, tokens)
+        self._entry_of[block] = entry
+        return entry, True
+
+    def forget(self, blocks: list[int]) -> None:
+        """Take blocks out of the prefix cache (their contents were never written: a failed step)."""
+        for b in blocks:
+            if b not in self._key_of:
+                continue
+            self._uncache(b)
+            if b in self._lru:  # held by none: free now
+                del self._lru[b]
+                self._release(b)
+
+    def _uncache(self, b: int) -> None:
+        del self._by_key[self._key_of.pop(b)]
+        del self._entry_of[b]

@@ -93,6 +93,11 @@ class EngineCollector(Collector):
                 "KV blocks returned early because no query's sliding window reaches them",
                 "kv_blocks_freed_by_window",
             ),
+            (
+                "tpi_prefix_cache_hit_tokens",
+                "Prompt tokens whose KV blocks came from the prefix cache instead of a prefill",
+                "prefix_cache_hit_tokens",
+            ),
         )
         for name, doc, field in counters:
             value = _get(stats, field)
@@ -111,6 +116,11 @@ class EngineCollector(Collector):
             ("tpi_max_batch_size", "Configured maximum batch size", "max_batch_size"),
             ("tpi_kv_blocks_total", "KV-cache blocks in the pool (16 tokens each)", "kv_blocks_total"),
             ("tpi_kv_blocks_used", "KV-cache blocks held by running sequences", "kv_blocks_used"),
+            (
+                "tpi_kv_blocks_cached",
+                "KV-cache blocks in the prefix cache (held or kept for reuse; evicted when the pool needs them)",
+                "kv_blocks_cached",
+            ),
         )
         for name, doc, field in gauges:
             value = _get(stats, field)

@@ -160,6 +160,14 @@ _COMMON = (
         help="tokens per step (decodes + prompt chunks); a longer prompt is prefilled in chunks between "
         "decodes (default: 2048 on CUDA, 64 on CPU)",
     ),
+    _Flag(
+        "--prefix-caching",
+        str,
+        "on",
+        ("on", "off"),
+        "keep the KV blocks of prompts (and generated text) and share them with requests that start "
+        "the same way: n > 1 choices, a common system prompt (not with a sliding window)",
+    ),
     _Flag("--log-level", str, "INFO"),
 )
 _SERVE = (
@@ -396,6 +404,7 @@ class RuntimeSettings:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     max_num_batched_tokens: int | None = None  # None: DEFAULT_MAX_NUM_BATCHED_TOKENS of the device
+    prefix_caching: str = "on"
     log_level: str = "INFO"
     # serve
     host: str = "0.0.0.0"

@@ -371,7 +371,53 @@ def scenario_prompt_logprobs_failure(engine: Engine) -> dict[str, Any]:
     }
 
 
+def scenario_shared_prefix(engine: Engine) -> dict[str, Any]:
+    """n = 4 choices of each of two 40-token prompts (seeded sampling, and greedy), all submitted
+    at once, then a request whose first 33 tokens are the first prompt's: the choices after the
+    first share its cached blocks (scheduler.py), in the step that fills them or a later one."""
+    prompts = [[1, *((7 + 13 * i + 5 * j) % 250 + 3 for j in range(39))] for i in range(2)]
+    seeded = [SamplingParams(max_tokens=12, temperature=0.8, seed=100 + c, ignore_eos=True) for c in range(4)]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    reqs = [engine.submit(prompts[0], sp) for sp in seeded] + [engine.submit(prompts[1], greedy) for _ in range(4)]
+    choices = [_collect(r) for r in reqs]
+    extended = [*prompts[0][:33], 200, 201, 202]
+    later = _collect(engine.submit(extended, greedy))
+    stats = engine.stats().__dict__
+    return {"prompts": prompts, "extended": extended, "choices": choices, "later": later, "stats": stats}
+
+
+def scenario_oom_on_shared_prefix(engine: Engine) -> dict[str, Any]:
+    """A request admitted on another's cached blocks runs out of memory alone (a one-shot fake OOM
+    on its 8-token chunk): it fails, once, and the engine then serves the same prompt from the
+    same cached blocks."""
+    prompt = [1, *((11 + 3 * j) % 250 + 3 for j in range(39))]  # 40 tokens: 2 full blocks
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    first = _collect(engine.submit(prompt, greedy))
+    generated = engine.stats().tokens_generated
+    fired: list[tuple[int, int]] = []
+
+    def one_shot(batch_size: int, num_tokens: int) -> None:
+        if not fired and (batch_size, num_tokens) == (1, 8):
+            fired.append((batch_size, num_tokens))
+            raise torch.cuda.OutOfMemoryError("FAKE GPU OOM: the shared-prefix request's chunk")
+
+    engine.fault_injector = one_shot
+    failed = _collect(engine.submit(prompt, greedy))
+    again = _collect(engine.submit(prompt, greedy))
+    st = engine.stats().__dict__
+    return {
+        "first": first,
+        "failed": failed,
+        "again": again,
+        "fired": fired,
+        "generated": st["tokens_generated"] - generated,
+        "stats": st,
+    }
+
+
 SCENARIOS = {
+    "oom_on_shared_prefix": scenario_oom_on_shared_prefix,
+    "shared_prefix": scenario_shared_prefix,
     "prompt_logprobs": scenario_prompt_logprobs,
     "prompt_logprobs_failure": scenario_prompt_logprobs_failure,
     "paged": scenario_paged,
@@ -403,6 +449,7 @@ def engine_mode(model_dir: str, scenario: str) -> None:
         cuda_graphs=os.environ.get("T_CUDA_GRAPHS", "auto"),  # "on": the static decode path, eager on CPU
         kv_cache_memory=kv_bytes,
         max_num_batched_tokens=int(os.environ.get("T_MAX_TOKENS", "2048")),
+        prefix_caching=os.environ.get("T_PREFIX_CACHING", "on") == "on",
     )
     stop = threading.Event()
     result: dict[str, Any] = {}

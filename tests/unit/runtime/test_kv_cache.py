@@ -5,6 +5,8 @@ table-tested on real Request objects without a model."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from tpi_runtime.config import ModelConfig
@@ -102,17 +104,32 @@ def test_allocator_lowest_first_limit_and_scratch() -> None:
     assert a.used == 0 and a.available == 4
 
 
-def req(n_prompt: int, max_tokens: int = 100) -> Request:
-    return Request("r", list(range(3, 3 + n_prompt)), SamplingParams(max_tokens=max_tokens))
+_PROMPTS = itertools.count()
 
 
-def make(blocks: int, *, batch: int = 8, budget: int = 64, max_len: int = 64, window: int | None = None) -> Scheduler:
+def req(n_prompt: int, max_tokens: int = 100, prompt: list[int] | None = None) -> Request:
+    """A request of ``n_prompt`` tokens no other request starts with (unless ``prompt`` is given)."""
+    first = 1000 * next(_PROMPTS)
+    prompt = prompt if prompt is not None else list(range(first, first + n_prompt))
+    return Request("r", prompt, SamplingParams(max_tokens=max_tokens))
+
+
+def make(
+    blocks: int,
+    *,
+    batch: int = 8,
+    budget: int = 64,
+    max_len: int = 64,
+    window: int | None = None,
+    prefix_caching: bool = True,
+) -> Scheduler:
     return Scheduler(
         BlockAllocator(blocks),
         max_batch_size=batch,
         max_num_batched_tokens=budget,
         max_model_len=max_len,
         window=window,
+        prefix_caching=prefix_caching,
     )
 
 
@@ -154,8 +171,9 @@ def test_admission_waits_for_blocks_first_come_first_served() -> None:
     assert [r for r, _, _ in run_step(s)] == [b, c]
 
 
-def test_out_of_blocks_preempts_the_newest_and_it_recomputes() -> None:
-    s = make(4, max_len=32)
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["recomputed", "from-the-prefix-cache"])
+def test_out_of_blocks_preempts_the_newest_and_it_recomputes(prefix_caching: bool) -> None:
+    s = make(4, max_len=32, prefix_caching=prefix_caching)
     a, b = req(16), req(30)
     s.waiting.extend([a, b])
     run_step(s)  # a: 1 block (16 tokens), b: 2 blocks (30 tokens); 1 block left
@@ -169,7 +187,10 @@ def test_out_of_blocks_preempts_the_newest_and_it_recomputes() -> None:
     assert list(s.waiting) == [b] and b._blocks == [] and b._num_cached == 0 and s.preemptions == 1
     s.release(a)
     plan = run_step(s)
-    assert plan == [(b, 0, 33)], "readmitted: prompt + its generated tokens recomputed in one chunk"
+    if prefix_caching:  # its 2 full blocks were kept: only its last token is computed again
+        assert plan == [(b, 32, 1)] and s.prefix_hit_tokens == 32
+    else:
+        assert plan == [(b, 0, 33)], "readmitted: prompt + its generated tokens recomputed in one chunk"
 
 
 def test_sliding_window_frees_blocks_nobody_can_attend() -> None:

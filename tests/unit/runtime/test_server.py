@@ -446,7 +446,9 @@ def test_metrics_exposed_and_increase_after_a_request(server: Server) -> None:
         "tpi_prompt_tokens_total",
         "tpi_kv_blocks_total",
         "tpi_kv_blocks_used",
+        "tpi_kv_blocks_cached",
         "tpi_kv_preemptions_total",
+        "tpi_prefix_cache_hit_tokens_total",
     ):
         assert (name, r0) in before, f"{name} missing from /metrics"
     assert before[("tpi_ready", r0)] == 1
