@@ -16,7 +16,7 @@ import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 from tpi_runtime.testing import make_tiny_checkpoint
 
-from tests.unit.runtime.test_server import MAX_MODEL_LEN, Server, error_of, start_group, stop_group
+from tests.unit.runtime.test_server import MAX_MODEL_LEN, Server, error_of, metric_samples, start_group, stop_group
 
 PROMPT = "the cat sees a dog and the bird"
 TEMPLATE = (
@@ -148,6 +148,17 @@ def test_n_logprobs_echo(client: OpenAI) -> None:
     content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and len(content) == chat.usage.completion_tokens  # type: ignore[union-attr]
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+def test_n_choices_compute_their_prompt_once(group: list[Server], client: OpenAI) -> None:
+    """n = 4 choices of one prompt: the 3 after the first take its full blocks from the prefix
+    cache (the metric counts the prompt tokens taken), and greedy choices are still identical."""
+    hits = ("tpi_prefix_cache_hit_tokens_total", (("rank", "0"),))
+    before = metric_samples(group[0])[hits]
+    prompt = [1, *range(150, 189)]  # 40 token ids no other test sends: 2 full blocks of 16 and 8 more
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0, n=4)
+    assert len({c.text for c in r.choices}) == 1 and r.usage is not None and r.usage.prompt_tokens == 40
+    assert metric_samples(group[0])[hits] - before == 3 * 32
 
 
 def reference_logprobs(model_dir: str, text: str | list[int]) -> tuple[list[int], Any]:
