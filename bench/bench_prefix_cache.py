@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "contract"))
 
 def run_once(model: Path, caching: bool, prompts: int, n: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
     """One engine, one round of ``prompts`` x ``n`` choices submitted together, after a warm-up."""
-    from tpi_runtime.engine import Engine, SamplingParams, StepInfo
+    from tpi_runtime.engine import END, Engine, SamplingParams, StepInfo
 
     engine = Engine(
         str(model),
@@ -55,34 +55,33 @@ def run_once(model: Path, caching: bool, prompts: int, n: int, prompt_len: int, 
         try:
             list(engine.submit(prompt(10_000), SamplingParams(max_tokens=4)))  # warm-up
             mark = len(steps)
+            firsts: dict[int, float] = {}
+            left = [prompts * n]
+            done = threading.Event()
+
+            def listener(i: int) -> Any:  # on the engine thread: record, never block
+                def on(item: Any) -> None:
+                    if item is END:
+                        left[0] -= 1
+                        if not left[0]:
+                            done.set()
+                    elif i not in firsts:
+                        firsts[i] = time.perf_counter() - t0
+
+                return on
+
             t0 = time.perf_counter()
-            firsts: list[float] = []
-            reqs = [
-                engine.submit(
-                    prompt(p), SamplingParams(max_tokens=new_tokens, temperature=0.8, seed=c, ignore_eos=True)
-                )
-                for p in range(prompts)
-                for c in range(n)
-            ]
-
-            def consume(r: Any) -> None:
-                it = iter(r)
-                next(it)
-                firsts.append(time.perf_counter() - t0)
-                for _ in it:
-                    pass
-
-            threads = [threading.Thread(target=consume, args=(r,)) for r in reqs]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            for p in range(prompts):
+                for c in range(n):
+                    sp = SamplingParams(max_tokens=new_tokens, temperature=0.8, seed=c, ignore_eos=True)
+                    engine.submit(prompt(p), sp, listener=listener(p * n + c))
+            done.wait()
             wall = time.perf_counter() - t0
             out.update(
                 prefill_tokens=sum(s.num_prefill_tokens for s in steps[mark:]),
                 wall_s=wall,
-                ttft_p50_s=statistics.median(firsts),
-                out_tok_s=len(reqs) * new_tokens / wall,
+                ttft_p50_s=statistics.median(firsts.values()),
+                out_tok_s=prompts * n * new_tokens / wall,
                 hit_tokens=engine.stats().prefix_cache_hit_tokens,
             )
         finally:
