@@ -3,9 +3,11 @@ the PodDisruptionBudget against the Eviction API, and a cluster deleted while no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,6 +141,60 @@ def evict(core: client.CoreV1Api, namespace: str, pod: str) -> int:
         return int(e.status)
 
 
+@contextlib.contextmanager
+def cordoned(core: client.CoreV1Api, namespace: str, nodes: list[str], affinity: dict) -> Iterator[None]:
+    """Cordon ``nodes`` until the block ends, and first wait until the scheduler has seen it.
+
+    ``kubectl cordon`` returns once the API server has the change; the scheduler learns it from
+    its watch a moment later (over a second on a loaded machine), and a pod it schedules before
+    then lands on a cordoned node. A canary pod with ``affinity`` that the scheduler reports
+    Unschedulable proves every cordon is in its cache."""
+    for node in nodes:
+        kubectl("cordon", node)
+    try:
+        wait_until(
+            lambda: canary_refused(core, namespace, affinity), timeout=60, what="the scheduler to see the cordons"
+        )
+        yield
+    finally:
+        for node in nodes:
+            kubectl("uncordon", node)
+
+
+def canary_refused(core: client.CoreV1Api, namespace: str, affinity: dict) -> bool:
+    """Whether the scheduler refuses a pod with ``affinity`` (False: it bound it, or said nothing yet)."""
+    name = f"cordon-canary-{uuid.uuid4().hex[:6]}"
+    restricted = client.V1SecurityContext(
+        allow_privilege_escalation=False,
+        run_as_non_root=True,
+        run_as_user=65532,
+        capabilities=client.V1Capabilities(drop=["ALL"]),
+        seccomp_profile=client.V1SeccompProfile(type="RuntimeDefault"),
+    )
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PodSpec(
+            affinity=affinity,
+            containers=[client.V1Container(name="canary", image="tpi/none:canary", security_context=restricted)],
+        ),
+    )
+    core.create_namespaced_pod(namespace, pod)
+
+    def verdict() -> str | None:
+        p = core.read_namespaced_pod(name, namespace)
+        if p.spec.node_name:
+            return "bound"
+        unschedulable = [
+            c for c in p.status.conditions or [] if c.type == "PodScheduled" and c.reason == "Unschedulable"
+        ]
+        return "refused" if unschedulable else None
+
+    try:
+        return wait_until(verdict, timeout=30, interval=0.1, what=f"the scheduler's verdict on {name}") == "refused"
+    finally:
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+
+
 def test_disruption_budget_lets_evictions_take_one_group_at_a_time(
     op: Operator, namespace: str, api_client: client.ApiClient
 ) -> None:
@@ -157,18 +213,13 @@ def test_disruption_budget_lets_evictions_take_one_group_at_a_time(
 
     # A drain cordons before it evicts. Cordoning every node keeps group 0's replacement Pending:
     # kwok would otherwise make it Ready within milliseconds, before the refusal could be seen.
-    for node in nodes:
-        kubectl("cordon", node)
-    try:
+    with cordoned(core, namespace, nodes, pinned):
         assert evict(core, namespace, "demo-g0-1") == 201  # a drain takes one rank of group 0 ...
         # ... which breaks group 0; while it is down no pod of group 1 may be evicted.
         held_until = time.monotonic() + 5
         while time.monotonic() < held_until:
             assert evict(core, namespace, "demo-g1-0") == 429, "a pod of group 1 was evicted while group 0 was down"
             time.sleep(0.2)
-    finally:
-        for node in nodes:
-            kubectl("uncordon", node)
     # Once group 0 is Ready again, the budget lets the drain go on.
     refused = 0
     while True:
