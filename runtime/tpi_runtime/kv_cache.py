@@ -73,15 +73,18 @@ def check_fits(num_blocks: int, per_token: int, budget_bytes: int, max_model_len
 class BlockAllocator:
     """The pool's blocks 1..num_blocks. A sequence's next block is the one after its last when
     that one is free (or cached and held by none), else the lowest free one; a new table that the
-    free blocks cannot hold starts at the least recently released cached block instead. A lone
-    sequence's blocks then stay contiguous, also when earlier sequences' cached blocks fill the
-    pool, and the attention reads them as a view instead of a gather.
+    free blocks cannot hold starts among the cached blocks next to be evicted instead (below). A
+    lone sequence's blocks then stay contiguous, also when earlier sequences' cached blocks fill
+    the pool, and the attention reads them as a view instead of a gather.
 
     Blocks are reference-counted, and full ones can be kept in a prefix cache: a block holding
     tokens t after a cached prefix (its parent entry) is found again by (parent, t), so sequences
     whose tokens start the same way (the ``n`` choices of one prompt, a shared system prompt, a
     preempted sequence coming back) share those blocks instead of recomputing them. A cached block
-    no sequence holds stays cached until the pool needs it, the least recently released first.
+    no sequence holds stays cached until the pool needs it, the least recently released first, and
+    a table's blocks released together tail first, as vLLM does: a chain's later blocks are found
+    only through its head, which other sequences may share too (a system prompt), so evicting the
+    head first would strand the rest.
 
     ``limit`` caps the blocks in use below the pool (the effective batch size scales it down after
     an out-of-memory; see docs/contracts.md)."""
@@ -114,18 +117,21 @@ class BlockAllocator:
     def available(self) -> int:
         return max(0, min(len(self._free_set) + len(self._lru), self.limit - self.used))
 
-    def allocate(self, n: int, after: int | None = None) -> list[int]:
-        """``n`` blocks for a sequence whose table ends with block ``after`` (None: a new table)."""
+    def allocate(self, n: int, after: int | None = None, grows_to: int = 0) -> list[int]:
+        """``n`` blocks for a sequence whose table ends with block ``after`` (None: a new table,
+        which may grow to ``grows_to`` blocks)."""
         if n > self.available:
             raise RuntimeError(f"{n} blocks asked, {self.available} available")  # callers check first
         out: list[int] = []
         prev = after
         if prev is None and n > len(self._free_set) and self._lru:
-            # A released table went into the cache head first: its blocks come back in order.
-            prev, _ = self._lru.popitem(last=False)
-            self._uncache(prev)
-            self._refs[prev] = 1
-            out.append(prev)
+            prev = self._run_start(max(n, grows_to))
+            if prev is None and grows_to > n:
+                prev = self._run_start(n)
+            if prev is not None:
+                self._take(prev)
+                self._refs[prev] = 1
+                out.append(prev)
         for _ in range(n - len(out)):
             b = self._take_after(prev) if prev is not None else None
             if b is None:
@@ -139,8 +145,9 @@ class BlockAllocator:
         return out
 
     def free(self, blocks: list[int]) -> None:
-        """Drop one hold on each block (SCRATCH_BLOCK entries are skipped); cached ones enter the
-        eviction order in the order given (a table's, head first)."""
+        """Drop one hold on each block of a table, head first (SCRATCH_BLOCK entries are skipped).
+        The cached ones no sequence holds any more enter the eviction order tail first."""
+        unheld: list[int] = []
         for b in blocks:
             if b == SCRATCH_BLOCK:
                 continue
@@ -150,9 +157,33 @@ class BlockAllocator:
                 continue
             del self._refs[b]
             if b in self._key_of:
-                self._lru[b] = None
+                unheld.append(b)
             else:
                 self._release(b)
+        for b in reversed(unheld):
+            self._lru[b] = None
+
+    def _run_start(self, length: int) -> int | None:
+        """The first block of a run of ``length`` blocks each free or among the cached blocks that
+        taking ``length`` blocks evicts anyway (the next ones in eviction order), if there is one:
+        a new table is contiguous there without evicting more than it needs. (Called when the
+        free blocks cannot hold the table, so there are few of them.)"""
+        doomed = itertools.islice(self._lru, max(0, length - len(self._free_set)))
+        start, run, last = 0, 0, -1
+        for b in sorted(itertools.chain(self._free_set, doomed)):
+            start, run = (start, run + 1) if b == last + 1 else (b, 1)
+            if run == length:
+                return start
+            last = b
+        return None
+
+    def _take(self, b: int) -> None:
+        """Take a block that is free or cached and held by none."""
+        if b in self._free_set:
+            self._free_set.remove(b)
+        else:
+            del self._lru[b]
+            self._uncache(b)
 
     def _take_after(self, prev: int) -> int | None:
         b = prev + 1

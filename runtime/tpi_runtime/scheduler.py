@@ -125,7 +125,9 @@ class Scheduler:
                 break  # first come, first served: it waits for blocks to come back
             self.waiting.popleft()
             self.alloc.share(hits)  # before allocate: an eviction must not take them
-            r._blocks = hits + self.alloc.allocate(need, after=hits[-1] if hits else None)
+            # How far its table may grow: a new table is laid out where it can grow contiguously.
+            grows_to = min(blocks_for(len(r.prompt_ids) + r.params.max_tokens), self.min_blocks) - len(hits)
+            r._blocks = hits + self.alloc.allocate(need, after=hits[-1] if hits else None, grows_to=grows_to)
             r._num_cached = len(hits) * BLOCK_SIZE
             r._entries = entries
             if hits:

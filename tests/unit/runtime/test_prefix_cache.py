@@ -40,13 +40,64 @@ def test_a_child_of_an_evicted_block_is_never_found_under_a_new_parent() -> None
     parent, child = a.allocate(2)
     e_parent, _ = a.cache(0, T, parent)
     a.cache(e_parent, T, child)
-    a.free([child, parent])  # released child first: evicted first
+    a.free([parent, child])  # a table, head first: its tail is evicted first
     assert a.allocate(1) == [child] and a.lookup(e_parent, T) is None
     assert a.lookup(0, T) == parent
     a.free([child])
     b = a.allocate(2)  # evicts the parent too
     e_new, _ = a.cache(0, (9,) * 16, b[0])  # the same block, new contents, a new entry
     assert e_new != e_parent and a.lookup(0, T) is None
+
+
+def test_a_released_table_is_evicted_tail_first_so_a_shared_head_outlives_the_tails() -> None:
+    a = BlockAllocator(6)
+    system = a.allocate(2)  # a system prompt, held by two sequences
+    e1, _ = a.cache(0, T, system[0])
+    e2, _ = a.cache(e1, T, system[1])
+    a.share(system)
+    tail_a, tail_b = a.allocate(1, after=system[1]), a.allocate(1)
+    a.cache(e2, (1,) * 16, *tail_a)
+    a.cache(e2, (2,) * 16, *tail_b)
+    a.free(system + tail_a)
+    a.free(system + tail_b)  # the system prompt is held by none now too
+    grown = a.allocate(2) + a.allocate(1, after=6) + a.allocate(1, after=6)
+    assert grown[2:] == tail_a + tail_b, "the tails go first, the least recently released first"
+    assert a.lookup(0, T) == system[0] and a.lookup(e1, T) == system[1]
+    assert a.allocate(1, after=6) == [system[1]] and a.lookup(0, T) == system[0], "then a chain's tail"
+
+
+def test_a_new_table_is_contiguous_only_where_that_evicts_no_more_than_it_needs() -> None:
+    a = BlockAllocator(8)
+    first, second = a.allocate(4), a.allocate(4)
+    for i, b in enumerate(first + second):
+        a.cache(0, (i,) * 16, b)
+    a.free(first)
+    a.free(second)  # eviction order: 4 3 2 1 8 7 6 5
+    assert a.allocate(2, grows_to=3) == [2, 3], "the run of the first table's tail, as it will grow"
+    assert a.allocate(1, after=3) == [4] and a.cached == 5
+    assert a.allocate(2) == [1, 8], "no run of 2 among the next evictions: one block at a time"
+    assert a.cached == 3 and a.lookup(0, (4,) * 16) == 5
+
+
+def test_a_system_prompt_outlives_the_requests_it_served_when_a_later_one_needs_room() -> None:
+    s = make(8, budget=256, max_len=128)
+    system = list(range(900, 932))  # two blocks
+    first, second = (req(48, max_tokens=1, prompt=system + [tok] * 16) for tok in (1, 2))
+    s.waiting.extend([first, second])
+    run_step(s)  # first: [1, 2, 3], second: [1, 2, 4]
+    s.release(second)  # eviction order: 4
+    s.release(first)  # 4 3 2 1 (head first, as before: 4 1 2 3)
+    assert s.alloc.cached == 4 and s.alloc.available == 8
+    c = req(48, max_tokens=48)  # grows to 6 blocks: the 4 free ones, then 2 evictions
+    s.waiting.append(c)
+    while len(c._blocks) < 6:
+        run_step(s)
+    s.release(c)
+    hits = s.prefix_hit_tokens
+    d = req(40, prompt=system + [7] * 8)
+    s.waiting.append(d)
+    run_step(s)
+    assert s.prefix_hit_tokens - hits == 32, "the two requests' own blocks were evicted, not the system prompt"
 
 
 def test_choices_admitted_together_share_the_blocks_the_first_fills() -> None:
