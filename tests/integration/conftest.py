@@ -87,11 +87,6 @@ def inject_exit(namespace: str, pod: str, exit_code: int, message: str, restart_
     kubectl("annotate", "pod", pod, "-n", namespace, "--overwrite", "tpi.dev/fault=exit")  # last: it plays
 
 
-def make_unschedulable(namespace: str, node: str) -> None:
-    """Cordon a node, so the real scheduler reports PodScheduled=False/Unschedulable for pods bound to no other."""
-    kubectl("cordon", node)
-
-
 def pod_json(namespace: str, pod: str) -> dict:
     return json.loads(kubectl("get", "pod", pod, "-n", namespace, "-o", "json"))
 
