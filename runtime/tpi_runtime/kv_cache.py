@@ -187,12 +187,8 @@ class BlockAllocator:
 
     def _take_after(self, prev: int) -> int | None:
         b = prev + 1
-        if b in self._free_set:
-            self._free_set.remove(b)
-            return b
-        if b in self._lru:  # contiguity is worth more than a cached block no one holds
-            del self._lru[b]
-            self._uncache(b)
+        if b in self._free_set or b in self._lru:  # contiguity is worth more than a cached block no one holds
+            self._take(b)
             return b
         return None
 
